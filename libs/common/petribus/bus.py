@@ -1,0 +1,164 @@
+"""The bus: connect to NATS, create the streams, and read and append a session's log.
+
+``EventLog`` is the only way services touch ``PB_EVENTS``: appends carry a ``Nats-Msg-Id`` (so a retried
+publish lands once) and, for the scheduler, the expected last subject sequence (so two schedulers can
+never both consume one marker). Reads use batched direct gets: one request returns a whole subject range.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import APIError, BadRequestError, NotFoundError
+
+from petribus import logs, subjects
+from petribus.errors import BusError, BusTimeout
+from petribus.events import Event, _Event, decode, encode
+
+log = logs.get("petribus.bus")
+
+WRONG_LAST_SEQUENCE = 10071
+READ_BATCH = 1000
+
+
+class WrongLastSequence(BusError):
+    """The session's subject moved on since it was folded: re-fold and decide again."""
+
+    code = "wrong_last_sequence"
+
+
+async def connect(url: str, name: str) -> NATS:
+    """Connect with reconnects forever: a service outlives a NATS restart."""
+    try:
+        return await nats.connect(
+            url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5,
+            allow_reconnect=True, pending_size=64 * 1024 * 1024,
+        )
+    except Exception as exc:  # nats raises several unrelated types here
+        raise BusError(f"cannot connect to NATS at {url}: {exc}. Is nats-server running there?") from exc
+
+
+async def ensure_streams(js: JetStreamContext, *, duplicate_window_s: float = 120.0, replicas: int = 1) -> None:
+    """Create (or update) PB_EVENTS and PB_WORK. Safe to call from every process at every start."""
+    configs = [
+        StreamConfig(
+            name=subjects.EVENTS_STREAM, subjects=[subjects.all_events()], storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS, discard=DiscardPolicy.OLD, duplicate_window=duplicate_window_s,
+            allow_direct=True, num_replicas=replicas,
+            description="petribus session logs: one subject per session",
+        ),
+        StreamConfig(
+            name=subjects.WORK_STREAM, subjects=[f"{subjects.WORK_PREFIX}.>"], storage=StorageType.FILE,
+            retention=RetentionPolicy.WORK_QUEUE, duplicate_window=max(duplicate_window_s, 600.0),
+            num_replicas=replicas, description="petribus work commands: one subject per executor pool",
+        ),
+    ]
+    for cfg in configs:
+        try:
+            await js.add_stream(cfg)
+        except BadRequestError:
+            await js.update_stream(cfg)  # exists with other settings: bring it to ours
+        except APIError as exc:
+            if exc.err_code != 10058:  # stream name already in use with the same config
+                raise
+
+
+class EventLog:
+    """Append to and read sessions' logs on PB_EVENTS."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext | None = None) -> None:
+        self.nc = nc
+        self.js = js or nc.jetstream()
+
+    async def append(
+        self, event: _Event, *, expected_last_seq: int | None = None, msg_id: str | None = None,
+        timeout: float = 5.0,
+    ) -> int:
+        """Append one event and return its sequence. Raises ``WrongLastSequence`` on a conflict."""
+        headers = {"Nats-Msg-Id": msg_id or event.id}
+        if expected_last_seq is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_seq)
+        subject = subjects.events(event.bot, event.session_id)
+        try:
+            ack = await self.js.publish(subject, encode(event), headers=headers, timeout=timeout)
+        except APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                raise WrongLastSequence(f"{subject} moved past {expected_last_seq}") from None
+            raise BusError(f"append to {subject} failed: {exc}") from exc
+        except (asyncio.TimeoutError, nats.errors.TimeoutError) as exc:
+            raise BusTimeout(f"append to {subject} timed out after {timeout}s") from exc
+        return ack.seq
+
+    async def append_many(self, events: Iterable[_Event], *, msg_ids: Iterable[str] | None = None) -> list[int]:
+        """Append several events pipelined (one round trip's wait for all); order on a subject is kept."""
+        ids = list(msg_ids) if msg_ids is not None else None
+        futures = []
+        for i, event in enumerate(events):
+            headers = {"Nats-Msg-Id": ids[i] if ids else event.id}
+            subject = subjects.events(event.bot, event.session_id)
+            futures.append(await self.js.publish_async(subject, encode(event), headers=headers))
+        acks = await asyncio.gather(*futures)
+        return [a.seq for a in acks]
+
+    async def read(self, bot: str, session_id: str, after: int = 0, timeout: float = 5.0) -> list[tuple[int, Event]]:
+        """Every event of the session with a sequence greater than ``after``, in order."""
+        subject = subjects.events(bot, session_id)
+        out: list[tuple[int, Event]] = []
+        start = after + 1
+        while True:
+            batch, pending = await self._direct_batch(subject, start, timeout)
+            out.extend(batch)
+            if not pending or not batch:
+                return out
+            start = batch[-1][0] + 1
+
+    async def _direct_batch(self, subject: str, start: int, timeout: float) -> tuple[list[tuple[int, Event]], int]:
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        try:
+            req = json.dumps({"seq": start, "next_by_subj": subject, "batch": READ_BATCH}).encode()
+            await self.nc.publish(f"$JS.API.DIRECT.GET.{subjects.EVENTS_STREAM}", req, reply=inbox)
+            out: list[tuple[int, Event]] = []
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout)
+                except nats.errors.TimeoutError as exc:
+                    raise BusTimeout(f"reading {subject} timed out after {timeout}s") from exc
+                hdrs = msg.headers or {}
+                status = hdrs.get("Status")
+                if status == "404":
+                    return out, 0
+                if status == "204":  # end of batch
+                    return out, int(hdrs.get("Nats-Num-Pending", "0"))
+                if status:
+                    raise BusError(f"reading {subject} failed: status {status} {hdrs.get('Description', '')}")
+                seq = int(hdrs["Nats-Sequence"])
+                try:
+                    out.append((seq, decode(msg.data)))
+                except ValueError:
+                    # Only EventLog writes here and it validates; a foreign payload is skipped, loudly.
+                    log.error("skipping undecodable event", subject=subject, seq=seq)
+        finally:
+            await sub.unsubscribe()
+
+    async def last_seq(self, bot: str, session_id: str) -> int:
+        try:
+            msg = await self.js.get_last_msg(subjects.EVENTS_STREAM, subjects.events(bot, session_id))
+        except NotFoundError:
+            return 0
+        return int(msg.seq or 0)
+
+    async def sessions(self, bot: str) -> dict[str, int]:
+        """Session id -> number of events, for every session of ``bot`` still in the log."""
+        info = await self.js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subjects.bot_events(bot))
+        found = info.state.subjects or {}
+        return {subjects.parse_events(s)[1]: n for s, n in found.items()}
+
+    async def delete(self, bot: str, session_id: str) -> None:
+        await self.js.purge_stream(subjects.EVENTS_STREAM, subject=subjects.events(bot, session_id))

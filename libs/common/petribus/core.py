@@ -1,0 +1,257 @@
+"""The pure net core: fold a session's log into its state, and choose what fires. No I/O.
+
+``fold`` is deterministic and total: any sequence of valid events gives a state, and an event that
+would break an invariant (consuming a marker that is not there, completing a firing twice) is ignored
+rather than applied. The scheduler never appends such an event; the fold guarantees that even a
+hand-made log cannot make a marker be consumed twice or a count go negative.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from petribus.events import (
+    AcceptTransition,
+    AgentMessage,
+    ConfirmResponse,
+    ConfirmRequest,
+    Marker,
+    MarkerAdded,
+    MemoryUpdated,
+    RejectTransition,
+    SessionCreated,
+    TransitionCompleted,
+    TransitionFailed,
+    TransitionFired,
+    TransitionStarted,
+    UserMessage,
+    _Event,
+)
+
+FiringStatus = Literal["awaiting_confirmation", "claimed", "started"]
+
+
+@dataclass(frozen=True)
+class TransitionShape:
+    """What the core needs to know of a transition: its name, inputs, concurrency bound and confirm flag."""
+
+    name: str
+    inputs: tuple[tuple[str, int], ...]
+    concurrency: int | None = None
+    confirm: bool = False
+
+
+@dataclass(frozen=True)
+class NetShape:
+    transitions: tuple[TransitionShape, ...]
+
+
+@dataclass
+class PlacedMarker:
+    marker: Marker
+    order: int  # the seq of the event that first put it in the net: FIFO order
+
+
+@dataclass
+class Firing:
+    id: str
+    transition: str
+    consumed: list[PlacedMarker]
+    status: FiringStatus
+    fired_seq: int
+    attempts: int = 0
+
+
+@dataclass
+class ChatTurn:
+    role: Literal["user", "agent"]
+    text: str
+    seq: int
+    event_id: str
+    firing_id: str | None = None
+
+
+@dataclass
+class SessionState:
+    """Everything known about one session, derived from its log alone."""
+
+    bot: str = ""
+    session_id: str = ""
+    last_seq: int = 0
+    created: bool = False
+    places: dict[str, dict[str, PlacedMarker]] = field(default_factory=dict)
+    in_flight: dict[str, Firing] = field(default_factory=dict)
+    finished: set[str] = field(default_factory=set)
+    seen_markers: set[str] = field(default_factory=set)
+    blocked: dict[str, set[str]] = field(default_factory=dict)  # marker id -> transitions it won't be offered to
+    chat: list[ChatTurn] = field(default_factory=list)
+    memory: list[Any] = field(default_factory=list)
+    pending_requests: dict[str, ConfirmRequest] = field(default_factory=dict)
+    events: int = 0
+
+    def marking(self) -> dict[str, list[Marker]]:
+        """Location -> markers in FIFO order (locations with no markers are left out)."""
+        return {loc: [p.marker for p in ms.values()] for loc, ms in self.places.items() if ms}
+
+    def counts(self) -> dict[str, int]:
+        return {loc: len(ms) for loc, ms in self.places.items() if ms}
+
+    def in_flight_count(self, transition: str) -> int:
+        return sum(1 for f in self.in_flight.values() if f.transition == transition)
+
+
+def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
+    """Fold one event (at stream sequence ``seq``) into ``state``, in place, and return it."""
+    if seq <= state.last_seq:
+        return state  # already folded: replaying a prefix twice changes nothing
+    state.last_seq = seq
+    state.events += 1
+    state.bot = state.bot or event.bot
+    state.session_id = state.session_id or event.session_id
+    match event:
+        case SessionCreated():
+            state.created = True
+        case UserMessage():
+            state.chat.append(ChatTurn("user", event.text, seq, event.id))
+        case AgentMessage():
+            state.chat.append(ChatTurn("agent", event.text, seq, event.id, event.firing_id))
+        case MarkerAdded():
+            _put(state, event.marker, seq)
+        case TransitionFired():
+            _fire(state, event, seq)
+        case TransitionStarted():
+            f = state.in_flight.get(event.firing_id)
+            if f is not None and f.status in ("claimed", "started"):
+                f.status = "started"
+                f.attempts = max(f.attempts, event.attempt)
+        case TransitionCompleted():
+            f = state.in_flight.pop(event.firing_id, None)
+            if f is not None and f.status != "awaiting_confirmation":
+                state.finished.add(f.id)
+                for m in event.outputs:
+                    _put(state, m, seq)
+            elif f is not None:
+                state.in_flight[f.id] = f  # a completion can't precede acceptance: ignore it
+        case TransitionFailed():
+            f = state.in_flight.get(event.firing_id)
+            if f is not None and event.final:
+                _give_back(state, state.in_flight.pop(f.id))
+            elif f is not None:
+                f.attempts = max(f.attempts, event.attempt)
+        case AcceptTransition():
+            f = state.in_flight.get(event.firing_id)
+            if f is not None and f.status == "awaiting_confirmation":
+                f.status = "claimed"
+        case RejectTransition():
+            f = state.in_flight.get(event.firing_id)
+            if f is not None and f.status == "awaiting_confirmation":
+                _give_back(state, state.in_flight.pop(f.id))
+        case ConfirmRequest():
+            if event.request_id:
+                state.pending_requests[event.request_id] = event
+        case ConfirmResponse():
+            if event.request_id:
+                state.pending_requests.pop(event.request_id, None)
+        case MemoryUpdated():
+            state.memory.append(event.memory)
+        case _:
+            pass
+    return state
+
+
+def fold(events: Iterable[tuple[int, _Event]], state: SessionState | None = None) -> SessionState:
+    """Fold ``(seq, event)`` pairs in order. Deterministic: the same log always gives the same state."""
+    state = state if state is not None else SessionState()
+    for seq, event in events:
+        apply(state, seq, event)
+    return state
+
+
+def _put(state: SessionState, marker: Marker, seq: int) -> None:
+    if marker.id in state.seen_markers:
+        return  # a duplicate publish of the same marker adds nothing
+    state.seen_markers.add(marker.id)
+    state.places.setdefault(marker.location, {})[marker.id] = PlacedMarker(marker, seq)
+
+
+def _fire(state: SessionState, event: TransitionFired, seq: int) -> None:
+    if event.firing_id in state.in_flight or event.firing_id in state.finished:
+        return
+    if len(set(event.consumed)) != len(event.consumed):
+        return
+    found: list[tuple[str, PlacedMarker]] = []
+    for mid in event.consumed:
+        for loc, ms in state.places.items():
+            if mid in ms:
+                found.append((loc, ms[mid]))
+                break
+        else:
+            return  # a marker that is not (or no longer) there: the firing is void, nothing is consumed
+    for loc, placed in found:
+        del state.places[loc][placed.marker.id]
+    status: FiringStatus = "awaiting_confirmation" if event.confirm else "claimed"
+    state.in_flight[event.firing_id] = Firing(
+        event.firing_id, event.transition, [p for _, p in found], status, seq
+    )
+
+
+def _give_back(state: SessionState, firing: Firing) -> None:
+    """Return a firing's markers to their places, in FIFO order, and don't offer them to it again."""
+    for placed in firing.consumed:
+        place = state.places.setdefault(placed.marker.location, {})
+        place[placed.marker.id] = placed
+        state.blocked.setdefault(placed.marker.id, set()).add(firing.transition)
+    for loc in {p.marker.location for p in firing.consumed}:
+        state.places[loc] = dict(sorted(state.places[loc].items(), key=lambda kv: kv[1].order))
+
+
+@dataclass(frozen=True)
+class PlannedFiring:
+    transition: str
+    consumed: tuple[str, ...]
+
+
+Guard = Callable[[str, dict[str, list[Marker]]], bool]
+
+
+def choose_firings(net: NetShape, state: SessionState, guard: Guard | None = None) -> list[PlannedFiring]:
+    """Every firing the marking allows now, in declaration order, oldest markers first.
+
+    A transition fires as many times as its inputs allow, bounded by its ``concurrency`` (counting
+    firings already in flight). A marker is never planned for two firings, nor offered to a transition
+    it was rejected by or failed in.
+    """
+    taken: set[str] = set()
+    plan: list[PlannedFiring] = []
+    for t in net.transitions:
+        room = None if t.concurrency is None else t.concurrency - state.in_flight_count(t.name)
+        cursors = {loc: iter(state.places.get(loc, {}).values()) for loc, _ in t.inputs}
+        while room is None or room > 0:
+            picked: dict[str, list[Marker]] = {}
+            for loc, count in t.inputs:
+                got = picked.setdefault(loc, [])
+                while len(got) < count:
+                    placed = next(cursors[loc], None)
+                    if placed is None:
+                        break
+                    mid = placed.marker.id
+                    if mid in taken or t.name in state.blocked.get(mid, ()):
+                        continue
+                    got.append(placed.marker)
+                if len(got) < count:
+                    break
+            else:
+                if guard is not None and not guard(t.name, picked):
+                    # Guards see the oldest candidates; a refused set is not retried with younger ones,
+                    # which keeps the choice deterministic and linear in the marking.
+                    break
+                ids = tuple(m.id for loc, _ in t.inputs for m in picked[loc])
+                taken.update(ids)
+                plan.append(PlannedFiring(t.name, ids))
+                if room is not None:
+                    room -= 1
+                continue
+            break
+    return plan

@@ -1,0 +1,285 @@
+"""The wire contract: every event of a session's log, as pydantic models discriminated by ``type``.
+
+An event is appended to the session's subject ``pb.ev.<bot>.<session>`` on the ``PB_EVENTS`` stream.
+Its position there (the stream sequence) is its ``seq``; it is not stored in the payload because the
+stream assigns it. Every state anyone shows or acts on is a fold of these events (see ``petribus.core``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+SCHEMA_VERSION = 1
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Marker(BaseModel):
+    """A marker as the log stores it: its id, its location and its validated data (real JSON types)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(default_factory=new_id, description="Unique id; a firing consumes markers by id.")
+    location: str = Field(description="Name of the location (the marker model's class name).")
+    data: dict[str, Any] = Field(description="The marker's fields, as validated by its model.")
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: int = Field(default=SCHEMA_VERSION, description="Schema version of this event.")
+    id: str = Field(default_factory=new_id, description="Unique event id; also its Nats-Msg-Id when none is given.")
+    ts: float = Field(default_factory=time.time, description="Unix time the event was made, in seconds.")
+    bot: str = Field(description="The bot this session belongs to.")
+    session_id: str = Field(description="The session (one log subject).")
+    cause: str | None = Field(default=None, description="Id of the event or firing this one came from.")
+    trace: str | None = Field(default=None, description="W3C traceparent of the work that made it.")
+    request_id: str | None = Field(default=None, description="Correlates a request with its answer.")
+
+    # What a WebSocket client sees as ``value``; overridden per type.
+    def value(self) -> Any:
+        return None
+
+    def firing(self) -> tuple[str | None, str | None]:
+        """(firing id, transition name) when the event belongs to a firing."""
+        return getattr(self, "firing_id", None), getattr(self, "transition", None)
+
+
+class SessionCreated(_Event):
+    type: Literal["session_created"] = "session_created"
+
+    def value(self) -> Any:
+        return self.session_id
+
+
+class UserMessage(_Event):
+    type: Literal["user_message"] = "user_message"
+    text: str = Field(description="What the user typed.")
+
+    def value(self) -> Any:
+        return self.text
+
+
+class AgentMessage(_Event):
+    type: Literal["agent_message"] = "agent_message"
+    text: str = Field(description="What the bot says to the user.")
+    firing_id: str | None = Field(default=None, description="Set when a transition said it (context.say).")
+    transition: str | None = None
+    reply_to: str | None = Field(default=None, description="Id of the user_message this answers.")
+
+    def value(self) -> Any:
+        return self.text
+
+
+class MarkerAdded(_Event):
+    type: Literal["marker_added"] = "marker_added"
+    marker: Marker
+    source: Literal["user", "llm", "api", "fork"] = Field(default="user", description="Who added it.")
+
+    def value(self) -> Any:
+        return {"id": self.marker.id, "location": self.marker.location, "data": self.marker.data}
+
+
+class TransitionFired(_Event):
+    """The scheduler claimed ``consumed`` for one firing. Appended only at the expected subject sequence."""
+
+    type: Literal["transition_fired"] = "transition_fired"
+    firing_id: str
+    transition: str
+    consumed: list[str] = Field(description="Ids of the markers this firing consumes, input order.")
+    confirm: bool = Field(default=False, description="True when the firing waits for the user's accept.")
+
+    def value(self) -> Any:
+        return {"transition": self.transition, "consumed": self.consumed}
+
+
+class TransitionStarted(_Event):
+    type: Literal["transition_started"] = "transition_started"
+    firing_id: str
+    transition: str
+    executor: str = Field(description="Id of the executor process that runs it.")
+    attempt: int = Field(default=1, description="1 for the first run; higher after redelivery or retry.")
+
+    def value(self) -> Any:
+        return {"transition": self.transition, "executor": self.executor, "attempt": self.attempt}
+
+
+class TransitionCompleted(_Event):
+    """A firing's outputs, as one atomic event. The fold accepts the first per firing."""
+
+    type: Literal["transition_completed"] = "transition_completed"
+    firing_id: str
+    transition: str
+    outputs: list[Marker] = Field(default_factory=list)
+    duration_ms: float | None = None
+
+    def value(self) -> Any:
+        return {"transition": self.transition, "outputs": [m.model_dump() for m in self.outputs]}
+
+
+class TransitionFailed(_Event):
+    """A run failed. ``final`` means no retry follows: the consumed markers go back to their places."""
+
+    type: Literal["transition_failed"] = "transition_failed"
+    firing_id: str
+    transition: str
+    error: str = Field(description="What went wrong, for a person.")
+    error_type: str = Field(default="Exception", description="The exception's class name.")
+    retryable: bool = False
+    final: bool = True
+    attempt: int = 1
+
+    def value(self) -> Any:
+        return {"transition": self.transition, "error": self.error, "final": self.final, "attempt": self.attempt}
+
+
+class ConfirmTransition(_Event):
+    type: Literal["confirm_transition"] = "confirm_transition"
+    firing_id: str
+    transition: str
+    description: str | None = None
+    markers: list[Marker] = Field(default_factory=list)
+
+    def value(self) -> Any:
+        return {"transition": self.transition, "description": self.description,
+                "markers": [m.model_dump() for m in self.markers]}
+
+
+class AcceptTransition(_Event):
+    type: Literal["accept_transition"] = "accept_transition"
+    firing_id: str
+
+    def value(self) -> Any:
+        return self.firing_id
+
+
+class RejectTransition(_Event):
+    type: Literal["reject_transition"] = "reject_transition"
+    firing_id: str
+    reason: str = "rejected"
+
+    def value(self) -> Any:
+        return {"task_id": self.firing_id, "reason": self.reason}
+
+
+class ConfirmRequest(_Event):
+    type: Literal["confirm_request"] = "confirm_request"
+    firing_id: str | None = None
+    transition: str | None = None
+    description: str
+    timeout: float | None = None
+
+    def value(self) -> Any:
+        return self.description
+
+
+class ConfirmResponse(_Event):
+    type: Literal["confirm_response"] = "confirm_response"
+    accepted: bool
+
+    def value(self) -> Any:
+        return self.accepted
+
+
+class MemoryUpdated(_Event):
+    type: Literal["memory_updated"] = "memory_updated"
+    firing_id: str | None = None
+    transition: str | None = None
+    memory: Any = Field(description="What was remembered (JSON).")
+
+    def value(self) -> Any:
+        return self.memory
+
+
+class InputFileRequest(_Event):
+    type: Literal["input_file_request"] = "input_file_request"
+    firing_id: str | None = None
+    transition: str | None = None
+    file_id: str
+    description: str
+    upload_url: str | None = None
+
+    def value(self) -> Any:
+        return {"file_id": self.file_id, "description": self.description, "upload_url": self.upload_url}
+
+
+class InputFileResponse(_Event):
+    type: Literal["input_file_response"] = "input_file_response"
+    file_id: str
+    name: str
+    size: int
+
+    def value(self) -> Any:
+        return {"file_id": self.file_id, "name": self.name, "size": self.size}
+
+
+class OutputFile(_Event):
+    type: Literal["output_file"] = "output_file"
+    firing_id: str | None = None
+    transition: str | None = None
+    file_id: str
+    name: str
+    description: str | None = None
+    size: int
+    url: str | None = None
+
+    def value(self) -> Any:
+        return {"file_id": self.file_id, "name": self.name, "description": self.description,
+                "size": self.size, "url": self.url}
+
+
+class ErrorEvent(_Event):
+    """Something a user should know went wrong. Never carries a secret."""
+
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+    firing_id: str | None = None
+    transition: str | None = None
+
+    def value(self) -> Any:
+        return {"code": self.code, "message": self.message}
+
+
+EVENT_CLASSES: tuple[type[_Event], ...] = (
+    SessionCreated, UserMessage, AgentMessage, MarkerAdded, TransitionFired, TransitionStarted,
+    TransitionCompleted, TransitionFailed, ConfirmTransition, AcceptTransition, RejectTransition,
+    ConfirmRequest, ConfirmResponse, MemoryUpdated, InputFileRequest, InputFileResponse, OutputFile,
+    ErrorEvent,
+)
+Event = Annotated[Union[EVENT_CLASSES], Field(discriminator="type")]  # type: ignore[valid-type]
+
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+EVENT_TYPES: tuple[str, ...] = tuple(c.model_fields["type"].default for c in EVENT_CLASSES)
+
+
+def encode(event: _Event) -> bytes:
+    return event.model_dump_json(exclude_none=True).encode()
+
+
+def decode(data: bytes | str) -> Event:
+    return EVENT_ADAPTER.validate_json(data)
+
+
+def to_client(event: _Event, seq: int | None) -> dict[str, Any]:
+    """The WebSocket shape: ``{"type", "value", "metadata": {...}}``."""
+    firing_id, transition = event.firing()
+    return {
+        "type": event.type,  # type: ignore[attr-defined]
+        "value": event.value(),
+        "metadata": {
+            "session_id": event.session_id,
+            "request_id": event.request_id,
+            "task_id": firing_id,
+            "transition_name": transition,
+            "seq": seq,
+            "event_id": event.id,
+            "ts": event.ts,
+        },
+    }

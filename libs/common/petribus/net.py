@@ -1,0 +1,104 @@
+"""The frozen, validated definition of a bot's net, as every service sees it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from petribus.errors import InvalidInput, UnknownLocation
+
+
+@dataclass(frozen=True)
+class LocationDef:
+    name: str
+    model: type[BaseModel]
+    expose: bool = True
+    description: str | None = None
+
+    def json_schema(self) -> dict[str, Any]:
+        return self.model.model_json_schema()
+
+
+@dataclass(frozen=True)
+class TransitionDef:
+    name: str
+    fn: Callable[..., Any]
+    inputs: tuple[tuple[str, int], ...]
+    outputs: tuple[str, ...]
+    cpu: float = 1.0
+    memory: int = 128
+    gpu: str | None = None
+    pool: str = "cpu"
+    image: str | None = None
+    python_packages: tuple[str, ...] = ()
+    description: str | None = None
+    expose: bool = True
+    confirm: bool = False
+    timeout: float | None = None
+    retries: int = 0
+    concurrency: int | None = None
+    when: Callable[..., bool] | None = None
+    wants_context: bool = False
+    is_async: bool = False
+    sandbox: str = "process"
+
+
+@dataclass(frozen=True)
+class Net:
+    bot: str
+    description: str
+    locations: dict[str, LocationDef]
+    transitions: tuple[TransitionDef, ...]
+    model: str | None = None
+    welcome_message: str | None = None
+    authorized: bool = True
+    _by_name: dict[str, TransitionDef] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_name.update({t.name: t for t in self.transitions})
+
+    def transition(self, name: str) -> TransitionDef:
+        return self._by_name[name]
+
+    def has_transition(self, name: str) -> bool:
+        return name in self._by_name
+
+    def location_of(self, model: type[BaseModel]) -> str | None:
+        for loc in self.locations.values():
+            if loc.model is model:
+                return loc.name
+        return None
+
+    def validate_marker(self, location: str, data: Any, *, exposed_only: bool = False) -> dict[str, Any]:
+        """Validate ``data`` for ``location`` and return it as JSON-ready data with its real types.
+
+        Raises ``UnknownLocation`` or ``InvalidInput`` naming the problem.
+        """
+        loc = self.locations.get(location)
+        if loc is None or (exposed_only and not loc.expose):
+            known = sorted(n for n, l in self.locations.items() if l.expose or not exposed_only)
+            raise UnknownLocation(f"unknown location {location!r}; this bot has {known}")
+        if not isinstance(data, dict):
+            raise InvalidInput(f"marker data for {location} must be a JSON object, got {type(data).__name__}")
+        try:
+            return loc.model.model_validate(data).model_dump(mode="json")
+        except ValidationError as exc:
+            raise InvalidInput(f"invalid {location}: {_describe(exc)}") from None
+
+    def shape(self) -> "NetShape":
+        from petribus.core import NetShape, TransitionShape
+
+        return NetShape(
+            tuple(TransitionShape(t.name, t.inputs, t.concurrency, t.confirm) for t in self.transitions)
+        )
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)

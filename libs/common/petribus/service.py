@@ -1,0 +1,101 @@
+"""The shape every service shares: an async context manager with one ``run()``.
+
+``start()`` connects and starts the service's tasks; ``stop()`` drains them within a timeout; ``run()``
+starts, waits for SIGINT/SIGTERM (or ``request_stop()``) or a task failure, then stops. A task that
+dies takes the service down loudly instead of leaving it half alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Coroutine
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from petribus import bus, logs
+from petribus.settings import Settings
+
+
+class Service:
+    name = "service"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.log = logs.get(f"petribus.{self.name}")
+        self.nc: NATS | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
+        self._failed: BaseException | None = None
+
+    async def connect(self) -> NATS:
+        self.nc = await bus.connect(self.settings.nats_url, name=f"petribus-{self.name}")
+        await bus.ensure_streams(self.nc.jetstream(), duplicate_window_s=self.settings.duplicate_window_s,
+                                 replicas=self.settings.replicas)
+        return self.nc
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Start a supervised task: if it fails, the service stops and ``run()`` re-raises."""
+        task = asyncio.create_task(coro, name=f"{self.name}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.log.error("task failed", task=task.get_name(), error=repr(exc), exc_info=exc)
+            self._failed = self._failed or exc
+            self._stopping.set()
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def drain(self) -> None:
+        """Finish in-flight work before tasks are cancelled. Services override it where that matters."""
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        try:
+            await asyncio.wait_for(self.drain(), timeout)
+        except asyncio.TimeoutError:
+            self.log.warning("drain timed out", timeout=timeout)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception:  # closing anyway
+                await self.nc.close()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait(self) -> None:
+        await self._stopping.wait()
+        if self._failed is not None:
+            raise self._failed
+
+    async def run(self, handle_signals: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        try:
+            await self.wait()
+        finally:
+            await self.stop()
+
+    async def __aenter__(self) -> "Service":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

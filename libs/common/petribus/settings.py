@@ -1,0 +1,49 @@
+"""Settings from the environment (``PETRIBUS_*``), with defaults that work on one machine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "petribus"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PETRIBUS_", extra="ignore")
+
+    nats_url: str = Field(default="nats://127.0.0.1:4222", description="NATS server URL (comma-separated for a cluster).")
+    data_dir: Path = Field(default_factory=_default_data_dir, description="Embedded nats-server's store folder.")
+    sync_interval: str = Field(
+        default="1s",
+        description="How often JetStream fsyncs ('always' for every write). Acknowledged events newer "
+        "than this can be lost if the machine (not just the process) crashes.",
+    )
+    duplicate_window_s: float = Field(default=120.0, description="JetStream de-duplication window (Nats-Msg-Id).")
+    replicas: int = Field(default=1, description="Stream replicas (3 on a 3-node cluster).")
+
+    # scheduler
+    scheduler_batch: int = 256
+
+    # executor
+    pool: str = Field(default="cpu", description="Executor pool this process serves (cpu, gpu, ...).")
+    workers: int = Field(default=16, description="Warm worker processes per executor (max concurrent firings).")
+    ack_wait_s: float = Field(default=30.0, description="Work not heartbeated for this long is redelivered.")
+    max_deliver: int = Field(default=5, description="Deliveries of one work item before it fails for good.")
+
+    # gateway
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # llm
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
+    openai_base_url: str | None = Field(default=None, validation_alias="OPENAI_BASE_URL")
+    llm_model: str | None = None
+
+    log_level: str = "info"
+    log_format: str = Field(default="console", description="'console' (key=value) or 'json'.")

@@ -1,0 +1,1 @@
+"""petribus executor service."""

@@ -1,0 +1,1 @@
+"""petribus llm service."""

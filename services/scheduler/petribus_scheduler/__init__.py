@@ -1,0 +1,1 @@
+"""petribus scheduler service."""
