@@ -1,0 +1,114 @@
+"""A continuous pull consumer with credits: messages flow as soon as they exist, never more than asked.
+
+nats-py's ``fetch(batch=n)`` waits on a lingering pull until the whole batch or its timeout, which adds
+the timeout to the latency of a lone message. This keeps pull requests outstanding instead (as the Go
+client's ``Consume()`` does): each request asks for some messages; delivered messages use up credits;
+when credits run low a new request is sent. ``credits`` bounds what is in our hands at once, so an
+executor asks for exactly as many firings as it has free workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from petribus import logs
+
+log = logs.get("petribus.consumer")
+
+HEARTBEAT_S = 5.0
+
+
+class PullConsumer:
+    def __init__(self, nc: NATS, stream: str, durable: str, *, max_inflight: int = 256,
+                 expires_s: float = 30.0) -> None:
+        self.nc = nc
+        self.stream = stream
+        self.durable = durable
+        self.max_inflight = max_inflight
+        self.expires_s = expires_s
+        self._queue: deque[Msg] = deque()
+        self._ready = asyncio.Event()
+        self._requested = 0  # messages asked for and not yet delivered or expired
+        self._held = 0  # delivered and not yet released by the caller
+        self._sub: Subscription | None = None
+        self._inbox = ""
+        self._last_seen = time.monotonic()
+        self._watchdog: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
+        await self._top_up()
+        self._watchdog = asyncio.create_task(self._watch(), name=f"pull-watchdog:{self.durable}")
+
+    async def stop(self) -> None:
+        if self._watchdog:
+            self._watchdog.cancel()
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # the connection may already be closed
+                pass
+
+    def release(self, n: int = 1) -> None:
+        """The caller is done with ``n`` messages (acked or nakked): room for more."""
+        self._held = max(0, self._held - n)
+        asyncio.get_running_loop().create_task(self._top_up())
+
+    async def next_batch(self, max_n: int) -> list[Msg]:
+        """Wait for at least one message, then return up to ``max_n`` already here (no extra wait)."""
+        while not self._queue:
+            self._ready.clear()
+            await self._ready.wait()
+        out = []
+        while self._queue and len(out) < max_n:
+            out.append(self._queue.popleft())
+        return out
+
+    async def _top_up(self) -> None:
+        room = self.max_inflight - self._held - self._requested - len(self._queue)
+        # Ask in chunks (at least a quarter of the window) so a busy consumer sends few requests.
+        if room <= 0 or (room < max(1, self.max_inflight // 4) and self._requested > 0):
+            return
+        self._requested += room
+        req = {"batch": room, "expires": int(self.expires_s * 1e9), "idle_heartbeat": int(HEARTBEAT_S * 1e9)}
+        try:
+            await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}",
+                                  json.dumps(req).encode(), reply=self._inbox)
+        except Exception as exc:  # disconnected: the watchdog asks again after reconnect
+            self._requested -= room
+            log.warning("pull request failed", durable=self.durable, error=repr(exc))
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._last_seen = time.monotonic()
+        if msg.reply and msg.reply.startswith("$JS.ACK"):
+            self._requested = max(0, self._requested - 1)
+            self._held += 1
+            self._queue.append(msg)
+            self._ready.set()
+            return
+        status = msg.headers.get("Status") if msg.headers else None
+        if status == "100":
+            return  # idle heartbeat
+        if status in ("404", "408", "409"):
+            # The request ended (expired, or the server dropped it): give back its unused credits.
+            left = int(msg.headers.get("Nats-Pending-Messages", "0")) if msg.headers else 0
+            self._requested = max(0, self._requested - left) if left else 0
+            await self._top_up()
+
+    async def _watch(self) -> None:
+        # Not a poll of the work: it only notices a silent connection (no heartbeats), e.g. after a
+        # reconnect dropped our outstanding pulls, and asks again.
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            if time.monotonic() - self._last_seen > 3 * HEARTBEAT_S and self.nc.is_connected:
+                self._requested = 0
+                self._last_seen = time.monotonic()
+                await self._top_up()

@@ -1,0 +1,233 @@
+"""The scheduler: folds every session's log and appends the firings its marking allows.
+
+One durable consumer (``scheduler``) over all of PB_EVENTS, shared by every scheduler process. Each
+session's state is cached and, when not cached, rebuilt from the session's subject. A firing is
+claimed by appending ``transition_fired`` at the expected last subject sequence, so two schedulers
+can never both consume a marker: the loser re-folds and decides again. Work is dispatched with a
+``Nats-Msg-Id`` made from the firing id, and an event is acked only once its consequences are in
+the log, so a scheduler killed anywhere leaves nothing undone for the next one.
+
+Cache coherence when several schedulers share the consumer: each process tracks the consumer
+sequence it was delivered. While it is contiguous, every event went through this process and the
+cached states are exact. A gap (another process got some events) or a redelivery bumps an epoch;
+a session whose cache predates the epoch reads the events it missed before deciding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from pydantic import ValidationError
+
+from petribus import subjects
+from petribus.bus import EventLog, WrongLastSequence
+from petribus.consumer import PullConsumer
+from petribus.core import Firing, PlannedFiring, SessionState, apply, choose_firings, fold
+from petribus.events import ConfirmTransition, TransitionFired, decode, new_id
+from petribus.net import Net
+from petribus.service import Service
+from petribus.settings import Settings
+from petribus.work import WorkItem
+
+Key = tuple[str, str]
+MAX_CONFLICT_RETRIES = 50
+
+
+class Scheduler(Service):
+    name = "scheduler"
+
+    def __init__(self, settings: Settings, nets: Iterable[Net], *, instance: str | None = None,
+                 cache_size: int = 10_000, ack_wait_s: float = 30.0) -> None:
+        super().__init__(settings)
+        self.nets = {n.bot: n for n in nets}
+        self.shapes = {bot: n.shape() for bot, n in self.nets.items()}
+        self.instance = instance or f"scheduler-{uuid.uuid4().hex[:8]}"
+        self.cache_size = cache_size
+        self.ack_wait_s = ack_wait_s
+        self.sessions: OrderedDict[Key, SessionState] = OrderedDict()
+        self.verified: dict[Key, int] = {}
+        self.epoch = 0
+        self.last_consumer_seq = 0
+        self.dispatched: OrderedDict[str, None] = OrderedDict()
+        self.queues: dict[Key, deque[tuple[Msg, int]]] = {}
+        self.active: set[Key] = set()
+        self.stats = {"fired": 0, "conflicts": 0, "rebuilds": 0, "catchups": 0}
+        self.log = self.log.bind(instance=self.instance)
+
+    async def start(self) -> None:
+        nc = await self.connect()
+        self.js = nc.jetstream()
+        self.events = EventLog(nc, self.js)
+        await self.js.add_consumer(
+            subjects.EVENTS_STREAM,
+            ConsumerConfig(
+                durable_name=subjects.SCHEDULER_DURABLE, filter_subject=subjects.all_events(),
+                ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+                ack_wait=self.ack_wait_s, max_ack_pending=20_000, max_deliver=-1,
+            ),
+        )
+        self.consumer = PullConsumer(nc, subjects.EVENTS_STREAM, subjects.SCHEDULER_DURABLE,
+                                     max_inflight=self.settings.scheduler_batch * 4)
+        await self.consumer.start()
+        self.spawn(self._receive(), "receive")
+        self.log.info("scheduler started", bots=sorted(self.nets))
+
+    async def drain(self) -> None:
+        await self.consumer.stop()
+        while self.active:
+            await asyncio.sleep(0.01)  # shutdown only: let session tasks finish their current event
+
+    async def _receive(self) -> None:
+        while True:
+            for msg in await self.consumer.next_batch(self.settings.scheduler_batch):
+                md = msg.metadata
+                if md.sequence.consumer != self.last_consumer_seq + 1 or md.num_delivered > 1:
+                    self.epoch += 1  # someone else saw events we did not: caches need checking
+                self.last_consumer_seq = md.sequence.consumer
+                try:
+                    key = subjects.parse_events(msg.subject)
+                except ValueError:
+                    await msg.term()
+                    self.consumer.release()
+                    continue
+                if key[0] not in self.nets:
+                    await msg.ack()  # another deployment's bot: not ours to schedule
+                    self.consumer.release()
+                    continue
+                self.queues.setdefault(key, deque()).append((msg, self.epoch))
+                if key not in self.active:
+                    self.active.add(key)
+                    asyncio.create_task(self._drain_session(key), name=f"session:{key[1]}")
+
+    async def _drain_session(self, key: Key) -> None:
+        queue = self.queues[key]
+        try:
+            while queue:
+                msg, epoch = queue.popleft()
+                try:
+                    await self._handle(key, msg, epoch)
+                    await msg.ack()
+                except Exception as exc:
+                    # Forget what we cached (it may be half-updated) and let JetStream redeliver.
+                    self.log.error("session step failed", session_id=key[1], error=repr(exc), exc_info=exc)
+                    self._forget(key)
+                    await msg.nak(delay=1.0)
+                finally:
+                    self.consumer.release()
+        finally:
+            self.active.discard(key)
+            if not queue:
+                self.queues.pop(key, None)
+            else:  # messages arrived between the last pop and now
+                self.active.add(key)
+                asyncio.create_task(self._drain_session(key), name=f"session:{key[1]}")
+
+    async def _handle(self, key: Key, msg: Msg, epoch: int) -> None:
+        seq = msg.metadata.sequence.stream
+        state = self.sessions.get(key)
+        if state is None:
+            state = await self._rebuild(key)
+            self.verified[key] = epoch
+        elif seq <= state.last_seq:
+            pass  # already folded (our own append, or read during a catch-up)
+        elif self.verified.get(key, -1) < epoch:
+            await self._catch_up(key, state)
+            self.verified[key] = epoch
+        else:
+            try:
+                apply(state, seq, decode(msg.data))
+            except ValidationError:
+                self.log.error("undecodable event skipped", session_id=key[1], seq=seq)
+                state.last_seq = seq
+        self.sessions.move_to_end(key)
+        await self._advance(key, state)
+
+    async def _rebuild(self, key: Key) -> SessionState:
+        self.stats["rebuilds"] += 1
+        state = fold(await self.events.read(*key))
+        state.bot, state.session_id = key
+        self.sessions[key] = state
+        while len(self.sessions) > self.cache_size:
+            old, _ = self.sessions.popitem(last=False)
+            self.verified.pop(old, None)
+        return state
+
+    async def _catch_up(self, key: Key, state: SessionState) -> None:
+        self.stats["catchups"] += 1
+        fold(await self.events.read(*key, after=state.last_seq), state)
+
+    def _forget(self, key: Key) -> None:
+        self.sessions.pop(key, None)
+        self.verified.pop(key, None)
+
+    async def _advance(self, key: Key, state: SessionState) -> None:
+        """Claim every firing the marking allows, then dispatch every claimed, undispatched firing."""
+        net = self.nets[key[0]]
+        for _ in range(MAX_CONFLICT_RETRIES):
+            plan = choose_firings(self.shapes[key[0]], state, guard=lambda t, picked: self._guard(net, t, picked))
+            if not plan:
+                break
+            try:
+                for p in plan:
+                    await self._claim(net, state, p)
+            except WrongLastSequence:
+                self.stats["conflicts"] += 1
+                await self._catch_up(key, state)
+        else:
+            raise RuntimeError(f"session {key[1]}: still conflicting after {MAX_CONFLICT_RETRIES} re-folds")
+        await self._dispatch(net, state)
+
+    async def _claim(self, net: Net, state: SessionState, p: PlannedFiring) -> None:
+        t = net.transition(p.transition)
+        firing_id = new_id()
+        fired = TransitionFired(bot=net.bot, session_id=state.session_id, firing_id=firing_id,
+                                transition=p.transition, consumed=list(p.consumed), confirm=t.confirm)
+        seq = await self.events.append(fired, expected_last_seq=state.last_seq, msg_id=f"fire:{firing_id}")
+        apply(state, seq, fired)
+        self.stats["fired"] += 1
+        self.log.debug("fired", session_id=state.session_id, firing_id=firing_id, transition=p.transition, seq=seq)
+        if t.confirm:
+            firing = state.in_flight[firing_id]
+            ask = ConfirmTransition(bot=net.bot, session_id=state.session_id, firing_id=firing_id,
+                                    transition=t.name, description=t.description, cause=fired.id,
+                                    markers=[pm.marker for pm in firing.consumed])
+            apply(state, await self.events.append(ask, msg_id=f"confirm:{firing_id}"), ask)
+
+    async def _dispatch(self, net: Net, state: SessionState) -> None:
+        todo = [f for f in state.in_flight.values() if f.status == "claimed" and f.id not in self.dispatched]
+        if not todo:
+            return
+        futures = []
+        for f in todo:
+            item = WorkItem(bot=net.bot, session_id=state.session_id, firing_id=f.id, transition=f.transition,
+                            inputs=[pm.marker for pm in f.consumed], fired_seq=f.fired_seq)
+            pool = net.transition(f.transition).pool if net.has_transition(f.transition) else "cpu"
+            futures.append(await self.js.publish_async(
+                subjects.work(pool), item.model_dump_json().encode(), headers={"Nats-Msg-Id": item.msg_id()}
+            ))
+        await asyncio.gather(*futures)  # acked by JetStream before the triggering event is acked
+        for f in todo:
+            self.dispatched[f.id] = None
+        while len(self.dispatched) > 100_000:
+            self.dispatched.popitem(last=False)
+
+    def _guard(self, net: Net, transition: str, picked: dict) -> bool:
+        t = net.transition(transition)
+        if t.when is None:
+            return True
+        inputs = {net.locations[loc].model: [net.locations[loc].model.model_validate(m.data) for m in ms]
+                  for loc, ms in picked.items()}
+        try:
+            return bool(t.when(inputs))
+        except Exception as exc:
+            self.log.warning("guard raised; treating as false", transition=transition, error=repr(exc))
+            return False
+
+
+async def run(settings: Settings, nets: Iterable[Net]) -> None:
+    await Scheduler(settings, nets).run()
