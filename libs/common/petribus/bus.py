@@ -36,8 +36,9 @@ class WrongLastSequence(BusError):
 async def connect(url: str, name: str) -> NATS:
     """Connect with reconnects forever: a service outlives a NATS restart."""
     try:
+        servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: several seed URLs
         return await nats.connect(
-            url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5,
+            servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5,
             allow_reconnect=True, pending_size=64 * 1024 * 1024,
         )
     except Exception as exc:  # nats raises several unrelated types here
