@@ -30,17 +30,24 @@ class Stack:
         self.services: dict[str, Any] = {}
 
     async def __aenter__(self) -> "Stack":
-        from petribus_executor.app import Executor
-        from petribus_gateway.app import Gateway
-        from petribus_llm.app import LLMService
-        from petribus_scheduler.app import Scheduler
+        # Each service is imported only when asked for, so a stack of some parts needs only those.
+        def scheduler() -> Any:
+            from petribus_scheduler.app import Scheduler
+            return Scheduler(self.settings, self.nets)
 
-        makers = {
-            "scheduler": lambda: Scheduler(self.settings, self.nets),
-            "executor": lambda: Executor(self.settings, self.apps),
-            "llm": lambda: LLMService(self.settings, self.nets),
-            "gateway": lambda: Gateway(self.settings, self.nets),
-        }
+        def executor() -> Any:
+            from petribus_executor.app import Executor
+            return Executor(self.settings, self.apps)
+
+        def llm() -> Any:
+            from petribus_llm.app import LLMService
+            return LLMService(self.settings, self.nets)
+
+        def gateway() -> Any:
+            from petribus_gateway.app import Gateway
+            return Gateway(self.settings, self.nets)
+
+        makers = {"scheduler": scheduler, "executor": executor, "llm": llm, "gateway": gateway}
         for part in self.parts:
             svc = makers[part]()
             await svc.start()

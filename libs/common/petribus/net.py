@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
 from petribus.errors import InvalidInput, UnknownLocation
+
+if TYPE_CHECKING:
+    from petribus.core import NetShape
 
 
 @dataclass(frozen=True)

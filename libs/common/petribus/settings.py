@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     # gateway
     host: str = "127.0.0.1"
     port: int = 8000
+    gateway_max_message_bytes: int = Field(
+        default=1024 * 1024,
+        description="Largest WebSocket message a client may send; a larger one gets an error event.",
+    )
 
     # llm
     openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")

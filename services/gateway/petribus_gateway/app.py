@@ -1,0 +1,159 @@
+"""The gateway service: FastAPI (WebSocket sessions and the REST API) served by uvicorn in-process.
+
+``Gateway.start()`` connects to NATS, binds its socket (``port=0`` picks a free one; ``url`` tells which)
+and serves until ``stop()``, which closes every WebSocket (code 1012) and waits for its handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
+
+import uvicorn
+from fastapi import FastAPI
+
+import petribus
+from petribus.bus import EventLog
+from petribus.errors import PetribusError
+from petribus.net import Net
+from petribus.service import Service
+from petribus.settings import Settings
+from petribus_gateway import errors, rest, ws
+from petribus_gateway.context import GatewayContext
+
+DESCRIPTION = """\
+Chat with petribus bots and inspect their sessions. Every session is one event log; everything here
+is read from it.
+
+**WebSocket** `ws://HOST/bots/{bot}/ws` starts a session: its first message is `session_created`
+(value: the session id). `?session_id=ID&since=SEQ` follows an existing session from after `SEQ` (the
+`metadata.seq` of the last event you received): nothing is lost or repeated across reconnects. Events
+arrive as `{"type", "value", "metadata": {session_id, request_id, task_id, transition_name, seq}}`.
+
+Send `{"type": "user_message", "value": "..."}` or
+`{"type": "marker_added", "value": {"location": "UserName", "data": {"name": "alice"}}}` (optionally
+with a `request_id`). A message that does not validate gets an `error` event, to you only; nothing
+enters the log and the connection stays open. Close codes: 4404 unknown bot or session, 4400 bad
+query, 1011 event stream lost (reconnect with `since`), 1012 gateway restarting.
+"""
+
+GRACEFUL_SHUTDOWN_S = 5
+
+
+def create_app(ctx: GatewayContext, *, on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """The FastAPI app over ``ctx``. ``on_ready`` runs at startup, once the app can take requests."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if on_ready is not None:
+            on_ready()
+        yield
+
+    app = FastAPI(title="petribus gateway", version=petribus.__version__, description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.gateway = ctx
+    app.include_router(rest.router)
+    app.include_router(ws.router)
+    errors.install(app)
+    return app
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # Signals belong to Service.run(), which stops the gateway (and so this server) on SIGTERM.
+        yield
+
+
+class Gateway(Service):
+    name = "gateway"
+
+    def __init__(self, settings: Settings, nets: Iterable[Net]) -> None:
+        super().__init__(settings)
+        self.nets = {n.bot: n for n in nets}
+        self.url = ""
+        self.app: FastAPI | None = None
+        self._server: _Server | None = None
+        self._serving: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(timeout=GRACEFUL_SHUTDOWN_S)  # don't leave a half-started gateway behind
+            raise
+
+    async def _start(self) -> None:
+        nc = await self.connect()
+        ready = asyncio.Event()
+        self.app = create_app(GatewayContext(self.settings, self.nets, nc, EventLog(nc)), on_ready=ready.set)
+        sock = _listen(self.settings.host, self.settings.port)
+        self.url = f"http://{_url_host(self.settings.host)}:{sock.getsockname()[1]}"
+        config = uvicorn.Config(
+            self.app, log_config=None, access_log=False, lifespan="on",
+            # The transport's hard limit; the app refuses smaller oversized messages with an error event.
+            ws_max_size=max(16 * 1024 * 1024, 4 * self.settings.gateway_max_message_bytes),
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+        self._server = _Server(config)
+        self._serving = self.spawn(self._serve(sock), "http")
+        started = asyncio.create_task(ready.wait())
+        await asyncio.wait({started, self._serving}, return_when=asyncio.FIRST_COMPLETED)
+        if not started.done():
+            started.cancel()
+            exc = self._serving.exception() if not self._serving.cancelled() else None
+            raise exc or PetribusError(f"the gateway stopped while starting on {self.url}",
+                                       code="gateway_start")
+        self.log.info("gateway listening", url=self.url, bots=sorted(self.nets))
+
+    async def _serve(self, sock: socket.socket) -> None:
+        assert self._server is not None
+        try:
+            await self._server.serve(sockets=[sock])
+        except SystemExit:  # uvicorn's way of saying startup failed; it already logged why
+            raise PetribusError(f"the gateway's HTTP server failed to start on {self.url}",
+                                code="gateway_start") from None
+        finally:
+            sock.close()
+
+    async def drain(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._serving is not None and not self._serving.done():
+            await asyncio.wait({self._serving})
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound, listening socket: the port is known (even for port 0) before the server starts."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(2048)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise PetribusError(
+            f"the gateway cannot listen on {host}:{port} ({exc}); "
+            "choose another address with PETRIBUS_HOST / PETRIBUS_PORT",
+            code="gateway_listen",
+        ) from exc
+    return sock
+
+
+def _url_host(host: str) -> str:
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+async def run(settings: Settings, nets: Iterable[Net]) -> None:
+    await Gateway(settings, nets).run()

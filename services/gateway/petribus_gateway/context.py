@@ -1,0 +1,84 @@
+"""What every gateway handler needs: the nets it serves and the log, plus the look-ups that 404.
+
+Sessions have no index of their own: a session exists while its subject holds events, so every
+question about one is asked of the log.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from starlette.requests import HTTPConnection
+
+from petribus import logs
+from petribus.bus import EventLog
+from petribus.errors import InvalidInput, UnknownBot, UnknownSession
+from petribus.events import AgentMessage, SessionCreated, _Event, new_id
+from petribus.net import Net
+from petribus.settings import Settings
+
+# A session id is one subject token: no '.', and no '*' or '>' that would widen a read or a purge.
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+@dataclass
+class GatewayContext:
+    settings: Settings
+    nets: dict[str, Net]
+    nc: NATS
+    events: EventLog
+    log: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = logs.get("petribus.gateway")
+
+    def net(self, bot: str) -> Net:
+        net = self.nets.get(bot)
+        if net is None:
+            raise UnknownBot(f"unknown bot {bot!r}; this gateway serves {sorted(self.nets)} (see GET /bots)")
+        return net
+
+    async def require_session(self, bot: str, session_id: str) -> int:
+        """The session's last sequence; ``UnknownSession`` when its subject holds no events."""
+        check_session_id(session_id)
+        last = await self.events.last_seq(bot, session_id)
+        if last == 0:
+            raise unknown_session(bot, session_id)
+        return last
+
+    async def create_session(self, net: Net) -> tuple[str, int]:
+        """Start a session: ``session_created`` first, then the bot's welcome message if it has one."""
+        session_id = new_id()
+        opening: list[_Event] = [SessionCreated(bot=net.bot, session_id=session_id)]
+        ids = [f"session:{session_id}"]
+        if net.welcome_message:
+            opening.append(AgentMessage(bot=net.bot, session_id=session_id, text=net.welcome_message,
+                                        cause=opening[0].id))
+            ids.append(f"welcome:{session_id}")
+        seqs = await self.events.append_many(opening, msg_ids=ids)
+        self.log.info("session created", bot=net.bot, session_id=session_id, seq=seqs[0])
+        return session_id, seqs[0]
+
+
+def unknown_session(bot: str, session_id: str) -> UnknownSession:
+    return UnknownSession(
+        f"unknown session {session_id!r} of bot {bot!r}: it never existed or was deleted; "
+        f"list sessions with GET /bots/{bot}/sessions or connect without session_id to start one"
+    )
+
+
+def check_session_id(session_id: str) -> None:
+    if not SESSION_ID_RE.match(session_id):
+        raise InvalidInput(
+            f"session id {session_id[:140]!r} is not valid: use 1-128 letters, digits, '_' or '-' "
+            "(the id a session_created event gave you)",
+            code="invalid_session_id",
+        )
+
+
+def context(conn: HTTPConnection) -> GatewayContext:
+    """FastAPI dependency: the context the app was made with (HTTP routes and WebSockets alike)."""
+    return conn.app.state.gateway  # type: ignore[no-any-return]

@@ -1,0 +1,123 @@
+"""The REST API's request and response bodies (what ``/docs`` shows)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from petribus.events import Marker
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer of this API: a stable code and a message saying what to do."""
+
+    code: str = Field(description="Stable error code, e.g. unknown_bot, unknown_session, invalid_input.")
+    message: str = Field(description="What was wrong, with which value, and what to do.")
+
+
+class EventMetadata(BaseModel):
+    session_id: str
+    request_id: str | None = Field(default=None, description="request_id of the client message it answers.")
+    task_id: str | None = Field(default=None, description="The firing it belongs to, if any.")
+    transition_name: str | None = None
+    seq: int | None = Field(default=None, description="Position in the session's log (stream sequence).")
+    event_id: str
+    ts: float = Field(description="Unix time the event was made, in seconds.")
+
+
+class ClientEvent(BaseModel):
+    """An event as clients see it (the WebSocket's shape)."""
+
+    type: str = Field(description="Event type, e.g. session_created, marker_added, transition_completed.")
+    value: Any = Field(default=None, description="The event's content; its shape depends on the type.")
+    metadata: EventMetadata
+
+
+class LocationInfo(BaseModel):
+    name: str = Field(description="Location name (the marker model's class name).")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(description="JSON schema a marker's data must match.")
+
+
+class TransitionInfo(BaseModel):
+    name: str
+    description: str | None = None
+    inputs: dict[str, int] = Field(description="Location -> number of markers one firing consumes.")
+    outputs: list[str] = Field(description="Locations its output markers may go to.")
+    confirm: bool = Field(description="True when each firing waits for the user's accept.")
+
+
+class BotInfo(BaseModel):
+    name: str
+    description: str
+    model: str | None = Field(default=None, description="The LLM model the bot talks through.")
+    welcome_message: str | None = None
+    locations: list[LocationInfo] = Field(description="Exposed locations: where clients may add markers.")
+    transitions: list[TransitionInfo] = Field(description="Exposed transitions.")
+
+
+class SessionSummary(BaseModel):
+    session_id: str
+    events: int = Field(description="Number of events in the session's log.")
+
+
+class SessionList(BaseModel):
+    bot: str
+    sessions: list[SessionSummary]
+
+
+class FiringInfo(BaseModel):
+    firing_id: str
+    transition: str
+    status: Literal["awaiting_confirmation", "claimed", "started"]
+    consumed: list[Marker] = Field(description="The markers this firing took, input order.")
+    fired_seq: int
+    attempts: int
+
+
+class ChatTurnInfo(BaseModel):
+    role: Literal["user", "agent"]
+    text: str
+    seq: int
+    event_id: str
+    firing_id: str | None = None
+
+
+class SessionDetail(BaseModel):
+    """A session's log and the state folded from it."""
+
+    bot: str
+    session_id: str
+    last_seq: int = Field(description="Sequence of the last event; since=last_seq streams what follows.")
+    events: list[ClientEvent]
+    marking: dict[str, list[Marker]] = Field(description="Location -> markers it holds now, oldest first.")
+    in_flight: list[FiringInfo] = Field(description="Firings that consumed their inputs and have not ended.")
+    chat: list[ChatTurnInfo]
+    memory: list[Any] = Field(description="What transitions remembered (context.remember), in order.")
+
+
+class SessionCreatedInfo(BaseModel):
+    session_id: str
+    seq: int = Field(description="Sequence of its session_created event.")
+
+
+class NewMarker(BaseModel):
+    location: str = Field(description="An exposed location of the bot.")
+    data: dict[str, Any] = Field(description="The marker's fields; validated by the location's model.")
+    request_id: str | None = None
+
+
+class NewMessage(BaseModel):
+    text: str = Field(description="What the user says.")
+    request_id: str | None = None
+
+
+class Appended(BaseModel):
+    seq: int = Field(description="Where the event landed in the session's log.")
+    event: ClientEvent
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    nats: Literal["connected", "reconnecting", "disconnected", "closed"]

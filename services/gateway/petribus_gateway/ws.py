@@ -1,0 +1,234 @@
+"""One WebSocket connection to one session: the session's log streamed out, client messages appended in.
+
+``/bots/{bot}/ws`` starts a session (its first event is ``session_created``);
+``/bots/{bot}/ws?session_id=ID&since=SEQ`` follows an existing one from after ``SEQ``. Every client just
+streams the session's subject from a sequence through an ordered JetStream push consumer, so a
+reconnect with the last ``seq`` it saw loses nothing and repeats nothing.
+
+Three tasks per connection: a pump (consumer -> outbox), a reader (client -> log, or an error back)
+and the one writer that owns the socket's send side, so stream events and error replies never
+interleave mid-frame. A refused client message gets an ``error`` event sent to that client only; it
+never enters the log and the connection stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, WebSocket
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from pydantic import ValidationError
+from starlette.datastructures import QueryParams
+from starlette.types import Message
+from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected, WebSocketState
+
+from petribus import subjects
+from petribus.errors import BusError, InvalidInput, PetribusError, UnknownBot, UnknownSession
+from petribus.events import ErrorEvent, decode, to_client
+from petribus.net import Net
+from petribus_gateway import inputs
+from petribus_gateway.context import GatewayContext, context
+
+CLOSE_NOT_FOUND = 4404
+CLOSE_BAD_REQUEST = 4400
+CLOSE_STREAM_LOST = 1011
+# How a client going away shows up: starlette's own errors, or uvicorn's ClientDisconnected (an OSError).
+DISCONNECTED = (WebSocketDisconnect, WebSocketDisconnected, OSError)
+OUTBOX_SIZE = 256  # events queued for a slow client before the pump (and so the consumer) waits
+
+router = APIRouter()
+
+
+@router.websocket("/bots/{bot}/ws")
+async def session_socket(
+    websocket: WebSocket, bot: str, ctx: Annotated[GatewayContext, Depends(context)]
+) -> None:
+    # Accept before refusing: a close during the handshake reaches the client as a bare HTTP 403.
+    await websocket.accept()
+    asked = websocket.query_params.get("session_id") or ""
+    try:
+        net = ctx.net(bot)
+        session_id, since = await _open(ctx, net, websocket.query_params)
+    except (UnknownBot, UnknownSession) as exc:
+        await _refuse(websocket, bot, asked, exc, CLOSE_NOT_FOUND)
+        return
+    except InvalidInput as exc:
+        await _refuse(websocket, bot, asked, exc, CLOSE_BAD_REQUEST)
+        return
+    except BusError as exc:
+        ctx.log.error("cannot open session", bot=bot, session_id=asked, error=repr(exc))
+        await _refuse(websocket, bot, asked, exc, CLOSE_STREAM_LOST)
+        return
+    await SessionSocket(ctx, websocket, net, session_id, since).run()
+
+
+async def _open(ctx: GatewayContext, net: Net, params: QueryParams) -> tuple[str, int]:
+    """(session id, since): a new session from 0, or an existing one from the client's ``since``."""
+    session_id = params.get("session_id")
+    raw_since = params.get("since")
+    since = 0
+    if raw_since is not None:
+        if not raw_since.isdigit():
+            raise InvalidInput(
+                f"since={raw_since[:40]!r} is not a sequence number; pass the seq of the last event you "
+                "received (a whole number >= 0), or leave it out to receive the whole session",
+                code="invalid_since",
+            )
+        since = int(raw_since)
+    if session_id is None:
+        if raw_since is not None:
+            raise InvalidInput("since needs a session_id: pass the session_id it belongs to",
+                               code="invalid_since")
+        session_id, _ = await ctx.create_session(net)
+        return session_id, 0
+    await ctx.require_session(net.bot, session_id)
+    return session_id, since
+
+
+async def _refuse(websocket: WebSocket, bot: str, session_id: str, exc: PetribusError, code: int) -> None:
+    error = ErrorEvent(bot=bot, session_id=session_id, code=exc.code, message=exc.message)
+    with contextlib.suppress(*DISCONNECTED):  # a client that already left needs no answer
+        await websocket.send_text(json.dumps(to_client(error, None)))
+        await websocket.close(code, _reason(exc.message))
+
+
+def _reason(message: str) -> str:
+    """A close reason: at most 123 bytes of UTF-8, as the protocol allows."""
+    raw = message.encode()[:123]
+    return raw.decode("utf-8", "ignore")
+
+
+class StreamGap(Exception):
+    """The session's stream skipped an event; the connection must end so the client can resume."""
+
+
+class SessionSocket:
+    def __init__(self, ctx: GatewayContext, websocket: WebSocket, net: Net, session_id: str,
+                 since: int) -> None:
+        self.ctx = ctx
+        self.ws = websocket
+        self.net = net
+        self.session_id = session_id
+        self.since = since
+        self.max_bytes = ctx.settings.gateway_max_message_bytes
+        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(OUTBOX_SIZE)
+        self.last_seq = since
+        self.log = ctx.log.bind(bot=net.bot, session_id=session_id)
+
+    async def run(self) -> None:
+        try:
+            sub = await self._subscribe(self.ctx.events.js)
+        except Exception as exc:  # nats-py raises several unrelated types here
+            self.log.error("cannot stream session", error=repr(exc))
+            await self._close(CLOSE_STREAM_LOST, f"cannot stream now; reconnect with since={self.since}")
+            return
+        self.log.info("client connected", since=self.since)
+        pump = asyncio.create_task(self._pump(sub), name=f"ws:{self.session_id}:pump")
+        tasks = [pump, asyncio.create_task(self._read(), name=f"ws:{self.session_id}:read"),
+                 asyncio.create_task(self._write(), name=f"ws:{self.session_id}:write")]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._unsubscribe(sub)
+        for task in done:
+            failure = None if task.cancelled() else task.exception()
+            if task is pump:
+                # The stream ended under a live client (NATS went away): tell it where to resume.
+                self.log.warning("event stream ended", error=repr(failure), last_seq=self.last_seq)
+                await self._close(CLOSE_STREAM_LOST, f"stream lost; reconnect with since={self.last_seq}")
+            elif failure is not None and not isinstance(failure, DISCONNECTED):
+                self.log.error("connection failed", error=repr(failure), exc_info=failure)
+                await self._close(CLOSE_STREAM_LOST, f"gateway error; reconnect with since={self.last_seq}")
+        self.log.info("client disconnected", last_seq=self.last_seq)
+
+    async def _subscribe(self, js: JetStreamContext) -> JetStreamContext.PushSubscription:
+        if self.since == 0:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        else:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                    opt_start_seq=self.since + 1)
+        return await js.subscribe(subjects.events(self.net.bot, self.session_id),
+                                  stream=subjects.EVENTS_STREAM, ordered_consumer=True, config=config)
+
+    async def _unsubscribe(self, sub: JetStreamContext.PushSubscription) -> None:
+        nc = self.ctx.nc
+        if nc.is_closed or nc.is_draining:
+            return  # the connection's own shutdown removes the subscription
+        try:
+            await sub.unsubscribe()
+        except Exception as exc:  # already gone; nothing left to release
+            self.log.debug("unsubscribe failed", error=repr(exc))
+
+    async def _pump(self, sub: JetStreamContext.PushSubscription) -> None:
+        last_stream, last_consumer = self.since, 0
+        while True:
+            msg = await sub.next_msg(timeout=None)
+            seq, consumer_seq = msg.metadata.sequence.stream, msg.metadata.sequence.consumer
+            if consumer_seq not in (last_consumer + 1, 1):
+                # A message was dropped on our side (nats-py drops for a slow consumer without resetting
+                # the ordered consumer): end the stream so the client resumes from what it really has.
+                raise StreamGap(f"consumer sequence jumped from {last_consumer} to {consumer_seq}")
+            last_consumer = consumer_seq
+            if seq <= last_stream:
+                continue  # a reset ordered consumer re-sent what we already have
+            last_stream = seq
+            try:
+                event = decode(msg.data)
+            except ValidationError:
+                self.log.error("skipping undecodable event", seq=seq)
+                continue
+            await self.outbox.put(to_client(event, seq))
+
+    async def _write(self) -> None:
+        while True:
+            payload = await self.outbox.get()
+            await self.ws.send_text(json.dumps(payload))
+            seq = payload["metadata"]["seq"]
+            if seq is not None:
+                self.last_seq = seq  # what the client has: where it should resume from
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            await self._handle(message)
+
+    async def _handle(self, message: Message) -> None:
+        request_id = None
+        try:
+            payload = inputs.parse(inputs.frame_text(message, self.max_bytes))
+            request_id = payload.get("request_id")
+            event = inputs.to_event(self.net, self.session_id, payload)
+        except InvalidInput as exc:
+            self.log.info("client message refused", code=exc.code, error=exc.message)
+            await self._error(exc.code, exc.message, request_id)
+            return
+        try:
+            seq = await self.ctx.events.append(event)
+        except BusError as exc:
+            self.log.error("append failed", type=payload["type"], error=repr(exc))
+            await self._error(exc.code, f"your {payload['type']} was not recorded ({exc}); send it again",
+                              request_id)
+            return
+        self.log.debug("client event appended", type=payload["type"], seq=seq)
+
+    async def _error(self, code: str, message: str, request_id: str | None) -> None:
+        error = ErrorEvent(bot=self.net.bot, session_id=self.session_id, code=code, message=message,
+                           request_id=request_id)
+        await self.outbox.put(to_client(error, None))
+
+    async def _close(self, code: int, reason: str) -> None:
+        connected = WebSocketState.CONNECTED
+        if self.ws.application_state == connected and self.ws.client_state == connected:
+            try:
+                await self.ws.close(code, _reason(reason))
+            except Exception as exc:  # the client left meanwhile
+                self.log.debug("close failed", error=repr(exc))
