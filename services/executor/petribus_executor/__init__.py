@@ -1,1 +1,1 @@
-"""petribus executor service."""
+"""petribus executor service: runs transitions in warm worker processes and logs their outcomes."""

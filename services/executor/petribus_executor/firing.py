@@ -1,0 +1,264 @@
+"""One work item, from delivery to a durable outcome: started, run (with retries), completed or failed.
+
+The order of effects is what makes a firing land exactly once in the log:
+
+1. ``transition_started`` (Msg-Id ``start:<firing>:<attempt>``), then the run, with the JetStream
+   message heartbeated (``in_progress``) every ``ack_wait / 3`` so a long firing is not redelivered.
+2. What the transition says or remembers while it runs is appended as it happens, in order.
+3. ``transition_completed`` (``done:<firing>``) or the final ``transition_failed`` (``fail:<firing>``).
+4. Only once JetStream has acknowledged that append is the work message acked. An executor that dies
+   before step 4 leaves the message to be redelivered; the log's fold ignores a second outcome, and a
+   redelivery of a firing the log already finished is acked without running it again. A redelivery
+   of a firing still running here (its heartbeats lapsed) is adopted by that run, not run twice.
+
+``attempt`` counts runs of the firing across deliveries and retries: with ``retries=r``, delivery ``d``
+runs attempts ``(d-1)*(r+1)+1`` onwards, so it equals the delivery count when ``r`` is 0 and no two runs
+share a ``start:`` Msg-Id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+from nats.aio.msg import Msg
+
+from petribus.bus import EventLog
+from petribus.core import fold
+from petribus.errors import PetribusError, SandboxCrashed, TransitionTimeout
+from petribus.events import (
+    AgentMessage,
+    Marker,
+    MemoryUpdated,
+    TransitionCompleted,
+    TransitionFailed,
+    TransitionStarted,
+    _Event,
+)
+from petribus.net import Net, TransitionDef
+from petribus.work import WorkItem
+from petribus_executor import protocol as p
+from petribus_executor.pool import WorkerPool
+
+# What the context calls will do once their issues land; until then a transition gets a clear error.
+NOT_YET = {
+    "prompt": "asking the session's model needs the LLM service link",
+    "confirm": "asking the user to confirm needs the gateway link",
+    "send_file": "sending files needs the file store",
+    "get_file": "asking the user for a file needs the file store",
+}
+
+
+class Outbox:
+    """Appends a firing's side events (say, remember) in the order they were made, as they come."""
+
+    def __init__(self, events: EventLog) -> None:
+        self._events = events
+        self._queue: asyncio.Queue[_Event | None] = asyncio.Queue()
+        self._writer = asyncio.create_task(self._write())
+
+    def put(self, event: _Event) -> None:
+        self._queue.put_nowait(event)
+
+    async def _write(self) -> None:
+        while (event := await self._queue.get()) is not None:
+            await self._events.append(event)
+
+    async def flush(self) -> None:
+        """Wait until everything put so far is in the log (raises if an append failed)."""
+        self._queue.put_nowait(None)
+        await self._writer
+
+    def discard(self) -> None:
+        self._writer.cancel()
+        # The firing is being abandoned; an append that already failed has nobody left to tell.
+        self._writer.add_done_callback(lambda task: task.cancelled() or task.exception())
+
+
+class Delivery:
+    """The newest delivery of a firing running here: heartbeats and the final ack go to it."""
+
+    def __init__(self, msg: Msg) -> None:
+        self.msg = msg
+
+
+class FiringRunner:
+    """Runs work items for one executor: shared by all its firings."""
+
+    def __init__(self, *, instance: str, nets: dict[str, Net], events: EventLog, workers: WorkerPool,
+                 ack_wait_s: float, log: Any) -> None:
+        self.instance = instance
+        self.nets = nets
+        self.events = events
+        self.workers = workers
+        self.heartbeat_s = max(0.1, ack_wait_s / 3)
+        self.log = log
+        self._running: dict[str, Delivery] = {}
+
+    async def execute(self, msg: Msg) -> None:
+        """Run one delivered work item to its outcome, then ack. Never raises (but for cancellation)."""
+        try:
+            item = WorkItem.model_validate_json(msg.data)
+        except ValueError as exc:
+            self.log.error("malformed work item terminated", subject=msg.subject, error=str(exc)[:500])
+            await msg.term()
+            return
+        with structlog.contextvars.bound_contextvars(session_id=item.session_id, firing_id=item.firing_id,
+                                                     transition=item.transition):
+            running = self._running.get(item.firing_id)
+            if running is not None:
+                # Heartbeats lapsed and JetStream handed the work out again, to us: keep the one run.
+                running.msg = msg
+                self.log.warning("redelivered while running here; the run adopts the new delivery",
+                                 delivery=msg.metadata.num_delivered)
+                return
+            delivery = self._running[item.firing_id] = Delivery(msg)
+            heartbeat = asyncio.create_task(self._heartbeat(delivery), name=f"heartbeat:{item.firing_id}")
+            try:
+                await self._execute(item, delivery)
+            except asyncio.CancelledError:
+                await _quietly(delivery.msg.nak())  # stopping mid-firing: let another executor have it now
+                raise
+            except Exception as exc:
+                # The outcome could not be written (the bus is down or refused it): try again later.
+                self.log.error("work item not finished; will be redelivered", error=repr(exc), exc_info=exc)
+                await _quietly(delivery.msg.nak(delay=1.0))
+            finally:
+                heartbeat.cancel()
+                del self._running[item.firing_id]
+
+    async def _execute(self, item: WorkItem, current: Delivery) -> None:
+        msg = current.msg
+        net = self.nets.get(item.bot)
+        t = net.transition(item.transition) if net and net.has_transition(item.transition) else None
+        if net is None or t is None:
+            what = (f"bot {item.bot!r}" if net is None
+                    else f"transition {item.transition!r} of bot {item.bot!r}")
+            error = (f"no {what} in executor {self.instance} (it serves {sorted(self.nets)}); "
+                     "deploy the app to this pool's executors and add the markers again")
+            await self._fail(item, error, "UnknownTransition", retryable=False, attempt=1)
+            await current.msg.term()
+            self.log.error("work for an unknown transition terminated", bot=item.bot)
+            return
+        delivery = msg.metadata.num_delivered or 1
+        if delivery > 1 and not await self._still_in_flight(item):
+            self.log.info("redelivered work already finished in the log; acked", delivery=delivery)
+            await current.msg.ack()
+            return
+        first = (delivery - 1) * (t.retries + 1) + 1
+        for attempt in range(first, first + t.retries + 1):
+            outcome = await self._run_once(item, net, t, attempt)
+            last = attempt == first + t.retries or not outcome.retryable
+            if outcome.ok:
+                await self._complete(item, outcome)
+                self.log.info("firing completed", attempt=attempt, outputs=len(outcome.outputs),
+                              duration_ms=round(outcome.duration_ms, 1))
+                break
+            self.log.warning("firing failed", attempt=attempt, final=last, error_type=outcome.error_type,
+                             error=outcome.error, traceback=outcome.traceback or None)
+            if last:
+                await self._fail(item, outcome.error, outcome.error_type, outcome.retryable, attempt)
+                break
+            await self._fail(item, outcome.error, outcome.error_type, outcome.retryable, attempt, final=False)
+        await current.msg.ack()
+
+    async def _run_once(self, item: WorkItem, net: Net, t: TransitionDef, attempt: int) -> p.Outcome:
+        await self.events.append(
+            TransitionStarted(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
+                              transition=t.name, executor=self.instance, attempt=attempt,
+                              cause=item.firing_id, trace=item.trace),
+            msg_id=f"start:{item.firing_id}:{attempt}",
+        )
+        outbox = Outbox(self.events)
+        request = p.Request(
+            bot=item.bot, session_id=item.session_id, firing_id=item.firing_id, transition=t.name,
+            attempt=attempt, inputs=tuple(p.InputMarker(m.id, m.location, m.data) for m in item.inputs),
+        )
+        started = time.perf_counter()
+        try:
+            outcome = await self.workers.run(
+                request, on_event=lambda kind, payload: outbox.put(self._side_event(item, kind, payload)),
+                on_call=self._answer, timeout=t.timeout,
+            )
+        except (TransitionTimeout, SandboxCrashed) as exc:  # the firing failed, not the executor
+            outcome = p.Outcome(ok=False, error=exc.message, error_type=type(exc).__name__,
+                                retryable=exc.retryable, duration_ms=(time.perf_counter() - started) * 1000)
+        except BaseException:
+            outbox.discard()
+            raise
+        await outbox.flush()  # what it said lands before what it returned
+        return outcome
+
+    def _side_event(self, item: WorkItem, kind: str, payload: Any) -> _Event:
+        if kind == "say":
+            return AgentMessage(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
+                                transition=item.transition, cause=item.firing_id, trace=item.trace,
+                                text=str(payload))
+        if kind == "remember":
+            return MemoryUpdated(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
+                                 transition=item.transition, cause=item.firing_id, trace=item.trace,
+                                 memory=payload)
+        raise PetribusError(f"unknown context event {kind!r}")
+
+    async def _answer(self, kind: str, payload: Any, timeout: float | None) -> Any:
+        if kind in NOT_YET:
+            raise PetribusError(
+                f"context.{kind} is not available yet: {NOT_YET[kind]}, which this executor does not have; "
+                f"remove the context.{kind}(...) call from the transition for now",
+                code="not_available",
+            )
+        raise PetribusError(f"unknown context call {kind!r}", code="not_available")
+
+    async def _complete(self, item: WorkItem, outcome: p.Outcome) -> None:
+        outputs = [Marker(id=f"{item.firing_id}.{i}", location=loc, data=data)
+                   for i, (loc, data) in enumerate(outcome.outputs)]
+        await self.events.append(
+            TransitionCompleted(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
+                                transition=item.transition, outputs=outputs, duration_ms=outcome.duration_ms,
+                                cause=item.firing_id, trace=item.trace),
+            msg_id=f"done:{item.firing_id}",
+        )
+
+    async def _fail(self, item: WorkItem, error: str, error_type: str, retryable: bool, attempt: int,
+                    *, final: bool = True) -> None:
+        await self.events.append(
+            TransitionFailed(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
+                             transition=item.transition, error=error, error_type=error_type,
+                             retryable=retryable, final=final, attempt=attempt, cause=item.firing_id,
+                             trace=item.trace),
+            msg_id=f"fail:{item.firing_id}" if final else f"fail:{item.firing_id}:{attempt}",
+        )
+
+    async def give_up(self, item: WorkItem, error: str, deliveries: int) -> None:
+        """Fail a firing for good that no delivery finished (its markers go back to their places)."""
+        t = self.nets[item.bot].transition(item.transition) if self._known(item) else None
+        attempts = deliveries * ((t.retries if t else 0) + 1)
+        await self._fail(item, error, "DeliveriesExhausted", retryable=False, attempt=attempts)
+        self.log.error("firing given up", session_id=item.session_id, firing_id=item.firing_id,
+                       deliveries=deliveries)
+
+    def _known(self, item: WorkItem) -> bool:
+        net = self.nets.get(item.bot)
+        return net is not None and net.has_transition(item.transition)
+
+    async def _still_in_flight(self, item: WorkItem) -> bool:
+        state = fold(await self.events.read(item.bot, item.session_id))
+        return item.firing_id in state.in_flight
+
+    async def _heartbeat(self, delivery: Delivery) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                await delivery.msg.in_progress()
+            except Exception as exc:  # disconnected: the next beat may get through; redelivery is safe
+                self.log.warning("heartbeat failed", error=repr(exc))
+
+
+async def _quietly(aw: Any) -> None:
+    try:
+        await aw
+    except Exception:  # best effort: without it the message is redelivered after ack_wait anyway
+        pass
+
