@@ -8,6 +8,7 @@ The decorator only records. ``Bot.net()`` judges the whole definition at once, r
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -167,12 +168,12 @@ def _build_net(bot: Bot, bot_name: str | None) -> Net:
             problems.append(f"location name {loc.name!r} is not allowed: use letters, digits and '_'")
         locations[loc.name] = LocationDef(
             name=loc.name, model=marker, expose=loc.expose,
-            description=loc.description or (inspect.getdoc(marker) or "").strip() or None,
+            description=loc.description or _own_doc(marker),
         )
         by_model[marker] = loc.name
 
     def place_of(model: Any, where: str) -> str | None:
-        if model in by_model:
+        if isinstance(model, type) and model in by_model:
             return by_model[model]
         label = getattr(model, "__name__", repr(model))
         if isinstance(model, type) and issubclass(model, BaseModel):
@@ -221,11 +222,12 @@ def _build_net(bot: Bot, bot_name: str | None) -> Net:
         wants_context, arity_problem = _signature(rec.fn)
         if arity_problem:
             problems.append(f"{where}: {arity_problem}")
-        for key, low in (("cpu", 0), ("memory", 1)):
-            val = opts[key]
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or val < low or (key == "cpu" and val == 0):
-                problems.append(f"{where}: {key}={val!r} is not allowed; it must be a positive number")
-        if opts["timeout"] is not None and (not isinstance(opts["timeout"], (int, float)) or opts["timeout"] <= 0):
+        if not _positive(opts["cpu"]):
+            problems.append(f"{where}: cpu={opts['cpu']!r} is not allowed; it must be a positive number")
+        if not _positive(opts["memory"]) or opts["memory"] != int(opts["memory"]):
+            problems.append(
+                f"{where}: memory={opts['memory']!r} is not allowed; it must be a whole number of MiB >= 1")
+        if opts["timeout"] is not None and not _positive(opts["timeout"]):
             problems.append(f"{where}: timeout={opts['timeout']!r}; it must be a positive number of seconds or None")
         if isinstance(opts["retries"], bool) or not isinstance(opts["retries"], int) or opts["retries"] < 0:
             problems.append(f"{where}: retries={opts['retries']!r}; it must be a whole number >= 0")
@@ -241,8 +243,8 @@ def _build_net(bot: Bot, bot_name: str | None) -> Net:
         transitions.append(
             TransitionDef(
                 name=tname, fn=rec.fn, inputs=tuple(inputs), outputs=tuple(outputs),
-                cpu=float(opts["cpu"]) if isinstance(opts["cpu"], (int, float)) else 1.0,
-                memory=int(opts["memory"]) if isinstance(opts["memory"], (int, float)) else 128,
+                cpu=float(opts["cpu"]) if _positive(opts["cpu"]) else 1.0,
+                memory=int(opts["memory"]) if _positive(opts["memory"]) else 128,
                 gpu=str(gpu) if gpu else None, pool="gpu" if gpu else "cpu",
                 image=opts["image"], python_packages=opts["python_packages"],
                 description=opts["description"] or (inspect.getdoc(rec.fn) or "").strip() or None,
@@ -261,6 +263,17 @@ def _build_net(bot: Bot, bot_name: str | None) -> Net:
     )
 
 
+def _positive(val: Any) -> bool:
+    """A real, finite number above zero (``True`` is not a number here, nor is NaN)."""
+    return not isinstance(val, bool) and isinstance(val, (int, float)) and math.isfinite(val) and val > 0
+
+
+def _own_doc(obj: type) -> str | None:
+    """The class's own docstring: a model without one must not describe itself with BaseModel's."""
+    doc = obj.__dict__.get("__doc__")
+    return inspect.cleandoc(doc) if isinstance(doc, str) and doc.strip() else None
+
+
 def _signature(fn: Callable[..., Any]) -> tuple[bool, str | None]:
     """Whether ``fn`` asks for ``context``, and a problem with its parameters if any."""
     try:
@@ -270,16 +283,28 @@ def _signature(fn: Callable[..., Any]) -> tuple[bool, str | None]:
     from petribus.context import BotContext
 
     wants_context = False
-    others: list[str] = []
-    for p in sig.parameters.values():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+    others: list[str] = []  # required parameters besides context
+    takes_inputs = False  # some parameter can receive the inputs positionally
+    for i, p in enumerate(sig.parameters.values()):
+        if p.kind is p.VAR_KEYWORD:
+            continue
+        if p.kind is p.VAR_POSITIONAL:
+            takes_inputs = True
             continue
         if p.name == "context" or p.annotation is BotContext or p.annotation == "BotContext":
             wants_context = True
-        elif p.default is p.empty:
+            if i != 0:
+                return True, (
+                    f"'{p.name}' must be the first parameter: a transition takes (inputs) or (context, inputs)")
+            continue
+        if p.kind is not p.KEYWORD_ONLY:
+            takes_inputs = True
+        if p.default is p.empty:
             others.append(p.name)
     if len(others) > 1:
         return wants_context, (
             f"takes parameters {others}; a transition takes (inputs) or (context, inputs)"
         )
+    if not takes_inputs:
+        return wants_context, "takes no parameter for its inputs; a transition takes (inputs) or (context, inputs)"
     return wants_context, None

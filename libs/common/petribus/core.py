@@ -8,7 +8,7 @@ hand-made log cannot make a marker be consumed twice or a count go negative.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,7 +83,7 @@ class SessionState:
     created: bool = False
     places: dict[str, dict[str, PlacedMarker]] = field(default_factory=dict)
     in_flight: dict[str, Firing] = field(default_factory=dict)
-    finished: set[str] = field(default_factory=set)
+    finished: set[str] = field(default_factory=set)  # firings that ended (completed, failed for good, rejected)
     seen_markers: set[str] = field(default_factory=set)
     blocked: dict[str, set[str]] = field(default_factory=dict)  # marker id -> transitions it won't be offered to
     chat: list[ChatTurn] = field(default_factory=list)
@@ -127,13 +127,13 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
                 f.status = "started"
                 f.attempts = max(f.attempts, event.attempt)
         case TransitionCompleted():
-            f = state.in_flight.pop(event.firing_id, None)
+            f = state.in_flight.get(event.firing_id)
+            # A completion can't precede acceptance: one that does is ignored.
             if f is not None and f.status != "awaiting_confirmation":
+                del state.in_flight[f.id]
                 state.finished.add(f.id)
                 for m in event.outputs:
                     _put(state, m, seq)
-            elif f is not None:
-                state.in_flight[f.id] = f  # a completion can't precede acceptance: ignore it
         case TransitionFailed():
             f = state.in_flight.get(event.firing_id)
             if f is not None and event.final:
@@ -199,6 +199,8 @@ def _fire(state: SessionState, event: TransitionFired, seq: int) -> None:
 
 def _give_back(state: SessionState, firing: Firing) -> None:
     """Return a firing's markers to their places, in FIFO order, and don't offer them to it again."""
+    # The firing has ended: a replayed transition_fired with its id must not claim the markers again.
+    state.finished.add(firing.id)
     for placed in firing.consumed:
         place = state.places.setdefault(placed.marker.location, {})
         place[placed.marker.id] = placed
@@ -215,43 +217,107 @@ class PlannedFiring:
 
 Guard = Callable[[str, dict[str, list[Marker]]], bool]
 
+# How many candidate sets a guard may refuse per transition per choice, so that a guard which refuses
+# almost everything cannot make planning quadratic. Within it the choice is complete.
+GUARD_REFUSALS = 1000
+
 
 def choose_firings(net: NetShape, state: SessionState, guard: Guard | None = None) -> list[PlannedFiring]:
     """Every firing the marking allows now, in declaration order, oldest markers first.
 
     A transition fires as many times as its inputs allow, bounded by its ``concurrency`` (counting
     firings already in flight). A marker is never planned for two firings, nor offered to a transition
-    it was rejected by or failed in.
+    it was rejected by or failed in. Candidate sets are offered to ``guard`` oldest first (the first
+    input's markers vary slowest); a refused set is skipped, so a marker the guard refuses never holds
+    back younger ones.
     """
     taken: set[str] = set()
     plan: list[PlannedFiring] = []
     for t in net.transitions:
         room = None if t.concurrency is None else t.concurrency - state.in_flight_count(t.name)
-        cursors = {loc: iter(state.places.get(loc, {}).values()) for loc, _ in t.inputs}
-        while room is None or room > 0:
-            picked: dict[str, list[Marker]] = {}
-            for loc, count in t.inputs:
-                got = picked.setdefault(loc, [])
-                while len(got) < count:
-                    placed = next(cursors[loc], None)
-                    if placed is None:
-                        break
-                    mid = placed.marker.id
-                    if mid in taken or t.name in state.blocked.get(mid, ()):
-                        continue
-                    got.append(placed.marker)
-                if len(got) < count:
+        if room is not None and room <= 0:
+            continue
+        refusals = 0
+        for picked in _candidate_sets(t, state, taken):
+            if guard is not None and not guard(t.name, {loc: list(ms) for loc, ms in picked.items()}):
+                refusals += 1
+                if refusals >= GUARD_REFUSALS:
                     break
-            else:
-                if guard is not None and not guard(t.name, picked):
-                    # Guards see the oldest candidates; a refused set is not retried with younger ones,
-                    # which keeps the choice deterministic and linear in the marking.
-                    break
-                ids = tuple(m.id for loc, _ in t.inputs for m in picked[loc])
-                taken.update(ids)
-                plan.append(PlannedFiring(t.name, ids))
-                if room is not None:
-                    room -= 1
                 continue
-            break
+            ids = tuple(m.id for loc, _ in t.inputs for m in picked[loc])
+            taken.update(ids)
+            plan.append(PlannedFiring(t.name, ids))
+            if room is not None:
+                room -= 1
+                if room == 0:
+                    break
     return plan
+
+
+class _Eligible:
+    """The markers of one place that may be offered to one transition, FIFO, read only as far as needed."""
+
+    def __init__(self, state: SessionState, loc: str, transition: str) -> None:
+        self._source = (p.marker for p in state.places.get(loc, {}).values()
+                        if transition not in state.blocked.get(p.marker.id, ()))
+        self._seen: list[Marker] = []
+        self.lo = 0  # every marker before this index is taken
+
+    def at(self, i: int) -> Marker | None:
+        while len(self._seen) <= i:
+            m = next(self._source, None)
+            if m is None:
+                return None
+            self._seen.append(m)
+        return self._seen[i]
+
+
+def _candidate_sets(
+    t: TransitionShape, state: SessionState, taken: set[str]
+) -> Iterator[dict[str, tuple[Marker, ...]]]:
+    """Untaken input sets of ``t`` in lexicographic (oldest first) order, lazily.
+
+    The caller may add to ``taken`` between items; sets that would reuse a taken marker are skipped.
+    Each place keeps a pointer past its leading taken markers, and a level that finds nothing stops
+    the search (taking more can't help it), so firing every marker stays linear in the marking.
+    """
+    places = {loc: _Eligible(state, loc, t.name) for loc, _ in t.inputs}
+
+    def choose(loc: str, start: int, count: int) -> Iterator[tuple[Marker, ...]]:
+        if count == 0:
+            yield ()
+            return
+        ms = places[loc]
+        if start <= ms.lo:
+            while (m := ms.at(ms.lo)) is not None and m.id in taken:
+                ms.lo += 1
+            start = ms.lo
+        i = start
+        while (m := ms.at(i)) is not None:
+            if m.id not in taken:
+                found = False
+                for rest in choose(loc, i + 1, count - 1):
+                    found = True
+                    yield (m, *rest)
+                    if m.id in taken:
+                        break
+                if not found:
+                    return  # too few untaken markers after i, so after any later i too
+            i += 1
+
+    def level(i: int) -> Iterator[dict[str, tuple[Marker, ...]]]:
+        if i == len(t.inputs):
+            yield {}
+            return
+        loc, count = t.inputs[i]
+        for combo in choose(loc, 0, count):
+            found = False
+            for rest in level(i + 1):
+                found = True
+                yield {loc: combo, **rest}
+                if any(m.id in taken for m in combo):
+                    break
+            if not found:
+                return  # the later inputs have nothing to offer whatever this one picks
+
+    return level(0)

@@ -191,7 +191,8 @@ class MemoryUpdated(_Event):
     type: Literal["memory_updated"] = "memory_updated"
     firing_id: str | None = None
     transition: str | None = None
-    memory: Any = Field(description="What was remembered (JSON).")
+    # A default, because ``encode`` leaves out None: remembering ``None`` must still decode.
+    memory: Any = Field(default=None, description="What was remembered (JSON).")
 
     def value(self) -> Any:
         return self.memory

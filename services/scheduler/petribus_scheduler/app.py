@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from petribus import subjects
 from petribus.bus import EventLog, WrongLastSequence
 from petribus.consumer import PullConsumer
-from petribus.core import Firing, PlannedFiring, SessionState, apply, choose_firings, fold
+from petribus.core import PlannedFiring, SessionState, apply, choose_firings, fold
 from petribus.events import ConfirmTransition, TransitionFired, decode, new_id
 from petribus.net import Net
 from petribus.service import Service
@@ -46,6 +46,7 @@ class Scheduler(Service):
         super().__init__(settings)
         self.nets = {n.bot: n for n in nets}
         self.shapes = {bot: n.shape() for bot, n in self.nets.items()}
+        self.guarded = {bot for bot, n in self.nets.items() if any(t.when for t in n.transitions)}
         self.instance = instance or f"scheduler-{uuid.uuid4().hex[:8]}"
         self.cache_size = cache_size
         self.ack_wait_s = ack_wait_s
@@ -168,8 +169,10 @@ class Scheduler(Service):
     async def _advance(self, key: Key, state: SessionState) -> None:
         """Claim every firing the marking allows, then dispatch every claimed, undispatched firing."""
         net = self.nets[key[0]]
+        # Only nets with a ``when=`` pay for guard calls (and for the guard's wider candidate search).
+        guard = (lambda t, picked: self._guard(net, t, picked)) if key[0] in self.guarded else None
         for _ in range(MAX_CONFLICT_RETRIES):
-            plan = choose_firings(self.shapes[key[0]], state, guard=lambda t, picked: self._guard(net, t, picked))
+            plan = choose_firings(self.shapes[key[0]], state, guard=guard)
             if not plan:
                 break
             try:
