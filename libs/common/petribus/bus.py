@@ -70,6 +70,13 @@ async def ensure_streams(js: JetStreamContext, *, duplicate_window_s: float = 12
                 raise
 
 
+async def _seq_of(ack: "asyncio.Future") -> int:
+    try:
+        return (await ack).seq
+    except APIError as exc:
+        raise BusError(f"append failed: {exc}") from exc
+
+
 class EventLog:
     """Append to and read sessions' logs on PB_EVENTS."""
 
@@ -95,6 +102,13 @@ class EventLog:
         except (asyncio.TimeoutError, nats.errors.TimeoutError) as exc:
             raise BusTimeout(f"append to {subject} timed out after {timeout}s") from exc
         return ack.seq
+
+    async def append_soon(self, event: _Event, *, msg_id: str | None = None) -> "asyncio.Future[int]":
+        """Send one event now and return a future of its sequence: the caller overlaps the round trip
+        with other work. Events sent on one connection land on their subject in the order sent."""
+        ack = await self.js.publish_async(subjects.events(event.bot, event.session_id), encode(event),
+                                          headers={"Nats-Msg-Id": msg_id or event.id})
+        return asyncio.ensure_future(_seq_of(ack))
 
     async def append_many(self, events: Iterable[_Event], *, msg_ids: Iterable[str] | None = None) -> list[int]:
         """Append several events pipelined (one round trip's wait for all); order on a subject is kept."""

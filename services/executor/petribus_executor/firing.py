@@ -165,7 +165,9 @@ class FiringRunner:
         await current.msg.ack()
 
     async def _run_once(self, item: WorkItem, net: Net, t: TransitionDef, attempt: int) -> p.Outcome:
-        await self.events.append(
+        # Started is sent, not awaited: its round trip overlaps the run. It still lands before anything
+        # the run appends (same connection, same subject), and its ack is awaited before the outcome.
+        started_ack = await self.events.append_soon(
             TransitionStarted(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
                               transition=t.name, executor=self.instance, attempt=attempt,
                               cause=item.firing_id, trace=item.trace),
@@ -187,7 +189,9 @@ class FiringRunner:
                                 retryable=exc.retryable, duration_ms=(time.perf_counter() - started) * 1000)
         except BaseException:
             outbox.discard()
+            started_ack.cancel()
             raise
+        await started_ack
         await outbox.flush()  # what it said lands before what it returned
         return outcome
 
