@@ -60,7 +60,16 @@ class PullConsumer:
     def release(self, n: int = 1) -> None:
         """The caller is done with ``n`` messages (acked or nakked): room for more."""
         self._held = max(0, self._held - n)
-        asyncio.get_running_loop().create_task(self._top_up())
+        if self._wants_more():
+            asyncio.get_running_loop().create_task(self._top_up())
+
+    def _room(self) -> int:
+        return self.max_inflight - self._held - self._requested - len(self._queue)
+
+    def _wants_more(self) -> bool:
+        # Ask in chunks (at least a quarter of the window) so a busy consumer sends few requests.
+        room = self._room()
+        return room > 0 and (room >= max(1, self.max_inflight // 4) or self._requested == 0)
 
     async def next_batch(self, max_n: int) -> list[Msg]:
         """Wait for at least one message, then return up to ``max_n`` already here (no extra wait)."""
@@ -73,10 +82,9 @@ class PullConsumer:
         return out
 
     async def _top_up(self) -> None:
-        room = self.max_inflight - self._held - self._requested - len(self._queue)
-        # Ask in chunks (at least a quarter of the window) so a busy consumer sends few requests.
-        if room <= 0 or (room < max(1, self.max_inflight // 4) and self._requested > 0):
+        if not self._wants_more():
             return
+        room = self._room()
         self._requested += room
         req = {"batch": room, "expires": int(self.expires_s * 1e9), "idle_heartbeat": int(HEARTBEAT_S * 1e9)}
         try:

@@ -237,6 +237,8 @@ def choose_firings(net: NetShape, state: SessionState, guard: Guard | None = Non
         room = None if t.concurrency is None else t.concurrency - state.in_flight_count(t.name)
         if room is not None and room <= 0:
             continue
+        if any(len(state.places.get(loc, ())) < count for loc, count in t.inputs):
+            continue  # the common case on a busy net: nothing to search
         refusals = 0
         for picked in _candidate_sets(t, state, taken):
             if guard is not None and not guard(t.name, {loc: list(ms) for loc, ms in picked.items()}):

@@ -75,8 +75,10 @@ class Executor(Service):
             MAX_DELIVERIES_ADVISORY.format(stream=subjects.WORK_STREAM, consumer=self.durable),
             queue=self.durable, cb=self._on_advisory,
         )
+        # Twice the workers: while one firing's outcome is being written to the log, the next one
+        # already runs. More would hold work that an idle executor of the pool could take.
         self.consumer = PullConsumer(nc, subjects.WORK_STREAM, self.durable,
-                                     max_inflight=self.settings.workers)
+                                     max_inflight=2 * self.settings.workers)
         await self.consumer.start()
         self.spawn(self._receive(), "receive")
         self.log.info("executor started", bots=sorted(self.nets), workers=self.settings.workers)
@@ -84,7 +86,7 @@ class Executor(Service):
     async def _receive(self) -> None:
         assert self.consumer is not None
         while True:
-            for msg in await self.consumer.next_batch(self.settings.workers):
+            for msg in await self.consumer.next_batch(2 * self.settings.workers):
                 task = asyncio.create_task(self.runner.execute(msg),
                                            name=f"firing:{msg.metadata.sequence.stream}")
                 self._firings.add(task)

@@ -165,14 +165,20 @@ class FiringRunner:
         await current.msg.ack()
 
     async def _run_once(self, item: WorkItem, net: Net, t: TransitionDef, attempt: int) -> p.Outcome:
+        # The executor holds more work than it has workers; a firing is started once it has one.
+        worker = await self.workers.acquire()
         # Started is sent, not awaited: its round trip overlaps the run. It still lands before anything
         # the run appends (same connection, same subject), and its ack is awaited before the outcome.
-        started_ack = await self.events.append_soon(
-            TransitionStarted(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
-                              transition=t.name, executor=self.instance, attempt=attempt,
-                              cause=item.firing_id, trace=item.trace),
-            msg_id=f"start:{item.firing_id}:{attempt}",
-        )
+        try:
+            started_ack = await self.events.append_soon(
+                TransitionStarted(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
+                                  transition=t.name, executor=self.instance, attempt=attempt,
+                                  cause=item.firing_id, trace=item.trace),
+                msg_id=f"start:{item.firing_id}:{attempt}",
+            )
+        except BaseException:
+            self.workers.release(worker)
+            raise
         outbox = Outbox(self.events)
         request = p.Request(
             bot=item.bot, session_id=item.session_id, firing_id=item.firing_id, transition=t.name,
@@ -182,7 +188,7 @@ class FiringRunner:
         try:
             outcome = await self.workers.run(
                 request, on_event=lambda kind, payload: outbox.put(self._side_event(item, kind, payload)),
-                on_call=self._answer, timeout=t.timeout,
+                on_call=self._answer, timeout=t.timeout, worker=worker,
             )
         except (TransitionTimeout, SandboxCrashed) as exc:  # the firing failed, not the executor
             outcome = p.Outcome(ok=False, error=exc.message, error_type=type(exc).__name__,

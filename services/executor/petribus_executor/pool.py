@@ -110,10 +110,18 @@ class WorkerPool:
                 else:
                     os.environ[k] = v
 
+    async def acquire(self) -> Worker:
+        """A warm worker for one firing: hand it to ``run`` (which gives it back) or to ``release``."""
+        return await self._acquire()
+
+    def release(self, worker: Worker) -> None:
+        self._release(worker)
+
     async def run(self, request: p.Request, *, on_event: OnEvent, on_call: OnCall,
-                  timeout: float | None) -> p.Outcome:
+                  timeout: float | None, worker: Worker | None = None) -> p.Outcome:
         """Run one firing in a warm worker. Raises ``TransitionTimeout`` or ``SandboxCrashed``."""
-        worker = await self._acquire()
+        if worker is None:
+            worker = await self._acquire()
         job = _Job(request, on_event, on_call)
         worker.job = job
         try:

@@ -35,6 +35,10 @@ from petribus.settings import Settings
 from petribus.work import WorkItem
 
 Key = tuple[str, str]
+# Only these can make a transition enabled (markers arrive or come back, a firing ends and frees a
+# concurrency slot) or make a firing ready to dispatch (accept). Other events need no decision.
+ENABLING = frozenset({"marker_added", "transition_completed", "transition_failed", "reject_transition",
+                      "accept_transition"})
 MAX_CONFLICT_RETRIES = 50
 
 
@@ -131,22 +135,27 @@ class Scheduler(Service):
     async def _handle(self, key: Key, msg: Msg, epoch: int) -> None:
         seq = msg.metadata.sequence.stream
         state = self.sessions.get(key)
+        decide = True
         if state is None:
             state = await self._rebuild(key)
             self.verified[key] = epoch
         elif seq <= state.last_seq:
-            pass  # already folded (our own append, or read during a catch-up)
+            decide = False  # already folded (our own append, or read during a catch-up)
         elif self.verified.get(key, -1) < epoch:
             await self._catch_up(key, state)
             self.verified[key] = epoch
         else:
             try:
-                apply(state, seq, decode(msg.data))
+                event = decode(msg.data)
+                apply(state, seq, event)
+                decide = event.type in ENABLING
             except ValidationError:
                 self.log.error("undecodable event skipped", session_id=key[1], seq=seq)
                 state.last_seq = seq
+                decide = False
         self.sessions.move_to_end(key)
-        await self._advance(key, state)
+        if decide:
+            await self._advance(key, state)
 
     async def _rebuild(self, key: Key) -> SessionState:
         self.stats["rebuilds"] += 1
