@@ -1,0 +1,190 @@
+"""Core path benchmark: every service and nats-server on this machine, each in its own process.
+
+Prints
+  * raw JetStream publish rate (pipelined, one stream, same server) — the ceiling to compare with;
+  * marker_added -> transition_started latency, p50 / p99, for single markers in fresh sessions;
+  * sustained no-op firings per second over many sessions (marker_added -> transition_completed).
+
+    python bench/bench_core.py [--latency-samples 300] [--sessions 200] [--per-session 25]
+
+Numbers are printed, never asserted. The machine is shared: compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nats
+
+from petribus import bus, subjects
+from petribus.bus import EventLog
+from petribus.embedded import NatsServer
+from petribus.events import Marker, MarkerAdded, decode
+
+HERE = Path(__file__).parent
+APP = f"{HERE / 'noop_bot.py'}:bot"
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+async def raw_publish_rate(url: str, n: int = 20_000) -> float:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_stream(name="BENCH_RAW", subjects=["bench.raw"])
+    payload = b"x" * 200  # about the size of a marker_added event
+    t0 = time.perf_counter()
+    futures = [await js.publish_async("bench.raw", payload) for _ in range(n)]
+    await asyncio.gather(*futures)
+    rate = n / (time.perf_counter() - t0)
+    await js.delete_stream("BENCH_RAW")
+    await nc.close()
+    return rate
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU of a process and its reaped children (Linux /proc), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU of a process and its live descendants (the executor's workers)."""
+    total = cpu_seconds(pid)
+    for child in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((child / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            total += tree_cpu(int(child.name))
+    return total
+
+
+def start_services(url: str, workers: int, log_dir: Path) -> list[subprocess.Popen]:
+    env = {**os.environ, "PETRIBUS_LOG_LEVEL": "warning"}
+    procs = []
+    for cmd in (["scheduler"], ["executor", "--workers", str(workers)], ["llm"], ["gateway", "--port", "0"]):
+        log = open(log_dir / f"{cmd[0]}.log", "wb")
+        procs.append(subprocess.Popen([sys.executable, "-m", "petribus.cli", cmd[0], APP, "--nats-url", url, *cmd[1:]],
+                                      stdout=log, stderr=log, env=env, start_new_session=True))
+    return procs
+
+
+class Watch:
+    """Wakes on every event of the bench bot (a plain NATS subscription: no polling)."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, float] = {}
+        self.completed = 0
+        self.all_done = asyncio.Event()
+        self.target = 0
+        self.waiters: dict[str, asyncio.Future] = {}
+
+    async def on_msg(self, msg) -> None:
+        now = time.perf_counter()
+        kind = decode(msg.data).type
+        sid = msg.subject.rsplit(".", 1)[1]
+        if kind == "transition_started" and sid not in self.started:
+            self.started[sid] = now
+            fut = self.waiters.pop(sid, None)
+            if fut and not fut.done():
+                fut.set_result(now)
+        elif kind == "transition_completed":
+            self.completed += 1
+            if self.target and self.completed >= self.target:
+                self.all_done.set()
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--latency-samples", type=int, default=300)
+    ap.add_argument("--sessions", type=int, default=200)
+    ap.add_argument("--per-session", type=int, default=25)
+    ap.add_argument("--workers", type=int, default=4)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "nats") as server:
+        raw = await raw_publish_rate(server.url)
+        procs = start_services(server.url, args.workers, Path(tmp))
+        try:
+            nc = await bus.connect(server.url, "bench")
+            await bus.ensure_streams(nc.jetstream())
+            log = EventLog(nc)
+            watch = Watch()
+            await nc.subscribe(subjects.bot_events("bench"), cb=watch.on_msg)
+
+            # Warm up: worker processes started, consumers created, caches hot.
+            for i in range(20):
+                fut = asyncio.get_running_loop().create_future()
+                watch.waiters[f"warm{i}"] = fut
+                await log.append(MarkerAdded(bot="bench", session_id=f"warm{i}",
+                                             marker=Marker(location="Tick", data={"n": i})))
+                await asyncio.wait_for(fut, 60)
+
+            lat = []
+            for i in range(args.latency_samples):
+                sid = f"lat{i}"
+                fut = asyncio.get_running_loop().create_future()
+                watch.waiters[sid] = fut
+                ev = MarkerAdded(bot="bench", session_id=sid, marker=Marker(location="Tick", data={"n": i}))
+                t0 = time.perf_counter()
+                await log.append(ev)
+                lat.append((await asyncio.wait_for(fut, 30) - t0) * 1000)
+
+            total = args.sessions * args.per_session
+            watch.completed = 0
+            watch.target = total
+            events = [MarkerAdded(bot="bench", session_id=f"tp{s}", marker=Marker(location="Tick", data={"n": k}))
+                      for k in range(args.per_session) for s in range(args.sessions)]
+            names = ["scheduler", "executor", "llm", "gateway"]
+            cpu0 = {n: tree_cpu(p.pid) for n, p in zip(names, procs)}
+            cpu0["nats-server"] = cpu_seconds(server.proc.pid)
+            cpu0["bench client"] = time.process_time()
+            t0 = time.perf_counter()
+            for i in range(0, len(events), 500):
+                await log.append_many(events[i:i + 500])
+            await asyncio.wait_for(watch.all_done.wait(), 600)
+            elapsed = time.perf_counter() - t0
+            rate = total / elapsed
+            cpu = {n: tree_cpu(p.pid) - cpu0[n] for n, p in zip(names, procs)}
+            cpu["nats-server"] = cpu_seconds(server.proc.pid) - cpu0["nats-server"]
+            cpu["bench client"] = time.process_time() - cpu0["bench client"]
+            await nc.close()
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+
+    print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}")
+    print(f"raw JetStream publish (pipelined, 200 B):   {raw:10.0f} msg/s")
+    print(f"marker_added -> transition_started latency: p50 {statistics.median(lat):6.2f} ms   "
+          f"p99 {pct(lat, 99):6.2f} ms   (n={len(lat)})")
+    print(f"sustained no-op firings ({args.sessions} sessions x {args.per_session}): {rate:8.0f} firings/s "
+          f"({rate * 4:.0f} events/s; {rate * 4 / raw:.1%} of raw publish rate)")
+    print("CPU during the sustained run (share of one core):",
+          "  ".join(f"{n} {c / elapsed:.0%}" for n, c in cpu.items()))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
