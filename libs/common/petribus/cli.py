@@ -1,0 +1,496 @@
+"""The command line: ``petribus serve app.py:bot`` runs everything; one command per service scales out.
+
+``serve`` starts an embedded nats-server (unless given ``--nats-url``) with its store under the data
+folder, so sessions survive a restart, then the scheduler, an executor, the LLM service and the
+gateway in this process, and opens a chat in the terminal (``--no-chat`` runs headless until SIGINT or
+SIGTERM). ``scheduler``, ``executor``, ``gateway`` and ``llm`` each run one service against a NATS
+server, so more of any of them can join a running deployment.
+
+Services live in their own packages; they are imported only when a command runs them, so importing
+``petribus`` never pulls a service in.
+
+Exit codes: 0 after a clean stop, 1 when something failed while running, 2 for a bad APP or an invalid
+net, 3 when NATS cannot be reached. Each failure prints one message saying what was wrong, with
+which value, and what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, TextIO
+
+import structlog
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.text import Text
+
+from petribus import logs
+from petribus.errors import AppLoadError, NetDefinitionError, PetribusError
+from petribus.net import Net
+from petribus.settings import Settings
+
+EXIT_FAILED = 1
+EXIT_BAD_APP = 2
+EXIT_NO_NATS = 3
+PROBE_TIMEOUT_S = 3.0
+STOP_TIMEOUT_S = 5.0
+
+app = typer.Typer(
+    name="petribus", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Run AI agents as Petri nets on NATS JetStream.",
+)
+out = Console(soft_wrap=True, markup=False, emoji=False, highlight=False)
+err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)
+
+
+class CliError(Exception):
+    """A failure the user can fix: printed as one message, then exit with ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+class LogFormat(StrEnum):
+    console = "console"
+    json = "json"
+
+
+AppsArg = Annotated[list[str], typer.Argument(
+    metavar="APP...", help="Bots to run: path/to/app.py:bot or package.module:bot.")]
+NatsUrl = Annotated[str | None, typer.Option(
+    "--nats-url", envvar="PETRIBUS_NATS_URL", show_envvar=True,
+    help="NATS server URL (comma-separated for a cluster).")]
+LevelOpt = Annotated[LogLevel, typer.Option("--log-level", help="Least severe log event to write.")]
+FormatOpt = Annotated[LogFormat, typer.Option(
+    "--log-format", help="console (key=value) or json, one event a line.")]
+HostOpt = Annotated[str, typer.Option("--host", help="Gateway address to listen on.")]
+PortOpt = Annotated[int, typer.Option("--port", help="Gateway port (0 picks a free one).")]
+WorkersOpt = Annotated[int | None, typer.Option(
+    "--workers", min=1, help="Executor worker processes (concurrent firings).")]
+
+
+# ---------------------------------------------------------------- serve
+
+
+@app.command()
+def serve(
+    app_spec: Annotated[str, typer.Argument(
+        metavar="APP", help="The bot: path/to/app.py:bot (name defaults to the file stem).")],
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    nats_url: Annotated[str | None, typer.Option(
+        "--nats-url", envvar="PETRIBUS_NATS_URL", show_envvar=True,
+        help="Use this NATS server instead of starting an embedded one.")] = None,
+    no_chat: Annotated[bool, typer.Option("--no-chat", help="Run headless until SIGINT/SIGTERM.")] = False,
+    data_dir: Annotated[Path | None, typer.Option(
+        "--data-dir", help="Where the embedded NATS keeps its store, and chat-mode logs go "
+        "(default: $XDG_DATA_HOME/petribus).")] = None,
+    workers: WorkersOpt = None,
+    session: Annotated[str | None, typer.Option("--session", help="Resume this session in the chat.")] = None,
+    log_level: LevelOpt = LogLevel.info,
+    log_format: FormatOpt = LogFormat.console,
+) -> None:
+    """Run a bot: embedded NATS, scheduler, executor, LLM service and gateway, and a chat in the terminal."""
+
+    def body() -> int:
+        settings = _settings(host=host, port=port, data_dir=data_dir, workers=workers, nats_url=nats_url,
+                             log_level=log_level.value, log_format=log_format.value)
+        chat = not no_chat
+        log_file = settings.data_dir / "logs" / "petribus.log" if chat else None
+        with _logging(settings, log_file), contextlib.ExitStack() as stack:
+            [net] = _load([app_spec])
+            spec = _absolute(app_spec)
+            embedded = nats_url is None
+            if embedded:
+                from petribus.embedded import NatsServer
+
+                stack.enter_context(_exclusive(settings.data_dir / "nats"))
+                server = NatsServer(settings.data_dir / "nats", port=-1, sync_interval=settings.sync_interval)
+                server.start()
+                stack.callback(server.stop)  # runs before the store's lock is let go
+                settings = settings.model_copy(update={"nats_url": server.url})
+            else:
+                asyncio.run(_probe(settings.nats_url))
+            return asyncio.run(_serve(settings, spec, net, chat=chat, session=session, embedded=embedded,
+                                      log_file=log_file))
+
+    _run(body)
+
+
+async def _serve(settings: Settings, spec: str, net: Net, *, chat: bool, session: str | None, embedded: bool,
+                 log_file: Path | None) -> int:
+    from petribus_executor.app import Executor
+    from petribus_gateway.app import Gateway
+    from petribus_llm.app import LLMService
+    from petribus_scheduler.app import Scheduler
+
+    from petribus.chat import Chat, stdin_lines
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    makers: list[Callable[[], Any]] = [
+        lambda: Scheduler(settings, [net]), lambda: Executor(settings, [spec]),
+        lambda: LLMService(settings, [net]), lambda: Gateway(settings, [net]),
+    ]
+    services: list[Any] = []
+    waiting: list[asyncio.Task[Any]] = []
+    talk: Chat | None = None
+    chat_task: asyncio.Task[Any] | None = None
+    try:
+        for make in makers:
+            svc = make()
+            try:
+                await svc.start()
+            except BaseException:
+                await _stop_quietly(svc)
+                raise
+            services.append(svc)
+        gateway = services[-1]
+        ws_base = gateway.url.replace("http://", "ws://", 1)
+        _banner(settings, spec, net, gateway.url, ws_base, embedded=embedded, log_file=log_file, chat=chat)
+
+        waiting = [asyncio.create_task(svc.wait(), name=f"wait:{svc.name}") for svc in services]
+        stopper = asyncio.create_task(stop.wait(), name="signal")
+        waiting.append(stopper)
+        if chat:
+            talk = Chat(ws_base, net.bot, session_id=session, console=out)
+            chat_task = asyncio.create_task(talk.run(stdin_lines()), name="chat")
+            waiting.append(chat_task)
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is chat_task:
+                _chat_ended(task)
+            elif task is not stopper:
+                name = task.get_name().removeprefix("wait:")
+                raise CliError(f"the {name} service failed: {task.exception()!r}; its log has the details"
+                               + (f" ({log_file})" if log_file else ""))
+        return 0
+    finally:
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        if talk is not None and talk.session_id and talk.last_seq is not None:
+            out.print(f"Session {talk.session_id}. Resume it with: "
+                      f"petribus serve {spec} --session {talk.session_id}")
+        for svc in reversed(services):
+            await _stop_quietly(svc)
+        if services:
+            out.print("petribus stopped.")
+
+
+def _chat_ended(task: asyncio.Task[Any]) -> None:
+    """Raise the chat's failure as one message; a chat that was left normally is not an error."""
+    from petribus.chat import ChatError
+
+    try:
+        task.result()
+    except ChatError as exc:
+        raise CliError(f"the chat ended: {exc}") from None
+
+
+def _banner(settings: Settings, spec: str, net: Net, http: str, ws_base: str, *, embedded: bool,
+            log_file: Path | None, chat: bool) -> None:
+    where = f"embedded, store in {settings.data_dir / 'nats'}" if embedded else "external"
+    lines = [
+        f"petribus is serving bot {net.bot!r}",
+        f"  WebSocket  {ws_base}/bots/{net.bot}/ws",
+        f"  REST API   {http}/docs",
+        f"  NATS       {settings.nats_url} ({where})",
+        f"  more executors can join: petribus executor {spec} --nats-url {settings.nats_url}",
+    ]
+    if log_file is not None:
+        lines.append(f"  logs       {log_file}")
+    lines.append("Type a message, /add LOCATION {json}, /help, or /quit." if chat
+                 else "Ctrl-C (SIGINT) or SIGTERM stops it.")
+    for line in lines:
+        out.print(Text(line))
+    out.file.flush()
+
+
+async def _stop_quietly(svc: Any) -> None:
+    try:
+        await svc.stop(timeout=STOP_TIMEOUT_S)
+    except Exception as exc:  # shutting down anyway; say so in the log
+        logs.get("petribus.cli").warning("service did not stop cleanly", service=svc.name, error=repr(exc))
+
+
+# ---------------------------------------------------------------- one service each
+
+
+@app.command()
+def scheduler(apps: AppsArg, nats_url: NatsUrl = None, log_level: LevelOpt = LogLevel.info,
+              log_format: FormatOpt = LogFormat.console) -> None:
+    """Run a scheduler: folds sessions and fires transitions. Run several for throughput and failover."""
+
+    async def start(settings: Settings, nets: list[Net], specs: list[str]) -> None:
+        from petribus_scheduler.app import run
+
+        await run(settings, nets)
+
+    _service(start, apps, nats_url=nats_url, log_level=log_level.value, log_format=log_format.value)
+
+
+@app.command()
+def executor(
+    apps: AppsArg, nats_url: NatsUrl = None,
+    pool: Annotated[str, typer.Option("--pool", help="Pool to serve: cpu, gpu, ...")] = "cpu",
+    workers: WorkersOpt = None, log_level: LevelOpt = LogLevel.info,
+    log_format: FormatOpt = LogFormat.console,
+) -> None:
+    """Run an executor: runs transitions of its pool in sandboxes. Add more to add throughput."""
+
+    async def start(settings: Settings, nets: list[Net], specs: list[str]) -> None:
+        from petribus_executor.app import run
+
+        await run(settings, specs)
+
+    _service(start, apps, nats_url=nats_url, pool=pool, workers=workers, log_level=log_level.value,
+             log_format=log_format.value)
+
+
+@app.command()
+def gateway(apps: AppsArg, nats_url: NatsUrl = None, host: HostOpt = "127.0.0.1", port: PortOpt = 8000,
+            log_level: LevelOpt = LogLevel.info, log_format: FormatOpt = LogFormat.console) -> None:
+    """Run a gateway: WebSocket sessions and the REST API."""
+
+    async def start(settings: Settings, nets: list[Net], specs: list[str]) -> None:
+        from petribus_gateway.app import run
+
+        await run(settings, nets)
+
+    _service(start, apps, nats_url=nats_url, host=host, port=port, log_level=log_level.value,
+             log_format=log_format.value)
+
+
+@app.command()
+def llm(apps: AppsArg, nats_url: NatsUrl = None, log_level: LevelOpt = LogLevel.info,
+        log_format: FormatOpt = LogFormat.console) -> None:
+    """Run an LLM service: answers user messages (offline until a model is configured)."""
+
+    async def start(settings: Settings, nets: list[Net], specs: list[str]) -> None:
+        from petribus_llm.app import run
+
+        await run(settings, nets)
+
+    _service(start, apps, nats_url=nats_url, log_level=log_level.value, log_format=log_format.value)
+
+
+def _service(start: Callable[[Settings, list[Net], list[str]], Coroutine[Any, Any, None]], specs: list[str],
+             **overrides: Any) -> None:
+    def body() -> int:
+        settings = _settings(**overrides)
+        with _logging(settings, None):
+            nets = _load(specs)
+            asyncio.run(_probe(settings.nats_url))
+            asyncio.run(start(settings, nets, [_absolute(s) for s in specs]))
+        return 0
+
+    _run(body)
+
+
+# ---------------------------------------------------------------- shared
+
+
+def _run(body: Callable[[], int]) -> None:
+    """Run a command's body; turn what a user can fix into one message and an exit code."""
+    try:
+        code = body()
+    except CliError as exc:
+        _error(exc.message)
+        code = exc.code
+    except PetribusError as exc:
+        _error(exc.message)
+        code = EXIT_FAILED
+    except KeyboardInterrupt:
+        code = 130
+    raise typer.Exit(code)
+
+
+def _error(message: str) -> None:
+    err.print(Text("error: ", style="bold red") + Text(message))
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+                             for e in exc.errors(include_url=False))
+        raise CliError(f"invalid setting: {problems}. Fix the option or its PETRIBUS_* environment variable.",
+                       EXIT_BAD_APP) from None
+
+
+def _load(specs: list[str]) -> list[Net]:
+    from petribus.loader import load_net
+
+    nets: dict[str, Net] = {}
+    for spec in specs:
+        try:
+            net = load_net(spec)
+        except NetDefinitionError as exc:
+            raise CliError(f"{spec}: {exc.message}\nFix these in the bot's definition and run again.",
+                           EXIT_BAD_APP) from None
+        except AppLoadError as exc:
+            hint = "" if "Bot(" in exc.message else (
+                ". APP is path/to/app.py:NAME or package.module:NAME, where NAME = Bot(...)")
+            raise CliError(f"{exc.message}{hint}", EXIT_BAD_APP) from None
+        if net.bot in nets:
+            raise CliError(f"{spec}: another APP also defines a bot named {net.bot!r}; "
+                           "give one of them Bot(name=...).", EXIT_BAD_APP)
+        nets[net.bot] = net
+    return list(nets.values())
+
+
+@contextlib.contextmanager
+def _exclusive(store: Path) -> Iterator[None]:
+    """Hold the store for this process: two nats-servers writing one store would corrupt it.
+
+    An ``flock``: the kernel releases it when the process dies, however it dies.
+    """
+    import fcntl
+
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        lock = open(store / "petribus.lock", "a+")
+    except OSError as exc:
+        raise CliError(f"cannot use the data folder {store.parent} ({exc}); "
+                       "pass a writable --data-dir.") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise CliError(f"the data folder {store.parent} is in use by petribus serve ({holder}); stop "
+                           "that one, or pass another --data-dir (or --nats-url to join its NATS).") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}")
+        lock.flush()
+        yield
+
+
+def _absolute(spec: str) -> str:
+    """``spec`` with its file made absolute, so processes started elsewhere load the same file."""
+    module, sep, attr = spec.rpartition(":")
+    if not sep:
+        module, attr = spec, "bot"
+    path = Path(module)
+    if module.endswith(".py") or path.exists():
+        return f"{path.resolve()}:{attr}"
+    return f"{module}:{attr}"
+
+
+async def _probe(url: str) -> None:
+    """Fail fast, with a message, when NATS is not there (the services' own connect retries forever)."""
+    import nats
+
+    seen: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        seen.append(exc)
+
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    try:
+        nc = await asyncio.wait_for(nats.connect(
+            servers, allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
+            connect_timeout=PROBE_TIMEOUT_S, error_cb=on_error, name="petribus-cli-probe",
+        ), PROBE_TIMEOUT_S * 3)
+    except Exception as exc:
+        cause = seen[-1] if seen else exc
+        raise CliError(f"cannot reach NATS at {url} ({_describe(cause)}). Start nats-server with JetStream "
+                       "there (nats-server -js), fix --nats-url, or run serve without --nats-url to use an "
+                       "embedded server.", EXIT_NO_NATS) from None
+    try:
+        await nc.jetstream().account_info()
+    except Exception as exc:
+        raise CliError(f"NATS at {url} has no JetStream ({_describe(exc)}); start nats-server with -js.",
+                       EXIT_NO_NATS) from None
+    finally:
+        await nc.close()
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+@contextlib.contextmanager
+def _logging(settings: Settings, log_file: Path | None) -> Iterator[None]:
+    """Service logs to stderr, or to ``log_file`` (chat mode) so they never interleave with the chat.
+
+    In chat mode file descriptor 2 itself points at the log file, so what executor worker processes
+    and libraries write to stderr lands there too; CLI errors still reach the terminal.
+    """
+    if log_file is None:
+        _configure_logs(settings, sys.stderr)
+        yield
+        return
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        stream: TextIO = open(log_file, "a", buffering=1, encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot write the log file {log_file} ({exc}); pass a writable --data-dir.") from None
+    terminal = os.dup(2)
+    err.file = open(terminal, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+    sys.stderr.flush()
+    os.dup2(stream.fileno(), 2)
+    try:
+        _configure_logs(settings, stream)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        err.file.flush()
+        err.file = sys.stderr
+        os.close(terminal)
+        _configure_logs(settings, sys.stderr)  # off the file before it closes
+        stream.close()
+
+
+def _configure_logs(settings: Settings, stream: TextIO) -> None:
+    """structlog for our events, and the same one-line format for libraries' logging (uvicorn, nats)."""
+    logs.configure(settings.log_level, settings.log_format, stream=stream)
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if settings.log_format == "json"
+        else structlog.processors.LogfmtRenderer(key_order=["timestamp", "level", "event"], drop_missing=True)
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,
+                           structlog.processors.TimeStamper(fmt="iso", utc=True)],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer],
+    ))
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO), handlers=[handler],
+                        force=True)
+
+
+def main() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # a terminal or pipe that can't encode 🤖 gets '?', not a crash
+            stream.reconfigure(errors="replace")
+    app()
+
+
+if __name__ == "__main__":
+    main()
