@@ -10,7 +10,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from petribus import subjects
 from petribus.bus import EventLog
 from petribus.core import fold
-from petribus.events import Marker, MarkerAdded, TransitionFired
+from petribus.events import Marker, MarkerAdded, TransitionFired, decode
 from petribus.loader import load_net
 from petribus.work import WorkItem
 from petribus_scheduler.app import Scheduler
@@ -20,25 +20,15 @@ from .conftest import app
 COUNTER = app("counter")
 
 
-async def _wait_for_fired(nc, bot: str, sessions: list[str], expected: int, timeout: float = 60.0) -> None:
-    """Until the logs of ``sessions`` hold ``expected`` transition_fired: re-read whenever the bot's log moves."""
-    moved = asyncio.Event()
-
-    async def on_msg(msg):
-        moved.set()
-
-    sub = await nc.subscribe(subjects.bot_events(bot), cb=on_msg)
-    log = EventLog(nc)
+async def _wait_for_fired(nc, bot: str, expected: int, timeout: float = 60.0) -> None:
+    """Until ``expected`` transition_fired of ``bot`` are in the log (an ordered consumer: nothing missed)."""
+    sub = await nc.jetstream().subscribe(subjects.bot_events(bot), ordered_consumer=True)
+    seen = 0
     try:
         async with asyncio.timeout(timeout):
-            while True:
-                moved.clear()
-                seen = 0
-                for sid in sessions:
-                    seen += sum(1 for _, e in await log.read(bot, sid) if e.type == "transition_fired")
-                if seen >= expected:
-                    return
-                await moved.wait()
+            while seen < expected:
+                msg = await sub.next_msg(timeout=timeout)
+                seen += decode(msg.data).type == "transition_fired"
     finally:
         await sub.unsubscribe()
 
@@ -56,7 +46,7 @@ async def test_two_schedulers_consume_every_marker_exactly_once(settings, nc):
         # Publish while both schedulers are running, so they race for the same sessions.
         for start in range(0, len(markers), 100):
             await log.append_many(markers[start:start + 100])
-        await _wait_for_fired(nc, "counter", sessions, expected=1000)
+        await _wait_for_fired(nc, "counter", expected=1000)
         stats = (a.stats, b.stats)
 
     consumed: Counter[str] = Counter()

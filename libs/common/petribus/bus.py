@@ -33,16 +33,33 @@ class WrongLastSequence(BusError):
     code = "wrong_last_sequence"
 
 
-async def connect(url: str, name: str) -> NATS:
-    """Connect with reconnects forever: a service outlives a NATS restart."""
+async def connect(url: str, name: str, *, timeout: float = 10.0) -> NATS:
+    """Connect, giving up after ``timeout`` seconds; once connected, reconnect forever.
+
+    A service outlives a NATS restart, but one pointed at a wrong URL says so instead of hanging
+    (nats-py keeps retrying the first connect too when reconnects are unbounded).
+    """
+    servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: several seed URLs
+    last_error: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        last_error[:] = [exc]
+        log.warning("nats connection error", url=url, error=repr(exc))
+
     try:
-        servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: several seed URLs
-        return await nats.connect(
-            servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5,
-            allow_reconnect=True, pending_size=64 * 1024 * 1024,
+        return await asyncio.wait_for(
+            nats.connect(
+                servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
+                allow_reconnect=True, pending_size=64 * 1024 * 1024, error_cb=on_error,
+            ),
+            timeout,
         )
-    except Exception as exc:  # nats raises several unrelated types here
-        raise BusError(f"cannot connect to NATS at {url}: {exc}. Is nats-server running there?") from exc
+    except Exception as exc:  # nats raises several unrelated types here, and wait_for a TimeoutError
+        cause = last_error[0] if last_error else exc
+        raise BusError(
+            f"cannot connect to NATS at {url} within {timeout:g}s ({type(cause).__name__}: {cause}); "
+            "is nats-server running there? Check --nats-url / PETRIBUS_NATS_URL"
+        ) from exc
 
 
 async def ensure_streams(js: JetStreamContext, *, duplicate_window_s: float = 120.0, replicas: int = 1) -> None:

@@ -41,6 +41,7 @@ class PullConsumer:
         self._inbox = ""
         self._last_seen = time.monotonic()
         self._watchdog: asyncio.Task[None] | None = None
+        self._stopped = False
 
     async def start(self) -> None:
         self._inbox = self.nc.new_inbox()
@@ -49,6 +50,7 @@ class PullConsumer:
         self._watchdog = asyncio.create_task(self._watch(), name=f"pull-watchdog:{self.durable}")
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._watchdog:
             self._watchdog.cancel()
         if self._sub is not None:
@@ -67,6 +69,8 @@ class PullConsumer:
         return self.max_inflight - self._held - self._requested - len(self._queue)
 
     def _wants_more(self) -> bool:
+        if self._stopped:
+            return False  # nobody reads the inbox any more: asking would strand messages until ack_wait
         # Ask in chunks (at least a quarter of the window) so a busy consumer sends few requests.
         room = self._room()
         return room > 0 and (room >= max(1, self.max_inflight // 4) or self._requested == 0)
