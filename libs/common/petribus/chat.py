@@ -5,6 +5,12 @@ too, so the LLM service turns it into a validated marker and answers with what w
 cannot (one validator, the same answer in every client, and the command is part of the chat's
 history). ``/quit`` or end of input leaves. A dropped connection is resumed with ``since`` so no event
 is lost or shown twice.
+
+People in the loop: a ``confirm_transition`` or ``confirm_request`` is asked as a yes/no question;
+``y``/``n`` (or ``/yes``/``/no``, optionally with the task or request id) answers the oldest one still
+open. What other clients of the session answer closes the question here too. A file a transition sends
+(``output_file``) is saved under the download folder; one it asks for (``input_file_request``) is
+answered with ``/upload PATH``.
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ import asyncio
 import json
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
+import httpx
 import websockets
 from rich.console import Console
 from rich.text import Text
@@ -25,6 +34,8 @@ RECONNECT_ATTEMPTS = 10
 CLOSE_NOT_FOUND = 4404
 CLOSE_BAD_REQUEST = 4400
 QUIT = ("/quit", "/exit", "/q")
+YES = ("y", "yes", "/y", "/yes", "/accept")
+NO = ("n", "no", "/n", "/no", "/reject")
 STYLES = {
     "session_created": "bold cyan", "user_message": "green", "marker_added": "yellow",
     "transition_fired": "blue", "transition_started": "blue", "transition_completed": "bold blue",
@@ -62,7 +73,23 @@ def render(event: dict[str, Any]) -> str:
             retry = "" if value.get("final", True) else f" (attempt {value.get('attempt')}, will retry)"
             return f"[transition_failed] {name}: {value.get('error')}{retry}"
         case "confirm_transition":
-            return f"[confirm_transition] {name}: {value.get('description') or 'waiting for confirmation'}"
+            markers = ", ".join(f"{m['location']} {_json(m['data'])}" for m in value.get("markers", []))
+            return (f"[confirm_transition] {name}: {value.get('description') or 'waiting for confirmation'}"
+                    + (f" (would consume {markers})" if markers else "") + " — run it? y/n")
+        case "accept_transition":
+            return f"[accept_transition] {meta.get('task_id')}"
+        case "reject_transition":
+            return f"[reject_transition] {meta.get('task_id')}: {value.get('reason', 'rejected')}"
+        case "confirm_request":
+            return f"[confirm_request] {value} — y/n"
+        case "confirm_response":
+            return f"[confirm_response] {'yes' if value else 'no'}"
+        case "input_file_request":
+            return f"[input_file_request] {value.get('description')} — send one with /upload PATH"
+        case "input_file_response":
+            return f"[input_file_response] {value.get('name')} ({value.get('size')} bytes)"
+        case "output_file":
+            return f"[output_file] {value.get('name')} ({value.get('size')} bytes): {value.get('description') or ''}"
         case "error":
             return f"[error] {value.get('code')}: {value.get('message')}"
         case _:
@@ -107,8 +134,15 @@ class Chat:
     """One chat session against a gateway at ``ws_base`` (``ws://host:port``)."""
 
     def __init__(self, ws_base: str, bot: str, *, session_id: str | None = None,
-                 console: Console | None = None) -> None:
+                 console: Console | None = None, download_dir: Path | None = None) -> None:
         self.ws_base = ws_base.rstrip("/")
+        self.http_base = self.ws_base.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+        self.download_dir = download_dir or Path.cwd() / "petribus-downloads"
+        # Open questions (task or request id -> the answer's message type) and file requests, oldest first.
+        self.questions: OrderedDict[str, str] = OrderedDict()
+        self.file_requests: OrderedDict[str, str] = OrderedDict()
+        self._http: httpx.AsyncClient | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.bot = bot
         self.session_id = session_id
         self.last_seq: int | None = None
@@ -144,8 +178,12 @@ class Chat:
             for task in (receiver, sender):
                 task.cancel()
             await asyncio.gather(receiver, sender, return_exceptions=True)
+            if self._background:  # downloads already under way finish: the file was announced
+                await asyncio.gather(*self._background, return_exceptions=True)
             if self._ws is not None:
                 await self._ws.close()
+            if self._http is not None:
+                await self._http.aclose()
         return self.session_id if self.last_seq is not None else None
 
     async def _receive(self) -> None:
@@ -200,6 +238,90 @@ class Chat:
         except (AttributeError, KeyError, TypeError):
             line = f"[{kind}] {_json(event.get('value'))}"  # a shape this client does not know yet
         self.show(line, STYLES.get(kind))
+        self._track(kind, event.get("value"), meta)
+
+    def _track(self, kind: str, value: Any, meta: dict[str, Any]) -> None:
+        """Keep the open questions and file requests as the log shows them (any client may answer)."""
+        task, request = meta.get("task_id"), meta.get("request_id")
+        match kind:
+            case "confirm_transition" if task:
+                self.questions[task] = "transition"
+            case "accept_transition" | "reject_transition" if task:
+                self.questions.pop(task, None)
+            case "confirm_request" if request:
+                self.questions[request] = "confirm"
+            case "confirm_response" if request:
+                self.questions.pop(request, None)
+            case "input_file_request" if isinstance(value, dict) and value.get("file_id"):
+                self.file_requests[value["file_id"]] = value.get("upload_url") or ""
+            case "input_file_response" if isinstance(value, dict):
+                self.file_requests.pop(value.get("file_id", ""), None)
+            case "output_file" if isinstance(value, dict) and value.get("url"):
+                task_ = asyncio.create_task(self._download(value), name="chat-download")
+                self._background.add(task_)
+                task_.add_done_callback(self._background.discard)
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(base_url=self.http_base, timeout=60)
+        return self._http
+
+    async def _download(self, value: dict[str, Any]) -> None:
+        name = Path(str(value.get("name") or value["file_id"])).name or str(value["file_id"])
+        target = self.download_dir / f"{value['file_id'][:8]}-{name}"
+        try:
+            self.download_dir.mkdir(parents=True, exist_ok=True)
+            async with self._client().stream("GET", value["url"]) as resp:
+                if resp.status_code != 200:
+                    body = (await resp.aread()).decode(errors="replace")[:300]
+                    self.show(f"[download failed] {name}: HTTP {resp.status_code} {body}", "bold red")
+                    return
+                with open(target, "wb") as out:
+                    async for chunk in resp.aiter_bytes():
+                        out.write(chunk)
+        except (OSError, httpx.HTTPError) as exc:
+            self.show(f"[download failed] {name}: {exc}", "bold red")
+            return
+        self.show(f"[saved] {target}", "green")
+
+    async def _answer(self, yes: bool, ident: str | None) -> None:
+        if ident is None:
+            if not self.questions:
+                self.show("[nothing to answer] no confirmation is waiting", "dim")
+                return
+            ident = next(iter(self.questions))
+        kind = self.questions.get(ident)
+        if kind == "confirm":
+            await self._send({"type": "confirm_response", "value": {"request_id": ident, "accepted": yes}})
+        else:  # a task id, or an id this client has not seen asked: the gateway says if it is unknown
+            await self._send({"type": "accept_transition" if yes else "reject_transition", "value": ident})
+
+    async def _upload(self, path_text: str) -> None:
+        parts = path_text.rsplit(" ", 1)
+        file_id = None
+        if len(parts) == 2 and parts[1] in self.file_requests:
+            path_text, file_id = parts
+        if not self.file_requests and file_id is None:
+            self.show("[nothing to upload] no file has been asked for", "dim")
+            return
+        file_id = file_id or next(iter(self.file_requests))
+        url = self.file_requests[file_id]
+        path = Path(path_text.strip().strip("'\"")).expanduser()
+        if not path.is_file():
+            self.show(f"[upload failed] {path} is not a file", "bold red")
+            return
+        try:
+            with open(path, "rb") as fh:
+                resp = await self._client().put(f"{url}?name={quote(path.name)}", content=fh.read())
+        except (OSError, httpx.HTTPError) as exc:
+            self.show(f"[upload failed] {path}: {exc}", "bold red")
+            return
+        if resp.status_code >= 300:
+            try:
+                detail = resp.json().get("message", resp.text)
+            except ValueError:
+                detail = resp.text
+            self.show(f"[upload failed] {path}: HTTP {resp.status_code} {detail}", "bold red")
 
     async def _send_lines(self, lines: AsyncIterator[str]) -> None:
         async for line in lines:
@@ -208,7 +330,13 @@ class Chat:
                 continue
             if text.lower() in QUIT:
                 return
-            await self._send({"type": "user_message", "value": text})
+            word, _, rest = text.partition(" ")
+            if word.lower() in YES + NO and (self.questions or word.startswith("/")):
+                await self._answer(word.lower() in YES, rest.strip() or None)
+            elif word.lower() == "/upload":
+                await self._upload(rest.strip())
+            else:
+                await self._send({"type": "user_message", "value": text})
 
     async def _send(self, payload: dict[str, Any]) -> None:
         for _ in range(RECONNECT_ATTEMPTS * 2):

@@ -173,7 +173,8 @@ async def _serve(settings: Settings, spec: str, net: Net, *, chat: bool, session
         stopper = asyncio.create_task(stop.wait(), name="signal")
         waiting.append(stopper)
         if chat:
-            talk = Chat(ws_base, net.bot, session_id=session, console=out)
+            talk = Chat(ws_base, net.bot, session_id=session, console=out,
+                        download_dir=settings.data_dir / "downloads")
             chat_task = asyncio.create_task(talk.run(stdin_lines()), name="chat")
             waiting.append(chat_task)
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
