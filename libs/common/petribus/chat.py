@@ -225,6 +225,8 @@ class Chat:
             await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
 
     def _on_event(self, event: dict[str, Any]) -> None:
+        if event.get("type") == "agent_message_delta":
+            return  # a line per streamed piece would be noise: the whole agent_message follows
         meta = event.get("metadata") or {}
         if meta.get("session_id"):
             self.session_id = meta["session_id"]
