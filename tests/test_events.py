@@ -50,6 +50,10 @@ SAMPLES: dict[str, ev._Event] = {
     "output_file": ev.OutputFile(**COMMON, firing_id="f1", transition="t", file_id="file2", name="out.csv",
                                  description="results", size=9, url="/files/file2"),
     "error": ev.ErrorEvent(**COMMON, code="invalid_input", message="bad marker", firing_id="f1", transition="t"),
+    "prompt_request": ev.PromptRequest(**COMMON, firing_id="f1", transition="t", text="Summarise this",
+                                       wait=False, timeout=30.0),
+    "prompt_response": ev.PromptResponse(**COMMON, firing_id="f1", transition="t", text="",
+                                         error="the model refused the key", code="llm_auth"),
 }
 
 

@@ -23,7 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from petribus import subjects
 from petribus.bus import EventLog
 from petribus.core import SessionState, fold
-from petribus.events import Event, Marker, MarkerAdded, decode
+from petribus.events import Event, Marker, MarkerAdded, PromptResponse, decode
 from petribus.settings import Settings
 from petribus.work import WorkItem
 from petribus_executor.app import Executor
@@ -228,13 +228,17 @@ async def test_a_timed_out_firing_is_killed_and_the_executor_keeps_serving(
     assert [m.id for m in (await log.state()).marking()["Slow"]] == [slow.id]
 
 
-async def test_context_prompt_fails_clearly_until_it_is_available(settings: Settings, nc: Any) -> None:
+async def test_context_prompt_is_a_request_in_the_log_answered_from_the_log(settings: Settings, nc: Any) -> None:
     async with Stack(settings, [CASES], parts=("scheduler", "executor")), SessionLog(nc, "exec_cases") as log:
         await log.add("Ask", question="what now?")
-        [failed] = await log.until("transition_failed", final=True, transition="ask")
+        [asked] = await log.until("prompt_request", transition="ask")
+        # Here the test answers as the LLM service would.
+        await EventLog(nc).append(PromptResponse(bot="exec_cases", session_id=log.session_id, text="carry on",
+                                                 request_id=asked.request_id, cause=asked.id))
+        [done] = await log.until("transition_completed", transition="ask")
 
-    assert failed.error_type == "PetribusError"
-    assert failed.error.startswith("context.prompt is not available yet: ")
+    assert asked.text == "what now?" and asked.wait and asked.request_id
+    assert done.outputs[0].data["note"] == "carry on"
 
 
 async def test_a_redelivery_of_a_firing_running_here_is_adopted_not_run_twice(

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.aio.msg import Msg
+from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    ObjectStoreConfig,
+    PubAck,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from petribus import logs, subjects
@@ -63,7 +73,10 @@ async def connect(url: str, name: str, *, timeout: float = 10.0) -> NATS:
 
 
 async def ensure_streams(js: JetStreamContext, *, duplicate_window_s: float = 120.0, replicas: int = 1) -> None:
-    """Create (or update) PB_EVENTS and PB_WORK. Safe to call from every process at every start."""
+    """Create (or update) PB_EVENTS, PB_WORK, PB_TIMERS and the PB_FILES object store.
+
+    Safe to call from every process at every start.
+    """
     configs = [
         StreamConfig(
             name=subjects.EVENTS_STREAM, subjects=[subjects.all_events()], storage=StorageType.FILE,
@@ -76,6 +89,12 @@ async def ensure_streams(js: JetStreamContext, *, duplicate_window_s: float = 12
             retention=RetentionPolicy.WORK_QUEUE, duplicate_window=max(duplicate_window_s, 600.0),
             num_replicas=replicas, description="petribus work commands: one subject per executor pool",
         ),
+        StreamConfig(
+            name=subjects.TIMERS_STREAM, subjects=[f"{subjects.TIMERS_PREFIX}.>"], storage=StorageType.FILE,
+            retention=RetentionPolicy.WORK_QUEUE, duplicate_window=max(duplicate_window_s, 600.0),
+            num_replicas=replicas,
+            description="petribus durable timers: a message per deadline, redelivered when it is due",
+        ),
     ]
     for cfg in configs:
         try:
@@ -85,6 +104,13 @@ async def ensure_streams(js: JetStreamContext, *, duplicate_window_s: float = 12
         except APIError as exc:
             if exc.err_code != 10058:  # stream name already in use with the same config
                 raise
+    try:
+        await js.create_object_store(subjects.FILES_BUCKET, ObjectStoreConfig(
+            storage=StorageType.FILE, replicas=replicas,
+            description="petribus files: what transitions send and users upload, per session",
+        ))
+    except BadRequestError as exc:  # exists with other settings (replicas, limits): an operator's choice
+        log.info("file store kept as configured", bucket=subjects.FILES_BUCKET, detail=str(exc))
 
 
 async def _seq_of(ack: "asyncio.Future") -> int:
@@ -106,6 +132,21 @@ class EventLog:
         timeout: float = 5.0,
     ) -> int:
         """Append one event and return its sequence. Raises ``WrongLastSequence`` on a conflict."""
+        return (await self._publish(event, expected_last_seq, msg_id, timeout)).seq
+
+    async def append_once(
+        self, event: _Event, *, msg_id: str, expected_last_seq: int | None = None, timeout: float = 5.0,
+    ) -> int | None:
+        """Append one event unless one with ``msg_id`` already landed; its sequence, or None if it had.
+
+        For answers (accept, reject, confirm_response, file upload) whose Msg-Id is made from what they
+        answer: of two racing answers one lands, and the other learns it lost.
+        """
+        ack = await self._publish(event, expected_last_seq, msg_id, timeout)
+        return None if ack.duplicate else ack.seq
+
+    async def _publish(self, event: _Event, expected_last_seq: int | None, msg_id: str | None,
+                       timeout: float) -> PubAck:
         headers = {"Nats-Msg-Id": msg_id or event.id}
         if expected_last_seq is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_seq)
@@ -118,7 +159,7 @@ class EventLog:
             raise BusError(f"append to {subject} failed: {exc}") from exc
         except (asyncio.TimeoutError, nats.errors.TimeoutError) as exc:
             raise BusTimeout(f"append to {subject} timed out after {timeout}s") from exc
-        return ack.seq
+        return ack
 
     async def append_soon(self, event: _Event, *, msg_id: str | None = None) -> "asyncio.Future[int]":
         """Send one event now and return a future of its sequence: the caller overlaps the round trip
@@ -178,6 +219,42 @@ class EventLog:
                     log.error("skipping undecodable event", subject=subject, seq=seq)
         finally:
             await sub.unsubscribe()
+
+    async def wait_for(
+        self, bot: str, session_id: str, *, after: int, match: Callable[[Event], bool],
+        timeout: float | None,
+    ) -> tuple[int, Event] | None:
+        """The first event after sequence ``after`` that ``match``es, as it lands; None after ``timeout``.
+
+        An ordered push consumer from ``after + 1``: nothing is polled, an event that landed before the
+        call is found as well as one that lands later, and a reconnect resumes where it was.
+        """
+        found: asyncio.Future[tuple[int, Event]] = asyncio.get_running_loop().create_future()
+
+        async def on_msg(msg: Msg) -> None:
+            if found.done():
+                return
+            try:
+                event = decode(msg.data)
+            except ValueError:
+                return
+            if match(event):
+                found.set_result((msg.metadata.sequence.stream, event))
+
+        sub = await self.js.subscribe(
+            subjects.events(bot, session_id), stream=subjects.EVENTS_STREAM, ordered_consumer=True, cb=on_msg,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1),
+        )
+        try:
+            return await asyncio.wait_for(found, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            if not (self.nc.is_closed or self.nc.is_draining):
+                try:
+                    await sub.unsubscribe()
+                except Exception as exc:  # already gone with its connection
+                    log.debug("unsubscribe failed", error=repr(exc))
 
     async def last_seq(self, bot: str, session_id: str) -> int:
         try:

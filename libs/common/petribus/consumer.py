@@ -55,8 +55,17 @@ class PullConsumer:
             self._watchdog.cancel()
         if self._sub is not None:
             try:
-                await self._sub.unsubscribe()
+                # Not a bare unsubscribe: a message the server sent before it saw that would be dropped
+                # here and stranded until ack_wait. Draining lets it arrive (and be given back below).
+                await self._sub.drain()
             except Exception:  # the connection may already be closed
+                pass
+        # Delivered to us but never handed out: give them back now rather than after ack_wait.
+        while self._queue:
+            msg = self._queue.popleft()
+            try:
+                await msg.nak()
+            except Exception:  # disconnected: JetStream redelivers them after ack_wait anyway
                 pass
 
     def release(self, n: int = 1) -> None:

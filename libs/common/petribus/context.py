@@ -7,9 +7,17 @@ so chat, memory, confirmations and files are all part of the one history that ca
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any, Protocol
 
 from pydantic import BaseModel
+
+from petribus.errors import InvalidInput
+
+# The executor answers a confirm or get_file call itself when the user's time is up; the worker's own
+# wait only guards against an executor that never answers, so it allows this much longer.
+CALL_GRACE_S = 60.0
 
 
 class Channel(Protocol):
@@ -49,18 +57,53 @@ class BotContext:
         """Ask the session's model ``text`` with the session's context.
 
         Blocking (the default) returns the reply; otherwise it returns ``None`` at once and the reply is
-        shown to the user.
+        shown to the user. The question is a ``prompt_request`` event and the reply a ``prompt_response``
+        (answered by the LLM service). Raises a ``PetribusError`` (code ``prompt_timeout``) when no reply
+        comes within ``timeout`` seconds, or with the model's error (e.g. ``llm_auth``).
         """
-        return self._channel.call("prompt", {"text": str(text), "wait": wait_for_response}, timeout)
+        timeout = _timeout("prompt", timeout)
+        payload = {"text": str(text), "wait": bool(wait_for_response), "timeout": timeout}
+        return self._channel.call("prompt", payload, _call_timeout(timeout))
 
     def confirm(self, description: str, timeout: float | None = 300.0) -> bool:
-        """Ask the user yes/no; ``False`` if they say no or do not answer within ``timeout`` seconds."""
-        return bool(self._channel.call("confirm", {"description": str(description), "timeout": timeout}, timeout))
+        """Ask the user yes/no; ``False`` if they say no or do not answer within ``timeout`` seconds.
 
-    def send_file(self, path: str, description: str | None = None) -> None:
-        """Send the file at ``path`` to the user."""
-        self._channel.call("send_file", {"path": str(path), "description": description}, None)
+        The question is a ``confirm_request`` event; the first ``confirm_response`` to it decides.
+        ``timeout=None`` waits as long as the transition may run.
+        """
+        timeout = _timeout("confirm", timeout)
+        payload = {"description": str(description), "timeout": timeout}
+        return bool(self._channel.call("confirm", payload, _call_timeout(timeout)))
+
+    def send_file(self, path: str | os.PathLike[str], description: str | None = None) -> None:
+        """Send the file at ``path`` to the user (an ``output_file`` event with a download URL).
+
+        Raises ``FileTooLarge`` when it is over ``PETRIBUS_MAX_FILE_BYTES``.
+        """
+        payload = {"path": os.path.abspath(os.fspath(path)),
+                   "description": None if description is None else str(description)}
+        self._channel.call("send_file", payload, None)
 
     def get_file(self, description: str, timeout: float | None = 300.0) -> str:
-        """Ask the user for a file and return a local path to its bytes."""
-        return str(self._channel.call("get_file", {"description": str(description), "timeout": timeout}, timeout))
+        """Ask the user for a file and return a local path to its bytes.
+
+        The request is an ``input_file_request`` event with an upload URL. The path is in a folder of
+        this firing that is removed when the transition returns: copy the file to keep it. Raises a
+        ``PetribusError`` (code ``file_timeout``) when nothing is uploaded within ``timeout`` seconds.
+        """
+        timeout = _timeout("get_file", timeout)
+        payload = {"description": str(description), "timeout": timeout}
+        return str(self._channel.call("get_file", payload, _call_timeout(timeout)))
+
+
+def _timeout(call: str, timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            math.isfinite(timeout) and timeout > 0):
+        raise InvalidInput(f"context.{call}(timeout={timeout!r}): give a positive number of seconds or None")
+    return float(timeout)
+
+
+def _call_timeout(timeout: float | None) -> float | None:
+    return None if timeout is None else timeout + CALL_GRACE_S

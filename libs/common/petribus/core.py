@@ -15,11 +15,15 @@ from typing import Any, Literal
 from petribus.events import (
     AcceptTransition,
     AgentMessage,
-    ConfirmResponse,
     ConfirmRequest,
+    ConfirmResponse,
+    ConfirmTransition,
+    InputFileRequest,
+    InputFileResponse,
     Marker,
     MarkerAdded,
     MemoryUpdated,
+    OutputFile,
     RejectTransition,
     SessionCreated,
     TransitionCompleted,
@@ -62,6 +66,14 @@ class Firing:
     status: FiringStatus
     fired_seq: int
     attempts: int = 0
+    asked_at: float | None = None  # when confirm_transition asked the user (its ts)
+    confirm_timeout: float | None = None  # seconds the user has from asked_at; None: no limit
+
+    @property
+    def confirm_deadline(self) -> float | None:
+        if self.asked_at is None or self.confirm_timeout is None:
+            return None
+        return self.asked_at + self.confirm_timeout
 
 
 @dataclass
@@ -89,6 +101,9 @@ class SessionState:
     chat: list[ChatTurn] = field(default_factory=list)
     memory: list[Any] = field(default_factory=list)
     pending_requests: dict[str, ConfirmRequest] = field(default_factory=dict)
+    pending_files: dict[str, InputFileRequest] = field(default_factory=dict)  # file id -> its request
+    closed_requests: set[str] = field(default_factory=set)  # answered, timed out, or their run ended
+    files: dict[str, OutputFile | InputFileResponse] = field(default_factory=dict)  # stored, by file id
     events: int = 0
 
     def marking(self) -> dict[str, list[Marker]]:
@@ -100,6 +115,10 @@ class SessionState:
 
     def in_flight_count(self, transition: str) -> int:
         return sum(1 for f in self.in_flight.values() if f.transition == transition)
+
+    def awaiting_confirmation(self) -> list[Firing]:
+        """Firings waiting for the user's accept or reject, oldest first."""
+        return [f for f in self.in_flight.values() if f.status == "awaiting_confirmation"]
 
 
 def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
@@ -126,6 +145,7 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
             if f is not None and f.status in ("claimed", "started"):
                 f.status = "started"
                 f.attempts = max(f.attempts, event.attempt)
+                _close_requests_of(state, f.id)  # a new run: what an earlier run asked will not be read
         case TransitionCompleted():
             f = state.in_flight.get(event.firing_id)
             # A completion can't precede acceptance: one that does is ignored.
@@ -134,12 +154,19 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
                 state.finished.add(f.id)
                 for m in event.outputs:
                     _put(state, m, seq)
+                _close_requests_of(state, f.id)
         case TransitionFailed():
             f = state.in_flight.get(event.firing_id)
             if f is not None and event.final:
                 _give_back(state, state.in_flight.pop(f.id))
             elif f is not None:
                 f.attempts = max(f.attempts, event.attempt)
+            if f is not None:
+                _close_requests_of(state, f.id)
+        case ConfirmTransition():
+            f = state.in_flight.get(event.firing_id)
+            if f is not None and f.status == "awaiting_confirmation" and f.asked_at is None:
+                f.asked_at, f.confirm_timeout = event.ts, event.timeout
         case AcceptTransition():
             f = state.in_flight.get(event.firing_id)
             if f is not None and f.status == "awaiting_confirmation":
@@ -149,11 +176,26 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
             if f is not None and f.status == "awaiting_confirmation":
                 _give_back(state, state.in_flight.pop(f.id))
         case ConfirmRequest():
-            if event.request_id:
-                state.pending_requests[event.request_id] = event
+            rid = event.request_id
+            if rid and rid not in state.closed_requests and rid not in state.pending_requests \
+                    and _may_ask(state, event.firing_id):
+                state.pending_requests[rid] = event
         case ConfirmResponse():
-            if event.request_id:
-                state.pending_requests.pop(event.request_id, None)
+            # Only the first answer counts; a second one (or one to nothing) changes nothing.
+            if event.request_id and state.pending_requests.pop(event.request_id, None) is not None:
+                state.closed_requests.add(event.request_id)
+        case InputFileRequest():
+            fid = event.file_id
+            if fid not in state.closed_requests and fid not in state.pending_files \
+                    and _may_ask(state, event.firing_id):
+                state.pending_files[fid] = event
+        case InputFileResponse():
+            if state.pending_files.pop(event.file_id, None) is not None:
+                state.closed_requests.add(event.file_id)
+                if event.reason is None:
+                    state.files[event.stored_id or event.file_id] = event
+        case OutputFile():
+            state.files.setdefault(event.file_id, event)
         case MemoryUpdated():
             state.memory.append(event.memory)
         case _:
@@ -167,6 +209,24 @@ def fold(events: Iterable[tuple[int, _Event]], state: SessionState | None = None
     for seq, event in events:
         apply(state, seq, event)
     return state
+
+
+def _may_ask(state: SessionState, firing_id: str | None) -> bool:
+    """A request from a firing counts only while that firing runs (one not from a firing always does)."""
+    return firing_id is None or (firing_id in state.in_flight
+                                 and state.in_flight[firing_id].status != "awaiting_confirmation")
+
+
+def _close_requests_of(state: SessionState, firing_id: str) -> None:
+    """The run that asked is over: its questions and file requests are no longer pending."""
+    if state.pending_requests:
+        for rid in [r for r, q in state.pending_requests.items() if q.firing_id == firing_id]:
+            del state.pending_requests[rid]
+            state.closed_requests.add(rid)
+    if state.pending_files:
+        for fid in [f for f, q in state.pending_files.items() if q.firing_id == firing_id]:
+            del state.pending_files[fid]
+            state.closed_requests.add(fid)
 
 
 def _put(state: SessionState, marker: Marker, seq: int) -> None:

@@ -47,6 +47,24 @@ class UnknownLocation(InvalidInput):
     code = "unknown_location"
 
 
+class UnknownRequest(InvalidInput, LookupError):
+    """An answer names a task, question or file request the session never had."""
+
+    code = "unknown_request"
+
+
+class AlreadyAnswered(InvalidInput):
+    """An answer to something that no longer waits: answered before, timed out, or its run ended."""
+
+    code = "already_answered"
+
+
+class FileTooLarge(InvalidInput):
+    """A file is larger than ``PETRIBUS_MAX_FILE_BYTES``."""
+
+    code = "file_too_large"
+
+
 class UnknownSession(PetribusError, LookupError):
     code = "unknown_session"
 

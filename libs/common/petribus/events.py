@@ -140,48 +140,66 @@ class TransitionFailed(_Event):
 
 
 class ConfirmTransition(_Event):
+    """A ``confirm=True`` firing claimed its markers and waits for the user's accept or reject."""
+
     type: Literal["confirm_transition"] = "confirm_transition"
-    firing_id: str
+    firing_id: str = Field(description="The firing (the client's task id) that waits.")
     transition: str
-    description: str | None = None
-    markers: list[Marker] = Field(default_factory=list)
+    description: str | None = Field(default=None, description="The transition's description, for the user.")
+    markers: list[Marker] = Field(default_factory=list, description="The markers it would consume.")
+    timeout: float | None = Field(
+        default=None, description="Seconds the user has to answer (from ``ts``); then it is rejected with "
+        "reason 'timeout'. None: no limit.")
 
     def value(self) -> Any:
         return {"transition": self.transition, "description": self.description,
-                "markers": [m.model_dump() for m in self.markers]}
+                "markers": [m.model_dump() for m in self.markers], "timeout": self.timeout}
 
 
 class AcceptTransition(_Event):
     type: Literal["accept_transition"] = "accept_transition"
     firing_id: str
+    transition: str | None = Field(default=None, description="The accepted firing's transition.")
 
     def value(self) -> Any:
         return self.firing_id
 
 
 class RejectTransition(_Event):
+    """The firing will not run: its markers go back where they were and are not offered to it again."""
+
     type: Literal["reject_transition"] = "reject_transition"
     firing_id: str
-    reason: str = "rejected"
+    transition: str | None = Field(default=None, description="The rejected firing's transition.")
+    reason: str = Field(default="rejected",
+                        description="'rejected' (the user), 'timeout', or the user's own words.")
 
     def value(self) -> Any:
         return {"task_id": self.firing_id, "reason": self.reason}
 
 
 class ConfirmRequest(_Event):
+    """A running transition asks the user yes or no (``context.confirm``); ``request_id`` names it."""
+
     type: Literal["confirm_request"] = "confirm_request"
     firing_id: str | None = None
     transition: str | None = None
     description: str
-    timeout: float | None = None
+    timeout: float | None = Field(default=None, description="Seconds until it counts as a no.")
 
     def value(self) -> Any:
         return self.description
 
 
 class ConfirmResponse(_Event):
+    """The answer to the confirm_request with the same ``request_id``. The fold takes the first only."""
+
     type: Literal["confirm_response"] = "confirm_response"
     accepted: bool
+    firing_id: str | None = Field(default=None, description="The firing that asked.")
+    transition: str | None = None
+    reason: str | None = Field(default=None, description="None for the user's answer; 'timeout' when nobody "
+                               "answered in time (then ``accepted`` is false).")
 
     def value(self) -> Any:
         return self.accepted
@@ -198,29 +216,80 @@ class MemoryUpdated(_Event):
         return self.memory
 
 
+class PromptRequest(_Event):
+    """A running transition asks the session's model (``context.prompt``); ``request_id`` names the question.
+
+    The LLM service answers it with the session's context: a ``prompt_response`` with the same
+    ``request_id``, and for ``wait=False`` also an ``agent_message`` showing the reply to the user.
+    """
+
+    type: Literal["prompt_request"] = "prompt_request"
+    firing_id: str | None = None
+    transition: str | None = None
+    text: str = Field(description="What the transition asks the model.")
+    wait: bool = Field(default=True, description="True: the transition waits for the reply. False: the "
+                       "reply is shown to the user instead.")
+    timeout: float | None = Field(default=None, description="Seconds the transition waits; None: no limit.")
+
+    def value(self) -> Any:
+        return {"text": self.text, "wait": self.wait}
+
+
+class PromptResponse(_Event):
+    """The model's reply to the prompt_request with the same ``request_id`` (``cause`` is that event's id)."""
+
+    type: Literal["prompt_response"] = "prompt_response"
+    firing_id: str | None = Field(default=None, description="The firing that asked.")
+    transition: str | None = None
+    text: str = Field(default="", description="The model's reply (empty when ``error`` is set).")
+    error: str | None = Field(default=None, description="Why there is no reply, for a person; never a secret.")
+    code: str | None = Field(default=None, description="The error's code (e.g. llm_auth) when ``error`` is set.")
+
+    def value(self) -> Any:
+        return {"text": self.text, "error": self.error} if self.error else self.text
+
+
 class InputFileRequest(_Event):
+    """A running transition asks the user for a file (``context.get_file``): upload it to ``upload_url``."""
+
     type: Literal["input_file_request"] = "input_file_request"
     firing_id: str | None = None
     transition: str | None = None
-    file_id: str
+    file_id: str = Field(description="Names the file to upload; also the event's request_id.")
     description: str
-    upload_url: str | None = None
+    upload_url: str | None = Field(default=None, description="Gateway path to PUT (or POST multipart) it to.")
+    timeout: float | None = Field(default=None, description="Seconds until the request lapses.")
+    max_bytes: int | None = Field(default=None, description="Largest file the gateway accepts, in bytes.")
 
     def value(self) -> Any:
-        return {"file_id": self.file_id, "description": self.description, "upload_url": self.upload_url}
+        return {"file_id": self.file_id, "description": self.description, "upload_url": self.upload_url,
+                "timeout": self.timeout, "max_bytes": self.max_bytes}
 
 
 class InputFileResponse(_Event):
+    """The file the user uploaded for ``file_id`` is stored; or, with ``reason``, none will come."""
+
     type: Literal["input_file_response"] = "input_file_response"
     file_id: str
-    name: str
-    size: int
+    name: str = Field(default="", description="The file's name as the user gave it.")
+    size: int = Field(default=0, description="Its size in bytes.")
+    firing_id: str | None = Field(default=None, description="The firing that asked for it.")
+    transition: str | None = None
+    content_type: str | None = None
+    stored_id: str | None = Field(
+        default=None, description="The id its bytes are stored (and downloadable) under in this session; "
+        "each upload gets its own, so a losing concurrent upload never touches the one that counts.")
+    url: str | None = Field(default=None, description="Where the file can be downloaded again.")
+    reason: str | None = Field(default=None, description="None when a file came; 'timeout' when none did.")
 
     def value(self) -> Any:
-        return {"file_id": self.file_id, "name": self.name, "size": self.size}
+        return {"file_id": self.file_id, "name": self.name, "size": self.size, "url": self.url,
+                "reason": self.reason}
 
 
 class OutputFile(_Event):
+    """A transition sent the user a file (``context.send_file``); it is downloadable from ``url``."""
+
     type: Literal["output_file"] = "output_file"
     firing_id: str | None = None
     transition: str | None = None
@@ -228,11 +297,12 @@ class OutputFile(_Event):
     name: str
     description: str | None = None
     size: int
-    url: str | None = None
+    url: str | None = Field(default=None, description="Gateway path to GET the bytes from.")
+    content_type: str | None = None
 
     def value(self) -> Any:
         return {"file_id": self.file_id, "name": self.name, "description": self.description,
-                "size": self.size, "url": self.url}
+                "size": self.size, "url": self.url, "content_type": self.content_type}
 
 
 class ErrorEvent(_Event):
@@ -252,7 +322,7 @@ EVENT_CLASSES: tuple[type[_Event], ...] = (
     SessionCreated, UserMessage, AgentMessage, MarkerAdded, TransitionFired, TransitionStarted,
     TransitionCompleted, TransitionFailed, ConfirmTransition, AcceptTransition, RejectTransition,
     ConfirmRequest, ConfirmResponse, MemoryUpdated, InputFileRequest, InputFileResponse, OutputFile,
-    ErrorEvent,
+    ErrorEvent, PromptRequest, PromptResponse,
 )
 Event = Annotated[Union[EVENT_CLASSES], Field(discriminator="type")]  # type: ignore[valid-type]
 
@@ -266,6 +336,34 @@ def encode(event: _Event) -> bytes:
 
 def decode(data: bytes | str) -> Event:
     return EVENT_ADAPTER.validate_json(data)
+
+
+class AgentMessageDelta(BaseModel):
+    """A piece of a reply while the model writes it. Not an event of the log: it is published on the
+    core NATS subject ``pb.delta.<bot>.<session>`` and forwarded live to the session's WebSocket
+    clients. The whole reply always follows as the ``agent_message`` whose id is ``event_id``, so a
+    client that ignores deltas (or reconnects) loses nothing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["agent_message_delta"] = "agent_message_delta"
+    bot: str
+    session_id: str
+    text: str = Field(description="The new piece of the reply.")
+    offset: int = Field(description="Where ``text`` starts in the reply. Lower than the length so far when "
+                        "a retried model call writes the reply again from there.")
+    event_id: str = Field(description="Id of the agent_message that will carry the whole reply.")
+    request_id: str | None = Field(default=None, description="The request_id of what is being answered.")
+    reply_to: str | None = Field(default=None, description="Id of the user_message (or prompt_request) answered.")
+
+    def to_client(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "value": self.text,
+            "metadata": {"session_id": self.session_id, "request_id": self.request_id, "task_id": None,
+                         "transition_name": None, "seq": None, "event_id": self.event_id,
+                         "reply_to": self.reply_to, "offset": self.offset},
+        }
 
 
 def to_client(event: _Event, seq: int | None) -> dict[str, Any]:

@@ -29,6 +29,17 @@ class Settings(BaseSettings):
 
     # scheduler
     scheduler_batch: int = 256
+    confirm_timeout_s: float = Field(
+        default=300.0,
+        description="Seconds a user has to accept or reject a confirm=True firing before it is rejected "
+        "(reason 'timeout') and its markers go back; 0 waits for ever.",
+    )
+
+    # files (context.send_file / get_file, the gateway's file routes)
+    max_file_bytes: int = Field(
+        default=50 * 1024 * 1024,
+        description="Largest file a transition may send or a user may upload, in bytes.",
+    )
 
     # executor
     pool: str = Field(default="cpu", description="Executor pool this process serves (cpu, gpu, ...).")
@@ -47,7 +58,15 @@ class Settings(BaseSettings):
     # llm
     openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
     openai_base_url: str | None = Field(default=None, validation_alias="OPENAI_BASE_URL")
-    llm_model: str | None = None
+    llm_model: str | None = Field(default=None, description="Overrides Bot(model=...) (e.g. a local model's name).")
+    llm_timeout_s: float = Field(default=120.0, description="Seconds to wait for the model per request "
+                                 "(and between two streamed pieces) before retrying.")
+    llm_max_retries: int = Field(default=4, description="Retries (exponential backoff) of a model call that "
+                                 "timed out, was rate limited (429) or failed with a 5xx.")
+    llm_max_corrections: int = Field(default=2, description="Times a tool call that fails validation goes back "
+                                     "to the model with the error before the user is told instead.")
+    llm_context_chars: int = Field(default=48_000, description="Budget of one model request, in characters "
+                                   "(~4 per token): older turns beyond it are summarised and dropped.")
 
     log_level: str = "info"
     log_format: str = Field(default="console", description="'console' (key=value) or 'json'.")

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 EVENTS_STREAM = "PB_EVENTS"
 WORK_STREAM = "PB_WORK"
+TIMERS_STREAM = "PB_TIMERS"
+FILES_BUCKET = "PB_FILES"  # a JetStream object store (its stream is OBJ_PB_FILES)
 EVENTS_PREFIX = "pb.ev"
 WORK_PREFIX = "pb.work"
+DELTAS_PREFIX = "pb.delta"  # outside PB_EVENTS' subjects on purpose: deltas are not stored
+TIMERS_PREFIX = "pb.timer"
 
 SCHEDULER_DURABLE = "scheduler"
+SCHEDULER_TIMERS_DURABLE = "scheduler-timers"
 LLM_DURABLE = "llm"
 
 
@@ -24,6 +29,11 @@ def all_events() -> str:
     return f"{EVENTS_PREFIX}.>"
 
 
+def deltas(bot: str, session_id: str) -> str:
+    """Core NATS (not JetStream) subject of a session's streamed reply pieces: shown live, never logged."""
+    return f"{DELTAS_PREFIX}.{bot}.{session_id}"
+
+
 def parse_events(subject: str) -> tuple[str, str]:
     """``pb.ev.<bot>.<session>`` -> (bot, session)."""
     parts = subject.split(".")
@@ -38,3 +48,18 @@ def work(pool: str) -> str:
 
 def executor_durable(pool: str) -> str:
     return f"executor-{pool}"
+
+
+def confirm_deadlines() -> str:
+    """Where the scheduler keeps one durable timer per pending confirmation."""
+    return f"{TIMERS_PREFIX}.confirm"
+
+
+def file_object(bot: str, session_id: str, file_id: str) -> str:
+    """A file's name in the ``PB_FILES`` object store: files belong to one session."""
+    return f"{bot}/{session_id}/{file_id}"
+
+
+def file_url(bot: str, session_id: str, file_id: str) -> str:
+    """The gateway path a file is downloaded from (GET) or uploaded to (PUT, or POST multipart)."""
+    return f"/bots/{bot}/sessions/{session_id}/files/{file_id}"

@@ -23,12 +23,14 @@ from pydantic import ValidationError
 from petribus import subjects
 from petribus.bus import EventLog
 from petribus.consumer import PullConsumer
+from petribus.files import FileStore
 from petribus.loader import load_bot
 from petribus.net import Net
 from petribus.service import Service
 from petribus.settings import Settings
 from petribus.work import WorkItem
 from petribus_executor.firing import FiringRunner
+from petribus_executor.interact import Interactions
 from petribus_executor.pool import WorkerPool
 
 MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"
@@ -69,8 +71,10 @@ class Executor(Service):
         )
         self.workers = WorkerPool(self.apps, self.settings.workers)
         await self.workers.start()
+        interactions = Interactions(events, FileStore(self.js, self.settings.max_file_bytes))
         self.runner = FiringRunner(instance=self.instance, nets=self.nets, events=events,
-                                   workers=self.workers, ack_wait_s=self.settings.ack_wait_s, log=self.log)
+                                   workers=self.workers, ack_wait_s=self.settings.ack_wait_s, log=self.log,
+                                   interactions=interactions)
         self._advisories = await nc.subscribe(
             MAX_DELIVERIES_ADVISORY.format(stream=subjects.WORK_STREAM, consumer=self.durable),
             queue=self.durable, cb=self._on_advisory,

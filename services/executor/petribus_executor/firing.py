@@ -4,7 +4,8 @@ The order of effects is what makes a firing land exactly once in the log:
 
 1. ``transition_started`` (Msg-Id ``start:<firing>:<attempt>``), then the run, with the JetStream
    message heartbeated (``in_progress``) every ``ack_wait / 3`` so a long firing is not redelivered.
-2. What the transition says or remembers while it runs is appended as it happens, in order.
+2. What the transition says or remembers while it runs is appended as it happens, in order; so are
+   its questions, file requests and sent files (``interact.py``), which it waits for.
 3. ``transition_completed`` (``done:<firing>``) or the final ``transition_failed`` (``fail:<firing>``).
 4. Only once JetStream has acknowledged that append is the work message acked. An executor that dies
    before step 4 leaves the message to be redelivered; the log's fold ignores a second outcome, and a
@@ -40,31 +41,47 @@ from petribus.events import (
 from petribus.net import Net, TransitionDef
 from petribus.work import WorkItem
 from petribus_executor import protocol as p
+from petribus_executor.interact import Interactions
 from petribus_executor.pool import WorkerPool
+from petribus_executor.prompts import Prompts
 
 # What the context calls will do once their issues land; until then a transition gets a clear error.
-NOT_YET = {
-    "prompt": "asking the session's model needs the LLM service link",
-    "confirm": "asking the user to confirm needs the gateway link",
-    "send_file": "sending files needs the file store",
-    "get_file": "asking the user for a file needs the file store",
-}
+NOT_YET: dict[str, str] = {}
 
 
 class Outbox:
-    """Appends a firing's side events (say, remember) in the order they were made, as they come."""
+    """Appends a firing's side events (say, remember, questions, files) in the order they were made."""
 
     def __init__(self, events: EventLog) -> None:
         self._events = events
-        self._queue: asyncio.Queue[_Event | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[_Event, asyncio.Future[int] | None] | None] = asyncio.Queue()
         self._writer = asyncio.create_task(self._write())
 
     def put(self, event: _Event) -> None:
-        self._queue.put_nowait(event)
+        self._queue.put_nowait((event, None))
+
+    async def append(self, event: _Event) -> int:
+        """Append ``event`` after everything put before it; its sequence, once it is in the log."""
+        landed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((event, landed))
+        await asyncio.wait({landed, self._writer}, return_when=asyncio.FIRST_COMPLETED)
+        if not landed.done():  # the writer died on an earlier event: this one will never be written
+            landed.cancel()
+            self._writer.result()
+            raise PetribusError("the firing's events could not be written", code="bus_error", retryable=True)
+        return landed.result()
 
     async def _write(self) -> None:
-        while (event := await self._queue.get()) is not None:
-            await self._events.append(event)
+        while (entry := await self._queue.get()) is not None:
+            event, landed = entry
+            try:
+                seq = await self._events.append(event)
+            except Exception as exc:
+                if landed is not None and not landed.done():
+                    landed.set_exception(exc)
+                raise
+            if landed is not None and not landed.done():
+                landed.set_result(seq)
 
     async def flush(self) -> None:
         """Wait until everything put so far is in the log (raises if an append failed)."""
@@ -88,11 +105,13 @@ class FiringRunner:
     """Runs work items for one executor: shared by all its firings."""
 
     def __init__(self, *, instance: str, nets: dict[str, Net], events: EventLog, workers: WorkerPool,
-                 ack_wait_s: float, log: Any) -> None:
+                 ack_wait_s: float, log: Any, interactions: Interactions | None = None) -> None:
         self.instance = instance
         self.nets = nets
         self.events = events
         self.workers = workers
+        self.interactions = interactions
+        self.prompts = Prompts(events)
         self.heartbeat_s = max(0.1, ack_wait_s / 3)
         self.log = log
         self._running: dict[str, Delivery] = {}
@@ -188,7 +207,8 @@ class FiringRunner:
         try:
             outcome = await self.workers.run(
                 request, on_event=lambda kind, payload: outbox.put(self._side_event(item, kind, payload)),
-                on_call=self._answer, timeout=t.timeout, worker=worker,
+                on_call=lambda kind, payload, timeout: self._answer(item, outbox, kind, payload),
+                timeout=t.timeout, worker=worker,
             )
         except (TransitionTimeout, SandboxCrashed) as exc:  # the firing failed, not the executor
             outcome = p.Outcome(ok=False, error=exc.message, error_type=type(exc).__name__,
@@ -197,6 +217,9 @@ class FiringRunner:
             outbox.discard()
             started_ack.cancel()
             raise
+        finally:
+            if self.interactions is not None:
+                self.interactions.cleanup(item.firing_id)
         await started_ack
         await outbox.flush()  # what it said lands before what it returned
         return outcome
@@ -212,7 +235,15 @@ class FiringRunner:
                                  memory=payload)
         raise PetribusError(f"unknown context event {kind!r}")
 
-    async def _answer(self, kind: str, payload: Any, timeout: float | None) -> Any:
+    async def _answer(self, item: WorkItem, outbox: Outbox, kind: str, payload: Any) -> Any:
+        if kind == "prompt":
+            return await self.prompts.prompt(item, outbox.append, payload)
+        if self.interactions is not None and kind in ("confirm", "get_file", "send_file"):
+            if not isinstance(payload, dict):
+                raise PetribusError(f"context.{kind} sent {type(payload).__name__}, not its arguments",
+                                    code="context_error")
+            handler = getattr(self.interactions, kind)
+            return await handler(item, outbox.append, payload)
         if kind in NOT_YET:
             raise PetribusError(
                 f"context.{kind} is not available yet: {NOT_YET[kind]}, which this executor does not have; "

@@ -57,6 +57,12 @@ class _Job:
         self.on_event = on_event
         self.on_call = on_call
         self.result: asyncio.Future[p.Outcome] = asyncio.get_running_loop().create_future()
+        self.calls: set[asyncio.Task[None]] = set()  # context calls being answered for this run
+
+    def end_calls(self) -> None:
+        """The run is over: nobody waits for what it asked (a confirmation, a file) any more."""
+        for task in self.calls:
+            task.cancel()
 
 
 class Worker:
@@ -141,6 +147,8 @@ class WorkerPool:
             job.result.cancel()
             self._lose(worker, "its firing was abandoned")
             raise
+        finally:
+            job.end_calls()
         worker.job = None
         self._release(worker)
         return outcome
@@ -254,6 +262,8 @@ class WorkerPool:
             task = asyncio.ensure_future(self._answer(worker, job, *msg[1:]))
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
+            job.calls.add(task)
+            task.add_done_callback(job.calls.discard)
         elif kind == p.DONE and not job.result.done():
             job.result.set_result(msg[1])
 

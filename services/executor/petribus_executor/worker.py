@@ -25,12 +25,17 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from petribus.context import BotContext
-from petribus.errors import InvalidInput, PetribusError, TransitionOutputError
+from petribus.errors import AlreadyAnswered, FileTooLarge, InvalidInput, PetribusError, TransitionOutputError
 from petribus.loader import load_bot
 from petribus.net import Net, TransitionDef
 from petribus_executor import protocol as p
 
 Conn = multiprocessing.connection.Connection
+
+# Errors a context call can raise in the transition, by code: so it can catch the specific type.
+_ERRORS: dict[str, type[PetribusError]] = {
+    "file_too_large": FileTooLarge, "already_answered": AlreadyAnswered, "invalid_input": InvalidInput,
+}
 
 
 def main(conn: Conn, apps: list[str]) -> None:
@@ -106,7 +111,8 @@ class PipeChannel:
         _, _, ok, value = reply
         if ok:
             return value
-        raise PetribusError(value["message"], code=value.get("code") or "context_error")
+        code = value.get("code") or "context_error"
+        raise _ERRORS.get(code, PetribusError)(value["message"], code=code)
 
     def next_command(self) -> tuple[Any, ...] | None:
         """The next command for an idle worker (late replies to abandoned calls are dropped); None at EOF."""

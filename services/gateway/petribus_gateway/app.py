@@ -20,7 +20,7 @@ from petribus.errors import PetribusError
 from petribus.net import Net
 from petribus.service import Service
 from petribus.settings import Settings
-from petribus_gateway import errors, rest, ws
+from petribus_gateway import errors, files, rest, ws
 from petribus_gateway.context import GatewayContext
 
 DESCRIPTION = """\
@@ -37,6 +37,19 @@ Send `{"type": "user_message", "value": "..."}` or
 with a `request_id`). A message that does not validate gets an `error` event, to you only; nothing
 enters the log and the connection stays open. Close codes: 4404 unknown bot or session, 4400 bad
 query, 1011 event stream lost (reconnect with `since`), 1012 gateway restarting.
+
+**Human in the loop.** A `confirm=True` transition sends `confirm_transition` (`metadata.task_id`, the
+transition, the markers it would consume); answer `{"type": "accept_transition", "value": TASK_ID}` or
+`{"type": "reject_transition", "value": TASK_ID}` (rejected markers go back and are not offered to that
+transition again; unanswered ones are rejected after `PETRIBUS_CONFIRM_TIMEOUT_S`). A running
+transition's `confirm_request` is answered with
+`{"type": "confirm_response", "value": {"request_id": ID, "accepted": true}}`. An unknown or already
+answered id gets an `error` event. REST: `POST .../confirmations/{task_id}` and
+`POST .../confirm_requests/{request_id}` with `{"accepted": true|false}` (404 unknown, 409 answered).
+
+**Files.** `output_file` carries a `url` to GET; `input_file_request` an `upload_url` to PUT the bytes
+to (or POST multipart). The session id is the capability: anyone who has it can read the session and
+its files.
 """
 
 GRACEFUL_SHUTDOWN_S = 5
@@ -55,6 +68,7 @@ def create_app(ctx: GatewayContext, *, on_ready: Callable[[], None] | None = Non
                   lifespan=lifespan)
     app.state.gateway = ctx
     app.include_router(rest.router)
+    app.include_router(files.router)
     app.include_router(ws.router)
     errors.install(app)
     return app

@@ -17,6 +17,7 @@ from petribus import logs
 from petribus.bus import EventLog
 from petribus.errors import InvalidInput, UnknownBot, UnknownSession
 from petribus.events import AgentMessage, SessionCreated, _Event, new_id
+from petribus.files import FileStore
 from petribus.net import Net
 from petribus.settings import Settings
 
@@ -31,9 +32,11 @@ class GatewayContext:
     nc: NATS
     events: EventLog
     log: Any = field(init=False)
+    files: FileStore = field(init=False)
 
     def __post_init__(self) -> None:
         self.log = logs.get("petribus.gateway")
+        self.files = FileStore(self.events.js, self.settings.max_file_bytes)
 
     def net(self, bot: str) -> Net:
         net = self.nets.get(bot)

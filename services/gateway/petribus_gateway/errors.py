@@ -7,15 +7,28 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from petribus import logs
-from petribus.errors import BusError, InvalidInput, PetribusError, UnknownBot, UnknownSession
+from petribus.errors import (
+    AlreadyAnswered,
+    BusError,
+    FileTooLarge,
+    InvalidInput,
+    PetribusError,
+    UnknownBot,
+    UnknownRequest,
+    UnknownSession,
+)
 from petribus_gateway.models import ErrorBody
 
 log = logs.get("petribus.gateway")
 
 
 def status_of(exc: PetribusError) -> int:
-    if isinstance(exc, (UnknownBot, UnknownSession)):
+    if isinstance(exc, (UnknownBot, UnknownSession, UnknownRequest)):
         return 404
+    if isinstance(exc, AlreadyAnswered):
+        return 409
+    if isinstance(exc, FileTooLarge):
+        return 413
     if isinstance(exc, InvalidInput):
         return 422
     if isinstance(exc, BusError):

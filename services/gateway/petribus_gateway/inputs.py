@@ -1,26 +1,51 @@
 """What clients send, turned into events, or refused with an error a person can act on.
 
-A client message is one JSON object: ``{"type": "user_message", "value": "..."}`` or
-``{"type": "marker_added", "value": {"location": "UserName", "data": {...}}}``, with an optional
-``request_id`` echoed in the metadata of what it causes. Anything else raises ``InvalidInput`` (with
-a specific ``code``) and never reaches the log. The REST routes share the same constructors.
+A client message is one JSON object with an optional ``request_id`` echoed in the metadata of what it
+causes:
+
+- ``{"type": "user_message", "value": "..."}``
+- ``{"type": "marker_added", "value": {"location": "UserName", "data": {...}}}``
+- ``{"type": "accept_transition", "value": "<task id>"}`` (or ``{"task_id": ...}``)
+- ``{"type": "reject_transition", "value": "<task id>"}`` (or ``{"task_id": ..., "reason": ...}``)
+- ``{"type": "confirm_response", "value": {"request_id": "<id>", "accepted": true}}``
+
+Anything else raises ``InvalidInput`` (with a specific ``code``) and never reaches the log. Answers are
+then checked against the session's fold (``append_answer``): an unknown or already answered id is
+refused too. The REST routes share the same constructors.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from starlette.types import Message
 
+from petribus.answers import answer_once, to_confirmation, to_file_request, to_question
+from petribus.bus import EventLog
+from petribus.core import SessionState
 from petribus.errors import InvalidInput
-from petribus.events import Marker, MarkerAdded, UserMessage, _Event
+from petribus.events import (
+    AcceptTransition,
+    ConfirmResponse,
+    InputFileResponse,
+    Marker,
+    MarkerAdded,
+    RejectTransition,
+    UserMessage,
+    _Event,
+)
 from petribus.net import Net
 
-CLIENT_TYPES = ("user_message", "marker_added")
+CLIENT_TYPES = ("user_message", "marker_added", "accept_transition", "reject_transition", "confirm_response")
+ANSWERS = (AcceptTransition, RejectTransition, ConfirmResponse)
 ALLOWED_KEYS = {"type", "value", "request_id"}
 EXAMPLE = '{"type": "user_message", "value": "hello"}'
 MARKER_EXAMPLE = '{"type": "marker_added", "value": {"location": "<Location>", "data": {...}}}'
+CONFIRM_EXAMPLE = '{"type": "confirm_response", "value": {"request_id": "<id>", "accepted": true}}'
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+MAX_REASON = 500
 
 
 def snippet(value: Any, limit: int = 80) -> str:
@@ -91,11 +116,16 @@ def parse(text: str) -> dict[str, Any]:
 
 
 def to_event(net: Net, session_id: str, payload: dict[str, Any]) -> _Event:
-    """The event a parsed client message asks for, validated against ``net``."""
+    """The event a parsed client message asks for, validated against ``net`` (answers: in shape only)."""
     value = payload.get("value")
     request_id = payload.get("request_id")
     got = _described(payload)
-    if payload["type"] == "user_message":
+    kind = payload["type"]
+    if kind in ("accept_transition", "reject_transition"):
+        return task_answer(net, session_id, kind, value, got, request_id=request_id)
+    if kind == "confirm_response":
+        return confirm_response(net, session_id, value, got, request_id=request_id)
+    if kind == "user_message":
         if not isinstance(value, str):
             raise InvalidInput(f"'user_message' needs a string value, got {got}; send {EXAMPLE}",
                                code="invalid_value")
@@ -109,6 +139,73 @@ def to_event(net: Net, session_id: str, payload: dict[str, Any]) -> _Event:
         )
     return marker_added(net, session_id, value["location"], value["data"], source="user",
                         request_id=request_id)
+
+
+def task_answer(net: Net, session_id: str, kind: str, value: Any, got: str, *,
+                request_id: str | None = None) -> AcceptTransition | RejectTransition:
+    """``accept_transition`` / ``reject_transition``: a task id, or ``{"task_id": ..., "reason": ...}``."""
+    reason = None
+    if isinstance(value, dict):
+        allowed = {"task_id", "reason"} if kind == "reject_transition" else {"task_id"}
+        if "task_id" not in value or not set(value) <= allowed:
+            raise InvalidInput(f"{kind!r} needs the task id (the metadata.task_id of a confirm_transition "
+                               f"event) as its value or as {{\"task_id\": ...}}, got {got}",
+                               code="invalid_value")
+        task, reason = value["task_id"], value.get("reason")
+    else:
+        task = value
+    task = check_id(task, f"{kind!r} task id")
+    if reason is not None and (not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON):
+        raise InvalidInput(f"a reject reason must be a non-empty string of at most {MAX_REASON} characters, "
+                           f"got {snippet(reason)}", code="invalid_value")
+    if kind == "accept_transition":
+        return AcceptTransition(bot=net.bot, session_id=session_id, firing_id=task, request_id=request_id)
+    return RejectTransition(bot=net.bot, session_id=session_id, firing_id=task, reason=reason or "rejected",
+                            request_id=request_id)
+
+
+def confirm_response(net: Net, session_id: str, value: Any, got: str, *,
+                     request_id: str | None = None) -> ConfirmResponse:
+    """``confirm_response``: ``{"request_id", "accepted"}``, or ``accepted`` with a top-level request_id."""
+    if isinstance(value, dict):
+        if set(value) != {"request_id", "accepted"}:
+            raise InvalidInput(f"'confirm_response' needs a value of the form {{\"request_id\": ID, "
+                               f"\"accepted\": true|false}}, got {got}; send {CONFIRM_EXAMPLE}",
+                               code="invalid_value")
+        if request_id is not None and request_id != value["request_id"]:
+            raise InvalidInput("'confirm_response' names two different request ids; send only the one in "
+                               "its value", code="invalid_value")
+        rid, accepted = value["request_id"], value["accepted"]
+    else:
+        rid, accepted = request_id, value
+    rid = check_id(rid, "'confirm_response' request_id")
+    if not isinstance(accepted, bool):
+        raise InvalidInput(f"'confirm_response' needs accepted to be true or false, got "
+                           f"{snippet(accepted)}; send {CONFIRM_EXAMPLE}", code="invalid_value")
+    return ConfirmResponse(bot=net.bot, session_id=session_id, request_id=rid, accepted=accepted)
+
+
+def check_id(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not ID_RE.match(value):
+        shown = "nothing" if value is None else f"{_kind(value)} {snippet(value)}"
+        raise InvalidInput(f"{what} must be an id of 1-128 letters, digits, '_' or '-' (as an event gave "
+                           f"it), got {shown}", code="invalid_value")
+    return value
+
+
+async def append_answer(events: EventLog, event: _Event, *,
+                        state: SessionState | None = None) -> tuple[int, _Event]:
+    """Append a client's answer if the session still waits for it (``UnknownRequest`` or
+    ``AlreadyAnswered`` if not); ``state`` is a cached fold of the session, brought up to date."""
+    if isinstance(event, (AcceptTransition, RejectTransition)):
+        decide, target = to_confirmation(event), event.firing_id
+    elif isinstance(event, ConfirmResponse):
+        decide, target = to_question(event), event.request_id or ""
+    elif isinstance(event, InputFileResponse):
+        decide, target = to_file_request(event), event.file_id
+    else:
+        raise TypeError(f"not an answer: {event.type}")  # type: ignore[attr-defined]
+    return await answer_once(events, event.bot, event.session_id, decide, target=target, state=state)
 
 
 def user_message(net: Net, session_id: str, text: str, *, request_id: str | None = None) -> UserMessage:

@@ -84,6 +84,26 @@ class ChatTurnInfo(BaseModel):
     firing_id: str | None = None
 
 
+class PendingRequest(BaseModel):
+    """Something a running transition waits for from the user: a yes or no, or a file."""
+
+    type: Literal["confirm_request", "input_file_request"]
+    request_id: str = Field(description="Answer with confirm_response, or the file id to upload to.")
+    description: str
+    task_id: str | None = Field(default=None, description="The firing that asked.")
+    transition: str | None = None
+    upload_url: str | None = Field(default=None, description="Where to PUT or POST the file (files only).")
+    timeout: float | None = None
+
+
+class FileInfo(BaseModel):
+    file_id: str = Field(description="The id the bytes are stored (and downloadable) under.")
+    name: str
+    size: int
+    url: str = Field(description="GET it here.")
+    direction: Literal["output", "input"] = Field(description="Sent by a transition, or uploaded by a user.")
+
+
 class SessionDetail(BaseModel):
     """A session's log and the state folded from it."""
 
@@ -95,6 +115,28 @@ class SessionDetail(BaseModel):
     in_flight: list[FiringInfo] = Field(description="Firings that consumed their inputs and have not ended.")
     chat: list[ChatTurnInfo]
     memory: list[Any] = Field(description="What transitions remembered (context.remember), in order.")
+    pending_requests: list[PendingRequest] = Field(
+        default_factory=list, description="Questions and file requests of running transitions, unanswered. "
+        "(Confirmations of whole firings are the in_flight entries with status awaiting_confirmation.)")
+    files: list[FileInfo] = Field(default_factory=list, description="The session's files.")
+
+
+class Answer(BaseModel):
+    """Accept or reject a confirmation, or answer a transition's question."""
+
+    accepted: bool = Field(description="true: yes, run it; false: no.")
+    reason: str | None = Field(default=None, max_length=500,
+                               description="Why not (rejecting a confirmation only).")
+    request_id: str | None = Field(default=None, description="Echoed in the metadata of the event appended.")
+
+
+class Uploaded(BaseModel):
+    file_id: str = Field(description="The file request this upload answers.")
+    stored_id: str = Field(description="The id its bytes are stored under; download it at url.")
+    name: str
+    size: int
+    url: str
+    seq: int = Field(description="Sequence of the input_file_response event it appended.")
 
 
 class SessionCreatedInfo(BaseModel):

@@ -1,4 +1,4 @@
-"""REST routes: bots, sessions (listed, read, written, deleted) and health. Everything comes from the log."""
+"""REST routes: bots, sessions (listed, read, written, deleted), answers and health, all from the log."""
 
 from __future__ import annotations
 
@@ -7,22 +7,27 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 
+from petribus import subjects
 from petribus.core import fold
-from petribus.events import to_client
+from petribus.errors import InvalidInput
+from petribus.events import InputFileResponse, to_client
 from petribus.net import Net
 from petribus_gateway import inputs
 from petribus_gateway.context import GatewayContext, check_session_id, context, unknown_session
 from petribus_gateway.models import (
+    Answer,
     Appended,
     BotInfo,
     ChatTurnInfo,
     ClientEvent,
     ErrorBody,
+    FileInfo,
     FiringInfo,
     Health,
     LocationInfo,
     NewMarker,
     NewMessage,
+    PendingRequest,
     SessionCreatedInfo,
     SessionDetail,
     SessionList,
@@ -35,6 +40,11 @@ Responses = dict[int | str, dict[str, Any]]
 NOT_FOUND: Responses = {404: {"model": ErrorBody, "description": "No such bot or session."}}
 INVALID: Responses = {422: {"model": ErrorBody, "description": "Invalid input; nothing was appended."}}
 ERRORS: Responses = {**NOT_FOUND, **INVALID}
+ANSWER_ERRORS: Responses = {
+    404: {"model": ErrorBody, "description": "No such bot, session, task or request."},
+    409: {"model": ErrorBody, "description": "It no longer waits: answered, timed out, or ended."},
+    **INVALID,
+}
 
 router = APIRouter()
 
@@ -107,6 +117,19 @@ async def get_session(net: BotNet, session_id: str, ctx: Ctx) -> SessionDetail:
         chat=[ChatTurnInfo(role=t.role, text=t.text, seq=t.seq, event_id=t.event_id, firing_id=t.firing_id)
               for t in state.chat],
         memory=state.memory,
+        pending_requests=[
+            *(PendingRequest(type="confirm_request", request_id=rid, description=q.description,
+                             task_id=q.firing_id, transition=q.transition, timeout=q.timeout)
+              for rid, q in state.pending_requests.items()),
+            *(PendingRequest(type="input_file_request", request_id=fid, description=q.description,
+                             task_id=q.firing_id, transition=q.transition, upload_url=q.upload_url,
+                             timeout=q.timeout)
+              for fid, q in state.pending_files.items()),
+        ],
+        files=[FileInfo(file_id=key, name=f.name, size=f.size,
+                        url=subjects.file_url(net.bot, session_id, key),
+                        direction="input" if isinstance(f, InputFileResponse) else "output")
+               for key, f in state.files.items()],
     )
 
 
@@ -133,11 +156,49 @@ async def add_message(net: BotNet, session_id: str, body: NewMessage, ctx: Ctx) 
     return Appended(seq=seq, event=ClientEvent.model_validate(to_client(event, seq)))
 
 
+@router.post("/bots/{bot}/sessions/{session_id}/confirmations/{task_id}", response_model=Appended,
+             status_code=201, responses=ANSWER_ERRORS, tags=["confirmations"])
+async def answer_confirmation(net: BotNet, session_id: str, task_id: str, body: Answer, ctx: Ctx) -> Appended:
+    """Accept (run it) or reject (its markers go back) a firing that waits for confirmation.
+
+    ``task_id`` is the ``metadata.task_id`` of its ``confirm_transition`` event.
+    """
+    check_session_id(session_id)
+    if body.reason is not None and body.accepted:
+        raise InvalidInput("a reason goes with a rejection only; leave it out or send accepted=false",
+                           code="invalid_value")
+    kind = "accept_transition" if body.accepted else "reject_transition"
+    value = task_id if body.reason is None else {"task_id": task_id, "reason": body.reason}
+    event = inputs.task_answer(net, session_id, kind, value, inputs.snippet(task_id),
+                               request_id=body.request_id)
+    return await _answer(ctx, net, session_id, event)
+
+
+@router.post("/bots/{bot}/sessions/{session_id}/confirm_requests/{request_id}", response_model=Appended,
+             status_code=201, responses=ANSWER_ERRORS, tags=["confirmations"])
+async def answer_question(net: BotNet, session_id: str, request_id: str, body: Answer, ctx: Ctx) -> Appended:
+    """Answer a running transition's ``context.confirm`` question (a ``confirm_request`` event)."""
+    check_session_id(session_id)
+    if body.reason is not None or body.request_id not in (None, request_id):
+        raise InvalidInput("answer a confirm request with {\"accepted\": true|false} only",
+                           code="invalid_value")
+    event = inputs.confirm_response(net, session_id, body.accepted, "", request_id=request_id)
+    return await _answer(ctx, net, session_id, event)
+
+
+async def _answer(ctx: GatewayContext, net: Net, session_id: str, event: Any) -> Appended:
+    await ctx.require_session(net.bot, session_id)
+    seq, appended = await inputs.append_answer(ctx.events, event)
+    return Appended(seq=seq, event=ClientEvent.model_validate(to_client(appended, seq)))
+
+
 @router.delete("/bots/{bot}/sessions/{session_id}", status_code=204, responses=ERRORS,
                tags=["sessions"])
 async def delete_session(net: BotNet, session_id: str, ctx: Ctx) -> Response:
-    """Delete the session's whole log. It cannot be undone."""
+    """Delete the session's whole log and its files. It cannot be undone."""
     await ctx.require_session(net.bot, session_id)
+    for key in fold(await ctx.events.read(net.bot, session_id)).files:
+        await ctx.files.delete(net.bot, session_id, key)
     await ctx.events.delete(net.bot, session_id)
     ctx.log.info("session deleted", bot=net.bot, session_id=session_id)
     return Response(status_code=204)

@@ -9,6 +9,11 @@ Three tasks per connection: a pump (consumer -> outbox), a reader (client -> log
 and the one writer that owns the socket's send side, so stream events and error replies never
 interleave mid-frame. A refused client message gets an ``error`` event sent to that client only; it
 never enters the log and the connection stays open.
+
+Answers (accept/reject a confirmation, a confirm_response) are checked against a fold of the session
+that the connection keeps and brings up to date before each answer, and appended at the sequence they
+were checked at: an unknown or already answered id is refused, and of two clients answering at once
+exactly one answer lands.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected, WebSocketState
 
 from petribus import subjects
+from petribus.core import SessionState
 from petribus.errors import BusError, InvalidInput, PetribusError, UnknownBot, UnknownSession
 from petribus.events import ErrorEvent, decode, to_client
 from petribus.net import Net
-from petribus_gateway import inputs
+from petribus_gateway import deltas, inputs
 from petribus_gateway.context import GatewayContext, context
 
 CLOSE_NOT_FOUND = 4404
@@ -117,6 +123,7 @@ class SessionSocket:
         self.max_bytes = ctx.settings.gateway_max_message_bytes
         self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(OUTBOX_SIZE)
         self.last_seq = since
+        self.state = SessionState()  # folded only when an answer needs checking
         self.log = ctx.log.bind(bot=net.bot, session_id=session_id)
 
     async def run(self) -> None:
@@ -127,6 +134,8 @@ class SessionSocket:
             await self._close(CLOSE_STREAM_LOST, f"cannot stream now; reconnect with since={self.since}")
             return
         self.log.info("client connected", since=self.since)
+        # Live pieces of replies (not in the log) go to the same outbox, so the one writer sends them.
+        live = await deltas.follow(self.ctx.nc, self.net.bot, self.session_id, self.outbox, self.log)
         pump = asyncio.create_task(self._pump(sub), name=f"ws:{self.session_id}:pump")
         tasks = [pump, asyncio.create_task(self._read(), name=f"ws:{self.session_id}:read"),
                  asyncio.create_task(self._write(), name=f"ws:{self.session_id}:write")]
@@ -137,6 +146,8 @@ class SessionSocket:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._unsubscribe(sub)
+            if live is not None:
+                await self._unsubscribe(live)
         for task in done:
             failure = None if task.cancelled() else task.exception()
             if task is pump:
@@ -212,7 +223,14 @@ class SessionSocket:
             await self._error(exc.code, exc.message, request_id)
             return
         try:
-            seq = await self.ctx.events.append(event)
+            if isinstance(event, inputs.ANSWERS):
+                seq, _ = await inputs.append_answer(self.ctx.events, event, state=self.state)
+            else:
+                seq = await self.ctx.events.append(event)
+        except InvalidInput as exc:  # nothing (or no longer anything) to answer
+            self.log.info("client answer refused", code=exc.code, error=exc.message)
+            await self._error(exc.code, exc.message, request_id)
+            return
         except BusError as exc:
             self.log.error("append failed", type=payload["type"], error=repr(exc))
             await self._error(exc.code, f"your {payload['type']} was not recorded ({exc}); send it again",

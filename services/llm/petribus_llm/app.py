@@ -1,20 +1,26 @@
-"""The LLM service: answers every user message of every session, exactly once, in order per session.
+"""The LLM service: answers every user message and transition prompt of every session, exactly once,
+in order per session.
 
 One durable consumer (``llm``) over all of PB_EVENTS, shared by every LLM process; only
-``user_message`` events are acted on, the rest are acked at once. Sessions are served in parallel;
-within a session, messages are answered one after the other (a queue and a task per session).
+``user_message`` and ``prompt_request`` events are acted on, the rest are acked at once. Sessions are
+served in parallel; within a session, messages are answered one after the other (a queue and a task
+per session). Messages held here are heartbeated (``in_progress``) so a slow model does not get them
+redelivered.
 
 Exactly once, with several processes and redeliveries: before answering, the session's log is read
-(incrementally, from what this process already folded) and a message that already has an
-``agent_message`` with its ``reply_to`` is not answered again. The reply goes out with the
-``Nats-Msg-Id`` ``reply:<user message id>`` and each proposed marker with ``marker:<id>:<n>``, so two
-processes racing on one redelivered message still land one reply. The message is acked only after
-the reply is in the log. Order holds across processes too: a message is answered only after every
+(incrementally, from what this process already folded: ``conversation.py``) and a message that
+already has its answer in the log is not answered again. A reply goes out with the ``Nats-Msg-Id``
+``reply:<user message id>`` (an ``agent_message``, or an ``error`` when the model could not answer)
+and each proposed marker with ``marker:<id>:<n>``; a prompt's answer with ``prompt:<prompt id>``. So
+two processes racing on one redelivered message still land one reply. The message is acked only after
+its answer is in the log. Order holds across processes too: a message is answered only after every
 older unanswered message of its session (answering those first if need be).
 
 What to say comes from ``commands`` (``/add``, ``/help``, the same in every mode) or else from the
-bot's ``Responder`` (offline for now). Every proposed marker is validated against the net here,
-whoever proposed it; an invalid one never enters the log.
+bot's ``Responder`` (offline, or a model: ``openai_responder``). Every proposed marker is validated
+against the net here, whoever proposed it; an invalid one never enters the log. While the model
+writes a reply the user will see, its pieces are published on ``pb.delta.<bot>.<session>`` (core
+NATS, not stored) for the gateway to show live; the whole reply then lands in the log.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import asyncio
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -32,78 +37,62 @@ from pydantic import ValidationError
 from petribus import subjects
 from petribus.bus import EventLog
 from petribus.consumer import PullConsumer
-from petribus.core import SessionState, apply
 from petribus.errors import InvalidInput
-from petribus.events import AgentMessage, ErrorEvent, Marker, MarkerAdded, UserMessage, _Event, decode
+from petribus.events import (
+    AgentMessage,
+    AgentMessageDelta,
+    ErrorEvent,
+    Marker,
+    MarkerAdded,
+    PromptRequest,
+    PromptResponse,
+    UserMessage,
+    _Event,
+    decode,
+)
 from petribus.net import Net
 from petribus.service import Service
 from petribus.settings import Settings
 
 from petribus_llm import commands, describe
-from petribus_llm.responder import ProposedMarker, Reply, Responder, responder_for
+from petribus_llm.conversation import Askable, Conversation
+from petribus_llm.errors import LLMError
+from petribus_llm.responder import Ask, OnDelta, ProposedMarker, Reply, Responder, responder_for
 
 Key = tuple[str, str]
 MAX_DELIVERIES = 5  # a message that failed this often gets an error event instead of another try
 GAVE_UP = "llm_failed"
+_REPLY_IDS = uuid.UUID("7d0f3f0c-4a52-4f3e-9a7e-5f1c2b8e9d10")
 
 
-@dataclass
-class Conversation:
-    """One session as this process last read it: the folded state, and which messages await a reply."""
-
-    state: SessionState = field(default_factory=SessionState)
-    replied: set[str] = field(default_factory=set)
-    unanswered: OrderedDict[str, UserMessage] = field(default_factory=OrderedDict)  # log order
-    markers: dict[str, int] = field(default_factory=dict)  # user message id -> markers added for it
-
-    def absorb(self, events: Iterable[tuple[int, _Event]]) -> None:
-        for seq, event in events:
-            if seq <= self.state.last_seq:
-                continue
-            apply(self.state, seq, event)
-            if isinstance(event, UserMessage) and event.id not in self.replied:
-                self.unanswered[event.id] = event
-            elif isinstance(event, AgentMessage) and event.reply_to:
-                self.answered(event.reply_to)
-            elif isinstance(event, ErrorEvent) and event.code == GAVE_UP and event.cause:
-                self.answered(event.cause)
-            elif isinstance(event, MarkerAdded) and event.source == "llm" and event.cause:
-                self.markers[event.cause] = self.markers.get(event.cause, 0) + 1
-
-    def answered(self, message_id: str) -> None:
-        self.replied.add(message_id)
-        self.unanswered.pop(message_id, None)
-
-    def before(self, message: UserMessage) -> list[UserMessage]:
-        """Unanswered messages older than ``message`` in the log."""
-        out = []
-        for m in self.unanswered.values():
-            if m.id == message.id:
-                break
-            out.append(m)
-        return out
+def reply_id(asked: str) -> str:
+    """The event id of the agent_message answering event ``asked``: known before it is written (deltas
+    name it) and the same in every process."""
+    return uuid.uuid5(_REPLY_IDS, asked).hex
 
 
 class LLMService(Service):
     name = "llm"
 
     def __init__(self, settings: Settings, nets: Iterable[Net], *, responder: Responder | None = None,
-                 instance: str | None = None, cache_size: int = 1000, ack_wait_s: float = 30.0,
+                 instance: str | None = None, cache_size: int = 1000, ack_wait_s: float | None = None,
                  max_inflight: int = 64) -> None:
         super().__init__(settings)
         self.nets = {n.bot: n for n in nets}
         self.responders = {bot: responder or responder_for(settings, n) for bot, n in self.nets.items()}
         self.instance = instance or f"llm-{uuid.uuid4().hex[:8]}"
         self.cache_size = cache_size
-        self.ack_wait_s = ack_wait_s
+        self.ack_wait_s = ack_wait_s if ack_wait_s is not None else settings.ack_wait_s
         self.max_inflight = max_inflight
         self.consumer: PullConsumer | None = None
         self.conversations: OrderedDict[Key, Conversation] = OrderedDict()
-        self.queues: dict[Key, deque[tuple[Msg, UserMessage]]] = {}
+        self.queues: dict[Key, deque[tuple[Msg, Askable]]] = {}
         self.active: set[Key] = set()
+        self.held: dict[int, Msg] = {}  # delivered, not yet acked (by id(msg)): heartbeated
         self._idle = asyncio.Event()
         self._idle.set()
-        self.stats = {"answered": 0, "already_answered": 0, "caught_up": 0, "markers": 0, "failed": 0}
+        self.stats = {"answered": 0, "already_answered": 0, "caught_up": 0, "markers": 0, "failed": 0,
+                      "prompts": 0, "llm_errors": 0}
         self.log = self.log.bind(instance=self.instance)
 
     async def start(self) -> None:
@@ -122,7 +111,8 @@ class LLMService(Service):
                                      max_inflight=self.max_inflight)
         await self.consumer.start()
         self.spawn(self._receive(), "receive")
-        modes = {bot: type(r).__name__ for bot, r in self.responders.items()}
+        self.spawn(self._heartbeat(), "heartbeat")
+        modes = {bot: repr(r) for bot, r in self.responders.items()}
         self.log.info("llm service started", bots=sorted(self.nets), responders=modes)
 
     async def drain(self) -> None:
@@ -130,34 +120,53 @@ class LLMService(Service):
             await self.consumer.stop()
         await self._idle.wait()  # sessions answer what they already hold; unacked rest is redelivered
 
+    async def stop(self, timeout: float = 10.0) -> None:
+        try:
+            await super().stop(timeout)
+        finally:
+            for responder in self.responders.values():
+                await responder.aclose()
+
     async def _receive(self) -> None:
         assert self.consumer is not None
         while True:
             for msg in await self.consumer.next_batch(self.max_inflight):
-                message = self._user_message(msg)
-                if message is None:
+                asked = self._askable(msg)
+                if asked is None:
                     await msg.ack()
                     self.consumer.release()
                     continue
-                key = (message.bot, message.session_id)
-                self.queues.setdefault(key, deque()).append((msg, message))
+                key = (asked.bot, asked.session_id)
+                self.held[id(msg)] = msg
+                self.queues.setdefault(key, deque()).append((msg, asked))
                 if key not in self.active:
                     self._activate(key)
 
-    def _user_message(self, msg: Msg) -> UserMessage | None:
-        """The user message ``msg`` carries, if it is one of our bots'; ``None`` for anything else."""
+    async def _heartbeat(self) -> None:
+        # Tells JetStream that messages waiting here (behind a slow model call) are still being handled.
+        while True:
+            await asyncio.sleep(max(0.1, self.ack_wait_s / 3))
+            for msg in list(self.held.values()):
+                try:
+                    await msg.in_progress()
+                except Exception as exc:  # disconnected: the next beat may get through; redelivery is safe
+                    self.log.warning("heartbeat failed", error=repr(exc))
+                    break
+
+    def _askable(self, msg: Msg) -> Askable | None:
+        """The user message or prompt ``msg`` carries, if it is one of our bots'; ``None`` for anything else."""
         try:
             bot, _ = subjects.parse_events(msg.subject)
         except ValueError:
             return None
-        if bot not in self.nets or b'"user_message"' not in msg.data:
-            return None  # cheap test first: most events are not user messages
+        if bot not in self.nets or (b'"user_message"' not in msg.data and b'"prompt_request"' not in msg.data):
+            return None  # cheap test first: most events are neither
         try:
             event = decode(msg.data)
         except ValidationError:
             self.log.error("undecodable event skipped", subject=msg.subject, seq=msg.metadata.sequence.stream)
             return None
-        return event if isinstance(event, UserMessage) else None
+        return event if isinstance(event, (UserMessage, PromptRequest)) else None
 
     def _activate(self, key: Key) -> None:
         self.active.add(key)
@@ -169,10 +178,11 @@ class LLMService(Service):
         assert self.consumer is not None
         try:
             while queue:
-                msg, message = queue.popleft()
+                msg, asked = queue.popleft()
                 try:
-                    await self._settle(key, msg, message)
+                    await self._settle(key, msg, asked)
                 finally:
+                    self.held.pop(id(msg), None)
                     self.consumer.release()
         finally:
             self.active.discard(key)
@@ -183,11 +193,11 @@ class LLMService(Service):
                 if not self.active:
                     self._idle.set()
 
-    async def _settle(self, key: Key, msg: Msg, message: UserMessage) -> None:
-        """Answer ``message`` then ack it; on failure nak it, or after too many tries say so in the log."""
-        log = self.log.bind(session_id=key[1], message_id=message.id)
+    async def _settle(self, key: Key, msg: Msg, asked: Askable) -> None:
+        """Answer ``asked`` then ack it; on failure nak it, or after too many tries say so in the log."""
+        log = self.log.bind(session_id=key[1], message_id=asked.id)
         try:
-            await self._answer(key, message)
+            await self._answer(key, asked)
             await msg.ack()
             return
         except Exception as exc:
@@ -198,35 +208,71 @@ class LLMService(Service):
             failure = exc
         try:
             if deliveries >= MAX_DELIVERIES:
-                await self._give_up(message, failure)
+                await self._give_up(asked, failure)
                 await msg.ack()
             else:
                 await msg.nak(delay=min(30.0, 0.5 * 2**deliveries))
         except Exception as exc:  # the bus itself is failing: JetStream redelivers after ack_wait
             log.error("could not settle message", error=repr(exc))
 
-    async def _answer(self, key: Key, message: UserMessage) -> None:
+    async def _answer(self, key: Key, asked: Askable) -> None:
         conv = await self._conversation(key)
-        if message.id in conv.replied:
+        if asked.id in conv.replied:
             self.stats["already_answered"] += 1
-            self.log.info("message already answered; not answering again", session_id=key[1],
-                          message_id=message.id)
+            self.log.info("already answered; not answering again", session_id=key[1], message_id=asked.id)
             return
-        # Older messages still unanswered are with another process (or were lost with it): answer them
-        # first so replies keep the session's order; if both processes land one, its Nats-Msg-Id drops
-        # the second.
-        earlier = conv.before(message)
-        for m in earlier:
-            await self._reply(key, conv, m)
-        self.stats["caught_up"] += len(earlier)
-        await self._reply(key, conv, message)
-        self.stats["answered"] += 1
+        # Older messages still unanswered are with another process (or were lost with it). Replies keep
+        # the session's order: wait (bounded) for that process's answer, then answer what is still
+        # unanswered ourselves; if both processes land one, its Nats-Msg-Id drops the second.
+        for m in conv.before(asked):
+            if not self._holds(key, m):
+                await self._await_answer(key, conv, m)
+            if await self._reply(key, conv, m):
+                self.stats["caught_up"] += 1
+        if await self._reply(key, conv, asked):
+            self.stats["answered"] += 1
+        else:
+            self.stats["already_answered"] += 1
 
-    async def _reply(self, key: Key, conv: Conversation, message: UserMessage) -> None:
+    def _holds(self, key: Key, asked: Askable) -> bool:
+        """Whether ``asked`` waits in this process's own queue (so nobody else is answering it)."""
+        return any(a.id == asked.id for _, a in self.queues.get(key, ()))
+
+    async def _await_answer(self, key: Key, conv: Conversation, asked: Askable) -> None:
+        """Give the process that holds ``asked`` the time JetStream gives it (twice ack_wait) to answer."""
+        found = await self.events.wait_for(
+            *key, after=conv.state.last_seq, timeout=2 * self.ack_wait_s,
+            match=lambda e: _answers(e, asked.id))
+        if found is None:
+            self.log.warning("an older message got no answer in time; answering it here", session_id=key[1],
+                             message_id=asked.id)
+
+    async def _reply(self, key: Key, conv: Conversation, asked: Askable) -> bool:
+        """Answer ``asked`` unless the log (read again now) already has its answer; whether it was answered."""
+        conv.absorb(await self.events.read(*key, after=conv.state.last_seq))
+        if asked.id in conv.replied:
+            return False
+        if isinstance(asked, PromptRequest):
+            await self._answer_prompt(key, conv, asked)
+        else:
+            await self._answer_message(key, conv, asked)
+        return True
+
+    async def _answer_message(self, key: Key, conv: Conversation, message: UserMessage) -> None:
         net = self.nets[key[0]]
         log = self.log.bind(session_id=key[1], message_id=message.id)
-        reply = self._checked(net, commands.handle(net, message.text)
-                              or await self.responders[net.bot].respond(net, conv.state, message))
+        answer_id = reply_id(message.id)
+        reply = commands.handle(net, message.text)
+        if reply is None:
+            ask = Ask(message.id, message.text, conv.seq_of(message.id))
+            try:
+                reply = await self.responders[net.bot].respond(
+                    net, conv, ask, self._streamer(key, answer_id, message))
+            except LLMError as exc:
+                await self._refuse(message, exc, msg_id=f"reply:{message.id}")
+                conv.answered(message.id)
+                return
+        reply = self._checked(net, reply)
         done = conv.markers.get(message.id, 0)  # a crash may have landed some before the reply
         for i, proposed in enumerate(reply.markers[done:], start=done):
             added = MarkerAdded(bot=net.bot, session_id=key[1], cause=message.id,
@@ -235,11 +281,77 @@ class LLMService(Service):
             await self.events.append(added, msg_id=f"marker:{message.id}:{i}")
             self.stats["markers"] += 1
             log.info("marker added", location=proposed.location, marker_id=added.marker.id)
-        answer = AgentMessage(bot=net.bot, session_id=key[1], text=reply.text, reply_to=message.id,
-                              cause=message.id, request_id=message.request_id)
+        answer = AgentMessage(id=answer_id, bot=net.bot, session_id=key[1], text=reply.text,
+                              reply_to=message.id, cause=message.id, request_id=message.request_id)
         await self.events.append(answer, msg_id=f"reply:{message.id}")
         conv.answered(message.id)
         log.info("answered", markers=len(reply.markers))
+
+    async def _answer_prompt(self, key: Key, conv: Conversation, request: PromptRequest) -> None:
+        """A transition's question: the model's answer goes back to it, and to the user when it won't wait."""
+        net = self.nets[key[0]]
+        log = self.log.bind(session_id=key[1], prompt_id=request.id, transition=request.transition)
+        self.stats["prompts"] += 1
+        text = conv.shown.get(request.id)  # shown to the user already (a crash came before the response)
+        if text is None and request.wait and request.firing_id in conv.state.finished:
+            await self._respond(request, error="the transition that asked has ended; nobody waits for the "
+                                "answer", code="prompt_abandoned")
+            conv.answered(request.id)
+            return
+        if text is None:
+            public = request.transition is not None and net.has_transition(request.transition) \
+                and net.transition(request.transition).expose
+            ask = Ask(request.id, request.text, conv.seq_of(request.id), kind="prompt",
+                      transition=request.transition if public else None, shown=not request.wait)
+            answer_id = reply_id(request.id)
+            try:
+                reply = await self.responders[net.bot].respond(
+                    net, conv, ask, None if request.wait else self._streamer(key, answer_id, request))
+            except LLMError as exc:
+                if not request.wait:
+                    await self._refuse(request, exc, msg_id=f"prompt-error:{request.id}")
+                await self._respond(request, error=exc.message, code=exc.code)
+                conv.answered(request.id)
+                return
+            text = reply.text
+            if not request.wait:
+                await self.events.append(
+                    AgentMessage(id=answer_id, bot=net.bot, session_id=key[1], text=text, cause=request.id,
+                                 request_id=request.request_id),
+                    msg_id=f"prompt-say:{request.id}")
+        await self._respond(request, text=text)
+        conv.answered(request.id)
+        log.info("prompt answered", wait=request.wait)
+
+    async def _respond(self, request: PromptRequest, *, text: str = "", error: str | None = None,
+                       code: str | None = None) -> None:
+        await self.events.append(
+            PromptResponse(bot=request.bot, session_id=request.session_id, request_id=request.request_id,
+                           cause=request.id, firing_id=request.firing_id, transition=request.transition,
+                           text=text, error=error, code=code, trace=request.trace),
+            msg_id=f"prompt:{request.id}")
+
+    async def _refuse(self, asked: Askable, exc: LLMError, *, msg_id: str) -> None:
+        """The model could not answer: one error event the user sees, saying what to check."""
+        self.stats["llm_errors"] += 1
+        self.log.warning("model could not answer", session_id=asked.session_id, message_id=asked.id,
+                         code=exc.code, error=exc.message)
+        await self.events.append(
+            ErrorEvent(bot=asked.bot, session_id=asked.session_id, cause=asked.id, request_id=asked.request_id,
+                       code=exc.code, message=f"The language model could not answer: {exc.message}."),
+            msg_id=msg_id)
+
+    def _streamer(self, key: Key, answer_id: str, asked: Askable) -> OnDelta:
+        subject = subjects.deltas(*key)
+        assert self.nc is not None
+        nc = self.nc
+
+        async def on_delta(text: str, offset: int) -> None:
+            delta = AgentMessageDelta(bot=key[0], session_id=key[1], text=text, offset=offset,
+                                      event_id=answer_id, request_id=asked.request_id, reply_to=asked.id)
+            await nc.publish(subject, delta.model_dump_json(exclude_none=True).encode())
+
+        return on_delta
 
     def _checked(self, net: Net, reply: Reply) -> Reply:
         """``reply`` with every proposed marker validated; one invalid marker turns it into an explanation."""
@@ -252,18 +364,22 @@ class LLMService(Service):
             return Reply(f"I could not add that marker: {exc.message}.\n\n{describe.how_to_add(net)}")
         return Reply(reply.text, markers)
 
-    async def _give_up(self, message: UserMessage, exc: BaseException) -> None:
-        error = ErrorEvent(bot=message.bot, session_id=message.session_id, cause=message.id,
-                           request_id=message.request_id, code=GAVE_UP,
-                           message=f"I could not answer your message ({type(exc).__name__}). "
-                                   "Please send it again in a moment.")
-        await self.events.append(error, msg_id=f"reply:{message.id}")
+    async def _give_up(self, asked: Askable, exc: BaseException) -> None:
+        message = (f"I could not answer your message ({type(exc).__name__}). Please send it again in a moment."
+                   if isinstance(asked, UserMessage) else
+                   f"the LLM service could not answer this prompt ({type(exc).__name__})")
+        error = ErrorEvent(bot=asked.bot, session_id=asked.session_id, cause=asked.id,
+                           request_id=asked.request_id, code=GAVE_UP, message=message)
+        if isinstance(asked, UserMessage):
+            await self.events.append(error, msg_id=f"reply:{asked.id}")
+        else:
+            await self._respond(asked, error=message, code=GAVE_UP)
 
     async def _conversation(self, key: Key) -> Conversation:
         """The session as the log has it now: cached, and topped up with what was appended since."""
         conv = self.conversations.get(key)
         if conv is None:
-            conv = self.conversations[key] = Conversation()
+            conv = self.conversations[key] = Conversation(self.nets[key[0]])
             conv.state.bot, conv.state.session_id = key
             while len(self.conversations) > self.cache_size:
                 self.conversations.popitem(last=False)
@@ -275,5 +391,18 @@ class LLMService(Service):
         self.conversations.pop(key, None)
 
 
+def _answers(event: _Event, asked: str) -> bool:
+    """Whether ``event`` is the answer to the user message or prompt with id ``asked``."""
+    match event:
+        case AgentMessage():
+            return event.reply_to == asked
+        case PromptResponse():
+            return event.cause == asked
+        case ErrorEvent():
+            return event.cause == asked and event.code.startswith("llm_")
+    return False
+
+
 async def run(settings: Settings, nets: Iterable[Net]) -> None:
     await LLMService(settings, nets).run()
+

@@ -7,6 +7,11 @@ can never both consume a marker: the loser re-folds and decides again. Work is d
 ``Nats-Msg-Id`` made from the firing id, and an event is acked only once its consequences are in
 the log, so a scheduler killed anywhere leaves nothing undone for the next one.
 
+A ``confirm=True`` firing is claimed like any other, then asked about (``confirm_transition``, Msg-Id
+``confirm:<firing>``) and given a durable deadline (``deadlines.py``); it is dispatched once the log
+holds its ``accept_transition``. Asking, like dispatching, is redone for any firing this process has
+not handled, so a scheduler that died between claiming and asking leaves nothing unasked.
+
 Cache coherence when several schedulers share the consumer: each process tracks the consumer
 sequence it was delivered. While it is contiguous, every event went through this process and the
 cached states are exact. A gap (another process got some events) or a redelivery bumps an epoch;
@@ -27,12 +32,13 @@ from pydantic import ValidationError
 from petribus import subjects
 from petribus.bus import EventLog, WrongLastSequence
 from petribus.consumer import PullConsumer
-from petribus.core import PlannedFiring, SessionState, apply, choose_firings, fold
+from petribus.core import Firing, PlannedFiring, SessionState, apply, choose_firings, fold
 from petribus.events import ConfirmTransition, TransitionFired, decode, new_id
 from petribus.net import Net
 from petribus.service import Service
 from petribus.settings import Settings
 from petribus.work import WorkItem
+from petribus_scheduler.deadlines import ConfirmDeadline, Deadlines
 
 Key = tuple[str, str]
 # Only these can make a transition enabled (markers arrive or come back, a firing ends and frees a
@@ -59,6 +65,8 @@ class Scheduler(Service):
         self.epoch = 0
         self.last_consumer_seq = 0
         self.dispatched: OrderedDict[str, None] = OrderedDict()
+        self.asked: OrderedDict[str, None] = OrderedDict()  # confirmations asked and given a deadline
+        self.confirm_timeout = settings.confirm_timeout_s if settings.confirm_timeout_s > 0 else None
         self.queues: dict[Key, deque[tuple[Msg, int]]] = {}
         self.active: set[Key] = set()
         self.stats = {"fired": 0, "conflicts": 0, "rebuilds": 0, "catchups": 0}
@@ -79,13 +87,17 @@ class Scheduler(Service):
         self.consumer = PullConsumer(nc, subjects.EVENTS_STREAM, subjects.SCHEDULER_DURABLE,
                                      max_inflight=self.settings.scheduler_batch * 4)
         await self.consumer.start()
+        self.deadlines = Deadlines(nc, self.events, self.log, ack_wait_s=self.ack_wait_s)
+        await self.deadlines.start()
         self.spawn(self._receive(), "receive")
+        self.spawn(self.deadlines.run(), "deadlines")
         self.log.info("scheduler started", bots=sorted(self.nets))
 
     async def drain(self) -> None:
         await self.consumer.stop()
         while self.active:
             await asyncio.sleep(0.01)  # shutdown only: let session tasks finish their current event
+        await self.deadlines.stop()  # after them: they may still arm deadlines
 
     async def _receive(self) -> None:
         while True:
@@ -203,15 +215,50 @@ class Scheduler(Service):
         apply(state, seq, fired)
         self.stats["fired"] += 1
         self.log.debug("fired", session_id=state.session_id, firing_id=firing_id, transition=p.transition, seq=seq)
-        if t.confirm:
-            firing = state.in_flight[firing_id]
-            ask = ConfirmTransition(bot=net.bot, session_id=state.session_id, firing_id=firing_id,
-                                    transition=t.name, description=t.description, cause=fired.id,
-                                    markers=[pm.marker for pm in firing.consumed])
-            apply(state, await self.events.append(ask, msg_id=f"confirm:{firing_id}"), ask)
+
+    async def _ask(self, net: Net, state: SessionState, asks: list[Firing]) -> None:
+        """Ask the user about each confirm firing (once: Msg-Id and fold) and arm its deadline."""
+        key = (net.bot, state.session_id)
+        for f in asks:
+            for _ in range(MAX_CONFLICT_RETRIES):
+                if (f.asked_at is not None or f.status != "awaiting_confirmation"
+                        or state.in_flight.get(f.id) is not f):
+                    break
+                t = net.transition(f.transition) if net.has_transition(f.transition) else None
+                ask = ConfirmTransition(bot=net.bot, session_id=state.session_id, firing_id=f.id,
+                                        transition=f.transition, description=t.description if t else None,
+                                        markers=[pm.marker for pm in f.consumed],
+                                        timeout=self.confirm_timeout, cause=f.id)
+                try:
+                    # At the folded sequence, so the cache never skips an event appended meanwhile.
+                    seq = await self.events.append_once(ask, msg_id=f"confirm:{f.id}",
+                                                        expected_last_seq=state.last_seq)
+                except WrongLastSequence:
+                    seq = None
+                if seq is None:  # someone else appended something (maybe this very ask): look again
+                    await self._catch_up(key, state)
+                else:
+                    apply(state, seq, ask)
+        due = [ConfirmDeadline(bot=net.bot, session_id=state.session_id, firing_id=f.id, due=d)
+               for f in asks if f.status == "awaiting_confirmation" and (d := f.confirm_deadline) is not None]
+        if due:
+            await self.deadlines.publish(due)
+        for f in asks:
+            self.asked[f.id] = None
+        while len(self.asked) > 100_000:
+            self.asked.popitem(last=False)
 
     async def _dispatch(self, net: Net, state: SessionState) -> None:
-        todo = [f for f in state.in_flight.values() if f.status == "claimed" and f.id not in self.dispatched]
+        todo: list[Firing] = []
+        asks: list[Firing] = []
+        for f in state.in_flight.values():
+            if f.status == "claimed":
+                if f.id not in self.dispatched:
+                    todo.append(f)
+            elif f.status == "awaiting_confirmation" and f.id not in self.asked:
+                asks.append(f)
+        if asks:
+            await self._ask(net, state, asks)
         if not todo:
             return
         futures = []
