@@ -114,3 +114,19 @@ async def test_chat_says_when_there_is_nothing_to_answer_or_upload(settings, tmp
         await screen.shows("[nothing to upload]")
         typist.type("/quit")
         await running
+
+
+async def test_chat_refuses_an_upload_larger_than_the_bot_accepts(settings, tmp_path):
+    settings = settings.model_copy(update={"max_file_bytes": 1024})
+    screen, typist = Screen(), Typist()
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * 4096)
+    async with Stack(settings, [HITL]) as stack:
+        chat, running = await _chat(stack, screen, typist, tmp_path)
+        typist.type('/add Upload {"description": "a big one", "timeout": 30}')
+        await screen.shows("[input_file_request] a big one")
+        typist.type(f"/upload {big}")
+        await screen.shows("[upload refused]")
+        assert chat.file_requests  # still open: the user can send a smaller file
+        typist.type("/quit")
+        await running

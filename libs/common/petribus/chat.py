@@ -96,6 +96,11 @@ def render(event: dict[str, Any]) -> str:
             return f"[{kind}] {_json(value)}"
 
 
+async def _chunks(fh: Any, size: int = 256 * 1024) -> AsyncIterator[bytes]:
+    while chunk := fh.read(size):
+        yield chunk
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
@@ -141,6 +146,8 @@ class Chat:
         # Open questions (task or request id -> the answer's message type) and file requests, oldest first.
         self.questions: OrderedDict[str, str] = OrderedDict()
         self.file_requests: OrderedDict[str, str] = OrderedDict()
+        self._asked_by: dict[str, str | None] = {}  # question or file request id -> the firing that asked
+        self._max_bytes: dict[str, int | None] = {}
         self._http: httpx.AsyncClient | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.bot = bot
@@ -252,12 +259,23 @@ class Chat:
                 self.questions.pop(task, None)
             case "confirm_request" if request:
                 self.questions[request] = "confirm"
+                self._asked_by[request] = task
             case "confirm_response" if request:
                 self.questions.pop(request, None)
             case "input_file_request" if isinstance(value, dict) and value.get("file_id"):
                 self.file_requests[value["file_id"]] = value.get("upload_url") or ""
+                self._asked_by[value["file_id"]] = task
+                self._max_bytes[value["file_id"]] = value.get("max_bytes")
             case "input_file_response" if isinstance(value, dict):
                 self.file_requests.pop(value.get("file_id", ""), None)
+            case "transition_completed" | "transition_failed" if task and (
+                    kind == "transition_completed" or (isinstance(value, dict) and value.get("final", True))):
+                # The firing ended: what it asked can no longer be answered.
+                self.questions.pop(task, None)
+                for ident in [i for i, f in self._asked_by.items() if f == task]:
+                    self.questions.pop(ident, None)
+                    self.file_requests.pop(ident, None)
+                    del self._asked_by[ident]
             case "output_file" if isinstance(value, dict) and value.get("url"):
                 task_ = asyncio.create_task(self._download(value), name="chat-download")
                 self._background.add(task_)
@@ -312,9 +330,15 @@ class Chat:
         if not path.is_file():
             self.show(f"[upload failed] {path} is not a file", "bold red")
             return
+        limit = self._max_bytes.get(file_id)
+        size = path.stat().st_size
+        if limit is not None and size > limit:
+            self.show(f"[upload refused] {path} is {size} bytes; the bot accepts at most {limit}", "bold red")
+            return
         try:
-            with open(path, "rb") as fh:
-                resp = await self._client().put(f"{url}?name={quote(path.name)}", content=fh.read())
+            with open(path, "rb") as fh:  # streamed: a large file is never held in memory whole
+                resp = await self._client().put(f"{url}?name={quote(path.name)}", content=_chunks(fh),
+                                                headers={"content-length": str(size)})
         except (OSError, httpx.HTTPError) as exc:
             self.show(f"[upload failed] {path}: {exc}", "bold red")
             return
