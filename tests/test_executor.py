@@ -244,7 +244,7 @@ async def test_context_prompt_is_a_request_in_the_log_answered_from_the_log(sett
 async def test_a_redelivery_of_a_firing_running_here_is_adopted_not_run_twice(
     settings: Settings, nc: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def lost_heartbeats(self: FiringRunner, delivery: Any) -> None:
+    async def lost_heartbeats(self: FiringRunner) -> None:
         await asyncio.Event().wait()
 
     monkeypatch.setattr(FiringRunner, "_heartbeat", lost_heartbeats)

@@ -150,6 +150,8 @@ class Executor(Service):
         try:
             await super().stop(timeout)
         finally:
+            if getattr(self, "runner", None) is not None:
+                self.runner.close()
             if self.workers is not None:
                 await self.workers.close()
 

@@ -55,19 +55,26 @@ class Outbox:
     def __init__(self, events: EventLog) -> None:
         self._events = events
         self._queue: asyncio.Queue[tuple[_Event, asyncio.Future[int] | None] | None] = asyncio.Queue()
-        self._writer = asyncio.create_task(self._write())
+        self._task: asyncio.Task[None] | None = None  # started by the first event: most firings say nothing
+
+    def _start(self) -> asyncio.Task[None]:
+        if self._task is None:
+            self._task = asyncio.create_task(self._write())
+        return self._task
 
     def put(self, event: _Event) -> None:
+        self._start()
         self._queue.put_nowait((event, None))
 
     async def append(self, event: _Event) -> int:
         """Append ``event`` after everything put before it; its sequence, once it is in the log."""
         landed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        writer = self._start()
         self._queue.put_nowait((event, landed))
-        await asyncio.wait({landed, self._writer}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({landed, writer}, return_when=asyncio.FIRST_COMPLETED)
         if not landed.done():  # the writer died on an earlier event: this one will never be written
             landed.cancel()
-            self._writer.result()
+            writer.result()
             raise PetribusError("the firing's events could not be written", code="bus_error", retryable=True)
         return landed.result()
 
@@ -85,13 +92,17 @@ class Outbox:
 
     async def flush(self) -> None:
         """Wait until everything put so far is in the log (raises if an append failed)."""
+        if self._task is None:
+            return
         self._queue.put_nowait(None)
-        await self._writer
+        await self._task
 
     def discard(self) -> None:
-        self._writer.cancel()
+        if self._task is None:
+            return
+        self._task.cancel()
         # The firing is being abandoned; an append that already failed has nobody left to tell.
-        self._writer.add_done_callback(lambda task: task.cancelled() or task.exception())
+        self._task.add_done_callback(lambda task: task.cancelled() or task.exception())
 
 
 class Delivery:
@@ -115,6 +126,7 @@ class FiringRunner:
         self.heartbeat_s = max(0.1, ack_wait_s / 3)
         self.log = log
         self._running: dict[str, Delivery] = {}
+        self._heartbeats: asyncio.Task[None] | None = None
 
     async def execute(self, msg: Msg) -> None:
         """Run one delivered work item to its outcome, then ack. Never raises (but for cancellation)."""
@@ -134,7 +146,7 @@ class FiringRunner:
                                  delivery=msg.metadata.num_delivered)
                 return
             delivery = self._running[item.firing_id] = Delivery(msg)
-            heartbeat = asyncio.create_task(self._heartbeat(delivery), name=f"heartbeat:{item.firing_id}")
+            self._ensure_heartbeats()
             try:
                 await self._execute(item, delivery)
             except asyncio.CancelledError:
@@ -145,7 +157,6 @@ class FiringRunner:
                 self.log.error("work item not finished; will be redelivered", error=repr(exc), exc_info=exc)
                 await _quietly(delivery.msg.nak(delay=1.0))
             finally:
-                heartbeat.cancel()
                 del self._running[item.firing_id]
 
     async def _execute(self, item: WorkItem, current: Delivery) -> None:
@@ -288,13 +299,23 @@ class FiringRunner:
         state = fold(await self.events.read(item.bot, item.session_id))
         return item.firing_id in state.in_flight
 
-    async def _heartbeat(self, delivery: Delivery) -> None:
+    def _ensure_heartbeats(self) -> None:
+        if self._heartbeats is None or self._heartbeats.done():
+            self._heartbeats = asyncio.create_task(self._heartbeat(), name="heartbeats")
+
+    async def _heartbeat(self) -> None:
+        """One loop beats for every running firing (a task per firing would cost two more per firing)."""
         while True:
             await asyncio.sleep(self.heartbeat_s)
-            try:
-                await delivery.msg.in_progress()
-            except Exception as exc:  # disconnected: the next beat may get through; redelivery is safe
-                self.log.warning("heartbeat failed", error=repr(exc))
+            for delivery in list(self._running.values()):
+                try:
+                    await delivery.msg.in_progress()
+                except Exception as exc:  # disconnected: the next beat may get through; redelivery is safe
+                    self.log.warning("heartbeat failed", error=repr(exc))
+
+    def close(self) -> None:
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
 
 
 async def _quietly(aw: Any) -> None:

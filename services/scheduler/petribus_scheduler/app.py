@@ -188,25 +188,33 @@ class Scheduler(Service):
         self.verified.pop(key, None)
 
     async def _advance(self, key: Key, state: SessionState) -> None:
-        """Claim every firing the marking allows, then dispatch every claimed, undispatched firing."""
+        """Claim every firing the marking allows, then dispatch every claimed, undispatched firing.
+
+        Each firing's work is sent as soon as its claim is in the log (claims of one session must be
+        appended one after another; work need not wait for the rest of them), and every send is
+        acknowledged before this returns, so the triggering event is acked only after all of it.
+        """
         net = self.nets[key[0]]
         # Only nets with a ``when=`` pay for guard calls (and for the guard's wider candidate search).
         guard = (lambda t, picked: self._guard(net, t, picked)) if key[0] in self.guarded else None
+        sent: dict[str, asyncio.Future] = {}
         for _ in range(MAX_CONFLICT_RETRIES):
             plan = choose_firings(self.shapes[key[0]], state, guard=guard)
             if not plan:
                 break
             try:
                 for p in plan:
-                    await self._claim(net, state, p)
+                    firing = await self._claim(net, state, p)
+                    if firing.status == "claimed":
+                        sent[firing.id] = await self._send_work(net, state, firing)
             except WrongLastSequence:
                 self.stats["conflicts"] += 1
                 await self._catch_up(key, state)
         else:
             raise RuntimeError(f"session {key[1]}: still conflicting after {MAX_CONFLICT_RETRIES} re-folds")
-        await self._dispatch(net, state)
+        await self._dispatch(net, state, sent)
 
-    async def _claim(self, net: Net, state: SessionState, p: PlannedFiring) -> None:
+    async def _claim(self, net: Net, state: SessionState, p: PlannedFiring) -> Firing:
         t = net.transition(p.transition)
         firing_id = new_id()
         fired = TransitionFired(bot=net.bot, session_id=state.session_id, firing_id=firing_id,
@@ -215,6 +223,7 @@ class Scheduler(Service):
         apply(state, seq, fired)
         self.stats["fired"] += 1
         self.log.debug("fired", session_id=state.session_id, firing_id=firing_id, transition=p.transition, seq=seq)
+        return state.in_flight[firing_id]
 
     async def _ask(self, net: Net, state: SessionState, asks: list[Firing]) -> None:
         """Ask the user about each confirm firing (once: Msg-Id and fold) and arm its deadline."""
@@ -248,32 +257,33 @@ class Scheduler(Service):
         while len(self.asked) > 100_000:
             self.asked.popitem(last=False)
 
-    async def _dispatch(self, net: Net, state: SessionState) -> None:
-        todo: list[Firing] = []
+    async def _dispatch(self, net: Net, state: SessionState, sent: dict[str, asyncio.Future] | None = None) -> None:
+        """Send the work of every claimed firing not yet sent by this process (after a restart, a
+        rival's claim, an accept), ask about every waiting confirmation, and wait for all of it."""
+        sent = dict(sent or {})
         asks: list[Firing] = []
         for f in state.in_flight.values():
             if f.status == "claimed":
-                if f.id not in self.dispatched:
-                    todo.append(f)
+                if f.id not in self.dispatched and f.id not in sent:
+                    sent[f.id] = await self._send_work(net, state, f)
             elif f.status == "awaiting_confirmation" and f.id not in self.asked:
                 asks.append(f)
         if asks:
             await self._ask(net, state, asks)
-        if not todo:
+        if not sent:
             return
-        futures = []
-        for f in todo:
-            item = WorkItem(bot=net.bot, session_id=state.session_id, firing_id=f.id, transition=f.transition,
-                            inputs=[pm.marker for pm in f.consumed], fired_seq=f.fired_seq)
-            pool = net.transition(f.transition).pool if net.has_transition(f.transition) else "cpu"
-            futures.append(await self.js.publish_async(
-                subjects.work(pool), item.model_dump_json().encode(), headers={"Nats-Msg-Id": item.msg_id()}
-            ))
-        await asyncio.gather(*futures)  # acked by JetStream before the triggering event is acked
-        for f in todo:
-            self.dispatched[f.id] = None
+        await asyncio.gather(*sent.values())  # acked by JetStream before the triggering event is acked
+        for firing_id in sent:
+            self.dispatched[firing_id] = None
         while len(self.dispatched) > 100_000:
             self.dispatched.popitem(last=False)
+
+    async def _send_work(self, net: Net, state: SessionState, f: Firing) -> asyncio.Future:
+        item = WorkItem(bot=net.bot, session_id=state.session_id, firing_id=f.id, transition=f.transition,
+                        inputs=[pm.marker for pm in f.consumed], fired_seq=f.fired_seq)
+        pool = net.transition(f.transition).pool if net.has_transition(f.transition) else "cpu"
+        return await self.js.publish_async(
+            subjects.work(pool), item.model_dump_json().encode(), headers={"Nats-Msg-Id": item.msg_id()})
 
     def _guard(self, net: Net, transition: str, picked: dict) -> bool:
         t = net.transition(transition)
