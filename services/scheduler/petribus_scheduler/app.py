@@ -122,20 +122,28 @@ class Scheduler(Service):
                     asyncio.create_task(self._drain_session(key), name=f"session:{key[1]}")
 
     async def _drain_session(self, key: Key) -> None:
+        """Serve one session's queued events in order: fold all that are here, decide once, ack them.
+
+        A burst of markers for one session thus costs one decision, and the claims it makes no longer
+        race the markers already waiting behind them (fewer expected-sequence conflicts).
+        """
         queue = self.queues[key]
         try:
             while queue:
-                msg, epoch = queue.popleft()
+                batch = list(queue)
+                queue.clear()
                 try:
-                    await self._handle(key, msg, epoch)
-                    await msg.ack()
+                    await self._handle(key, batch)
+                    for msg, _ in batch:
+                        await msg.ack()
                 except Exception as exc:
                     # Forget what we cached (it may be half-updated) and let JetStream redeliver.
                     self.log.error("session step failed", session_id=key[1], error=repr(exc), exc_info=exc)
                     self._forget(key)
-                    await msg.nak(delay=1.0)
+                    for msg, _ in batch:
+                        await msg.nak(delay=1.0)
                 finally:
-                    self.consumer.release()
+                    self.consumer.release(len(batch))
         finally:
             self.active.discard(key)
             if not queue:
@@ -144,7 +152,17 @@ class Scheduler(Service):
                 self.active.add(key)
                 asyncio.create_task(self._drain_session(key), name=f"session:{key[1]}")
 
-    async def _handle(self, key: Key, msg: Msg, epoch: int) -> None:
+    async def _handle(self, key: Key, batch: list[tuple[Msg, int]]) -> None:
+        decide = False
+        for msg, epoch in batch:
+            state, due = await self._fold_one(key, msg, epoch)
+            decide = decide or due
+        if decide:
+            # The state object itself, not a cache lookup: another session's rebuild may evict it.
+            await self._advance(key, state)
+
+    async def _fold_one(self, key: Key, msg: Msg, epoch: int) -> tuple[SessionState, bool]:
+        """Bring the cached state up to ``msg``; the state, and whether a decision may be due."""
         seq = msg.metadata.sequence.stream
         state = self.sessions.get(key)
         decide = True
@@ -165,9 +183,11 @@ class Scheduler(Service):
                 self.log.error("undecodable event skipped", session_id=key[1], seq=seq)
                 state.last_seq = seq
                 decide = False
-        self.sessions.move_to_end(key)
-        if decide:
-            await self._advance(key, state)
+        if key in self.sessions:
+            self.sessions.move_to_end(key)
+        else:
+            self.sessions[key] = state  # evicted meanwhile by another session's rebuild: keep it
+        return state, decide
 
     async def _rebuild(self, key: Key) -> SessionState:
         self.stats["rebuilds"] += 1
