@@ -69,6 +69,8 @@ class Scheduler(Service):
         self.confirm_timeout = settings.confirm_timeout_s if settings.confirm_timeout_s > 0 else None
         self.queues: dict[Key, deque[tuple[Msg, int]]] = {}
         self.active: set[Key] = set()
+        self._idle = asyncio.Event()  # set while no session task runs
+        self._idle.set()
         self.stats = {"fired": 0, "conflicts": 0, "rebuilds": 0, "catchups": 0}
         self.log = self.log.bind(instance=self.instance)
 
@@ -95,8 +97,7 @@ class Scheduler(Service):
 
     async def drain(self) -> None:
         await self.consumer.stop()
-        while self.active:
-            await asyncio.sleep(0.01)  # shutdown only: let session tasks finish their current event
+        await self._idle.wait()  # session tasks finish the events they hold; the rest is redelivered
         await self.deadlines.stop()  # after them: they may still arm deadlines
 
     async def _receive(self) -> None:
@@ -119,6 +120,7 @@ class Scheduler(Service):
                 self.queues.setdefault(key, deque()).append((msg, self.epoch))
                 if key not in self.active:
                     self.active.add(key)
+                    self._idle.clear()
                     asyncio.create_task(self._drain_session(key), name=f"session:{key[1]}")
 
     async def _drain_session(self, key: Key) -> None:
@@ -148,6 +150,8 @@ class Scheduler(Service):
             self.active.discard(key)
             if not queue:
                 self.queues.pop(key, None)
+                if not self.active:
+                    self._idle.set()
             else:  # messages arrived between the last pop and now
                 self.active.add(key)
                 asyncio.create_task(self._drain_session(key), name=f"session:{key[1]}")
