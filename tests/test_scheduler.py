@@ -110,3 +110,18 @@ async def test_claimed_but_undispatched_firing_is_dispatched_on_start(settings, 
     assert work.firing_id == "f-orphan"
     assert [m.id for m in work.inputs] == [item.marker.id]
     assert work.inputs[0].data == {"n": 7}
+
+
+async def test_guard_sees_typed_markers_and_skips_refused_ones(settings, nc):
+    """``when=`` gets the inputs as models; refused (or raising) candidates stay, younger ones still fire."""
+    net = load_net(f"{COUNTER.rsplit(':', 1)[0]}:guarded")
+    log = EventLog(nc)
+    orders = [MarkerAdded(bot="guarded", session_id="g", marker=Marker(location="Order", data={"amount": a}))
+              for a in (500, 13, 40)]  # refused by the guard, makes the guard raise, accepted
+    async with Scheduler(settings, [net]):
+        await log.append_many(orders)
+        await _wait_for_fired(nc, "guarded", expected=1)
+    fired = [e for _, e in await log.read("guarded", "g") if isinstance(e, TransitionFired)]
+    assert [f.consumed for f in fired] == [[orders[2].marker.id]]
+    state = fold(await log.read("guarded", "g"))
+    assert [m.data["amount"] for m in state.marking()["Order"]] == [500, 13]

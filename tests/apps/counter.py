@@ -47,3 +47,24 @@ def work(inputs):
 @bot.transition(inputs={Left: 1, Right: 1}, outputs=[Pair], description="Joins a left and a right.")
 def join(inputs):
     return {Pair: [Pair(total=inputs[Left][0].v + inputs[Right][0].v)]}
+
+
+class Order(BaseModel):
+    amount: int
+
+
+class Approved(BaseModel):
+    amount: int
+
+
+guarded = Bot(
+    name="guarded",
+    locations=[BotLocation(marker=Order), BotLocation(marker=Approved)],
+    description="Approves only small orders; a guard that raises is treated as false.",
+)
+
+
+@guarded.transition(inputs={Order: 1}, outputs=[Approved], description="Approves orders under 100.",
+                    when=lambda inputs: 1 / (inputs[Order][0].amount - 13) and inputs[Order][0].amount < 100)
+def approve(inputs):
+    return {Approved: [Approved(amount=inputs[Order][0].amount)]}
