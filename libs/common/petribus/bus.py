@@ -16,6 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.aio.msg import Msg
 from nats.js.api import (
+    AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
@@ -118,6 +119,18 @@ async def _seq_of(ack: "asyncio.Future") -> int:
         return (await ack).seq
     except APIError as exc:
         raise BusError(f"append failed: {exc}") from exc
+
+
+async def ensure_event_consumer(js: JetStreamContext, durable: str, *, ack_wait_s: float) -> None:
+    """Create (or update) a durable consumer over every session's events, shared by all processes of
+    one service: explicit acks, every event from the start, redelivered until acked."""
+    await js.add_consumer(
+        subjects.EVENTS_STREAM,
+        ConsumerConfig(
+            durable_name=durable, filter_subject=subjects.all_events(), ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL, ack_wait=ack_wait_s, max_ack_pending=20_000, max_deliver=-1,
+        ),
+    )
 
 
 class EventLog:

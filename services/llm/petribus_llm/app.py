@@ -31,11 +31,10 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
 from petribus import subjects
-from petribus.bus import EventLog
+from petribus.bus import EventLog, ensure_event_consumer
 from petribus.consumer import PullConsumer
 from petribus.errors import InvalidInput
 from petribus.events import (
@@ -99,14 +98,7 @@ class LLMService(Service):
         nc = await self.connect()
         js = nc.jetstream()
         self.events = EventLog(nc, js)
-        await js.add_consumer(
-            subjects.EVENTS_STREAM,
-            ConsumerConfig(
-                durable_name=subjects.LLM_DURABLE, filter_subject=subjects.all_events(),
-                ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                ack_wait=self.ack_wait_s, max_ack_pending=20_000, max_deliver=-1,
-            ),
-        )
+        await ensure_event_consumer(js, subjects.LLM_DURABLE, ack_wait_s=self.ack_wait_s)
         self.consumer = PullConsumer(nc, subjects.EVENTS_STREAM, subjects.LLM_DURABLE,
                                      max_inflight=self.max_inflight)
         await self.consumer.start()

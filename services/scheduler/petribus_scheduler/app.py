@@ -26,11 +26,10 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
 from petribus import subjects
-from petribus.bus import EventLog, WrongLastSequence
+from petribus.bus import EventLog, WrongLastSequence, ensure_event_consumer
 from petribus.consumer import PullConsumer
 from petribus.core import Firing, PlannedFiring, SessionState, apply, choose_firings, fold
 from petribus.events import ConfirmTransition, TransitionFired, decode, new_id
@@ -78,14 +77,7 @@ class Scheduler(Service):
         nc = await self.connect()
         self.js = nc.jetstream()
         self.events = EventLog(nc, self.js)
-        await self.js.add_consumer(
-            subjects.EVENTS_STREAM,
-            ConsumerConfig(
-                durable_name=subjects.SCHEDULER_DURABLE, filter_subject=subjects.all_events(),
-                ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                ack_wait=self.ack_wait_s, max_ack_pending=20_000, max_deliver=-1,
-            ),
-        )
+        await ensure_event_consumer(self.js, subjects.SCHEDULER_DURABLE, ack_wait_s=self.ack_wait_s)
         self.consumer = PullConsumer(nc, subjects.EVENTS_STREAM, subjects.SCHEDULER_DURABLE,
                                      max_inflight=self.settings.scheduler_batch * 4)
         await self.consumer.start()
