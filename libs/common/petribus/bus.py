@@ -44,24 +44,26 @@ class WrongLastSequence(BusError):
     code = "wrong_last_sequence"
 
 
-async def connect(url: str, name: str, *, timeout: float = 10.0) -> NATS:
+async def connect(url: str, name: str, *, timeout: float = 10.0, reconnect: bool = True) -> NATS:
     """Connect, giving up after ``timeout`` seconds; once connected, reconnect forever.
 
     A service outlives a NATS restart, but one pointed at a wrong URL says so instead of hanging
-    (nats-py keeps retrying the first connect too when reconnects are unbounded).
+    (nats-py keeps retrying the first connect too when reconnects are unbounded). ``reconnect=False``
+    fails at the first refusal, for a command that only checks the server is there.
     """
     servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: several seed URLs
     last_error: list[Exception] = []
 
     async def on_error(exc: Exception) -> None:
         last_error[:] = [exc]
-        log.warning("nats connection error", url=url, error=repr(exc))
+        if reconnect:  # otherwise the caller gets it, once, in the BusError
+            log.warning("nats connection error", url=url, error=repr(exc))
 
     try:
         return await asyncio.wait_for(
             nats.connect(
-                servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
-                allow_reconnect=True, pending_size=64 * 1024 * 1024, error_cb=on_error,
+                servers, name=name, max_reconnect_attempts=-1 if reconnect else 1, reconnect_time_wait=0.5,
+                connect_timeout=2, allow_reconnect=reconnect, pending_size=64 * 1024 * 1024, error_cb=on_error,
             ),
             timeout,
         )
@@ -70,7 +72,7 @@ async def connect(url: str, name: str, *, timeout: float = 10.0) -> NATS:
         raise BusError(
             f"cannot connect to NATS at {url} within {timeout:g}s ({type(cause).__name__}: {cause}); "
             "is nats-server running there? Check --nats-url / PETRIBUS_NATS_URL"
-        ) from exc
+        ) from cause
 
 
 async def ensure_streams(js: JetStreamContext, *, duplicate_window_s: float = 120.0, replicas: int = 1) -> None:

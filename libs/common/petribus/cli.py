@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.text import Text
 
 from petribus import logs
-from petribus.errors import AppLoadError, NetDefinitionError, PetribusError
+from petribus.errors import AppLoadError, BusError, NetDefinitionError, PetribusError
 from petribus.net import Net
 from petribus.settings import Settings
 
@@ -403,22 +403,13 @@ def _absolute(spec: str) -> str:
 
 
 async def _probe(url: str) -> None:
-    """Fail fast, with a message, when NATS is not there (the services' own connect retries forever)."""
-    import nats
+    """Fail fast, with a message and no retries, when NATS (with JetStream) is not there."""
+    from petribus import bus
 
-    seen: list[Exception] = []
-
-    async def on_error(exc: Exception) -> None:
-        seen.append(exc)
-
-    servers = [u.strip() for u in url.split(",") if u.strip()]
     try:
-        nc = await asyncio.wait_for(nats.connect(
-            servers, allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
-            connect_timeout=PROBE_TIMEOUT_S, error_cb=on_error, name="petribus-cli-probe",
-        ), PROBE_TIMEOUT_S * 3)
-    except Exception as exc:
-        cause = seen[-1] if seen else exc
+        nc = await bus.connect(url, "petribus-cli-probe", timeout=PROBE_TIMEOUT_S * 3, reconnect=False)
+    except BusError as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
         raise CliError(f"cannot reach NATS at {url} ({_describe(cause)}). Start nats-server with JetStream "
                        "there (nats-server -js), fix --nats-url, or run serve without --nats-url to use an "
                        "embedded server.", EXIT_NO_NATS) from None
