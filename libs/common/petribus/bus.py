@@ -8,6 +8,7 @@ never both consume one marker). Reads use batched direct gets: one request retur
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Callable, Iterable
 
@@ -136,11 +137,35 @@ async def ensure_event_consumer(js: JetStreamContext, durable: str, *, ack_wait_
 
 
 class EventLog:
-    """Append to and read sessions' logs on PB_EVENTS."""
+    """Append to and read sessions' logs on PB_EVENTS. Make one per connection and keep it: its first
+    read subscribes to a reply subject that lives as long as the connection."""
 
     def __init__(self, nc: NATS, js: JetStreamContext | None = None) -> None:
         self.nc = nc
         self.js = js or nc.jetstream()
+        # Reads share one wildcard reply subscription, told apart by the last token of the reply
+        # subject: no SUB/UNSUB round of the protocol per read.
+        self._replies: dict[str, asyncio.Queue[Msg]] = {}
+        self._reply_prefix = ""
+        self._reply_lock = asyncio.Lock()
+        self._reply_tokens = itertools.count()
+
+    async def _reply_to(self) -> tuple[str, asyncio.Queue[Msg]]:
+        if not self._reply_prefix:
+            async with self._reply_lock:
+                if not self._reply_prefix:
+                    prefix = self.nc.new_inbox()
+                    await self.nc.subscribe(f"{prefix}.*", cb=self._on_reply)
+                    self._reply_prefix = prefix
+        token = str(next(self._reply_tokens))
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._replies[token] = queue
+        return f"{self._reply_prefix}.{token}", queue
+
+    async def _on_reply(self, msg: Msg) -> None:
+        queue = self._replies.get(msg.subject.rsplit(".", 1)[1])
+        if queue is not None:  # else: a read that timed out already; its late replies are dropped
+            queue.put_nowait(msg)
 
     async def append(
         self, event: _Event, *, expected_last_seq: int | None = None, msg_id: str | None = None,
@@ -207,16 +232,15 @@ class EventLog:
             start = batch[-1][0] + 1
 
     async def _direct_batch(self, subject: str, start: int, timeout: float) -> tuple[list[tuple[int, Event]], int]:
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
+        inbox, replies = await self._reply_to()
         try:
             req = json.dumps({"seq": start, "next_by_subj": subject, "batch": READ_BATCH}).encode()
             await self.nc.publish(f"$JS.API.DIRECT.GET.{subjects.EVENTS_STREAM}", req, reply=inbox)
             out: list[tuple[int, Event]] = []
             while True:
                 try:
-                    msg = await sub.next_msg(timeout)
-                except nats.errors.TimeoutError as exc:
+                    msg = await asyncio.wait_for(replies.get(), timeout)
+                except asyncio.TimeoutError as exc:
                     raise BusTimeout(f"reading {subject} timed out after {timeout}s") from exc
                 hdrs = msg.headers or {}
                 status = hdrs.get("Status")
@@ -233,7 +257,7 @@ class EventLog:
                     # Only EventLog writes here and it validates; a foreign payload is skipped, loudly.
                     log.error("skipping undecodable event", subject=subject, seq=seq)
         finally:
-            await sub.unsubscribe()
+            self._replies.pop(inbox.rsplit(".", 1)[1], None)
 
     async def wait_for(
         self, bot: str, session_id: str, *, after: int, match: Callable[[Event], bool],
