@@ -3,9 +3,9 @@ in order per session.
 
 One durable consumer (``llm``) over all of PB_EVENTS, shared by every LLM process; only
 ``user_message`` and ``prompt_request`` events are acted on, the rest are acked at once. Sessions are
-served in parallel; within a session, messages are answered one after the other (a queue and a task
-per session). Messages held here are heartbeated (``in_progress``) so a slow model does not get them
-redelivered.
+served in parallel; within a session, messages are answered one after the other (a
+``petribus.session_queues.SessionQueues``, one message at a time). Messages held here are heartbeated
+(``in_progress``) so a slow model does not get them redelivered.
 
 Exactly once, with several processes and redeliveries: before answering, the session's log is read
 (incrementally, from what this process already folded: ``conversation.py``) and a message that
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from nats.aio.msg import Msg
@@ -51,6 +51,7 @@ from petribus.events import (
 )
 from petribus.net import Net
 from petribus.service import Service
+from petribus.session_queues import SessionQueues
 from petribus.settings import Settings
 
 from petribus_llm import commands, describe
@@ -83,16 +84,14 @@ class LLMService(Service):
         self.cache_size = cache_size
         self.ack_wait_s = ack_wait_s if ack_wait_s is not None else settings.ack_wait_s
         self.max_inflight = max_inflight
+        self.log = self.log.bind(instance=self.instance)
         self.consumer: PullConsumer | None = None
         self.conversations: OrderedDict[Key, Conversation] = OrderedDict()
-        self.queues: dict[Key, deque[tuple[Msg, Askable]]] = {}
-        self.active: set[Key] = set()
+        self.queues: SessionQueues[tuple[Msg, Askable]] = SessionQueues(
+            self._serve, one_at_a_time=True, done=self._done, spawn=self.spawn, log=self.log)
         self.held: dict[int, Msg] = {}  # delivered, not yet acked (by id(msg)): heartbeated
-        self._idle = asyncio.Event()
-        self._idle.set()
         self.stats = {"answered": 0, "already_answered": 0, "caught_up": 0, "markers": 0, "failed": 0,
                       "prompts": 0, "llm_errors": 0}
-        self.log = self.log.bind(instance=self.instance)
 
     async def start(self) -> None:
         nc = await self.connect()
@@ -110,7 +109,7 @@ class LLMService(Service):
     async def drain(self) -> None:
         if self.consumer is not None:
             await self.consumer.stop()
-        await self._idle.wait()  # sessions answer what they already hold; unacked rest is redelivered
+        await self.queues.idle()  # sessions answer what they already hold; unacked rest is redelivered
 
     async def stop(self, timeout: float = 10.0) -> None:
         try:
@@ -128,11 +127,8 @@ class LLMService(Service):
                     await msg.ack()
                     self.consumer.release()
                     continue
-                key = (asked.bot, asked.session_id)
                 self.held[id(msg)] = msg
-                self.queues.setdefault(key, deque()).append((msg, asked))
-                if key not in self.active:
-                    self._activate(key)
+                self.queues.put((asked.bot, asked.session_id), (msg, asked))
 
     async def _heartbeat(self) -> None:
         # Tells JetStream that messages waiting here (behind a slow model call) are still being handled.
@@ -160,30 +156,15 @@ class LLMService(Service):
             return None
         return event if isinstance(event, (UserMessage, PromptRequest)) else None
 
-    def _activate(self, key: Key) -> None:
-        self.active.add(key)
-        self._idle.clear()
-        self.spawn(self._drain_session(key), f"session:{key[1]}")
+    async def _serve(self, key: Key, items: list[tuple[Msg, Askable]]) -> None:
+        for msg, asked in items:
+            await self._settle(key, msg, asked)
 
-    async def _drain_session(self, key: Key) -> None:
-        queue = self.queues[key]
-        assert self.consumer is not None
-        try:
-            while queue:
-                msg, asked = queue.popleft()
-                try:
-                    await self._settle(key, msg, asked)
-                finally:
-                    self.held.pop(id(msg), None)
-                    self.consumer.release()
-        finally:
-            self.active.discard(key)
-            if queue and not self._stopping.is_set():  # arrived between the last pop and now
-                self._activate(key)
-            else:
-                self.queues.pop(key, None)
-                if not self.active:
-                    self._idle.set()
+    def _done(self, items: list[tuple[Msg, Askable]]) -> None:
+        for msg, _ in items:
+            self.held.pop(id(msg), None)
+        if self.consumer is not None:
+            self.consumer.release(len(items))
 
     async def _settle(self, key: Key, msg: Msg, asked: Askable) -> None:
         """Answer ``asked`` then ack it; on failure nak it, or after too many tries say so in the log."""
@@ -228,7 +209,7 @@ class LLMService(Service):
 
     def _holds(self, key: Key, asked: Askable) -> bool:
         """Whether ``asked`` waits in this process's own queue (so nobody else is answering it)."""
-        return any(a.id == asked.id for _, a in self.queues.get(key, ()))
+        return any(a.id == asked.id for _, a in self.queues.waiting(key))
 
     async def _await_answer(self, key: Key, conv: Conversation, asked: Askable) -> None:
         """Give the process that holds ``asked`` the time JetStream gives it (twice ack_wait) to answer."""
