@@ -43,7 +43,13 @@ class Settings(BaseSettings):
 
     # executor
     pool: str = Field(default="cpu", description="Executor pool this process serves (cpu, gpu, ...).")
-    workers: int = Field(default=16, description="Warm worker processes per executor (max concurrent firings).")
+    workers: int = Field(default=16, ge=1, description="Warm worker processes per executor, at most. A sync "
+                         "(def) firing has a worker to itself, so this many sync firings run at once.")
+    worker_concurrency: int = Field(default=256, ge=1, description="Async (async def) firings that one worker "
+                                    "process runs at once, as tasks on its event loop.")
+    executor_max_inflight: int = Field(default=1000, ge=1, description="Most firings one executor takes from "
+                                       "its pool's queue at once (running, waiting for a worker, or having their "
+                                       "outcome written); the rest wait in JetStream for any executor.")
     ack_wait_s: float = Field(default=30.0, description="Work not heartbeated for this long is redelivered.")
     max_deliver: int = Field(default=5, description="Deliveries of one work item before it fails for good.")
 
@@ -70,3 +76,10 @@ class Settings(BaseSettings):
 
     log_level: str = "info"
     log_format: str = Field(default="console", description="'console' (key=value) or 'json'.")
+
+    @property
+    def executor_inflight(self) -> int:
+        """Firings one executor holds at once (its work consumer's credits): room for every worker to be
+        full, plus one outcome per worker being written while the next run starts, at most
+        ``executor_max_inflight``."""
+        return max(1, min(self.executor_max_inflight, self.workers * (self.worker_concurrency + 1)))

@@ -1,28 +1,53 @@
-"""Warm worker processes: the executor's side of the pipes, one firing per worker at a time.
+"""Warm worker processes: the executor's side of the pipes, and which worker runs which firing.
 
 Workers are forked from a ``multiprocessing`` fork server that has petribus, pydantic, the main module
 and the bot apps preloaded, so a new worker is ready in milliseconds. Measured on a 2-core machine:
 spawning fresh interpreters took 0.12 s for one and 2.7 s for 25; forking 24 from the warm fork server
-takes 0.09 s. Workers start lazily, up to ``size``, and are reused; one that crashes, times out or is
-abandoned is killed and never reused, so the next firing starts a fresh one.
+takes 0.09 s. At most ``size`` workers run (``PETRIBUS_WORKERS``); they start lazily and are reused.
+
+A firing takes a *lease* on a worker (``acquire``), runs on it (``run``) and gives it back:
+
+- An ``async def`` firing shares. It goes to the least-loaded started worker that runs no sync firing
+  and fewer than ``concurrency`` async ones (``PETRIBUS_WORKER_CONCURRENCY``), and runs there as a task
+  on the worker's event loop, so a few processes hold thousands of firings that wait on I/O. When it
+  had to share, one more worker is started in the background (up to ``size``): load spreads over
+  processes as it grows, and the firing never waits for a boot it does not need.
+- A ``def`` firing has a worker to itself: one with nothing leased, and nothing else is placed there
+  until it is done. While sync firings wait for such a worker, as many of the least-loaded shared
+  workers take no new async firings; they drain, so a stream of async work cannot starve sync work.
+
+Firings that find no room wait, and are served in order (sync ones first) as leases come back.
+
+A timeout, or a firing the executor abandons (its task cancelled: drain, stop):
+
+- A sync firing's worker is killed (a thread cannot be stopped), as before.
+- An async firing is cancelled in its worker (``cancel``), which confirms with ``done``. A worker that
+  does not confirm within ``cancel_grace`` seconds has a blocked event loop (CPU work, ``time.sleep``
+  in an ``async def``): it is killed, and every other firing it ran fails with a retryable
+  ``SandboxCrashed`` that names the culprit.
+
+A worker that dies, whatever the cause, fails every firing it held with ``SandboxCrashed`` and is never
+reused; the next firing that needs room starts a fresh one.
 
 Each pipe is watched with ``loop.add_reader``: what a worker says arrives as soon as it is written,
 with no polling. A message is read whole once its first bytes are there; the worker is writing the
-rest at that moment, so the wait is bounded by the size of one message.
+rest at that moment, so the wait is bounded by the size of one message. Messages name their run by a
+job id (``protocol.py``), so events, questions and answers reach the right firing's callbacks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import itertools
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
 import multiprocessing.util  # its atexit hook must be registered before ours, so that ours runs first
 import os
 from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
 from multiprocessing import spawn
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from petribus import logs
@@ -36,6 +61,7 @@ log = logs.get("petribus.executor.pool")
 
 BOOT_TIMEOUT_S = 60.0
 STOP_GRACE_S = 2.0
+CANCEL_GRACE_S = 2.0  # how long a cancelled async firing may take to stop before its worker is killed
 
 OnEvent = Callable[[str, Any], None]
 OnCall = Callable[[str, Any, "float | None"], Awaitable[Any]]
@@ -52,15 +78,23 @@ def _kill_leftovers() -> None:
 
 
 class _Job:
-    def __init__(self, request: p.Request, on_event: OnEvent, on_call: OnCall) -> None:
+    """One run of one firing in a worker, as the executor sees it."""
+
+    __slots__ = ("id", "request", "on_event", "on_call", "open", "result", "calls")
+
+    def __init__(self, job_id: int, request: p.Request, on_event: OnEvent, on_call: OnCall) -> None:
+        self.id = job_id
         self.request = request
         self.on_event = on_event
         self.on_call = on_call
+        self.open = True  # the executor still listens to what it says and asks
         self.result: asyncio.Future[p.Outcome] = asyncio.get_running_loop().create_future()
         self.calls: set[asyncio.Task[None]] = set()  # context calls being answered for this run
 
-    def end_calls(self) -> None:
-        """The run is over: nobody waits for what it asked (a confirmation, a file) any more."""
+    def close(self) -> None:
+        """The run is over for the executor: nobody waits for what it asked (a confirmation, a file),
+        and whatever it still says is dropped."""
+        self.open = False
         for task in self.calls:
             task.cancel()
 
@@ -72,24 +106,46 @@ class Worker:
         self.conn = conn
         self.pid = proc.pid
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.job: _Job | None = None
+        self.jobs: dict[int, _Job] = {}  # runs sent and not yet over (a cancelled one until it confirms)
+        self.load = 0  # leases held: firings placed here, running or about to
+        self.exclusive = False  # a sync firing holds it
         self.lost = False
 
     def __repr__(self) -> str:
-        return f"Worker(pid={self.pid})"
+        return f"Worker(pid={self.pid}, load={self.load}{', sync' if self.exclusive else ''})"
+
+
+class Lease:
+    """Room for one firing on one worker, from ``acquire`` until ``run`` or ``release`` gives it back."""
+
+    __slots__ = ("worker", "exclusive", "held")
+
+    def __init__(self, worker: Worker, exclusive: bool) -> None:
+        self.worker = worker
+        self.exclusive = exclusive
+        self.held = True
+
+    def __repr__(self) -> str:
+        return f"Lease({self.worker!r}, {'sync' if self.exclusive else 'async'})"
 
 
 class WorkerPool:
-    def __init__(self, apps: list[str], size: int, *, prewarm: int = 1) -> None:
+    def __init__(self, apps: list[str], size: int, *, concurrency: int = 1, prewarm: int = 1,
+                 cancel_grace: float = CANCEL_GRACE_S) -> None:
         self.apps = list(apps)
         self.size = max(1, size)
+        self.concurrency = max(1, concurrency)
         self.prewarm = min(prewarm, self.size)
+        self.cancel_grace = cancel_grace
         self._ctx = multiprocessing.get_context("forkserver")
-        self._all: set[Worker] = set()
-        self._idle: list[Worker] = []
-        self._starting = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._reaping: set[asyncio.Task[None]] = set()
+        self._all: set[Worker] = set()  # live processes, booting ones included
+        self._ready: list[Worker] = []  # booted and in service
+        self._starting = 0  # boots under way, counted against size
+        self._sync_waiters: deque[asyncio.Future[Lease | None]] = deque()
+        self._async_waiters: deque[asyncio.Future[Lease | None]] = deque()
+        self._sync_waiting = 0  # undecided futures in _sync_waiters
+        self._job_ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()  # reaping, cancelling, background boots
         self._calls: set[asyncio.Task[None]] = set()
         self._closed = False
         self.started = 0  # workers ever started, for the curious (and the tests)
@@ -97,7 +153,8 @@ class WorkerPool:
     async def start(self) -> None:
         await asyncio.to_thread(self._ensure_fork_server)
         for _ in range(self.prewarm):
-            self._release(await self._start_worker())
+            self._starting += 1
+            self._ready.append(await self._boot())
 
     def _ensure_fork_server(self) -> None:
         # Global per process: the first pool to start it decides what is preloaded; later ones import
@@ -116,122 +173,284 @@ class WorkerPool:
                 else:
                     os.environ[k] = v
 
-    async def acquire(self) -> Worker:
-        """A warm worker for one firing: hand it to ``run`` (which gives it back) or to ``release``."""
-        return await self._acquire()
+    # ------------------------------------------------------------ leases
 
-    def release(self, worker: Worker) -> None:
-        self._release(worker)
+    async def acquire(self, *, asynchronous: bool = False) -> Lease:
+        """Room for one firing: on a shared worker for an ``async def`` transition, else a worker of its
+        own. Hand it to ``run`` (which gives it back) or to ``release``."""
+        while True:
+            if self._closed:
+                raise PetribusError("the executor's worker pool is closed")
+            lease = self._take(asynchronous)
+            if lease is not None:
+                if lease.worker.load > 1:
+                    self._grow()  # it had to share: have another process ready for what comes next
+                return lease
+            if self._can_start():
+                self._starting += 1
+                worker = await self._boot()
+                self._ready.append(worker)
+                lease = self._take_on(worker, asynchronous)
+                self._serve()  # a shared worker has room for more
+                return lease
+            lease = await self._wait(asynchronous)
+            if lease is not None:
+                return lease
 
-    async def run(self, request: p.Request, *, on_event: OnEvent, on_call: OnCall,
-                  timeout: float | None, worker: Worker | None = None) -> p.Outcome:
-        """Run one firing in a warm worker. Raises ``TransitionTimeout`` or ``SandboxCrashed``."""
-        if worker is None:
-            worker = await self._acquire()
-        job = _Job(request, on_event, on_call)
-        worker.job = job
+    def release(self, lease: Lease) -> None:
+        """Give back a lease (``run`` does it itself)."""
+        if not lease.held:
+            return
+        lease.held = False
+        worker = lease.worker
+        worker.load -= 1
+        if lease.exclusive:
+            worker.exclusive = False
+        if worker.lost:
+            return
+        if self._closed:
+            if worker.load == 0 and not worker.jobs:
+                self._stop(worker)
+            return
+        self._serve()
+
+    def _take(self, asynchronous: bool) -> Lease | None:
+        """A lease on the best worker with room for a firing of this kind now, if there is one."""
+        if not asynchronous:
+            for worker in self._ready:
+                if worker.load == 0 and not worker.jobs:
+                    return self._take_on(worker, False)
+            return None
+        shared: list[Worker] = self._ready
+        if self._sync_waiting:
+            # Sync firings wait for an empty worker: the least-loaded shared ones get no more async work.
+            shared = sorted((w for w in self._ready if not w.exclusive), key=_load)[self._sync_waiting:]
+        best: Worker | None = None
+        for worker in shared:
+            if not worker.exclusive and worker.load < self.concurrency and (
+                    best is None or worker.load < best.load):
+                best = worker
+        return None if best is None else self._take_on(best, True)
+
+    @staticmethod
+    def _take_on(worker: Worker, asynchronous: bool) -> Lease:
+        worker.load += 1
+        if not asynchronous:
+            worker.exclusive = True
+        return Lease(worker, exclusive=not asynchronous)
+
+    def _can_start(self) -> bool:
+        return not self._closed and len(self._ready) + self._starting < self.size
+
+    async def _wait(self, asynchronous: bool) -> Lease | None:
+        """Queue for room; a lease, or None when a worker may be started instead."""
+        waiter: asyncio.Future[Lease | None] = asyncio.get_running_loop().create_future()
+        if asynchronous:
+            self._async_waiters.append(waiter)
+        else:
+            self._sync_waiters.append(waiter)
+            self._sync_waiting += 1
         try:
-            worker.conn.send((p.RUN, request))
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.cancelled():
+                if not asynchronous:
+                    self._sync_waiting -= 1
+            elif waiter.exception() is None and (lease := waiter.result()) is not None:
+                self.release(lease)  # served, but given up before it could use it
+            raise
+
+    def _serve(self) -> None:
+        """Hand the room there is to waiting firings, in order, sync ones first."""
+        if self._closed:
+            return
+        starts = self.size - len(self._ready) - self._starting
+        for waiters, asynchronous in ((self._sync_waiters, False), (self._async_waiters, True)):
+            while waiters:
+                waiter = waiters[0]
+                if waiter.done():  # it gave up waiting
+                    waiters.popleft()
+                    continue
+                lease = self._take(asynchronous)
+                if lease is None:
+                    if starts <= 0:
+                        break
+                    starts -= 1  # no room, but a worker may start: the waiter starts it for itself
+                waiters.popleft()
+                if not asynchronous:
+                    self._sync_waiting -= 1
+                waiter.set_result(lease)
+
+    def _grow(self) -> None:
+        if self._can_start():
+            self._starting += 1
+            self._spawn(self._grow_one())
+
+    async def _grow_one(self) -> None:
+        try:
+            worker = await self._boot()
+        except Exception as exc:
+            if not self._closed:
+                log.warning("a worker did not start", error=repr(exc))
+            return
+        self._ready.append(worker)
+        self._serve()
+
+    # ------------------------------------------------------------ runs
+
+    async def run(self, request: p.Request, *, on_event: OnEvent, on_call: OnCall, timeout: float | None,
+                  worker: Lease | None = None, asynchronous: bool = False) -> p.Outcome:
+        """Run one firing on ``worker`` (a lease from ``acquire``, given back here) or on a lease taken
+        here for an async (shared) or sync (exclusive) firing. Raises ``TransitionTimeout`` or
+        ``SandboxCrashed``."""
+        lease = worker if worker is not None else await self.acquire(asynchronous=asynchronous)
+        while lease.worker.lost:  # it died since the lease was taken (a neighbour's doing): move
+            self.release(lease)
+            lease = await self.acquire(asynchronous=not lease.exclusive)
+        w = lease.worker
+        job = _Job(next(self._job_ids), request, on_event, on_call)
+        w.jobs[job.id] = job
+        try:
+            w.conn.send((p.RUN, job.id, request))
         except OSError:
-            self._lose(worker, "its pipe broke")
+            self._lose(w, "its pipe broke")
         try:
             outcome = await asyncio.wait_for(asyncio.shield(job.result), timeout)
         except TimeoutError:
-            job.result.cancel()
-            self._lose(worker, "timed out")
+            job.close()
+            if lease.exclusive:
+                self._kill(lease, job, "its firing timed out")
+                raise TransitionTimeout(
+                    f"transition {request.transition!r} ran longer than its timeout of {timeout:g}s; "
+                    f"its worker (pid {w.pid}) was killed. Raise timeout= if it needs longer"
+                ) from None
+            others = await asyncio.shield(self._spawn(self._cancel(lease, job)))
+            if others is None:
+                raise TransitionTimeout(
+                    f"transition {request.transition!r} ran longer than its timeout of {timeout:g}s and "
+                    "was cancelled. Raise timeout= if it needs longer"
+                ) from None
             raise TransitionTimeout(
-                f"transition {request.transition!r} ran longer than its timeout of {timeout:g}s; "
-                f"its worker (pid {worker.pid}) was killed. Raise timeout= if it needs longer"
+                f"transition {request.transition!r} ran longer than its timeout of {timeout:g}s and did "
+                f"not stop within {self.cancel_grace:g}s of being cancelled: something in it blocks the "
+                "event loop (CPU work, or a blocking call such as time.sleep in an async def). Its worker "
+                f"(pid {w.pid}) was killed, and with it {others} other firing(s). Run the blocking part "
+                "with `await asyncio.to_thread(...)`, or make the transition a plain def"
             ) from None
         except asyncio.CancelledError:
-            job.result.cancel()
-            self._lose(worker, "its firing was abandoned")
+            job.close()
+            if lease.exclusive:
+                self._kill(lease, job, "its firing was abandoned")
+            else:
+                self._spawn(self._cancel(lease, job))
             raise
-        finally:
-            job.end_calls()
-        worker.job = None
-        self._release(worker)
+        except BaseException:  # SandboxCrashed: the worker died under it
+            job.close()
+            self._detach(lease, job)
+            raise
+        job.close()
+        self._detach(lease, job)
         return outcome
+
+    def _detach(self, lease: Lease, job: _Job) -> None:
+        lease.worker.jobs.pop(job.id, None)
+        self.release(lease)
+
+    def _kill(self, lease: Lease, job: _Job, why: str) -> None:
+        lease.worker.jobs.pop(job.id, None)  # it fails on its own terms, not as a crash
+        self._lose(lease.worker, why)
+        self.release(lease)
+
+    async def _cancel(self, lease: Lease, job: _Job) -> int | None:
+        """Stop an async run in its worker. None once it stopped; if its worker had to be killed
+        instead, how many other firings died with it."""
+        w = lease.worker
+        try:
+            if not w.lost:
+                try:
+                    w.conn.send((p.CANCEL, job.id))
+                except OSError:
+                    self._lose(w, "its pipe broke")
+            try:
+                await asyncio.wait_for(asyncio.shield(job.result), self.cancel_grace)
+            except TimeoutError:
+                w.jobs.pop(job.id, None)
+                others = len(w.jobs)
+                self._lose(w, (
+                    f"it was killed because {job.request.transition!r} (firing {job.request.firing_id}), "
+                    f"which it also ran, ran past its timeout and did not stop within {self.cancel_grace:g}s "
+                    "of being cancelled: that transition blocks the event loop it shares with other async "
+                    "firings (CPU work, or a blocking call such as time.sleep in an async def). This firing "
+                    "was not at fault and can be run again"
+                ))
+                return others
+            except PetribusError:  # the worker died meanwhile, of something else
+                return len(w.jobs)
+            return None
+        finally:
+            self._detach(lease, job)
 
     async def close(self) -> None:
         """Stop idle workers (killing any that linger), kill busy ones, and reap them all."""
         self._closed = True
+        for waiters in (self._sync_waiters, self._async_waiters):
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(PetribusError("the executor's worker pool is closed"))
+        self._sync_waiting = 0
         for w in list(self._all):
-            if w.job is None:
-                try:
-                    w.conn.send((p.STOP,))
-                except OSError:
-                    pass
-                self._lose(w, "the pool closed", grace=STOP_GRACE_S)
+            if w in self._ready and w.load == 0 and not w.jobs:
+                self._stop(w)
             else:
-                self._lose(w, "the pool closed while it ran a firing")
-        if self._reaping:
-            await asyncio.wait(list(self._reaping))
+                self._lose(w, f"the executor's worker pool closed while it ran {len(w.jobs)} firing(s)")
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
         for task in list(self._calls):
             task.cancel()
-        for f in self._waiters:
-            if not f.done():
-                f.set_exception(PetribusError("the executor's worker pool is closed"))
 
-    async def _acquire(self) -> Worker:
-        while True:
-            if self._closed:
-                raise PetribusError("the executor's worker pool is closed")
-            if self._idle:
-                return self._idle.pop()
-            if len(self._all) + self._starting < self.size:
-                return await self._start_worker()
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            await waiter
+    # ------------------------------------------------------------ processes
 
-    def _release(self, worker: Worker) -> None:
-        if worker.lost:
-            return
-        if self._closed:
-            self._lose(worker, "the pool is closed")
-            return
-        self._idle.append(worker)
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-
-    async def _start_worker(self) -> Worker:
-        self._starting += 1
+    async def _boot(self) -> Worker:
+        """Start one worker and wait until it is ready. The caller counted it in ``_starting``."""
         try:
-            parent_conn, child_conn = self._ctx.Pipe()
-            proc = self._ctx.Process(target=worker_main.main, args=(child_conn, self.apps),
-                                     name="petribus-worker")
-            try:
-                await asyncio.to_thread(proc.start)  # a round trip to the fork server; keep the loop free
-            except BaseException:
-                parent_conn.close()
-                raise
-            finally:
-                child_conn.close()
-            _live.add(proc)
-            worker = Worker(proc, parent_conn)
-            self._all.add(worker)
-            self.started += 1
-            asyncio.get_running_loop().add_reader(parent_conn.fileno(), self._on_readable, worker)
-            try:
-                await asyncio.wait_for(asyncio.shield(worker.ready), BOOT_TIMEOUT_S)
-            except TimeoutError:
-                self._lose(worker, "it did not boot")
-                raise SandboxCrashed(f"a worker did not import the apps within {BOOT_TIMEOUT_S:g}s") from None
-            except BaseException:
-                self._lose(worker, "it failed to boot")
-                raise
-            log.debug("worker started", pid=worker.pid)
-            return worker
-        finally:
+            worker = await self._launch()
+        except BaseException:
             self._starting -= 1
-            self._wake()  # a failed start frees a slot for someone else
+            self._serve()  # the room it would have taken is free again
+            raise
+        self._starting -= 1
+        return worker
+
+    async def _launch(self) -> Worker:
+        parent_conn, child_conn = self._ctx.Pipe()
+        proc = self._ctx.Process(target=worker_main.main, args=(child_conn, self.apps),
+                                 name="petribus-worker")
+        try:
+            await asyncio.to_thread(proc.start)  # a round trip to the fork server; keep the loop free
+        except BaseException:
+            parent_conn.close()
+            raise
+        finally:
+            child_conn.close()
+        _live.add(proc)
+        worker = Worker(proc, parent_conn)
+        self._all.add(worker)
+        self.started += 1
+        asyncio.get_running_loop().add_reader(parent_conn.fileno(), self._on_readable, worker)
+        try:
+            await asyncio.wait_for(asyncio.shield(worker.ready), BOOT_TIMEOUT_S)
+        except TimeoutError:
+            self._lose(worker, "it did not boot")
+            raise SandboxCrashed(f"a worker did not import the apps within {BOOT_TIMEOUT_S:g}s") from None
+        except BaseException:
+            self._lose(worker, "it failed to boot")
+            raise
+        if self._closed:
+            self._lose(worker, "the pool closed")
+            raise PetribusError("the executor's worker pool is closed")
+        log.debug("worker started", pid=worker.pid)
+        return worker
 
     def _on_readable(self, worker: Worker) -> None:
         try:
@@ -242,8 +461,26 @@ class WorkerPool:
 
     def _dispatch(self, worker: Worker, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
-        job = worker.job
-        if kind == p.READY:
+        if kind == p.DONE:
+            job = worker.jobs.get(msg[1])
+            if job is not None and not job.result.done():
+                job.result.set_result(msg[2])
+        elif kind == p.EVENT:
+            job = worker.jobs.get(msg[1])
+            if job is not None and job.open:
+                try:
+                    job.on_event(msg[2], msg[3])
+                except Exception as exc:  # a bad event must not break the pipe; the firing logs it
+                    log.error("context event dropped", pid=worker.pid, kind=msg[2], error=repr(exc))
+        elif kind == p.CALL:
+            job = worker.jobs.get(msg[1])
+            if job is not None and job.open:  # else the run is over or being cancelled: nobody asks
+                task = asyncio.ensure_future(self._answer(worker, job, *msg[2:]))
+                self._calls.add(task)
+                task.add_done_callback(self._calls.discard)
+                job.calls.add(task)
+                task.add_done_callback(job.calls.discard)
+        elif kind == p.READY:
             if not worker.ready.done():
                 worker.ready.set_result(None)
         elif kind == p.BOOT_FAILED:
@@ -251,51 +488,43 @@ class WorkerPool:
                 worker.ready.set_exception(SandboxCrashed(f"a worker could not load the apps: {msg[1]}",
                                                           retryable=False))
             self._lose(worker, "it could not load the apps")
-        elif job is None:
-            log.warning("message from an idle worker ignored", pid=worker.pid, kind=kind)
-        elif kind == p.EVENT:
-            try:
-                job.on_event(msg[1], msg[2])
-            except Exception as exc:  # a bad event must not break the pipe; the firing logs it
-                log.error("context event dropped", pid=worker.pid, kind=msg[1], error=repr(exc))
-        elif kind == p.CALL:
-            task = asyncio.ensure_future(self._answer(worker, job, *msg[1:]))
-            self._calls.add(task)
-            task.add_done_callback(self._calls.discard)
-            job.calls.add(task)
-            task.add_done_callback(job.calls.discard)
-        elif kind == p.DONE and not job.result.done():
-            job.result.set_result(msg[1])
+        else:
+            log.warning("unknown message from a worker ignored", pid=worker.pid, kind=kind)
 
     async def _answer(self, worker: Worker, job: _Job, call_id: int, kind: str, payload: Any,
                       timeout: float | None) -> None:
         try:
-            reply = (p.REPLY, call_id, True, await job.on_call(kind, payload, timeout))
+            reply = (p.REPLY, job.id, call_id, True, await job.on_call(kind, payload, timeout))
         except PetribusError as exc:
-            reply = (p.REPLY, call_id, False, {"message": exc.message, "code": exc.code})
+            reply = (p.REPLY, job.id, call_id, False, {"message": exc.message, "code": exc.code})
         except Exception as exc:
-            reply = (p.REPLY, call_id, False,
+            reply = (p.REPLY, job.id, call_id, False,
                      {"message": f"context.{kind} failed: {exc!r}", "code": "context_error"})
-        if worker.job is job and not worker.lost:
+        if job.open and not worker.lost:
             try:
                 worker.conn.send(reply)
             except OSError:
                 self._lose(worker, "its pipe broke")
 
+    def _stop(self, worker: Worker) -> None:
+        try:
+            worker.conn.send((p.STOP,))
+        except OSError:
+            pass
+        self._lose(worker, "the pool closed", grace=STOP_GRACE_S)
+
     def _lose(self, worker: Worker, why: str, *, grace: float = 0.0) -> None:
         """Take a worker out of service for good: kill it (after ``grace`` seconds to exit on its own),
-        reap it, and fail its firing if it had one."""
+        reap it, and fail every firing it still ran."""
         if worker.lost:
             return
         worker.lost = True
         self._all.discard(worker)
-        if worker in self._idle:
-            self._idle.remove(worker)
+        if worker in self._ready:
+            self._ready.remove(worker)
         asyncio.get_running_loop().remove_reader(worker.conn.fileno())
-        task = asyncio.ensure_future(self._reap(worker, why, grace))
-        self._reaping.add(task)
-        task.add_done_callback(self._reaping.discard)
-        self._wake()
+        self._spawn(self._reap(worker, why, grace))
+        self._serve()  # room to start another
 
     async def _reap(self, worker: Worker, why: str, grace: float) -> None:
         proc = worker.proc
@@ -311,13 +540,25 @@ class WorkerPool:
         _live.discard(proc)
         if not worker.ready.done():
             worker.ready.set_exception(SandboxCrashed(f"a worker exited while booting ({_describe(code)})"))
-        job = worker.job
-        if job is not None and not job.result.done():
-            job.result.set_exception(SandboxCrashed(
-                f"the worker running {job.request.transition!r} (pid {worker.pid}) died: {why}, "
-                f"{_describe(code)}"
-            ))
-        log.debug("worker gone", pid=worker.pid, why=why, exit=_describe(code))
+        jobs = list(worker.jobs.values())
+        worker.jobs.clear()
+        for job in jobs:
+            if not job.result.done():
+                job.result.set_exception(SandboxCrashed(
+                    f"the worker running {job.request.transition!r} (pid {worker.pid}) died "
+                    f"({_describe(code)}): {why}"
+                ))
+        log.debug("worker gone", pid=worker.pid, why=why, exit=_describe(code), firings=len(jobs))
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+def _load(worker: Worker) -> int:
+    return worker.load
 
 
 async def _exited(proc: multiprocessing.process.BaseProcess, timeout: float | None = None) -> bool:

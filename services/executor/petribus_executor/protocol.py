@@ -1,18 +1,28 @@
 """What an executor and its worker processes say to each other over their pipe.
 
-Messages are tuples (pickled by ``multiprocessing.connection``), first item the kind:
+Messages are tuples (pickled by ``multiprocessing.connection``), first item the kind. A worker runs
+several firings at once (``async def`` ones share its event loop), so every message about a firing
+names it by ``job``: an int the executor's pool gives each run, unique within the pool.
 
 executor -> worker
-    ``("run", Request)``                  run one firing; sent only to an idle worker
-    ``("reply", call_id, ok, value)``      the answer to a ``call`` (``{"message", "code"}`` if not ok)
-    ``("stop",)``                          finish: exit the process
+    ``("run", job, Request)``                       start a run: on the worker's event loop when the
+                                                    transition is ``async def``, else in its main
+                                                    thread (then the worker runs nothing else)
+    ``("reply", job, call_id, ok, value)``          the answer to a ``call`` (``{"message", "code"}``
+                                                    if not ok)
+    ``("cancel", job)``                             cancel an async run (its timeout passed, or the
+                                                    executor gave it up); the worker answers ``done``
+    ``("stop",)``                                   finish: exit the process (sent to an idle worker)
 
 worker -> executor
-    ``("ready", pid)``                     the apps are imported; send work
-    ``("boot_failed", message)``           the apps could not be imported; the worker exits
-    ``("event", kind, payload)``           fire-and-forget from ``BotContext`` (``say``, ``remember``)
-    ``("call", call_id, kind, payload, timeout)``   ask, wait for the ``reply`` (prompt, confirm, files)
-    ``("done", Outcome)``                  the firing's result; the worker is idle again
+    ``("ready", pid)``                              the apps are imported; send work
+    ``("boot_failed", message)``                    the apps could not be imported; the worker exits
+    ``("event", job, kind, payload)``               fire-and-forget from ``BotContext`` (``say``,
+                                                    ``remember``)
+    ``("call", job, call_id, kind, payload, timeout)``  ask, wait for the ``reply`` (prompt, confirm,
+                                                    files); ``call_id`` is unique within the worker
+    ``("done", job, Outcome)``                      the run ended (a cancelled one too: that is the
+                                                    confirmation of ``cancel``)
 
 Only plain data crosses: marker data as JSON-ready dicts, errors as text. Nothing a transition returns
 is unpickled by the executor except through these shapes.
@@ -25,12 +35,15 @@ from typing import Any
 
 RUN = "run"
 REPLY = "reply"
+CANCEL = "cancel"
 STOP = "stop"
 READY = "ready"
 BOOT_FAILED = "boot_failed"
 EVENT = "event"
 CALL = "call"
 DONE = "done"
+
+CANCELLED = "Cancelled"  # ``Outcome.error_type`` of a run that ended because of ``cancel``
 
 
 @dataclass(frozen=True)

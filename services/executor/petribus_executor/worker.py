@@ -1,9 +1,29 @@
-"""The worker process: imports the bot apps once, then runs one firing at a time for its executor.
+"""The worker process: imports the bot apps once, then runs firings for its executor, many at a time.
 
 A worker is forked from the executor's fork server (see ``pool.py``), so it starts with petribus,
 pydantic and, where they could be preloaded, the apps already imported. It lives for many firings.
-The executor kills it when a firing times out or is abandoned; it exits on its own when the executor
-process dies, so a ``kill -9`` of the executor leaves no orphans running transitions.
+
+Three threads of its own share the work:
+
+- The **reader** reads the pipe and only dispatches, so nothing but the pipe ever holds it up:
+  ``run`` of an ``async def`` transition goes to the event loop (``call_soon_threadsafe``), ``run`` of a
+  plain ``def`` to the main thread, a ``reply`` to whoever waits for it (a blocked thread through a
+  ``threading.Event``, a coroutine through its loop), ``cancel`` to the loop, ``stop`` or the end of the
+  pipe ends the process.
+- The **event loop** (a thread that lives as long as the process) runs every async firing as a task,
+  so hundreds can wait on I/O at once; the executor bounds how many it sends
+  (``PETRIBUS_WORKER_CONCURRENCY``). ``cancel`` cancels one task; the run then reports ``done``.
+- The **main thread** runs a ``def`` transition, where it always ran. The executor sends one only to a
+  worker with nothing else to do, and sends nothing more until it is done: a sync firing has the
+  process to itself, and can be stopped only by killing the process.
+
+Sends come from all of them (and from threads a transition starts) and are serialised by one lock.
+Since the reader takes every reply, a blocking ``context.confirm`` waits safely in any thread, the
+loop's included, where it stalls the other async firings of the process; the ``a``-methods don't.
+
+The executor kills the worker when a sync firing times out or is abandoned, and when an async one does
+not stop within a grace after ``cancel`` (its code blocks the loop). The worker exits on its own when
+the executor process dies, so a ``kill -9`` of the executor leaves no orphans running transitions.
 """
 
 from __future__ import annotations
@@ -15,6 +35,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import queue
 import signal
 import threading
 import time
@@ -31,6 +52,7 @@ from petribus.net import Net, TransitionDef
 from petribus_executor import protocol as p
 
 Conn = multiprocessing.connection.Connection
+Reply = tuple[Any, ...]
 
 # Errors a context call can raise in the transition, by code: so it can catch the specific type.
 _ERRORS: dict[str, type[PetribusError]] = {
@@ -47,14 +69,7 @@ def main(conn: Conn, apps: list[str]) -> None:
     except Exception as exc:
         conn.send((p.BOOT_FAILED, f"{type(exc).__name__}: {exc}"))
         return
-    channel = PipeChannel(conn)
-    channel.post((p.READY, os.getpid()))
-    while True:
-        msg = channel.next_command()
-        if msg is None or msg[0] == p.STOP:
-            return
-        if msg[0] == p.RUN:
-            channel.post((p.DONE, run_firing(nets, msg[1], channel)))
+    Runner(Pipe(conn), nets).serve()
 
 
 def _exit_with_parent() -> None:
@@ -70,25 +85,111 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="petribus-lifeline", daemon=True).start()
 
 
-class PipeChannel:
-    """The worker's end of :class:`petribus.context.Channel`, over the pipe to the executor.
-
-    Safe to use from several threads of one transition: sends are serialised, and whichever caller is
-    waiting reads the pipe for everyone and hands replies out by call id.
-    """
+class Pipe:
+    """The worker's end of the pipe: sends serialised across threads, replies handed to their caller."""
 
     def __init__(self, conn: Conn) -> None:
         self._conn = conn
         self._send_lock = threading.Lock()
-        self._cond = threading.Condition()
-        self._reading = False
-        self._replies: dict[int, tuple[Any, ...]] = {}
-        self._abandoned: set[int] = set()
-        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._waiting: dict[tuple[int, int], Callable[[Reply], None]] = {}  # (job, call id) -> deliver
+        self._call_ids = itertools.count(1)
 
     def post(self, msg: tuple[Any, ...]) -> None:
         with self._send_lock:
             self._conn.send(msg)
+
+    def recv(self) -> tuple[Any, ...]:
+        return self._conn.recv()  # the reader thread's alone
+
+    def call(self, job: int, kind: str, payload: Any, timeout: float | None) -> Any:
+        """Ask the executor; block this thread (whichever it is) until the reply or ``timeout``."""
+        answered = threading.Event()
+        replies: list[Reply] = []
+
+        def deliver(reply: Reply) -> None:
+            replies.append(reply)
+            answered.set()
+
+        key = self._expect(job, deliver)
+        try:
+            self.post((p.CALL, job, key[1], kind, payload, timeout))
+            answered.wait(timeout)
+        finally:
+            self._forget(key)
+        return _unpack(kind, timeout, replies[0] if replies else None)
+
+    async def acall(self, job: int, kind: str, payload: Any, timeout: float | None) -> Any:
+        """``call`` for a coroutine: its event loop runs on while it waits."""
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[Reply] = loop.create_future()
+
+        def deliver(reply: Reply) -> None:
+            loop.call_soon_threadsafe(_settle, answered, reply)
+
+        key = self._expect(job, deliver)
+        try:
+            self.post((p.CALL, job, key[1], kind, payload, timeout))
+            try:
+                reply: Reply | None = await asyncio.wait_for(answered, timeout)
+            except TimeoutError:
+                reply = None
+        finally:
+            self._forget(key)
+        return _unpack(kind, timeout, reply)
+
+    def deliver(self, reply: Reply) -> None:
+        """A reply from the executor, to its caller (a late one, for a call that gave up, is dropped)."""
+        with self._lock:
+            deliver = self._waiting.pop((reply[1], reply[2]), None)
+        if deliver is not None:
+            deliver(reply)
+
+    def abort(self, job: int) -> None:
+        """``job`` is being cancelled: its calls get an error now. That frees a thread blocked in one
+        (the loop's, even), so the cancellation can land; a coroutine's wait is cancelled anyway."""
+        with self._lock:
+            keys = [key for key in self._waiting if key[0] == job]
+            delivers = [self._waiting.pop(key) for key in keys]
+        for (_, call_id), deliver in zip(keys, delivers):
+            deliver((p.REPLY, job, call_id, False,
+                     {"message": "the firing was cancelled by its executor", "code": "cancelled"}))
+
+    def _expect(self, job: int, deliver: Callable[[Reply], None]) -> tuple[int, int]:
+        key = (job, next(self._call_ids))
+        with self._lock:
+            self._waiting[key] = deliver
+        return key
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        with self._lock:
+            self._waiting.pop(key, None)
+
+
+def _settle(answered: asyncio.Future[Reply], reply: Reply) -> None:
+    if not answered.done():
+        answered.set_result(reply)
+
+
+def _unpack(kind: str, timeout: float | None, reply: Reply | None) -> Any:
+    if reply is None:
+        raise PetribusError(f"context.{kind} got no answer within {timeout}s", code="context_timeout",
+                            retryable=True)
+    _, _, _, ok, value = reply
+    if ok:
+        return value
+    code = value.get("code") or "context_error"
+    raise _ERRORS.get(code, PetribusError)(value["message"], code=code)
+
+
+class JobChannel:
+    """The worker's :class:`petribus.context.Channel`: one run's side of the pipe, tagged with its job."""
+
+    __slots__ = ("_pipe", "_job")
+
+    def __init__(self, pipe: Pipe, job: int) -> None:
+        self._pipe = pipe
+        self._job = job
 
     def send(self, kind: str, payload: Any) -> None:
         if kind == "remember":
@@ -99,74 +200,137 @@ class PipeChannel:
                     "context.remember needs JSON data or a pydantic model, "
                     f"got {type(payload).__name__}: {exc}"
                 ) from None
-        self.post((p.EVENT, kind, payload))
+        self._pipe.post((p.EVENT, self._job, kind, payload))
 
     def call(self, kind: str, payload: Any, timeout: float | None) -> Any:
-        call_id = next(self._ids)
-        self.post((p.CALL, call_id, kind, payload, timeout))
-        reply = self._wait_reply(call_id, timeout)
-        if reply is None:
-            raise PetribusError(f"context.{kind} got no answer within {timeout}s", code="context_timeout",
-                                retryable=True)
-        _, _, ok, value = reply
-        if ok:
-            return value
-        code = value.get("code") or "context_error"
-        raise _ERRORS.get(code, PetribusError)(value["message"], code=code)
+        return self._pipe.call(self._job, kind, payload, timeout)
 
-    def next_command(self) -> tuple[Any, ...] | None:
-        """The next command for an idle worker (late replies to abandoned calls are dropped); None at EOF."""
-        while True:
-            try:
-                msg = self._conn.recv()
-            except (EOFError, OSError):
-                return None
-            if msg[0] != p.REPLY:
-                return msg
-
-    def _wait_reply(self, call_id: int, timeout: float | None) -> tuple[Any, ...] | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while call_id not in self._replies:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    self._abandoned.add(call_id)
-                    return None
-                if self._reading:
-                    self._cond.wait(left)
-                    continue
-                self._reading = True
-                self._cond.release()
-                try:
-                    msg = self._conn.recv() if self._conn.poll(left) else None
-                finally:
-                    self._cond.acquire()
-                    self._reading = False
-                    self._cond.notify_all()
-                if msg is not None and msg[0] == p.REPLY and msg[1] not in self._abandoned:
-                    self._replies[msg[1]] = msg
-            return self._replies.pop(call_id)
+    async def acall(self, kind: str, payload: Any, timeout: float | None) -> Any:
+        return await self._pipe.acall(self._job, kind, payload, timeout)
 
 
-def run_firing(nets: dict[str, Net], req: p.Request, channel: PipeChannel) -> p.Outcome:
+class Runner:
+    """This process's runs: async ones as tasks on the event loop, sync ones in the main thread."""
+
+    def __init__(self, pipe: Pipe, nets: dict[str, Net]) -> None:
+        self.pipe = pipe
+        self.nets = nets
+        self.loop = asyncio.new_event_loop()
+        self.tasks: dict[int, asyncio.Task[None]] = {}  # the loop thread's alone
+        self.sync_runs: queue.SimpleQueue[tuple[int, p.Request] | None] = queue.SimpleQueue()
+
+    def serve(self) -> None:
+        threading.Thread(target=self._run_loop, name="petribus-loop", daemon=True).start()
+        threading.Thread(target=self._read, name="petribus-reader", daemon=True).start()
+        try:
+            self.pipe.post((p.READY, os.getpid()))
+            while (run := self.sync_runs.get()) is not None:
+                job, request = run
+                self.pipe.post((p.DONE, job, run_sync(self.nets, request, JobChannel(self.pipe, job))))
+        except OSError:
+            pass  # the executor is gone
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                msg = self.pipe.recv()
+                kind = msg[0]
+                if kind == p.RUN:
+                    if self._is_async(msg[2]):
+                        self.loop.call_soon_threadsafe(self._start, msg[1], msg[2])
+                    else:
+                        self.sync_runs.put((msg[1], msg[2]))
+                elif kind == p.REPLY:
+                    self.pipe.deliver(msg)
+                elif kind == p.CANCEL:
+                    self.pipe.abort(msg[1])
+                    self.loop.call_soon_threadsafe(self._cancel, msg[1])
+                elif kind == p.STOP:
+                    break
+        except (EOFError, OSError):
+            pass
+        self.sync_runs.put(None)
+
+    def _is_async(self, request: p.Request) -> bool:
+        net = self.nets.get(request.bot)
+        if net is None or not net.has_transition(request.transition):
+            return True  # it fails at once; on the loop that holds nothing up
+        return net.transition(request.transition).is_async
+
+    def _start(self, job: int, request: p.Request) -> None:
+        self.tasks[job] = self.loop.create_task(self._run(job, request))
+
+    def _cancel(self, job: int) -> None:
+        task = self.tasks.get(job)
+        if task is not None:
+            task.cancel()
+
+    async def _run(self, job: int, request: p.Request) -> None:
+        try:
+            outcome = await run_async(self.nets, request, JobChannel(self.pipe, job))
+        finally:
+            del self.tasks[job]
+        try:
+            self.pipe.post((p.DONE, job, outcome))
+        except OSError:
+            pass  # the executor is gone; the lifeline ends this process
+
+
+def run_sync(nets: dict[str, Net], req: p.Request, channel: JobChannel) -> p.Outcome:
+    """Run a firing in this thread, to its outcome."""
     started = time.perf_counter()
     try:
-        net = nets[req.bot]
-        t = net.transition(req.transition)
-        inputs = build_inputs(net, t, req.inputs)
-        context = BotContext(channel, bot=req.bot, session_id=req.session_id, firing_id=req.firing_id,
-                             transition=req.transition)
-        result = _invoker(t)(context, inputs)
-        if inspect.isawaitable(result):
+        net, t, call = _prepare(nets, req, channel)
+        result = call()
+        if inspect.isawaitable(result):  # a def that hands back a coroutine
             result = asyncio.run(_await(result))
-        outputs = collect_outputs(net, t, result)
+        return _completed(net, t, result, started)
     except (Exception, SystemExit) as exc:
-        return p.Outcome(
-            ok=False, error=str(exc) or type(exc).__name__, error_type=type(exc).__name__,
-            retryable=exc.retryable if isinstance(exc, PetribusError) else True,
-            traceback=traceback.format_exc(), duration_ms=(time.perf_counter() - started) * 1000,
-        )
+        return _failed(exc, started)
+
+
+async def run_async(nets: dict[str, Net], req: p.Request, channel: JobChannel) -> p.Outcome:
+    """Run a firing as a coroutine of the running loop, to its outcome (cancelled is an outcome too)."""
+    started = time.perf_counter()
+    try:
+        net, t, call = _prepare(nets, req, channel)
+        result = call()
+        if inspect.isawaitable(result):
+            result = await result
+        return _completed(net, t, result, started)
+    except (Exception, SystemExit) as exc:
+        return _failed(exc, started)
+    except asyncio.CancelledError:
+        return p.Outcome(ok=False, error="cancelled by its executor", error_type=p.CANCELLED, retryable=True,
+                         duration_ms=(time.perf_counter() - started) * 1000)
+
+
+def _prepare(nets: dict[str, Net], req: p.Request,
+             channel: JobChannel) -> tuple[Net, TransitionDef, Callable[[], Any]]:
+    net = nets[req.bot]
+    t = net.transition(req.transition)
+    inputs = build_inputs(net, t, req.inputs)
+    context = BotContext(channel, bot=req.bot, session_id=req.session_id, firing_id=req.firing_id,
+                         transition=req.transition)
+    invoke = _invoker(t)
+    return net, t, lambda: invoke(context, inputs)
+
+
+def _completed(net: Net, t: TransitionDef, result: Any, started: float) -> p.Outcome:
+    outputs = collect_outputs(net, t, result)
     return p.Outcome(ok=True, outputs=outputs, duration_ms=(time.perf_counter() - started) * 1000)
+
+
+def _failed(exc: BaseException, started: float) -> p.Outcome:
+    return p.Outcome(
+        ok=False, error=str(exc) or type(exc).__name__, error_type=type(exc).__name__,
+        retryable=exc.retryable if isinstance(exc, PetribusError) else True,
+        traceback=traceback.format_exc(), duration_ms=(time.perf_counter() - started) * 1000,
+    )
 
 
 async def _await(awaitable: Any) -> Any:
