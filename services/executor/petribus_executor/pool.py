@@ -62,6 +62,7 @@ log = logs.get("petribus.executor.pool")
 BOOT_TIMEOUT_S = 60.0
 STOP_GRACE_S = 2.0
 CANCEL_GRACE_S = 2.0  # how long a cancelled async firing may take to stop before its worker is killed
+READ_SIZE = 1 << 18
 
 OnEvent = Callable[[str, Any], None]
 OnCall = Callable[[str, Any, "float | None"], Awaitable[Any]]
@@ -105,6 +106,9 @@ class Worker:
         self.proc = proc
         self.conn = conn
         self.pid = proc.pid
+        self.fd = conn.fileno()
+        self.frames = p.Frames()
+        self.outbox: list[tuple[Any, ...]] = []  # messages to send at the end of this loop tick
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.jobs: dict[int, _Job] = {}  # runs sent and not yet over (a cancelled one until it confirms)
         self.load = 0  # leases held: firings placed here, running or about to
@@ -310,10 +314,7 @@ class WorkerPool:
         w = lease.worker
         job = _Job(next(self._job_ids), request, on_event, on_call)
         w.jobs[job.id] = job
-        try:
-            w.conn.send((p.RUN, job.id, request))
-        except OSError:
-            self._lose(w, "its pipe broke")
+        self._send(w, (p.RUN, job.id, request))
         try:
             outcome = await asyncio.wait_for(asyncio.shield(job.result), timeout)
         except TimeoutError:
@@ -367,10 +368,7 @@ class WorkerPool:
         w = lease.worker
         try:
             if not w.lost:
-                try:
-                    w.conn.send((p.CANCEL, job.id))
-                except OSError:
-                    self._lose(w, "its pipe broke")
+                self._send(w, (p.CANCEL, job.id))
             try:
                 await asyncio.wait_for(asyncio.shield(job.result), self.cancel_grace)
             except TimeoutError:
@@ -437,7 +435,7 @@ class WorkerPool:
         worker = Worker(proc, parent_conn)
         self._all.add(worker)
         self.started += 1
-        asyncio.get_running_loop().add_reader(parent_conn.fileno(), self._on_readable, worker)
+        asyncio.get_running_loop().add_reader(worker.fd, self._on_readable, worker)
         try:
             await asyncio.wait_for(asyncio.shield(worker.ready), BOOT_TIMEOUT_S)
         except TimeoutError:
@@ -454,10 +452,36 @@ class WorkerPool:
 
     def _on_readable(self, worker: Worker) -> None:
         try:
-            while not worker.lost and worker.conn.poll():
-                self._dispatch(worker, worker.conn.recv())
-        except (EOFError, OSError):
+            data = os.read(worker.fd, READ_SIZE)  # readable: this does not block
+        except OSError:
+            data = b""
+        if not data:
             self._lose(worker, "its pipe closed")
+            return
+        try:
+            msgs = worker.frames.feed(data)
+        except Exception as exc:  # not what a worker writes: nothing it says can be trusted any more
+            self._lose(worker, f"it sent something unreadable ({exc!r})")
+            return
+        for msg in msgs:
+            if worker.lost:
+                return
+            self._dispatch(worker, msg)
+
+    def _send(self, worker: Worker, msg: tuple[Any, ...]) -> None:
+        """Send at the end of this tick, together with whatever else the worker gets in it."""
+        if not worker.outbox:
+            asyncio.get_running_loop().call_soon(self._flush, worker)
+        worker.outbox.append(msg)
+
+    def _flush(self, worker: Worker) -> None:
+        msgs, worker.outbox = worker.outbox, []
+        if not msgs or worker.lost:  # a lost worker is being killed: it needs nothing more
+            return
+        try:
+            p.write(worker.fd, b"".join([p.frame(msg) for msg in msgs]))
+        except OSError:
+            self._lose(worker, "its pipe broke")
 
     def _dispatch(self, worker: Worker, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
@@ -501,16 +525,11 @@ class WorkerPool:
             reply = (p.REPLY, job.id, call_id, False,
                      {"message": f"context.{kind} failed: {exc!r}", "code": "context_error"})
         if job.open and not worker.lost:
-            try:
-                worker.conn.send(reply)
-            except OSError:
-                self._lose(worker, "its pipe broke")
+            self._send(worker, reply)
 
     def _stop(self, worker: Worker) -> None:
-        try:
-            worker.conn.send((p.STOP,))
-        except OSError:
-            pass
+        self._send(worker, (p.STOP,))
+        self._flush(worker)  # now, before it counts as lost
         self._lose(worker, "the pool closed", grace=STOP_GRACE_S)
 
     def _lose(self, worker: Worker, why: str, *, grace: float = 0.0) -> None:
@@ -522,7 +541,7 @@ class WorkerPool:
         self._all.discard(worker)
         if worker in self._ready:
             self._ready.remove(worker)
-        asyncio.get_running_loop().remove_reader(worker.conn.fileno())
+        asyncio.get_running_loop().remove_reader(worker.fd)
         self._spawn(self._reap(worker, why, grace))
         self._serve()  # room to start another
 

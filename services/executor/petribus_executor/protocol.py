@@ -26,10 +26,19 @@ worker -> executor
 
 Only plain data crosses: marker data as JSON-ready dicts, errors as text. Nothing a transition returns
 is unpickled by the executor except through these shapes.
+
+On the wire each message is a frame: its pickle's length (``!i``; ``-1`` then ``!Q`` when it does not
+fit) and the pickle, as ``multiprocessing.connection`` frames them. Both ends read and write the raw
+socket themselves, so the executor reads every frame that has arrived with one ``read`` and writes all
+it has for a worker in a tick with one ``write``; ``Connection.poll``/``recv`` cost a selector and two
+reads per message.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,3 +85,49 @@ class Outcome:
     error_type: str = ""
     retryable: bool = False
     traceback: str = field(default="", repr=False)
+
+
+_SHORT = struct.Struct("!i")
+_LONG = struct.Struct("!Q")
+
+
+def frame(msg: tuple[Any, ...]) -> bytes:
+    body = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(body) <= 0x7FFFFFFF:
+        return _SHORT.pack(len(body)) + body
+    return _SHORT.pack(-1) + _LONG.pack(len(body)) + body
+
+
+def write(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to a blocking ``fd`` (raises ``OSError`` when the other end is gone)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class Frames:
+    """Turns the bytes read from a pipe, in whatever pieces they come, back into messages."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[Any, ...]]:
+        buf = self._buf
+        buf += data
+        msgs = []
+        pos = 0
+        while len(buf) - pos >= _SHORT.size:
+            (size,) = _SHORT.unpack_from(buf, pos)
+            head = _SHORT.size
+            if size < 0:
+                if len(buf) - pos < head + _LONG.size:
+                    break
+                (size,) = _LONG.unpack_from(buf, pos + head)
+                head += _LONG.size
+            end = pos + head + size
+            if len(buf) < end:
+                break
+            msgs.append(pickle.loads(buf[pos + head:end]))
+            pos = end
+        del buf[:pos]
+        return msgs

@@ -52,6 +52,7 @@ from petribus.net import Net, TransitionDef
 from petribus_executor import protocol as p
 
 Conn = multiprocessing.connection.Connection
+READ_SIZE = 1 << 18
 Reply = tuple[Any, ...]
 
 # Errors a context call can raise in the transition, by code: so it can catch the specific type.
@@ -67,7 +68,7 @@ def main(conn: Conn, apps: list[str]) -> None:
     try:
         nets = {net.bot: net for net in (load_bot(spec).net() for spec in apps)}
     except Exception as exc:
-        conn.send((p.BOOT_FAILED, f"{type(exc).__name__}: {exc}"))
+        p.write(conn.fileno(), p.frame((p.BOOT_FAILED, f"{type(exc).__name__}: {exc}")))
         return
     Runner(Pipe(conn), nets).serve()
 
@@ -89,18 +90,27 @@ class Pipe:
     """The worker's end of the pipe: sends serialised across threads, replies handed to their caller."""
 
     def __init__(self, conn: Conn) -> None:
-        self._conn = conn
+        self._conn = conn  # owns the socket; read and written raw, in frames (``protocol.py``)
+        self._fd = conn.fileno()
+        self._frames = p.Frames()
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._waiting: dict[tuple[int, int], Callable[[Reply], None]] = {}  # (job, call id) -> deliver
         self._call_ids = itertools.count(1)
 
     def post(self, msg: tuple[Any, ...]) -> None:
+        data = p.frame(msg)
         with self._send_lock:
-            self._conn.send(msg)
+            p.write(self._fd, data)
 
-    def recv(self) -> tuple[Any, ...]:
-        return self._conn.recv()  # the reader thread's alone
+    def read(self) -> list[tuple[Any, ...]]:
+        """The messages that have arrived, once at least one has (the reader thread's alone)."""
+        while True:
+            data = os.read(self._fd, READ_SIZE)
+            if not data:
+                raise EOFError
+            if msgs := self._frames.feed(data):
+                return msgs
 
     def call(self, job: int, kind: str, payload: Any, timeout: float | None) -> Any:
         """Ask the executor; block this thread (whichever it is) until the reply or ``timeout``."""
@@ -237,23 +247,32 @@ class Runner:
     def _read(self) -> None:
         try:
             while True:
-                msg = self.pipe.recv()
-                kind = msg[0]
-                if kind == p.RUN:
-                    if self._is_async(msg[2]):
-                        self.loop.call_soon_threadsafe(self._start, msg[1], msg[2])
-                    else:
-                        self.sync_runs.put((msg[1], msg[2]))
-                elif kind == p.REPLY:
-                    self.pipe.deliver(msg)
-                elif kind == p.CANCEL:
-                    self.pipe.abort(msg[1])
-                    self.loop.call_soon_threadsafe(self._cancel, msg[1])
-                elif kind == p.STOP:
-                    break
+                runs: list[tuple[int, p.Request]] = []  # async runs that came together start together
+                for msg in self.pipe.read():
+                    kind = msg[0]
+                    if kind == p.RUN:
+                        if self._is_async(msg[2]):
+                            runs.append((msg[1], msg[2]))
+                        else:
+                            self.sync_runs.put((msg[1], msg[2]))
+                    elif kind == p.REPLY:
+                        self.pipe.deliver(msg)
+                    elif kind == p.CANCEL:
+                        self._start_soon(runs)  # a run before its cancel
+                        self.pipe.abort(msg[1])
+                        self.loop.call_soon_threadsafe(self._cancel, msg[1])
+                    elif kind == p.STOP:
+                        return
+                self._start_soon(runs)
         except (EOFError, OSError):
             pass
-        self.sync_runs.put(None)
+        finally:
+            self.sync_runs.put(None)
+
+    def _start_soon(self, runs: list[tuple[int, p.Request]]) -> None:
+        if runs:
+            self.loop.call_soon_threadsafe(self._start, runs[:])
+            runs.clear()
 
     def _is_async(self, request: p.Request) -> bool:
         net = self.nets.get(request.bot)
@@ -261,8 +280,9 @@ class Runner:
             return True  # it fails at once; on the loop that holds nothing up
         return net.transition(request.transition).is_async
 
-    def _start(self, job: int, request: p.Request) -> None:
-        self.tasks[job] = self.loop.create_task(self._run(job, request))
+    def _start(self, runs: list[tuple[int, p.Request]]) -> None:
+        for job, request in runs:
+            self.tasks[job] = self.loop.create_task(self._run(job, request))
 
     def _cancel(self, job: int) -> None:
         task = self.tasks.get(job)
