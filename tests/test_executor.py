@@ -263,7 +263,7 @@ async def test_work_for_an_unknown_transition_is_terminated_and_fails_for_good(
     async with Stack(settings, [COUNTER], parts=("executor",)), SessionLog(nc, "ghost") as log:
         item = WorkItem(bot="ghost", session_id=log.session_id, firing_id=uuid.uuid4().hex,
                         transition="haunt", inputs=[Marker(location="Boo", data={})], fired_seq=1)
-        await nc.jetstream().publish(subjects.work("cpu"), item.model_dump_json().encode())
+        await nc.jetstream().publish(item.subject("cpu"), item.model_dump_json().encode())
         [failed] = await log.until("transition_failed", final=True)
 
     assert failed.firing_id == item.firing_id and failed.error_type == "UnknownTransition"

@@ -1,21 +1,30 @@
-"""The scheduler against a real nats-server: claims, conflicts between schedulers, re-dispatch."""
+"""The scheduler against a real nats-server: claims (atomic batches), conflicts between schedulers,
+re-dispatch, a failing session parked beside healthy ones, lost work sent again by the lease."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
+import time
 from collections import Counter
 
+import pytest
 from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import NotFoundError
 
 from petribus import subjects
 from petribus.bus import EventLog
 from petribus.core import fold
-from petribus.events import Marker, MarkerAdded, TransitionFired, decode
+from petribus.events import ErrorEvent, Marker, MarkerAdded, TransitionFired, decode
 from petribus.loader import load_net
 from petribus.work import WorkItem
-from petribus_scheduler.app import Scheduler
+from petribus_scheduler.app import CLAIM_BATCH, Scheduler
+from petribus_scheduler.leases import Leases
+from petribus_scheduler.timers import retry_delay
 
 from .conftest import app
+from .harness import Stack
 
 COUNTER = app("counter")
 
@@ -82,6 +91,7 @@ async def test_stale_scheduler_refolds_on_conflict_instead_of_double_consuming(s
     sched = Scheduler(settings, [load_net(COUNTER)])
     sched.js = nc.jetstream()
     sched.events = log
+    sched.leases = Leases(nc, sched.log, sched.renew, period_s=60.0, ack_wait_s=30.0)
     await sched._advance(("counter", "x"), stale)
 
     assert sched.stats["conflicts"] == 1
@@ -125,3 +135,136 @@ async def test_guard_sees_typed_markers_and_skips_refused_ones(settings, nc):
     assert [f.consumed for f in fired] == [[orders[2].marker.id]]
     state = fold(await log.read("guarded", "g"))
     assert [m.data["amount"] for m in state.marking()["Order"]] == [500, 13]
+
+
+def test_retry_delay_doubles_per_delivery_up_to_its_cap():
+    assert [retry_delay(d, first_s=1.0, max_s=60.0) for d in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert retry_delay(10_000, first_s=1.0, max_s=60.0) == 60.0
+
+
+async def test_a_failing_session_is_reported_once_and_parked_while_the_others_keep_flowing(
+    settings, nc, monkeypatch
+):
+    first_retry_s = 0.05
+    settings = settings.model_copy(update={"scheduler_retry_s": first_retry_s})
+    attempts: list[tuple[int, int]] = []  # (stream seq, delivery) of every failed step of the bad session
+    fourth_delivery = asyncio.Event()
+    handle = Scheduler._handle
+
+    async def fails_for_one_session(self, key, batch):
+        if key[1] != "bad":
+            return await handle(self, key, batch)
+        for msg, _ in batch:
+            attempts.append((msg.metadata.sequence.stream, msg.metadata.num_delivered))
+            if msg.metadata.num_delivered >= 4:
+                fourth_delivery.set()
+        raise ZeroDivisionError("division by zero in a guard")
+
+    monkeypatch.setattr(Scheduler, "_handle", fails_for_one_session)
+    log = EventLog(nc)
+    bad = MarkerAdded(bot="counter", session_id="bad", marker=Marker(location="Item", data={"n": -1}))
+    healthy = [MarkerAdded(bot="counter", session_id=f"ok{i % 5}",
+                           marker=Marker(location="Item", data={"n": i})) for i in range(200)]
+    async with Scheduler(settings, [load_net(COUNTER)]) as sched:
+        started = time.monotonic()
+        await log.append(bad)
+        await log.append_many(healthy)
+        await _wait_for_fired(nc, "counter", expected=len(healthy))
+        await asyncio.wait_for(fourth_delivery.wait(), 30)
+        window_s, seen = time.monotonic() - started, list(attempts)
+        failed = sched.stats["failed"]
+
+    events = [e for _, e in await log.read("counter", "bad")]
+    errors = [e for e in events if isinstance(e, ErrorEvent)]
+    assert len(errors) == 1, "one error event however often the session failed"
+    assert errors[0].code == "scheduler_failed" and "bad" in errors[0].message
+    assert "ZeroDivisionError" in errors[0].message and errors[0].cause == bad.id
+    assert not any(isinstance(e, TransitionFired) for e in events)
+    assert failed >= 4
+    # Parked, not spinning: with pauses doubling from first_retry_s, n deliveries take at least
+    # first_retry_s * (2**(n-1) - 1) seconds, so within the window each event came back only a few times.
+    per_event = Counter(seq for seq, _ in seen)
+    assert max(per_event.values()) <= 2 + math.log2(1 + window_s / first_retry_s)
+    assert all(sorted(d for s, d in seen if s == seq) == list(range(1, n + 1))
+               for seq, n in per_event.items())  # one failed step per delivery, nothing handled twice
+    consumed: Counter[str] = Counter()
+    for i in range(5):
+        state = fold(await log.read("counter", f"ok{i}"))
+        assert state.counts().get("Item", 0) == 0
+        consumed.update(m.id for f in state.in_flight.values() for m in (p.marker for p in f.consumed))
+    assert set(consumed) == {m.marker.id for m in healthy} and max(consumed.values()) == 1
+
+
+async def test_a_fan_out_of_1000_markers_is_claimed_in_one_atomic_batch_while_other_writers_append(
+    settings, nc
+):
+    log = EventLog(nc)
+    markers = [MarkerAdded(bot="counter", session_id="fan", marker=Marker(location="Item", data={"n": i}))
+               for i in range(1000)]
+    await log.append_many(markers)
+    stop = asyncio.Event()
+    noise_seqs: list[int] = []
+
+    async def other_writer() -> None:  # another session's events land all along, one append at a time
+        while not stop.is_set():
+            noise_seqs.append(await log.append(
+                MarkerAdded(bot="elsewhere", session_id="noise", marker=Marker(location="X", data={}))))
+
+    writer = asyncio.create_task(other_writer())
+    try:
+        while not noise_seqs:
+            await asyncio.sleep(0.01)
+        async with Scheduler(settings, [load_net(COUNTER)]) as sched:
+            await _wait_for_fired(nc, "counter", expected=1000)
+            await log.append(MarkerAdded(bot="elsewhere", session_id="noise",
+                                         marker=Marker(location="X", data={})))
+            batches = sched.stats["claim_batches"]
+    finally:
+        stop.set()
+        await writer
+
+    fired = [(seq, e) for seq, e in await log.read("counter", "fan") if isinstance(e, TransitionFired)]
+    seqs = [seq for seq, _ in fired]
+    # The other writer appended before, during and after the claims, yet the claims lie in contiguous
+    # runs of the stream, one per commit (one at a time, its appends would fall between them).
+    assert noise_seqs[0] < seqs[0] and noise_seqs[-1] > seqs[-1] and len(noise_seqs) > 1
+    runs = 1 + sum(b != a + 1 for a, b in itertools.pairwise(seqs))
+    assert runs == batches == math.ceil(1000 / CLAIM_BATCH)
+    consumed = Counter(mid for _, e in fired for mid in e.consumed)
+    assert set(consumed) == {m.marker.id for m in markers} and max(consumed.values()) == 1
+
+
+async def test_a_lost_work_item_is_sent_again_by_whichever_scheduler_runs_and_its_firing_completes(
+    settings, nc
+):
+    settings = settings.model_copy(update={"work_lease_s": 0.5})
+    log = EventLog(nc)
+    js = nc.jetstream()
+    item = MarkerAdded(bot="counter", session_id="lost", marker=Marker(location="Item", data={"n": 7}))
+    async with Scheduler(settings, [load_net(COUNTER)]):
+        await log.append(item)
+        await _wait_for_fired(nc, "counter", expected=1)
+    # That scheduler is gone, its claim dispatched and acked. Now the work item is lost.
+    [fired] = [e for _, e in await log.read("counter", "lost") if isinstance(e, TransitionFired)]
+    subject = subjects.work_item("cpu", "counter", "lost", fired.firing_id)
+    assert WorkItem.model_validate_json((await js.get_last_msg(subjects.WORK_STREAM, subject)).data)
+    await js.purge_stream(subjects.WORK_STREAM, subject=subject)
+    with pytest.raises(NotFoundError):
+        await js.get_last_msg(subjects.WORK_STREAM, subject)
+
+    # No new event in the session: only the lease can notice. A fresh scheduler (nothing cached) does.
+    async with Stack(settings, [COUNTER], parts=("scheduler", "executor")) as stack:
+        done = await log.wait_for("counter", "lost", after=0, timeout=60,
+                                  match=lambda e: e.type == "transition_completed")
+        redispatched = stack.services["scheduler"].stats["redispatched"]
+        # With nothing in flight any more, the session's lease is dropped.
+        async with asyncio.timeout(30):
+            while (await js.stream_info(subjects.TIMERS_STREAM,
+                                        subjects_filter=subjects.leases())).state.messages:
+                await asyncio.sleep(0.05)
+
+    assert done is not None and done[1].firing_id == fired.firing_id
+    assert redispatched == 1
+    events = [e for _, e in await log.read("counter", "lost")]
+    assert [e.type for e in events].count("transition_started") == 1
+    assert fold(await log.read("counter", "lost")).marking()["Done"][0].data == {"n": 7}

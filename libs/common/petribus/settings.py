@@ -29,6 +29,18 @@ class Settings(BaseSettings):
 
     # scheduler
     scheduler_batch: int = 256
+    scheduler_retry_s: float = Field(
+        default=1.0,
+        description="Pause before a session whose step failed is tried again; doubled with each further "
+        "delivery of its events, up to scheduler_retry_max_s. Other sessions never wait for it.",
+    )
+    scheduler_retry_max_s: float = Field(default=60.0, description="Longest pause between two tries of a "
+                                         "failing session.")
+    work_lease_s: float = Field(
+        default=60.0,
+        description="How often a session with firings in flight is checked for lost work items (a server "
+        "crash, a purge): a lost one is sent again within this time, while any scheduler runs.",
+    )
     confirm_timeout_s: float = Field(
         default=300.0,
         description="Seconds a user has to accept or reject a confirm=True firing before it is rejected "

@@ -13,6 +13,7 @@ TIMERS_PREFIX = "pb.timer"
 
 SCHEDULER_DURABLE = "scheduler"
 SCHEDULER_TIMERS_DURABLE = "scheduler-timers"
+SCHEDULER_LEASES_DURABLE = "scheduler-leases"
 LLM_DURABLE = "llm"
 
 
@@ -43,7 +44,19 @@ def parse_events(subject: str) -> tuple[str, str]:
 
 
 def work(pool: str) -> str:
-    return f"{WORK_PREFIX}.{pool}"
+    """Every work item of one executor pool: the filter of the pool's shared consumer."""
+    return f"{WORK_PREFIX}.{pool}.>"
+
+
+def work_item(pool: str, bot: str, session_id: str, firing_id: str) -> str:
+    """The subject of one firing's work item: while the firing is in flight, its item is there (PB_WORK
+    is a work queue: the executor's ack after the outcome removes it)."""
+    return f"{WORK_PREFIX}.{pool}.{bot}.{session_id}.{firing_id}"
+
+
+def session_work(bot: str, session_id: str) -> str:
+    """Every work item of one session, in every pool: one stream-info request lists them."""
+    return f"{WORK_PREFIX}.*.{bot}.{session_id}.*"
 
 
 def executor_durable(pool: str) -> str:
@@ -53,6 +66,15 @@ def executor_durable(pool: str) -> str:
 def confirm_deadlines() -> str:
     """Where the scheduler keeps one durable timer per pending confirmation."""
     return f"{TIMERS_PREFIX}.confirm"
+
+
+def lease(bot: str, session_id: str) -> str:
+    """The scheduler's durable timer that checks a session's firings in flight still have work items."""
+    return f"{TIMERS_PREFIX}.lease.{bot}.{session_id}"
+
+
+def leases() -> str:
+    return f"{TIMERS_PREFIX}.lease.>"
 
 
 def file_object(bot: str, session_id: str, file_id: str) -> str:

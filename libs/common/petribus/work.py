@@ -1,9 +1,14 @@
-"""The work command a scheduler sends to an executor pool on PB_WORK (not part of any session log)."""
+"""The work command a scheduler sends to an executor pool on PB_WORK (not part of any session log).
+
+One item per firing, on its own subject (``subjects.work_item``), so whether a firing still has work
+waiting or running is one look-up; the executors of a pool share one consumer over ``subjects.work``.
+"""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from petribus import subjects
 from petribus.events import Marker
 
 
@@ -18,5 +23,10 @@ class WorkItem(BaseModel):
     fired_seq: int = Field(description="Sequence of the transition_fired event that claimed the inputs.")
     trace: str | None = None
 
-    def msg_id(self) -> str:
-        return f"work:{self.firing_id}"
+    def msg_id(self, redispatch: str | None = None) -> str:
+        """``work:<firing>`` for the first dispatch (however many schedulers send it, one lands);
+        ``work:<firing>:<redispatch>`` for a later one that replaces a lost item."""
+        return f"work:{self.firing_id}" if redispatch is None else f"work:{self.firing_id}:{redispatch}"
+
+    def subject(self, pool: str) -> str:
+        return subjects.work_item(pool, self.bot, self.session_id, self.firing_id)

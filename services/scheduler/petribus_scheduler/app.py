@@ -1,50 +1,99 @@
 """The scheduler: folds every session's log and appends the firings its marking allows.
 
-One durable consumer (``scheduler``) over all of PB_EVENTS, shared by every scheduler process. Each
-session's state is cached and, when not cached, rebuilt from the session's subject. A firing is
-claimed by appending ``transition_fired`` at the expected last subject sequence, so two schedulers
-can never both consume a marker: the loser re-folds and decides again. Work is dispatched with a
-``Nats-Msg-Id`` made from the firing id, and an event is acked only once its consequences are in
-the log, so a scheduler killed anywhere leaves nothing undone for the next one.
+One durable consumer (``scheduler``) over all of PB_EVENTS, shared by every scheduler process. Events
+go to a queue per session (``petribus.session_queues``): sessions in parallel, one session's events in
+order, everything queued for a session folded together and decided on once. Each session's state is
+cached and, when not cached, rebuilt from the session's subject.
+
+Claims: the firings a decision allows are appended as ``transition_fired`` events in atomic batches of
+up to ``CLAIM_BATCH`` (``EventLog.append_batch``), each at the expected last subject sequence, so two
+schedulers can never both consume a marker (the loser's whole batch is refused; it re-folds and decides
+again) and a fan-out of 1,000 costs one round trip, not 1,000. A decision with more firings continues
+with the rest of its plan in the same call. Work is sent right after each commit, pipelined, with a
+``Nats-Msg-Id`` made from the firing id, and an event is acked only once its consequences are in the
+log, so a scheduler killed anywhere leaves nothing undone for the next one.
 
 A ``confirm=True`` firing is claimed like any other, then asked about (``confirm_transition``, Msg-Id
 ``confirm:<firing>``) and given a durable deadline (``deadlines.py``); it is dispatched once the log
 holds its ``accept_transition``. Asking, like dispatching, is redone for any firing this process has
 not handled, so a scheduler that died between claiming and asking leaves nothing unasked.
 
+No firing stuck (``leases.py``): a session with firings in flight has a durable lease timer; every
+``PETRIBUS_WORK_LEASE_S`` (60 s) whichever scheduler is alive checks that each of its firings in flight
+still has its work item in PB_WORK, and sends again the ones that were lost. A lost work item is thus
+sent again within one lease period while any scheduler runs.
+
+A session never poisons the service: when folding or deciding for a session raises, its events are
+nak'ed with a pause that doubles with each delivery (``PETRIBUS_SCHEDULER_RETRY_S`` up to
+``PETRIBUS_SCHEDULER_RETRY_MAX_S``), the session gets one ``error`` event (code ``scheduler_failed``,
+Msg-Id and expected sequence made from the log position, so retries at the same position do not
+repeat it), and every other session keeps flowing. A failure of the bus itself is retried the same way
+but not reported in the session: it is not the session's fault.
+
 Cache coherence when several schedulers share the consumer: each process tracks the consumer
 sequence it was delivered. While it is contiguous, every event went through this process and the
-cached states are exact. A gap (another process got some events) or a redelivery bumps an epoch;
-a session whose cache predates the epoch reads the events it missed before deciding.
+cached states are exact. A gap (another process got some events) or a redelivery of an event this
+process did not nak itself bumps an epoch; a session whose cache predates the epoch reads the events
+it missed before deciding.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from petribus import subjects
-from petribus.bus import EventLog, WrongLastSequence, ensure_event_consumer
+from petribus.bus import MAX_BATCH, EventLog, WrongLastSequence, ensure_event_consumer
 from petribus.consumer import PullConsumer
 from petribus.core import Firing, PlannedFiring, SessionState, apply, choose_firings, fold
-from petribus.events import ConfirmTransition, TransitionFired, decode, new_id
+from petribus.errors import PetribusError
+from petribus.events import ConfirmTransition, ErrorEvent, TransitionFired, decode, new_id
 from petribus.net import Net
 from petribus.service import Service
+from petribus.session_queues import SessionQueues
 from petribus.settings import Settings
 from petribus.work import WorkItem
 from petribus_scheduler.deadlines import ConfirmDeadline, Deadlines
+from petribus_scheduler.leases import Lease, Leases
+from petribus_scheduler.timers import retry_delay
 
 Key = tuple[str, str]
 # Only these can make a transition enabled (markers arrive or come back, a firing ends and frees a
 # concurrency slot) or make a firing ready to dispatch (accept). Other events need no decision.
 ENABLING = frozenset({"marker_added", "transition_completed", "transition_failed", "reject_transition",
                       "accept_transition"})
+IN_FLIGHT = ("claimed", "started")  # a firing whose work item is in PB_WORK (or should be)
 MAX_CONFLICT_RETRIES = 50
+CLAIM_BATCH = MAX_BATCH  # firings claimed by one atomic append: the most the server takes
+SCHEDULER_FAILED = "scheduler_failed"
+
+
+class ClaimContention(PetribusError):
+    """Other writers kept moving the session on while this scheduler tried to claim."""
+
+    code = "claim_contention"
+    retryable = True
+
+
+class Delivered(NamedTuple):
+    """An event delivered by the ``scheduler`` consumer, with the cache epoch it arrived in."""
+
+    msg: Msg
+    epoch: int
+
+
+class LeaseCheck(NamedTuple):
+    """A due lease, checked in its session's queue so it never races the session's own events."""
+
+    lease: Lease
+    result: asyncio.Future[str | None]
 
 
 class Scheduler(Service):
@@ -63,15 +112,16 @@ class Scheduler(Service):
         self.verified: dict[Key, int] = {}
         self.epoch = 0
         self.last_consumer_seq = 0
+        self.nakked: OrderedDict[int, None] = OrderedDict()  # stream seqs this process nak'ed
         self.dispatched: OrderedDict[str, None] = OrderedDict()
+        self.leased: OrderedDict[Key, None] = OrderedDict()  # sessions whose lease this process armed
         self.asked: OrderedDict[str, None] = OrderedDict()  # confirmations asked and given a deadline
         self.confirm_timeout = settings.confirm_timeout_s if settings.confirm_timeout_s > 0 else None
-        self.queues: dict[Key, deque[tuple[Msg, int]]] = {}
-        self.active: set[Key] = set()
-        self._idle = asyncio.Event()  # set while no session task runs
-        self._idle.set()
-        self.stats = {"fired": 0, "conflicts": 0, "rebuilds": 0, "catchups": 0}
+        self.stats = {"fired": 0, "claim_batches": 0, "conflicts": 0, "rebuilds": 0, "catchups": 0,
+                      "failed": 0, "redispatched": 0}
         self.log = self.log.bind(instance=self.instance)
+        self.queues: SessionQueues[Delivered | LeaseCheck] = SessionQueues(
+            self._serve, done=self._done, spawn=self.spawn, log=self.log)
 
     async def start(self) -> None:
         nc = await self.connect()
@@ -81,22 +131,33 @@ class Scheduler(Service):
         self.consumer = PullConsumer(nc, subjects.EVENTS_STREAM, subjects.SCHEDULER_DURABLE,
                                      max_inflight=self.settings.scheduler_batch * 4)
         await self.consumer.start()
-        self.deadlines = Deadlines(nc, self.events, self.log, ack_wait_s=self.ack_wait_s)
+        retry = {"retry_s": self.settings.scheduler_retry_s,
+                 "retry_max_s": self.settings.scheduler_retry_max_s}
+        self.deadlines = Deadlines(nc, self.events, self.log, ack_wait_s=self.ack_wait_s, **retry)
         await self.deadlines.start()
+        self.leases = Leases(nc, self.log, self.renew, period_s=self.settings.work_lease_s,
+                             ack_wait_s=self.ack_wait_s, **retry)
+        await self.leases.start()
         self.spawn(self._receive(), "receive")
         self.spawn(self.deadlines.run(), "deadlines")
+        self.spawn(self.leases.run(), "leases")
         self.log.info("scheduler started", bots=sorted(self.nets))
 
     async def drain(self) -> None:
         await self.consumer.stop()
-        await self._idle.wait()  # session tasks finish the events they hold; the rest is redelivered
+        await self.leases.stop()  # its checks run in the session queues, which are still served
+        await self.queues.idle()  # session tasks finish the events they hold; the rest is redelivered
         await self.deadlines.stop()  # after them: they may still arm deadlines
 
     async def _receive(self) -> None:
         while True:
             for msg in await self.consumer.next_batch(self.settings.scheduler_batch):
                 md = msg.metadata
-                if md.sequence.consumer != self.last_consumer_seq + 1 or md.num_delivered > 1:
+                # A redelivery of what we nak'ed ourselves tells nothing new; any other may follow another
+                # process's work on the session, as does a gap in the consumer sequence.
+                foreign = md.num_delivered > 1 and md.sequence.stream not in self.nakked
+                self.nakked.pop(md.sequence.stream, None)
+                if md.sequence.consumer != self.last_consumer_seq + 1 or foreign:
                     self.epoch += 1  # someone else saw events we did not: caches need checking
                 self.last_consumer_seq = md.sequence.consumer
                 try:
@@ -109,46 +170,95 @@ class Scheduler(Service):
                     await msg.ack()  # another deployment's bot: not ours to schedule
                     self.consumer.release()
                     continue
-                self.queues.setdefault(key, deque()).append((msg, self.epoch))
-                if key not in self.active:
-                    self.active.add(key)
-                    self._idle.clear()
-                    asyncio.create_task(self._drain_session(key), name=f"session:{key[1]}")
+                self.queues.put(key, Delivered(msg, self.epoch))
 
-    async def _drain_session(self, key: Key) -> None:
-        """Serve one session's queued events in order: fold all that are here, decide once, ack them.
-
-        A burst of markers for one session thus costs one decision, and the claims it makes no longer
-        race the markers already waiting behind them (fewer expected-sequence conflicts).
-        """
-        queue = self.queues[key]
+    async def _serve(self, key: Key, items: list[Delivered | LeaseCheck]) -> None:
+        """Serve what is queued for one session: its events first (folded together, one decision, acked
+        together), then any due lease, which so sees the session as those events left it."""
+        batch = [i for i in items if isinstance(i, Delivered)]
+        checks = [i for i in items if isinstance(i, LeaseCheck)]
         try:
-            while queue:
-                batch = list(queue)
-                queue.clear()
+            if batch:
                 try:
                     await self._handle(key, batch)
+                except Exception as exc:
+                    await self._park(key, batch, exc)
+                else:
                     for msg, _ in batch:
                         await msg.ack()
+            for check in checks:
+                try:
+                    oldest = await self._renew(key)
                 except Exception as exc:
-                    # Forget what we cached (it may be half-updated) and let JetStream redeliver.
-                    self.log.error("session step failed", session_id=key[1], error=repr(exc), exc_info=exc)
                     self._forget(key)
-                    for msg, _ in batch:
-                        await msg.nak(delay=1.0)
-                finally:
-                    self.consumer.release(len(batch))
+                    if not check.result.done():
+                        check.result.set_exception(exc)
+                else:
+                    if not check.result.done():
+                        check.result.set_result(oldest)
         finally:
-            self.active.discard(key)
-            if not queue:
-                self.queues.pop(key, None)
-                if not self.active:
-                    self._idle.set()
-            else:  # messages arrived between the last pop and now
-                self.active.add(key)
-                asyncio.create_task(self._drain_session(key), name=f"session:{key[1]}")
+            for check in checks:  # never leave a lease waiting (an ack failed, the service stops)
+                if not check.result.done():
+                    check.result.set_exception(PetribusError("the session's lease was not checked",
+                                                             code="lease_unchecked", retryable=True))
 
-    async def _handle(self, key: Key, batch: list[tuple[Msg, int]]) -> None:
+    def _done(self, items: list[Delivered | LeaseCheck]) -> None:
+        delivered = sum(isinstance(i, Delivered) for i in items)
+        if delivered:
+            self.consumer.release(delivered)
+
+    async def _park(self, key: Key, batch: list[Delivered], exc: Exception) -> None:
+        """A session step failed: forget the session's cache, say so in its log (once per log position)
+        unless the bus itself failed, and hand its events back with a pause that grows per delivery."""
+        self._forget(key)
+        deliveries = max(d.msg.metadata.num_delivered or 1 for d in batch)
+        first, most = self.settings.scheduler_retry_s, self.settings.scheduler_retry_max_s
+        log = self.log.bind(session_id=key[1], deliveries=deliveries,
+                            retry_in_s=retry_delay(deliveries, first_s=first, max_s=most))
+        if isinstance(exc, PetribusError) and exc.retryable:
+            log.warning("session step failed; will retry", error=repr(exc))
+        else:
+            self.stats["failed"] += 1
+            log.error("session step failed; session parked", error=repr(exc), exc_info=exc)
+            await self._report(key, batch, exc)
+        for msg, _ in batch:
+            try:
+                await msg.nak(delay=retry_delay(msg.metadata.num_delivered or 1, first_s=first, max_s=most))
+                self.nakked[msg.metadata.sequence.stream] = None
+            except Exception as nak_exc:  # disconnected: JetStream redelivers after ack_wait anyway
+                log.warning("could not nak", error=repr(nak_exc))
+        while len(self.nakked) > 100_000:
+            self.nakked.popitem(last=False)
+
+    async def _report(self, key: Key, batch: list[Delivered], exc: Exception) -> None:
+        """One ``error`` event right after the newest event that failed, unless that event is such an
+        error already. Appended at that position only, so retries (which fail at the same position)
+        never repeat it; a newer event that fails too is reported after itself."""
+        last = max(batch, key=lambda d: d.msg.metadata.sequence.stream).msg
+        seq = last.metadata.sequence.stream
+        try:
+            failed = decode(last.data)
+        except ValidationError:
+            failed = None
+        if isinstance(failed, ErrorEvent) and failed.code == SCHEDULER_FAILED:
+            return
+        error = ErrorEvent(
+            bot=key[0], session_id=key[1], cause=failed.id if failed is not None else None,
+            code=SCHEDULER_FAILED,
+            message=f"The scheduler could not process this session ({type(exc).__name__}: {str(exc)[:300]}). "
+                    "Nothing fires in it until that is fixed; its markers stay where they are, and it is "
+                    f"tried again with growing pauses (up to {self.settings.scheduler_retry_max_s:g} s). "
+                    f"Look for session_id={key[1]} in the scheduler's log, fix the bot or the event that "
+                    "fails, and the session carries on by itself.")
+        try:
+            await self.events.append(error, expected_last_seq=seq,
+                                     msg_id=f"{SCHEDULER_FAILED}:{key[1]}:{seq}")
+        except WrongLastSequence:
+            pass  # the session moved on: the newer event's own failure (if it fails) is reported after it
+        except Exception as report_exc:
+            self.log.error("could not report a failed session", session_id=key[1], error=repr(report_exc))
+
+    async def _handle(self, key: Key, batch: list[Delivered]) -> None:
         decide = False
         for msg, epoch in batch:
             state, due = await self._fold_one(key, msg, epoch)
@@ -206,40 +316,49 @@ class Scheduler(Service):
     async def _advance(self, key: Key, state: SessionState) -> None:
         """Claim every firing the marking allows, then dispatch every claimed, undispatched firing.
 
-        Each firing's work is sent as soon as its claim is in the log (claims of one session must be
-        appended one after another; work need not wait for the rest of them), and every send is
-        acknowledged before this returns, so the triggering event is acked only after all of it.
+        The plan is claimed in atomic batches of up to ``CLAIM_BATCH``; after a batch commits the rest
+        of the plan still holds (only our own claims changed the state), so the next batch follows at
+        once. A refused batch (the session moved on) re-folds and plans again. Each batch's work is sent
+        right after its commit, and every send is acknowledged before this returns, so the triggering
+        event is acked only after all of it.
         """
         net = self.nets[key[0]]
         # Only nets with a ``when=`` pay for guard calls (and for the guard's wider candidate search).
         guard = (lambda t, picked: self._guard(net, t, picked)) if key[0] in self.guarded else None
         sent: dict[str, asyncio.Future] = {}
-        for _ in range(MAX_CONFLICT_RETRIES):
-            plan = choose_firings(self.shapes[key[0]], state, guard=guard)
-            if not plan:
-                break
+        conflicts = 0
+        plan = choose_firings(self.shapes[key[0]], state, guard=guard)
+        while plan:
             try:
-                for p in plan:
-                    firing = await self._claim(net, state, p)
-                    if firing.status == "claimed":
-                        sent[firing.id] = await self._send_work(net, state, firing)
+                claimed = await self._claim(net, state, plan[:CLAIM_BATCH])
             except WrongLastSequence:
                 self.stats["conflicts"] += 1
+                conflicts += 1
+                if conflicts >= MAX_CONFLICT_RETRIES:
+                    raise ClaimContention(f"session {key[1]}: still conflicting after {conflicts} re-folds; "
+                                          "it is tried again shortly") from None
                 await self._catch_up(key, state)
-        else:
-            raise RuntimeError(f"session {key[1]}: still conflicting after {MAX_CONFLICT_RETRIES} re-folds")
+                plan = choose_firings(self.shapes[key[0]], state, guard=guard)
+                continue
+            plan = plan[CLAIM_BATCH:]
+            for firing in claimed:
+                if firing.status == "claimed":
+                    sent[firing.id] = await self._send_work(net, state, firing)
         await self._dispatch(net, state, sent)
 
-    async def _claim(self, net: Net, state: SessionState, p: PlannedFiring) -> Firing:
-        t = net.transition(p.transition)
-        firing_id = new_id()
-        fired = TransitionFired(bot=net.bot, session_id=state.session_id, firing_id=firing_id,
-                                transition=p.transition, consumed=list(p.consumed), confirm=t.confirm)
-        seq = await self.events.append(fired, expected_last_seq=state.last_seq, msg_id=f"fire:{firing_id}")
-        apply(state, seq, fired)
-        self.stats["fired"] += 1
-        self.log.debug("fired", session_id=state.session_id, firing_id=firing_id, transition=p.transition, seq=seq)
-        return state.in_flight[firing_id]
+    async def _claim(self, net: Net, state: SessionState, plan: list[PlannedFiring]) -> list[Firing]:
+        """Append one ``transition_fired`` per planned firing, all at once, at the folded sequence."""
+        fired = [TransitionFired(bot=net.bot, session_id=state.session_id, firing_id=new_id(),
+                                 transition=p.transition, consumed=list(p.consumed),
+                                 confirm=net.transition(p.transition).confirm) for p in plan]
+        seqs = await self.events.append_batch(fired, expected_last_seq=state.last_seq,
+                                              msg_ids=[f"fire:{f.firing_id}" for f in fired])
+        for seq, event in zip(seqs, fired):
+            apply(state, seq, event)
+        self.stats["fired"] += len(fired)
+        self.stats["claim_batches"] += 1
+        self.log.debug("fired", session_id=state.session_id, firings=len(fired), first_seq=seqs[0])
+        return [state.in_flight[f.firing_id] for f in fired]
 
     async def _ask(self, net: Net, state: SessionState, asks: list[Firing]) -> None:
         """Ask the user about each confirm firing (once: Msg-Id and fold) and arm its deadline."""
@@ -275,7 +394,13 @@ class Scheduler(Service):
 
     async def _dispatch(self, net: Net, state: SessionState, sent: dict[str, asyncio.Future] | None = None) -> None:
         """Send the work of every claimed firing not yet sent by this process (after a restart, a
-        rival's claim, an accept), ask about every waiting confirmation, and wait for all of it."""
+        rival's claim, an accept), ask about every waiting confirmation, arm the session's lease, and
+        wait for all of it.
+
+        The lease is armed when this sends the session's oldest firing in flight (its work starts
+        here) and on this process's first decision for the session (a lease lost with the server's
+        last unsynced writes comes back with the session's next event after a restart).
+        """
         sent = dict(sent or {})
         asks: list[Firing] = []
         for f in state.in_flight.values():
@@ -286,20 +411,76 @@ class Scheduler(Service):
                 asks.append(f)
         if asks:
             await self._ask(net, state, asks)
-        if not sent:
+        acks = list(sent.values())
+        key = (net.bot, state.session_id)
+        oldest = _oldest_in_flight(state)
+        if oldest is not None and (oldest.id in sent or key not in self.leased):
+            acks.append(await self.leases.arm(self.leases.lease(net.bot, state.session_id, oldest.id)))
+        if not acks:
             return
-        await asyncio.gather(*sent.values())  # acked by JetStream before the triggering event is acked
-        for firing_id in sent:
+        await asyncio.gather(*acks)  # acked by JetStream before the triggering event is acked
+        self._sent(sent)
+        if oldest is not None:
+            self.leased[key] = None
+            while len(self.leased) > 100_000:
+                self.leased.popitem(last=False)
+
+    def _sent(self, firing_ids: Iterable[str]) -> None:
+        for firing_id in firing_ids:
             self.dispatched[firing_id] = None
         while len(self.dispatched) > 100_000:
             self.dispatched.popitem(last=False)
 
-    async def _send_work(self, net: Net, state: SessionState, f: Firing) -> asyncio.Future:
+    async def _send_work(self, net: Net, state: SessionState, f: Firing, *,
+                         redispatch: str | None = None) -> asyncio.Future:
         item = WorkItem(bot=net.bot, session_id=state.session_id, firing_id=f.id, transition=f.transition,
                         inputs=[pm.marker for pm in f.consumed], fired_seq=f.fired_seq)
         pool = net.transition(f.transition).pool if net.has_transition(f.transition) else "cpu"
-        return await self.js.publish_async(
-            subjects.work(pool), item.model_dump_json().encode(), headers={"Nats-Msg-Id": item.msg_id()})
+        return await self.js.publish_async(item.subject(pool), item.model_dump_json().encode(),
+                                           headers={"Nats-Msg-Id": item.msg_id(redispatch)})
+
+    async def renew(self, lease: Lease) -> str | None:
+        """A due lease: checked in the session's queue. The session's oldest firing in flight, or None."""
+        key = (lease.bot, lease.session_id)
+        if key[0] not in self.nets:
+            return lease.firing_id  # another deployment's bot: keep the lease for its schedulers
+        check = LeaseCheck(lease, asyncio.get_running_loop().create_future())
+        self.queues.put(key, check)
+        return await check.result
+
+    async def _renew(self, key: Key) -> str | None:
+        """Fold the session up to now, send again the work of every firing in flight whose work item is
+        gone from PB_WORK, and return the id of its oldest firing in flight (None when there is none)."""
+        self.leased[key] = None  # this very lease is pending: deciding here need not arm another
+        state = self.sessions.get(key)
+        if state is None:
+            state = await self._rebuild(key)
+        else:
+            await self._catch_up(key, state)
+        # Events folded here will look already folded when they are delivered: decide on them now.
+        await self._advance(key, state)
+        if _oldest_in_flight(state) is None:
+            return None
+        info = await self.js.stream_info(subjects.WORK_STREAM, subjects_filter=subjects.session_work(*key))
+        present = {s.rsplit(".", 1)[1] for s in info.state.subjects or {}}
+        lost = [f for f in state.in_flight.values() if f.status in IN_FLIGHT and f.id not in present]
+        if lost:
+            # An executor acks only after the outcome is in the log: an outcome that landed since the
+            # fold explains a missing item. Look again, so that only truly lost work is sent again.
+            before = state.last_seq
+            await self._catch_up(key, state)
+            if state.last_seq != before:
+                await self._advance(key, state)
+            lost = [f for f in lost if state.in_flight.get(f.id) is f and f.status in IN_FLIGHT]
+        if lost:
+            net = self.nets[key[0]]
+            round_ = str(int(time.time() // self.settings.work_lease_s))  # the same for every scheduler
+            await asyncio.gather(*[await self._send_work(net, state, f, redispatch=round_) for f in lost])
+            self._sent(f.id for f in lost)
+            self.stats["redispatched"] += len(lost)
+            self.log.warning("work items lost; sent again", session_id=key[1], firings=[f.id for f in lost])
+        oldest = _oldest_in_flight(state)
+        return oldest.id if oldest is not None else None
 
     def _guard(self, net: Net, transition: str, picked: dict) -> bool:
         t = net.transition(transition)
@@ -316,3 +497,8 @@ class Scheduler(Service):
 
 async def run(settings: Settings, nets: Iterable[Net]) -> None:
     await Scheduler(settings, nets).run()
+
+
+def _oldest_in_flight(state: SessionState) -> Firing | None:
+    # in_flight keeps claim order (the fold adds firings in log order).
+    return next((f for f in state.in_flight.values() if f.status in IN_FLIGHT), None)

@@ -1,0 +1,75 @@
+"""Work leases: a firing in flight whose work item was lost is sent again, within ``work_lease_s``.
+
+A firing in flight (claimed, or started) has its work item on ``pb.work.<pool>.<bot>.<session>.<firing>``
+in the work-queue stream PB_WORK until an executor acks it, which it does only once the outcome is in
+the log. So "in flight in the log, no item in PB_WORK" means the item is lost (a server crash inside
+the sync interval, an operator's purge) and nobody will ever run the firing unless it is sent again.
+
+Each session with firings in flight has one durable :class:`Lease` timer on PB_TIMERS (``timers.py``),
+keyed by its oldest firing in flight. The scheduler arms it when a dispatch sends that oldest firing,
+i.e. when the session goes from nothing in flight to something, and on each process's first decision
+for the session (so a lease lost with a crashed server's unsynced writes comes back): one pipelined
+publish per decision that starts the session's work, not per firing. When the lease is due, whichever
+scheduler is alive checks the session in its session queue (``Scheduler.renew``): fold it up to now,
+list the session's items in PB_WORK (one request), and send again the work of every firing in flight
+whose item is gone (Msg-Id ``work:<firing>:<round>``, so two schedulers checking in the same period
+send one). Then the lease is re-armed while anything is in flight (moved to a new key when the oldest
+firing ended), and dropped when nothing is.
+
+Invariant: while a session has a firing in flight, some lease of it is pending; so a lost work item is
+sent again at most ``work_lease_s`` after it was lost (plus the timers consumer's ack wait if the
+scheduler checking it dies). Timers stay O(sessions with work in flight). A work item sent again while
+the first is in fact still running somewhere is harmless: the executor skips a firing the log shows
+ended, and a firing's effects carry Msg-Ids of their own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from petribus import subjects
+from petribus_scheduler.timers import DurableTimers, Timer
+
+
+class Lease(Timer):
+    """The session's check for lost work items, due every ``work_lease_s`` while it has firings in flight."""
+
+    firing_id: str  # the session's oldest firing in flight when the lease was armed: its key
+
+    def msg_id(self) -> str:
+        return f"lease:{self.bot}:{self.session_id}:{self.firing_id}"
+
+    def subject(self) -> str:
+        return subjects.lease(self.bot, self.session_id)
+
+
+class Leases(DurableTimers[Lease]):
+    """``renew(lease)`` re-sends lost work and returns the session's oldest firing in flight, or None."""
+
+    model = Lease
+    durable = subjects.SCHEDULER_LEASES_DURABLE
+    filter_subject = subjects.leases()
+
+    def __init__(self, nc: NATS, log: Any, renew: Callable[[Lease], Awaitable[str | None]], *,
+                 period_s: float, ack_wait_s: float, retry_s: float = 1.0, retry_max_s: float = 60.0) -> None:
+        super().__init__(nc, log, ack_wait_s=ack_wait_s, retry_s=retry_s, retry_max_s=retry_max_s)
+        self.renew = renew
+        self.period_s = period_s
+
+    def lease(self, bot: str, session_id: str, firing_id: str) -> Lease:
+        return Lease(bot=bot, session_id=session_id, firing_id=firing_id, due=time.time() + self.period_s)
+
+    async def fire(self, timer: Lease) -> float | None:
+        oldest = await self.renew(timer)
+        if oldest is None:
+            return None  # nothing in flight: the next dispatch arms a new lease
+        if oldest != timer.firing_id:
+            # The key ended; the session's lease moves to its oldest firing now. However many old leases
+            # of the session move to it at once, its Msg-Id lets one land.
+            await self.publish([self.lease(timer.bot, timer.session_id, oldest)])
+            return None
+        return time.time() + self.period_s
