@@ -16,11 +16,11 @@ from nats.js.errors import NotFoundError
 from petribus import subjects
 from petribus.bus import EventLog
 from petribus.core import fold
-from petribus.events import ErrorEvent, Marker, MarkerAdded, TransitionFired, decode
+from petribus.events import ErrorEvent, Marker, MarkerAdded, TransitionCompleted, TransitionFired, decode
 from petribus.loader import load_net
 from petribus.work import WorkItem
 from petribus_scheduler.app import CLAIM_BATCH, Scheduler
-from petribus_scheduler.leases import Leases
+from petribus_scheduler.leases import Lease, Leases
 from petribus_scheduler.timers import retry_delay
 
 from .conftest import app
@@ -268,3 +268,45 @@ async def test_a_lost_work_item_is_sent_again_by_whichever_scheduler_runs_and_it
     events = [e for _, e in await log.read("counter", "lost")]
     assert [e.type for e in events].count("transition_started") == 1
     assert fold(await log.read("counter", "lost")).marking()["Done"][0].data == {"n": 7}
+
+
+async def test_the_lease_moves_to_the_oldest_firing_in_flight_and_resends_only_lost_work(settings, nc):
+    settings = settings.model_copy(update={"work_lease_s": 0.3})
+    log = EventLog(nc)
+    js = nc.jetstream()
+    sid = "moving"
+    # Sees every work item sent for the session, and never acks one (that would remove it).
+    work = await js.pull_subscribe(f"{subjects.WORK_PREFIX}.cpu.counter.{sid}.*", durable="probe",
+                                   stream=subjects.WORK_STREAM)
+
+    async def next_item() -> WorkItem:
+        [msg] = await work.fetch(1, timeout=20)
+        return WorkItem.model_validate_json(msg.data)
+
+    try:
+        async with Scheduler(settings, [load_net(COUNTER)]) as sched:
+            await log.append_many([MarkerAdded(bot="counter", session_id=sid,
+                                               marker=Marker(location="Item", data={"n": i})) for i in (1, 2)])
+            sent = [await next_item() for _ in (1, 2)]
+            first, second = sorted(sent, key=lambda w: w.fired_seq)
+            # The first firing completes (its executor acked the item); the second one's item is lost.
+            for w in (first, second):
+                await js.purge_stream(subjects.WORK_STREAM, subject=w.subject("cpu"))
+            await log.append(TransitionCompleted(bot="counter", session_id=sid, firing_id=first.firing_id,
+                                                 transition="work"))
+            again = await next_item()
+            async with asyncio.timeout(20):
+                while True:  # the lease moves (a new message, the old one acked) right after the check
+                    leases = await js.stream_info(subjects.TIMERS_STREAM,
+                                                  subjects_filter=subjects.lease("counter", sid))
+                    last = await js.get_last_msg(subjects.TIMERS_STREAM, subjects.lease("counter", sid))
+                    lease = Lease.model_validate_json(last.data)
+                    if leases.state.messages == 1 and lease.firing_id != first.firing_id:
+                        break
+                    await asyncio.sleep(0.05)
+            redispatched = sched.stats["redispatched"]
+    finally:
+        await work.unsubscribe()
+
+    assert again.firing_id == second.firing_id and redispatched == 1
+    assert lease.firing_id == second.firing_id  # one lease for the session, keyed by its oldest in flight

@@ -114,7 +114,8 @@ class Scheduler(Service):
         self.last_consumer_seq = 0
         self.nakked: OrderedDict[int, None] = OrderedDict()  # stream seqs this process nak'ed
         self.dispatched: OrderedDict[str, None] = OrderedDict()
-        self.leased: OrderedDict[Key, None] = OrderedDict()  # sessions whose lease this process armed
+        # When this process last armed or renewed a session's lease: that lease is pending for a period.
+        self.leased: OrderedDict[Key, float] = OrderedDict()
         self.asked: OrderedDict[str, None] = OrderedDict()  # confirmations asked and given a deadline
         self.confirm_timeout = settings.confirm_timeout_s if settings.confirm_timeout_s > 0 else None
         self.stats = {"fired": 0, "claim_batches": 0, "conflicts": 0, "rebuilds": 0, "catchups": 0,
@@ -398,8 +399,10 @@ class Scheduler(Service):
         wait for all of it.
 
         The lease is armed when this sends the session's oldest firing in flight (its work starts
-        here) and on this process's first decision for the session (a lease lost with the server's
-        last unsynced writes comes back with the session's next event after a restart).
+        here) unless this process armed or renewed one less than half a period ago (that one is still
+        pending and will see the new firing), and on this process's first decision for the session
+        (a lease lost with the server's last unsynced writes comes back with the session's next event
+        after a restart).
         """
         sent = dict(sent or {})
         asks: list[Firing] = []
@@ -414,14 +417,24 @@ class Scheduler(Service):
         acks = list(sent.values())
         key = (net.bot, state.session_id)
         oldest = _oldest_in_flight(state)
-        if oldest is not None and (oldest.id in sent or key not in self.leased):
+        armed = self.leased.get(key)
+        now = time.time()
+        arm = oldest is not None and (armed is None or (
+            oldest.id in sent and now - armed >= self.settings.work_lease_s / 2))
+        if arm:
+            assert oldest is not None
             acks.append(await self.leases.arm(self.leases.lease(net.bot, state.session_id, oldest.id)))
         if not acks:
             return
         await asyncio.gather(*acks)  # acked by JetStream before the triggering event is acked
         self._sent(sent)
-        if oldest is not None:
-            self.leased[key] = None
+        if arm:
+            self._leased(key, now)
+
+    def _leased(self, key: Key, at: float | None) -> None:
+        self.leased.pop(key, None)
+        if at is not None:
+            self.leased[key] = at
             while len(self.leased) > 100_000:
                 self.leased.popitem(last=False)
 
@@ -451,7 +464,7 @@ class Scheduler(Service):
     async def _renew(self, key: Key) -> str | None:
         """Fold the session up to now, send again the work of every firing in flight whose work item is
         gone from PB_WORK, and return the id of its oldest firing in flight (None when there is none)."""
-        self.leased[key] = None  # this very lease is pending: deciding here need not arm another
+        self._leased(key, time.time())  # this very lease is pending: deciding here need not arm another
         state = self.sessions.get(key)
         if state is None:
             state = await self._rebuild(key)
@@ -480,6 +493,8 @@ class Scheduler(Service):
             self.stats["redispatched"] += len(lost)
             self.log.warning("work items lost; sent again", session_id=key[1], firings=[f.id for f in lost])
         oldest = _oldest_in_flight(state)
+        # The caller re-arms the lease (or moves it) when something is in flight, and drops it if not.
+        self._leased(key, time.time() if oldest is not None else None)
         return oldest.id if oldest is not None else None
 
     def _guard(self, net: Net, transition: str, picked: dict) -> bool:

@@ -7,14 +7,15 @@ the sync interval, an operator's purge) and nobody will ever run the firing unle
 
 Each session with firings in flight has one durable :class:`Lease` timer on PB_TIMERS (``timers.py``),
 keyed by its oldest firing in flight. The scheduler arms it when a dispatch sends that oldest firing,
-i.e. when the session goes from nothing in flight to something, and on each process's first decision
-for the session (so a lease lost with a crashed server's unsynced writes comes back): one pipelined
-publish per decision that starts the session's work, not per firing. When the lease is due, whichever
-scheduler is alive checks the session in its session queue (``Scheduler.renew``): fold it up to now,
-list the session's items in PB_WORK (one request), and send again the work of every firing in flight
-whose item is gone (Msg-Id ``work:<firing>:<round>``, so two schedulers checking in the same period
-send one). Then the lease is re-armed while anything is in flight (moved to a new key when the oldest
-firing ended), and dropped when nothing is.
+i.e. when the session goes from nothing in flight to something (unless the same process armed or
+renewed the session's lease less than half a period ago: that one is still pending), and on each
+process's first decision for the session (so a lease lost with a crashed server's unsynced writes comes
+back): at most a few pipelined publishes per session and period, never one per firing. When the lease
+is due, whichever scheduler is alive checks the session in its session queue (``Scheduler.renew``):
+fold it up to now, list the session's items in PB_WORK (one request), and send again the work of every
+firing in flight whose item is gone (Msg-Id ``work:<firing>:<round>``, so two schedulers checking in
+the same period send one). Then the lease is re-armed while anything is in flight (moved to a new key
+when the oldest firing ended), and dropped when nothing is.
 
 Invariant: while a session has a firing in flight, some lease of it is pending; so a lost work item is
 sent again at most ``work_lease_s`` after it was lost (plus the timers consumer's ack wait if the
