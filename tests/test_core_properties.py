@@ -16,19 +16,26 @@ is one of:
   under a new or reused firing id.
 
 Every event is folded live, as the scheduler does, and each test checks one invariant over the run.
+The firing choice is also checked against ``plan_by_brute_force``, the choice spelled out slowly, on
+those runs and on random markings with blocked markers, firings in flight and small refusal caps.
 """
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import combinations, product
-from math import comb, prod
+from math import comb, inf, prod
 from typing import Any
+from unittest import mock
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from petribus import core
 from petribus.core import (
+    Firing,
     Guard,
     NetShape,
     PlannedFiring,
@@ -235,6 +242,66 @@ def enabled_by_brute_force(net: NetShape, state: SessionState, guard: Guard | No
     return enabled
 
 
+def plan_by_brute_force(net: NetShape, state: SessionState, guard: Guard | None) -> list[PlannedFiring]:
+    """The firing choice spelled out, slowly.
+
+    For each transition in declaration order, again and again: among the sets of eligible markers not
+    yet planned, the first in lexicographic order (the first input's oldest markers varying slowest)
+    that the guard has not refused yet is offered to it; stop when there is none, when the transition
+    has no room left, or when it has refused ``GUARD_REFUSALS`` sets. Starting over each time and
+    remembering refusals offers the same sets in the same order as one pass that skips sets reusing a
+    planned marker, as long as the guard answers the same set the same way.
+    """
+    taken: set[str] = set()
+    plan: list[PlannedFiring] = []
+    for t in net.transitions:
+        room = inf if t.concurrency is None else t.concurrency - state.in_flight_count(t.name)
+        counts = [count for _, count in t.inputs]
+        refused: set[tuple[str, ...]] = set()
+        while room > 0 and len(refused) < core.GUARD_REFUSALS:
+            pools = [[p.marker for p in state.places.get(loc, {}).values()
+                      if p.marker.id not in taken and t.name not in state.blocked.get(p.marker.id, ())]
+                     for loc, _ in t.inputs]
+            if any(len(pool) < count for pool, count in zip(pools, counts)):
+                break
+            offered = next((s for s in lexicographic(pools, counts) if ids_of(s) not in refused), None)
+            if offered is None:
+                break
+            if guard is not None and not guard(t.name, {loc: list(ms) for (loc, _), ms in zip(t.inputs, offered)}):
+                refused.add(ids_of(offered))
+                continue
+            taken.update(ids_of(offered))
+            plan.append(PlannedFiring(t.name, ids_of(offered)))
+            room -= 1
+    return plan
+
+
+def lexicographic(pools: list[list[Marker]], counts: list[int]) -> Iterator[tuple[tuple[Marker, ...], ...]]:
+    """``itertools.product`` of each pool's combinations, lazily (product lists every input first)."""
+    if not pools:
+        yield ()
+        return
+    for first in combinations(pools[0], counts[0]):
+        for rest in lexicographic(pools[1:], counts[1:]):
+            yield (first, *rest)
+
+
+def ids_of(sets: tuple[tuple[Marker, ...], ...]) -> tuple[str, ...]:
+    return tuple(m.id for ms in sets for m in ms)
+
+
+def recorded(guard: Guard | None, calls: list[tuple[str, dict[str, list[str]]]]) -> Guard | None:
+    """``guard``, noting every set it is asked about."""
+    if guard is None:
+        return None
+
+    def asked(transition: str, picked: dict[str, list[Marker]]) -> bool:
+        calls.append((transition, {loc: [m.id for m in ms] for loc, ms in picked.items()}))
+        return guard(transition, picked)
+
+    return asked
+
+
 def accepted_completion(step: Step) -> str | None:
     """The firing whose completion this step applied, if it applied one."""
     e = step.event
@@ -368,6 +435,70 @@ def test_choose_firings_fires_everything_the_marking_allows(data):
         assert choose_firings(run.net, p.fired, run.guard) == [], "a second choice found more to fire"
         enabled = enabled_by_brute_force(run.net, p.fired, run.guard)
         assert enabled == [], f"{enabled} could still fire after the plan was fired"
+
+
+@PROPERTY
+@given(st.data())
+def test_choose_firings_chooses_what_the_brute_force_reference_chooses(data):
+    run = simulate(data)
+    for p in run.plans:
+        got_calls: list = []
+        want_calls: list = []
+        got = choose_firings(run.net, p.state, recorded(run.guard, got_calls))
+        assert got == p.plan
+        assert got == plan_by_brute_force(run.net, p.state, recorded(run.guard, want_calls))
+        assert got_calls == want_calls, "the guard was asked about other sets, or in another order"
+
+
+def refuse_odd(transition: str, picked: dict[str, list[Marker]]) -> bool:
+    return all(m.data["v"] % 2 == 0 for ms in picked.values() for m in ms)
+
+
+def accept_all(transition: str, picked: dict[str, list[Marker]]) -> bool:
+    return True
+
+
+@st.composite
+def arbitrary_guards(draw: Any) -> Guard | None:
+    """No guard, one that accepts everything, ones that judge marker data, or one that judges each set
+    by its ids and transition as if at random (but the same way every time it is asked)."""
+    salt = draw(st.integers(0, 1_000))
+    modulus = draw(st.integers(2, 5))
+
+    def scattered(transition: str, picked: dict[str, list[Marker]]) -> bool:
+        key = ",".join([transition, *(m.id for ms in picked.values() for m in ms)])
+        return zlib.crc32(f"{salt}:{key}".encode()) % modulus != 0
+
+    return draw(st.sampled_from([None, accept_all, parity_guard, refuse_odd, scattered]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_choose_firings_matches_the_brute_force_reference_on_any_marking(data):
+    net, _ = data.draw(nets(), label="net")
+    names = [t.name for t in net.transitions]
+    locations = sorted({loc for t in net.transitions for loc, _ in t.inputs})
+    state = SessionState()
+    for seq in range(1, data.draw(st.integers(0, 16), label="markers") + 1):
+        marker = Marker(id=f"m{seq}", location=data.draw(st.sampled_from(locations), label="location"),
+                        data={"v": data.draw(st.integers(0, 9), label="v")})
+        apply(state, seq, MarkerAdded(bot=B, session_id=S, marker=marker))
+    for mid in data.draw(st.lists(st.sampled_from(sorted(state.seen_markers) or ["none"]), max_size=6),
+                         label="blocked markers"):
+        state.blocked.setdefault(mid, set()).update(
+            data.draw(st.sets(st.sampled_from(names), min_size=1), label="blocked for"))
+    for i, name in enumerate(data.draw(st.lists(st.sampled_from(names), max_size=4), label="in flight")):
+        state.in_flight[f"f{i}"] = Firing(f"f{i}", name, [], "claimed", 0)
+    guard = data.draw(arbitrary_guards(), label="guard")
+    cap = data.draw(st.sampled_from([1, 2, 3, 5, 8, core.GUARD_REFUSALS]), label="refusal cap")
+
+    got_calls: list = []
+    want_calls: list = []
+    with mock.patch.object(core, "GUARD_REFUSALS", cap):
+        got = choose_firings(net, state, recorded(guard, got_calls))
+        want = plan_by_brute_force(net, state, recorded(guard, want_calls))
+    assert got == want
+    assert got_calls == want_calls, "the guard was asked about other sets, or in another order"
 
 
 @PROPERTY

@@ -262,11 +262,26 @@ def _give_back(state: SessionState, firing: Firing) -> None:
     # The firing has ended: a replayed transition_fired with its id must not claim the markers again.
     state.finished.add(firing.id)
     for placed in firing.consumed:
-        place = state.places.setdefault(placed.marker.location, {})
-        place[placed.marker.id] = placed
+        _reinsert(state.places.setdefault(placed.marker.location, {}), placed)
         state.blocked.setdefault(placed.marker.id, set()).add(firing.transition)
-    for loc in {p.marker.location for p in firing.consumed}:
-        state.places[loc] = dict(sorted(state.places[loc].items(), key=lambda kv: kv[1].order))
+
+
+def _reinsert(place: dict[str, PlacedMarker], placed: PlacedMarker) -> None:
+    """Put a marker back in FIFO order: after every marker not younger than it (as a stable sort would).
+
+    Only the younger markers behind it move (a dict can only append). Re-sorting the whole place for
+    each marker given back made ten thousand failed firings of one marker each cost minutes; markers
+    mostly come back about in the order they left, so few markers are younger than the one returning.
+    One coming back ahead of a long queue still moves the queue.
+    """
+    younger: list[str] = []
+    for mid in reversed(place):
+        if place[mid].order <= placed.order:
+            break
+        younger.append(mid)
+    place[placed.marker.id] = placed
+    for mid in reversed(younger):
+        place[mid] = place.pop(mid)
 
 
 @dataclass(frozen=True)
@@ -289,7 +304,9 @@ def choose_firings(net: NetShape, state: SessionState, guard: Guard | None = Non
     firings already in flight). A marker is never planned for two firings, nor offered to a transition
     it was rejected by or failed in. Candidate sets are offered to ``guard`` oldest first (the first
     input's markers vary slowest); a refused set is skipped, so a marker the guard refuses never holds
-    back younger ones.
+    back younger ones. Without a guard every set offered is taken, so the search reduces to taking the
+    oldest untaken markers of each input, set after set. Either way the work is linear in the markers
+    read (and, with a guard, in the sets it refuses), and nothing recurses per marker.
     """
     taken: set[str] = set()
     plan: list[PlannedFiring] = []
@@ -299,8 +316,9 @@ def choose_firings(net: NetShape, state: SessionState, guard: Guard | None = Non
             continue
         if any(len(state.places.get(loc, ())) < count for loc, count in t.inputs):
             continue  # the common case on a busy net: nothing to search
+        sets = _oldest_sets(t, state, taken) if guard is None else _candidate_sets(t, state, taken)
         refusals = 0
-        for picked in _candidate_sets(t, state, taken):
+        for picked in sets:
             if guard is not None and not guard(t.name, {loc: list(ms) for loc, ms in picked.items()}):
                 refusals += 1
                 if refusals >= GUARD_REFUSALS:
@@ -316,70 +334,143 @@ def choose_firings(net: NetShape, state: SessionState, guard: Guard | None = Non
     return plan
 
 
+def _eligible(state: SessionState, loc: str, transition: str) -> Iterator[Marker]:
+    """The markers of ``loc`` that may be offered to ``transition``, FIFO, lazily."""
+    return (p.marker for p in state.places.get(loc, {}).values()
+            if transition not in state.blocked.get(p.marker.id, ()))
+
+
+def _oldest_sets(
+    t: TransitionShape, state: SessionState, taken: set[str]
+) -> Iterator[dict[str, tuple[Marker, ...]]]:
+    """What ``_candidate_sets`` yields to a caller that takes every set: the oldest untaken markers.
+
+    One cursor per input place, each marker read once (planned by an earlier transition: skipped), and
+    the first place with too few left ends it.
+    """
+    sources = [(loc, count, _eligible(state, loc, t.name)) for loc, count in t.inputs]
+    while True:
+        picked: dict[str, tuple[Marker, ...]] = {}
+        for loc, count, source in sources:
+            ms: list[Marker] = []
+            while len(ms) < count and (m := next(source, None)) is not None:
+                if m.id not in taken:
+                    ms.append(m)
+            if len(ms) < count:
+                return
+            picked[loc] = tuple(ms)
+        yield picked
+        if not any(picked.values()):
+            return  # a transition that consumes nothing (the net refuses those) is offered that once
+
+
 class _Eligible:
-    """The markers of one place that may be offered to one transition, FIFO, read only as far as needed."""
+    """The eligible markers of one place for one transition, FIFO, read only as far as needed.
+
+    ``untaken`` jumps over runs of taken markers and remembers each run it crossed, so no search of this
+    choice crosses it again (``taken`` only grows while a choice is made): the taken markers at the head
+    of a place are skipped once per transition, not once per firing, and so are those further on.
+    """
 
     def __init__(self, state: SessionState, loc: str, transition: str) -> None:
-        self._source = (p.marker for p in state.places.get(loc, {}).values()
-                        if transition not in state.blocked.get(p.marker.id, ()))
-        self._seen: list[Marker] = []
-        self.lo = 0  # every marker before this index is taken
+        self._source = _eligible(state, loc, transition)
+        self.seen: list[Marker] = []
+        self._past: list[int] = []  # for a taken marker i: every marker from i up to _past[i] is taken
 
-    def at(self, i: int) -> Marker | None:
-        while len(self._seen) <= i:
+    def _read(self, i: int) -> bool:
+        """Whether there is an ``i``-th eligible marker (reading up to it)."""
+        while len(self.seen) <= i:
             m = next(self._source, None)
             if m is None:
-                return None
-            self._seen.append(m)
-        return self._seen[i]
+                return False
+            self.seen.append(m)
+            self._past.append(len(self.seen))
+        return True
+
+    def untaken(self, i: int, taken: set[str]) -> int | None:
+        """The index of the oldest untaken marker from ``i`` on, or None if there is none."""
+        crossed: list[int] = []
+        while self._read(i) and self.seen[i].id in taken:
+            crossed.append(i)
+            i = self._past[i]
+        for j in crossed:
+            self._past[j] = i
+        return i if i < len(self.seen) else None
+
+
+class _Pick:
+    """One input's part of a candidate set: ``count`` increasing indices into the place's eligible markers.
+
+    The parts of a place come in lexicographic order, oldest first, like an odometer whose first digit
+    turns slowest. ``first`` and ``advance`` fill the digits after the one that moved with the oldest
+    untaken markers after it; if there are too few, no later value of that digit can do better, so the
+    digit before it moves instead. That pruning is what keeps taking every marker linear.
+    """
+
+    def __init__(self, eligible: _Eligible, count: int) -> None:
+        self._eligible = eligible
+        self._count = count
+        self._at: list[int] = []
+
+    def markers(self) -> tuple[Marker, ...]:
+        return tuple(self._eligible.seen[i] for i in self._at)
+
+    def uses_taken(self, taken: set[str]) -> bool:
+        return any(self._eligible.seen[i].id in taken for i in self._at)
+
+    def first(self, taken: set[str]) -> bool:
+        """Start over at the oldest untaken markers; False if the place has too few."""
+        self._at = []
+        return self._fill(0, taken)
+
+    def advance(self, taken: set[str]) -> bool:
+        """Move to the next part holding no taken marker; False once there is none.
+
+        The first digit holding a taken marker moves (every part keeping it would reuse it); if none
+        does, the last digit moves.
+        """
+        seen = self._eligible.seen
+        d = next((k for k, at in enumerate(self._at) if seen[at].id in taken), len(self._at) - 1)
+        while d >= 0:
+            i = self._eligible.untaken(self._at[d] + 1, taken)
+            del self._at[d:]
+            if i is not None:
+                self._at.append(i)
+                if self._fill(i + 1, taken):
+                    return True
+                del self._at[d:]
+            d -= 1
+        return False
+
+    def _fill(self, i: int, taken: set[str]) -> bool:
+        while len(self._at) < self._count:
+            found = self._eligible.untaken(i, taken)
+            if found is None:
+                return False
+            self._at.append(found)
+            i = found + 1
+        return True
 
 
 def _candidate_sets(
     t: TransitionShape, state: SessionState, taken: set[str]
 ) -> Iterator[dict[str, tuple[Marker, ...]]]:
-    """Untaken input sets of ``t`` in lexicographic (oldest first) order, lazily.
+    """Untaken input sets of ``t`` in lexicographic (oldest first) order, lazily, for a guard to judge.
 
     The caller may add to ``taken`` between items; sets that would reuse a taken marker are skipped.
-    Each place keeps a pointer past its leading taken markers, and a level that finds nothing stops
-    the search (taking more can't help it), so firing every marker stays linear in the marking.
+    Each input's part is one wheel of an odometer whose first wheel turns slowest: after a set, the
+    first input whose part holds a taken marker moves on (the last input if none does), an input that
+    runs out of parts turns the one before it, and every input after the one that moved starts over at
+    its oldest untaken markers. An input with too few untaken markers ends the search: taking more
+    can't help it.
     """
-    places = {loc: _Eligible(state, loc, t.name) for loc, _ in t.inputs}
-
-    def choose(loc: str, start: int, count: int) -> Iterator[tuple[Marker, ...]]:
-        if count == 0:
-            yield ()
+    picks = [_Pick(_Eligible(state, loc, t.name), count) for loc, count in t.inputs]
+    fresh = 0  # the inputs from this one on start over
+    while all(pick.first(taken) for pick in picks[fresh:]):
+        yield {loc: pick.markers() for (loc, _), pick in zip(t.inputs, picks)}
+        moved = next((p for p, pick in enumerate(picks) if pick.uses_taken(taken)), len(picks) - 1)
+        while moved >= 0 and not picks[moved].advance(taken):
+            moved -= 1
+        if moved < 0:
             return
-        ms = places[loc]
-        if start <= ms.lo:
-            while (m := ms.at(ms.lo)) is not None and m.id in taken:
-                ms.lo += 1
-            start = ms.lo
-        i = start
-        while (m := ms.at(i)) is not None:
-            if m.id not in taken:
-                found = False
-                for rest in choose(loc, i + 1, count - 1):
-                    found = True
-                    yield (m, *rest)
-                    if m.id in taken:
-                        break
-                if not found:
-                    return  # too few untaken markers after i, so after any later i too
-            i += 1
-
-    def level(i: int) -> Iterator[dict[str, tuple[Marker, ...]]]:
-        if i == len(t.inputs):
-            yield {}
-            return
-        loc, count = t.inputs[i]
-        for combo in choose(loc, 0, count):
-            found = False
-            for rest in level(i + 1):
-                found = True
-                yield {loc: combo, **rest}
-                if any(m.id in taken for m in combo):
-                    break
-            if not found:
-                return  # the later inputs have nothing to offer whatever this one picks
-
-    return level(0)
+        fresh = moved + 1
