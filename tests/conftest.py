@@ -24,7 +24,8 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 
 @pytest.fixture
 def settings(nats_server: NatsServer, tmp_path: Path) -> Settings:
-    return Settings(nats_url=nats_server.url, data_dir=tmp_path / "data", port=0, workers=4, ack_wait_s=30.0)
+    return Settings(nats_url=nats_server.url, data_dir=tmp_path / "data", port=0, workers=4, ack_wait_s=30.0,
+                    retry_backoff_s=0.2)
 
 
 @pytest.fixture

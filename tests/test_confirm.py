@@ -24,6 +24,7 @@ from petribus.events import (
     Marker,
     MarkerAdded,
     RejectTransition,
+    TransitionFailed,
     TransitionFired,
     TransitionStarted,
 )
@@ -113,16 +114,25 @@ def test_fold_counts_the_first_answer_to_a_question_only() -> None:
     assert unknown.value.code == "unknown_request"
 
 
-def test_fold_ignores_questions_of_firings_not_running_and_closes_those_of_an_earlier_run() -> None:
+def test_fold_ignores_questions_of_firings_not_running_and_keeps_an_earlier_runs_open_until_the_end() -> None:
     stray = ConfirmRequest(bot=B, session_id=S, request_id="q0", firing_id="nosuch", description="?")
     waiting = ConfirmRequest(bot=B, session_id=S, request_id="qw", firing_id="f1", description="?")
     assert not fold(_log(*_running(confirm=True), stray, waiting)).pending_requests
 
+    # A re-run (or a retry) asks the same questions under the same ids and reads their answers: they stay
+    # open across runs of the firing, and close when the firing ends for good.
     first_run = ConfirmRequest(bot=B, session_id=S, request_id="q1", firing_id="f1", description="?")
     file_ask = InputFileRequest(bot=B, session_id=S, file_id="file1", firing_id="f1", description="a file")
     rerun = TransitionStarted(bot=B, session_id=S, firing_id="f1", transition="refund", executor="x",
                               attempt=2)
-    state = fold(_log(*_running(), first_run, file_ask, rerun))
+    retry = TransitionFailed(bot=B, session_id=S, firing_id="f1", transition="refund", error="x", final=False,
+                             attempt=2)
+    state = fold(_log(*_running(), first_run, file_ask, rerun, retry, first_run))
+    assert set(state.pending_requests) == {"q1"} and set(state.pending_files) == {"file1"}
+    assert not state.closed_requests
+
+    ended = TransitionFailed(bot=B, session_id=S, firing_id="f1", transition="refund", error="x", attempt=3)
+    state = fold(_log(*_running(), first_run, file_ask, rerun, ended))
     assert not state.pending_requests and not state.pending_files
     assert state.closed_requests == {"q1", "file1"}
 

@@ -24,6 +24,7 @@ from petribus.events import (
     MarkerAdded,
     MemoryUpdated,
     OutputFile,
+    PromptRequest,
     RejectTransition,
     SessionCreated,
     TransitionCompleted,
@@ -66,6 +67,7 @@ class Firing:
     status: FiringStatus
     fired_seq: int
     attempts: int = 0
+    failed_attempts: set[int] = field(default_factory=set)  # attempts that failed, a retry following each
     asked_at: float | None = None  # when confirm_transition asked the user (its ts)
     confirm_timeout: float | None = None  # seconds the user has from asked_at; None: no limit
 
@@ -104,6 +106,7 @@ class SessionState:
     pending_files: dict[str, InputFileRequest] = field(default_factory=dict)  # file id -> its request
     closed_requests: set[str] = field(default_factory=set)  # answered, timed out, or their run ended
     files: dict[str, OutputFile | InputFileResponse] = field(default_factory=dict)  # stored, by file id
+    effects: set[str] = field(default_factory=set)  # ids of the events firings appended as side effects
     events: int = 0
 
     def marking(self) -> dict[str, list[Marker]]:
@@ -135,7 +138,8 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
         case UserMessage():
             state.chat.append(ChatTurn("user", event.text, seq, event.id))
         case AgentMessage():
-            state.chat.append(ChatTurn("agent", event.text, seq, event.id, event.firing_id))
+            if _new_effect(state, event):
+                state.chat.append(ChatTurn("agent", event.text, seq, event.id, event.firing_id))
         case MarkerAdded():
             _put(state, event.marker, seq)
         case TransitionFired():
@@ -145,7 +149,8 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
             if f is not None and f.status in ("claimed", "started"):
                 f.status = "started"
                 f.attempts = max(f.attempts, event.attempt)
-                _close_requests_of(state, f.id)  # a new run: what an earlier run asked will not be read
+                # What an earlier run asked stays open: a re-run asks it again under the same request id
+                # (the ids are made from the firing and the question's place in the run) and reads its answer.
         case TransitionCompleted():
             f = state.in_flight.get(event.firing_id)
             # A completion can't precede acceptance: one that does is ignored.
@@ -161,7 +166,8 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
                 _give_back(state, state.in_flight.pop(f.id))
             elif f is not None:
                 f.attempts = max(f.attempts, event.attempt)
-            if f is not None:
+                f.failed_attempts.add(event.attempt)
+            if f is not None and event.final:
                 _close_requests_of(state, f.id)
         case ConfirmTransition():
             f = state.in_flight.get(event.firing_id)
@@ -196,8 +202,12 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
                     state.files[event.stored_id or event.file_id] = event
         case OutputFile():
             state.files.setdefault(event.file_id, event)
+        case PromptRequest():
+            if event.firing_id is not None:
+                state.effects.add(event.id)
         case MemoryUpdated():
-            state.memory.append(event.memory)
+            if _new_effect(state, event):
+                state.memory.append(event.memory)
         case _:
             pass
     return state
@@ -209,6 +219,18 @@ def fold(events: Iterable[tuple[int, _Event]], state: SessionState | None = None
     for seq, event in events:
         apply(state, seq, event)
     return state
+
+
+def _new_effect(state: SessionState, event: AgentMessage | MemoryUpdated) -> bool:
+    """Whether a firing's side effect is new. A re-run of a firing appends its effects again with the same
+    event ids (made from the firing and the effect's place in the run); JetStream drops such a duplicate
+    within its window, and this drops it at any age."""
+    if event.firing_id is None:
+        return True
+    if event.id in state.effects:
+        return False
+    state.effects.add(event.id)
+    return True
 
 
 def _may_ask(state: SessionState, firing_id: str | None) -> bool:

@@ -134,9 +134,14 @@ class TransitionFailed(_Event):
     retryable: bool = False
     final: bool = True
     attempt: int = 1
+    retry_in_s: float | None = Field(default=None, description="Seconds until the next attempt starts (set "
+                                     "when ``final`` is false: the retry waits with exponential back-off).")
 
     def value(self) -> Any:
-        return {"transition": self.transition, "error": self.error, "final": self.final, "attempt": self.attempt}
+        value = {"transition": self.transition, "error": self.error, "final": self.final, "attempt": self.attempt}
+        if self.retry_in_s is not None:
+            value["retry_in_s"] = self.retry_in_s
+        return value
 
 
 class ConfirmTransition(_Event):

@@ -63,7 +63,11 @@ class Settings(BaseSettings):
                                        "its pool's queue at once (running, waiting for a worker, or having their "
                                        "outcome written); the rest wait in JetStream for any executor.")
     ack_wait_s: float = Field(default=30.0, description="Work not heartbeated for this long is redelivered.")
-    max_deliver: int = Field(default=5, description="Deliveries of one work item before it fails for good.")
+    max_deliver: int = Field(default=5, description="Runs of one firing that may end with no outcome (its "
+                             "executor died, its heartbeats lapsed) before the firing fails for good.")
+    retry_backoff_s: float = Field(default=1.0, description="Wait before the first retry of a failed firing "
+                                   "(retries=); doubled for each further retry, with jitter.")
+    retry_backoff_max_s: float = Field(default=60.0, description="Longest wait between two retries.")
 
     # gateway
     host: str = "127.0.0.1"

@@ -20,6 +20,7 @@ share a ``start:`` Msg-Id.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any
 
@@ -27,7 +28,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from petribus.bus import EventLog
-from petribus.core import fold
+from petribus.core import SessionState
 from petribus.errors import PetribusError, SandboxCrashed, TransitionTimeout
 from petribus.events import (
     AgentMessage,
@@ -41,6 +42,8 @@ from petribus.events import (
 from petribus.net import Net, TransitionDef
 from petribus.work import WorkItem
 from petribus_executor import protocol as p
+from petribus_executor.effects import Effects
+from petribus_executor.folds import SessionFolds
 from petribus_executor.interact import Interactions
 from petribus_executor.pool import WorkerPool
 from petribus_executor.prompts import Prompts
@@ -54,7 +57,7 @@ class Outbox:
 
     def __init__(self, events: EventLog) -> None:
         self._events = events
-        self._queue: asyncio.Queue[tuple[_Event, asyncio.Future[int] | None] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[_Event, str, asyncio.Future[int] | None] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None  # started by the first event: most firings say nothing
 
     def _start(self) -> asyncio.Task[None]:
@@ -62,15 +65,16 @@ class Outbox:
             self._task = asyncio.create_task(self._write())
         return self._task
 
-    def put(self, event: _Event) -> None:
+    def put(self, event: _Event, msg_id: str) -> None:
         self._start()
-        self._queue.put_nowait((event, None))
+        self._queue.put_nowait((event, msg_id, None))
 
-    async def append(self, event: _Event) -> int:
-        """Append ``event`` after everything put before it; its sequence, once it is in the log."""
+    async def append(self, event: _Event, msg_id: str) -> int:
+        """Append ``event`` after everything put before it; its sequence, once it is in the log (the
+        first one's, when an earlier run of the firing appended it already: ``msg_id`` names the effect)."""
         landed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         writer = self._start()
-        self._queue.put_nowait((event, landed))
+        self._queue.put_nowait((event, msg_id, landed))
         await asyncio.wait({landed, writer}, return_when=asyncio.FIRST_COMPLETED)
         if not landed.done():  # the writer died on an earlier event: this one will never be written
             landed.cancel()
@@ -80,9 +84,9 @@ class Outbox:
 
     async def _write(self) -> None:
         while (entry := await self._queue.get()) is not None:
-            event, landed = entry
+            event, msg_id, landed = entry
             try:
-                seq = await self._events.append(event)
+                seq = await self._events.append(event, msg_id=msg_id)
             except Exception as exc:
                 if landed is not None and not landed.done():
                     landed.set_exception(exc)
@@ -116,13 +120,18 @@ class FiringRunner:
     """Runs work items for one executor: shared by all its firings."""
 
     def __init__(self, *, instance: str, nets: dict[str, Net], events: EventLog, workers: WorkerPool,
-                 ack_wait_s: float, log: Any, interactions: Interactions | None = None) -> None:
+                 ack_wait_s: float, log: Any, interactions: Interactions | None = None,
+                 max_lost_runs: int = 5, retry_backoff_s: float = 1.0, retry_backoff_max_s: float = 60.0) -> None:
         self.instance = instance
         self.nets = nets
         self.events = events
         self.workers = workers
         self.interactions = interactions
         self.prompts = Prompts(events)
+        self.folds = SessionFolds(events)
+        self.max_lost_runs = max_lost_runs
+        self.retry_backoff_s = retry_backoff_s
+        self.retry_backoff_max_s = retry_backoff_max_s
         self.heartbeat_s = max(0.1, ack_wait_s / 3)
         self.log = log
         self._running: dict[str, Delivery] = {}
@@ -172,31 +181,50 @@ class FiringRunner:
             await current.msg.term()
             self.log.error("work for an unknown transition terminated", bot=item.bot)
             return
-        delivery = msg.metadata.num_delivered or 1
-        if delivery > 1 and not await self._still_in_flight(item):
-            self.log.info("redelivered work already finished in the log; acked", delivery=delivery)
+        # Whatever delivered it (first delivery or not), the log says whether the firing may run.
+        state = await self.folds.current(item.bot, item.session_id)
+        firing = state.in_flight.get(item.firing_id)
+        if firing is None or firing.status == "awaiting_confirmation":
+            why = "it already ended" if item.firing_id in state.finished else "the log has it in no runnable state"
+            self.log.info("work for a firing that may not run; acked without running", why=why,
+                          delivery=msg.metadata.num_delivered)
             await current.msg.ack()
             return
-        first = (delivery - 1) * (t.retries + 1) + 1
-        for attempt in range(first, first + t.retries + 1):
-            outcome = await self._run_once(item, net, t, attempt)
-            last = attempt == first + t.retries or not outcome.retryable
-            if outcome.ok:
-                await self._complete(item, outcome)
-                self.log.info("firing completed", attempt=attempt, outputs=len(outcome.outputs),
-                              duration_ms=round(outcome.duration_ms, 1))
-                break
-            self.log.warning("firing failed", attempt=attempt, final=last, error_type=outcome.error_type,
-                             error=outcome.error, traceback=outcome.traceback or None)
-            if last:
-                await self._fail(item, outcome.error, outcome.error_type, outcome.retryable, attempt)
-                break
-            await self._fail(item, outcome.error, outcome.error_type, outcome.retryable, attempt, final=False)
-        await current.msg.ack()
+        attempt = msg.metadata.num_delivered or 1
+        failures = len(firing.failed_attempts)
+        lost = attempt - 1 - failures  # earlier deliveries that ended with no outcome (executor died, ...)
+        if lost >= self.max_lost_runs:
+            await self.give_up(item, f"{lost} runs of the firing ended without an outcome (each one timed "
+                                     "out or its executor died); raise PETRIBUS_MAX_DELIVER or look at the "
+                                     "executors' logs", attempt - 1)
+            await current.msg.ack()
+            return
+        effects = Effects(item.firing_id, rerun=firing.status == "started",
+                          known=_known_effects(state) if firing.status == "started" else frozenset())
+        outcome = await self._run_once(item, net, t, attempt, effects)
+        if outcome.ok:
+            await self._complete(item, outcome)
+            self.log.info("firing completed", attempt=attempt, outputs=len(outcome.outputs),
+                          duration_ms=round(outcome.duration_ms, 1))
+            await current.msg.ack()
+            return
+        final = not outcome.retryable or failures >= t.retries
+        self.log.warning("firing failed", attempt=attempt, final=final, error_type=outcome.error_type,
+                         error=outcome.error, traceback=outcome.traceback or None)
+        if final:
+            await self._fail(item, outcome.error, outcome.error_type, outcome.retryable, attempt)
+            await current.msg.ack()
+            return
+        # The wait before the retry is JetStream's (a nak with a delay): no process has to live through it.
+        delay = self.backoff(failures + 1)
+        await self._fail(item, outcome.error, outcome.error_type, outcome.retryable, attempt, final=False,
+                         retry_in_s=delay)
+        await current.msg.nak(delay=delay)
 
-    async def _run_once(self, item: WorkItem, net: Net, t: TransitionDef, attempt: int) -> p.Outcome:
+    async def _run_once(self, item: WorkItem, net: Net, t: TransitionDef, attempt: int,
+                        effects: Effects) -> p.Outcome:
         # The executor holds more work than it has workers; a firing is started once it has one.
-        worker = await self.workers.acquire()
+        worker = await self.workers.acquire(asynchronous=t.is_async)
         # Started is sent, not awaited: its round trip overlaps the run. It still lands before anything
         # the run appends (same connection, same subject), and its ack is awaited before the outcome.
         try:
@@ -217,8 +245,8 @@ class FiringRunner:
         started = time.perf_counter()
         try:
             outcome = await self.workers.run(
-                request, on_event=lambda kind, payload: outbox.put(self._side_event(item, kind, payload)),
-                on_call=lambda kind, payload, timeout: self._answer(item, outbox, kind, payload),
+                request, on_event=lambda kind, payload: self._side_effect(item, outbox, effects, kind, payload),
+                on_call=lambda kind, payload, timeout: self._answer(item, outbox, effects, kind, payload),
                 timeout=t.timeout, worker=worker,
             )
         except (TransitionTimeout, SandboxCrashed) as exc:  # the firing failed, not the executor
@@ -235,26 +263,32 @@ class FiringRunner:
         await outbox.flush()  # what it said lands before what it returned
         return outcome
 
-    def _side_event(self, item: WorkItem, kind: str, payload: Any) -> _Event:
+    def _side_effect(self, item: WorkItem, outbox: Outbox, effects: Effects, kind: str, payload: Any) -> None:
+        """A ``say`` or ``remember``: appended in order, once per place in the run however often it runs."""
+        effect = effects.next(kind)
+        event: _Event
         if kind == "say":
-            return AgentMessage(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
-                                transition=item.transition, cause=item.firing_id, trace=item.trace,
-                                text=str(payload))
-        if kind == "remember":
-            return MemoryUpdated(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
+            event = AgentMessage(id=effect.id, bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
                                  transition=item.transition, cause=item.firing_id, trace=item.trace,
-                                 memory=payload)
-        raise PetribusError(f"unknown context event {kind!r}")
+                                 text=str(payload))
+        elif kind == "remember":
+            event = MemoryUpdated(id=effect.id, bot=item.bot, session_id=item.session_id,
+                                  firing_id=item.firing_id, transition=item.transition, cause=item.firing_id,
+                                  trace=item.trace, memory=payload)
+        else:
+            raise PetribusError(f"unknown context event {kind!r}")
+        if not effects.landed(effect):
+            outbox.put(event, effect.key)
 
-    async def _answer(self, item: WorkItem, outbox: Outbox, kind: str, payload: Any) -> Any:
+    async def _answer(self, item: WorkItem, outbox: Outbox, effects: Effects, kind: str, payload: Any) -> Any:
         if kind == "prompt":
-            return await self.prompts.prompt(item, outbox.append, payload)
+            return await self.prompts.prompt(item, outbox.append, effects, payload)
         if self.interactions is not None and kind in ("confirm", "get_file", "send_file"):
             if not isinstance(payload, dict):
                 raise PetribusError(f"context.{kind} sent {type(payload).__name__}, not its arguments",
                                     code="context_error")
             handler = getattr(self.interactions, kind)
-            return await handler(item, outbox.append, payload)
+            return await handler(item, outbox.append, effects, payload)
         if kind in NOT_YET:
             raise PetribusError(
                 f"context.{kind} is not available yet: {NOT_YET[kind]}, which this executor does not have; "
@@ -274,30 +308,25 @@ class FiringRunner:
         )
 
     async def _fail(self, item: WorkItem, error: str, error_type: str, retryable: bool, attempt: int,
-                    *, final: bool = True) -> None:
+                    *, final: bool = True, retry_in_s: float | None = None) -> None:
         await self.events.append(
             TransitionFailed(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
                              transition=item.transition, error=error, error_type=error_type,
-                             retryable=retryable, final=final, attempt=attempt, cause=item.firing_id,
-                             trace=item.trace),
+                             retryable=retryable, final=final, attempt=attempt, retry_in_s=retry_in_s,
+                             cause=item.firing_id, trace=item.trace),
             msg_id=f"fail:{item.firing_id}" if final else f"fail:{item.firing_id}:{attempt}",
         )
 
-    async def give_up(self, item: WorkItem, error: str, deliveries: int) -> None:
-        """Fail a firing for good that no delivery finished (its markers go back to their places)."""
-        t = self.nets[item.bot].transition(item.transition) if self._known(item) else None
-        attempts = deliveries * ((t.retries if t else 0) + 1)
-        await self._fail(item, error, "DeliveriesExhausted", retryable=False, attempt=attempts)
-        self.log.error("firing given up", session_id=item.session_id, firing_id=item.firing_id,
-                       deliveries=deliveries)
+    async def give_up(self, item: WorkItem, error: str, runs: int) -> None:
+        """Fail a firing for good that no run finished (its markers go back to their places)."""
+        await self._fail(item, error, "DeliveriesExhausted", retryable=False, attempt=runs)
+        self.log.error("firing given up", session_id=item.session_id, firing_id=item.firing_id, runs=runs)
 
-    def _known(self, item: WorkItem) -> bool:
-        net = self.nets.get(item.bot)
-        return net is not None and net.has_transition(item.transition)
-
-    async def _still_in_flight(self, item: WorkItem) -> bool:
-        state = fold(await self.events.read(item.bot, item.session_id))
-        return item.firing_id in state.in_flight
+    def backoff(self, failures: int) -> float:
+        """Seconds before the retry that follows the ``failures``-th failure: exponential, capped, with
+        jitter (half fixed, half random) so that firings failing together do not retry together."""
+        ceiling = min(self.retry_backoff_max_s, self.retry_backoff_s * 2 ** (failures - 1))
+        return round(ceiling / 2 + random.uniform(0, ceiling / 2), 3)
 
     def _ensure_heartbeats(self) -> None:
         if self._heartbeats is None or self._heartbeats.done():
@@ -316,6 +345,13 @@ class FiringRunner:
     def close(self) -> None:
         if self._heartbeats is not None:
             self._heartbeats.cancel()
+        self.folds.close()
+
+
+def _known_effects(state: SessionState) -> frozenset[str]:
+    """Ids of every side effect, question and file the log has: what a re-run need not append again."""
+    return frozenset(state.effects).union(state.pending_requests, state.closed_requests, state.pending_files,
+                                          state.files)
 
 
 async def _quietly(aw: Any) -> None:

@@ -38,12 +38,12 @@ from petribus.events import (
     InputFileResponse,
     OutputFile,
     _Event,
-    new_id,
 )
 from petribus.files import FileStore, content_type, safe_name, too_large
 from petribus.work import WorkItem
+from petribus_executor.effects import Effect, Effects
 
-Append = Callable[[_Event], Awaitable[int]]  # the firing's ordered append: returns the event's seq
+Append = Callable[[_Event, str], Awaitable[int]]  # the firing's ordered append (event, Msg-Id): its seq
 
 
 class Interactions:
@@ -54,14 +54,15 @@ class Interactions:
         self.files = files
         self._folders: dict[str, Path] = {}
 
-    async def confirm(self, item: WorkItem, append: Append, payload: dict[str, Any]) -> bool:
+    async def confirm(self, item: WorkItem, append: Append, effects: Effects, payload: dict[str, Any]) -> bool:
         timeout = payload.get("timeout")
-        rid = new_id()
-        ask = ConfirmRequest(bot=item.bot, session_id=item.session_id, request_id=rid,
+        effect = effects.next("confirm")
+        rid = effect.id
+        ask = ConfirmRequest(id=rid, bot=item.bot, session_id=item.session_id, request_id=rid,
                              firing_id=item.firing_id, transition=item.transition,
                              description=str(payload.get("description", "")), timeout=timeout,
                              cause=item.firing_id, trace=item.trace)
-        asked_at = await append(ask)
+        asked_at = await _ask(item, append, effects, effect, ask)
         got = await self.events.wait_for(item.bot, item.session_id, after=asked_at, timeout=timeout,
                                          match=_answering(ConfirmResponse, "request_id", rid))
         if got is not None:
@@ -71,15 +72,16 @@ class Interactions:
         answer = await self._settle(item, asked_at, rid, to_question(lapsed), ConfirmResponse, "request_id")
         return bool(answer is not None and answer.accepted)  # type: ignore[attr-defined]
 
-    async def get_file(self, item: WorkItem, append: Append, payload: dict[str, Any]) -> str:
+    async def get_file(self, item: WorkItem, append: Append, effects: Effects, payload: dict[str, Any]) -> str:
         timeout = payload.get("timeout")
         description = str(payload.get("description", ""))
-        fid = new_id()
-        ask = InputFileRequest(bot=item.bot, session_id=item.session_id, request_id=fid, file_id=fid,
+        effect = effects.next("get_file")
+        fid = effect.id
+        ask = InputFileRequest(id=fid, bot=item.bot, session_id=item.session_id, request_id=fid, file_id=fid,
                                firing_id=item.firing_id, transition=item.transition, description=description,
                                upload_url=subjects.file_url(item.bot, item.session_id, fid), timeout=timeout,
                                max_bytes=self.files.max_bytes, cause=item.firing_id, trace=item.trace)
-        asked_at = await append(ask)
+        asked_at = await _ask(item, append, effects, effect, ask)
         got = await self.events.wait_for(item.bot, item.session_id, after=asked_at, timeout=timeout,
                                          match=_answering(InputFileResponse, "file_id", fid))
         answer: Any = got[1] if got is not None else None
@@ -98,8 +100,11 @@ class Interactions:
             await self.files.get_into(item.bot, item.session_id, answer.stored_id or fid, out)
         return str(path)
 
-    async def send_file(self, item: WorkItem, append: Append, payload: dict[str, Any]) -> None:
+    async def send_file(self, item: WorkItem, append: Append, effects: Effects, payload: dict[str, Any]) -> None:
         path = str(payload.get("path", ""))
+        effect = effects.next("send_file")
+        if effects.landed(effect):
+            return  # an earlier run of this firing sent it: the user has it once
         try:
             info = await asyncio.to_thread(os.stat, path)
         except OSError as exc:
@@ -110,16 +115,16 @@ class Interactions:
         name = safe_name(os.path.basename(path))
         if info.st_size > self.files.max_bytes:
             raise too_large(info.st_size, self.files.max_bytes, f"context.send_file({name!r}): the file")
-        fid = new_id()
+        fid = effect.id
         kind = content_type(name)
         with open(path, "rb") as source:
             size = await self.files.put(item.bot, item.session_id, fid, source, name=name, content_type=kind)
         description = payload.get("description")
-        await append(OutputFile(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
+        await append(OutputFile(id=fid, bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
                                 transition=item.transition, file_id=fid, name=name, size=size,
                                 description=None if description is None else str(description),
                                 url=subjects.file_url(item.bot, item.session_id, fid), content_type=kind,
-                                cause=item.firing_id, trace=item.trace))
+                                cause=item.firing_id, trace=item.trace), effect.key)
 
     def cleanup(self, firing_id: str) -> None:
         """Remove the firing's folder of received files: the run that used them is over."""
@@ -145,6 +150,18 @@ class Interactions:
                 if found(event):
                     return event
             return None
+
+
+async def _ask(item: WorkItem, append: Append, effects: Effects, effect: Effect, ask: _Event) -> int:
+    """Append a question once per firing, whichever run asks it; the sequence to look for its answer after.
+
+    A re-run asks the question its earlier run asked (same id): the answer may be in the log already, so
+    it is looked for from the firing's claim on. A first run looks from the question itself.
+    """
+    if effects.landed(effect):
+        return item.fired_seq
+    asked_at = await append(ask, effect.key)
+    return item.fired_seq if effects.rerun else asked_at
 
 
 def _answering(kind: type, field: str, target: str) -> Callable[[Any], bool]:

@@ -21,23 +21,30 @@ from typing import Any
 
 from petribus.bus import EventLog
 from petribus.errors import PetribusError
-from petribus.events import PromptRequest, PromptResponse, _Event, new_id
+from petribus.events import PromptRequest, PromptResponse, _Event
 from petribus.work import WorkItem
+from petribus_executor.effects import Effects
 
-Append = Callable[[_Event], Awaitable[int]]  # the firing's ordered append: returns the event's seq
+Append = Callable[[_Event, str], Awaitable[int]]  # the firing's ordered append (event, Msg-Id): its seq
 
 
 class Prompts:
     def __init__(self, events: EventLog) -> None:
         self.events = events
 
-    async def prompt(self, item: WorkItem, append: Append, payload: Any) -> str | None:
+    async def prompt(self, item: WorkItem, append: Append, effects: Effects, payload: Any) -> str | None:
         text, wait, timeout = _arguments(payload)
-        rid = new_id()
-        ask = PromptRequest(bot=item.bot, session_id=item.session_id, request_id=rid, firing_id=item.firing_id,
-                            transition=item.transition, text=text, wait=wait, timeout=timeout,
-                            cause=item.firing_id, trace=item.trace)
-        asked_at = await append(ask)
+        effect = effects.next("prompt")
+        rid = effect.id
+        ask = PromptRequest(id=rid, bot=item.bot, session_id=item.session_id, request_id=rid,
+                            firing_id=item.firing_id, transition=item.transition, text=text, wait=wait,
+                            timeout=timeout, cause=item.firing_id, trace=item.trace)
+        if effects.landed(effect):
+            asked_at = item.fired_seq  # an earlier run asked this: its answer may be in the log already
+        else:
+            asked_at = await append(ask, effect.key)
+            if effects.rerun:
+                asked_at = item.fired_seq
         if not wait:
             return None
         got = await self.events.wait_for(
