@@ -9,9 +9,11 @@ how long anything took. The last test runs the fan-out through the whole stack w
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import random
 import signal
+import threading
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,9 +23,12 @@ from typing import Any
 import pytest
 
 from petribus.errors import SandboxCrashed, TransitionTimeout
+from petribus.loader import load_bot
 from petribus.settings import Settings
 from petribus_executor import protocol as p
+from petribus_executor.placement import Host, Placement
 from petribus_executor.pool import WorkerPool
+from petribus_executor.worker import Pipe, Runner
 
 from .conftest import app
 from .harness import Stack
@@ -90,6 +95,65 @@ class Arrivals:
             while len(self.pids) < n:
                 self._changed.clear()
                 await self._changed.wait()
+
+
+def placement(hosts: int, concurrency: int, size: int | None = None) -> Placement[Host]:
+    placed: Placement[Host] = Placement(size or hosts, concurrency)
+    for _ in range(hosts):
+        placed.reserve_start()
+        placed.add(Host())
+    return placed
+
+
+async def test_async_firings_go_to_the_least_loaded_worker_with_room() -> None:
+    placed = placement(2, concurrency=2)
+    a, b = placed.hosts
+    leases = [placed.take(asynchronous=True) for _ in range(4)]
+
+    assert [lease.host for lease in leases if lease] == [a, b, a, b]
+    assert placed.take(asynchronous=True) is None  # both full
+    placed.give_back(leases[1])
+    assert placed.take(asynchronous=True).host is b  # type: ignore[union-attr]
+
+
+async def test_a_sync_firing_gets_only_an_empty_worker_and_keeps_it_alone() -> None:
+    placed = placement(2, concurrency=10)
+    a, b = placed.hosts
+    shared = placed.take(asynchronous=True)
+    sync = placed.take(asynchronous=False)
+
+    assert shared is not None and sync is not None and (shared.host, sync.host) == (a, b)
+    assert placed.take(asynchronous=False) is None  # a holds an async firing, b a sync one
+    assert all(placed.take(asynchronous=True).host is a for _ in range(5))  # type: ignore[union-attr]
+
+
+async def test_a_waiting_sync_firing_drains_a_worker_that_async_work_keeps_busy() -> None:
+    placed = placement(2, concurrency=10)
+    a, b = placed.hosts
+    first, on_b, second = (placed.take(asynchronous=True) for _ in range(3))
+    assert on_b is not None and on_b.host is b and first and second and second.host is a
+
+    waiting = asyncio.ensure_future(placed.wait(asynchronous=False))
+    await asyncio.sleep(0)
+    more = [placed.take(asynchronous=True) for _ in range(3)]  # b, the least loaded, is kept for it
+    placed.give_back(on_b)
+    lease = await asyncio.wait_for(waiting, 5)
+
+    assert all(m is not None and m.host is a for m in more)
+    assert lease is not None and lease.host is b and lease.exclusive
+
+
+async def test_a_waiting_firing_is_woken_to_start_a_worker_when_room_frees() -> None:
+    placed = placement(1, concurrency=1, size=1)
+    [a] = placed.hosts
+    held = placed.take(asynchronous=True)
+    waiting = asyncio.ensure_future(placed.wait(asynchronous=True))
+    await asyncio.sleep(0)
+
+    placed.remove(a)  # it died: a new one may be started in its place
+
+    assert await waiting is None and placed.reserve_start()
+    placed.give_back(held)  # type: ignore[arg-type]
 
 
 async def test_five_hundred_async_firings_run_at_once_on_two_workers(make_pool: MakePool) -> None:
@@ -230,6 +294,30 @@ async def test_an_abandoned_async_firing_is_cancelled_in_its_worker_not_killed(m
 
     assert abandoned.cancelled()
     assert {s["pid"] for s in spans} == {after["pid"]} and pool.started == 1
+
+
+def test_a_run_cancelled_before_it_began_still_reports_done() -> None:
+    # The worker's side alone, in this process, with the cancel landing before the run's first step.
+    ours, theirs = multiprocessing.Pipe()
+    net = load_bot(CONCURRENCY).net()
+    runner = Runner(Pipe(theirs), {net.bot: net})
+    threading.Thread(target=runner.serve, daemon=True).start()
+    frames = p.Frames()
+
+    def receive() -> tuple[Any, ...]:
+        while not (msgs := frames.feed(os.read(ours.fileno(), 1 << 16) if ours.poll(10) else b"")):
+            assert ours.poll(0), "the worker said nothing for 10s"
+        [msg] = msgs
+        return msg
+
+    assert receive()[0] == p.READY
+    run = (7, request("nap", n=1, seconds=60))
+    runner.loop.call_soon_threadsafe(lambda: (runner._start([run]), runner._cancel(7)))
+    kind, job, outcome = receive()
+    p.write(ours.fileno(), p.frame((p.STOP,)))
+
+    assert (kind, job) == (p.DONE, 7)
+    assert not outcome.ok and outcome.error_type == p.CANCELLED and outcome.retryable
 
 
 async def test_a_fan_out_runs_all_at_once_through_the_stack_with_default_credits(

@@ -5,18 +5,10 @@ and the bot apps preloaded, so a new worker is ready in milliseconds. Measured o
 spawning fresh interpreters took 0.12 s for one and 2.7 s for 25; forking 24 from the warm fork server
 takes 0.09 s. At most ``size`` workers run (``PETRIBUS_WORKERS``); they start lazily and are reused.
 
-A firing takes a *lease* on a worker (``acquire``), runs on it (``run``) and gives it back:
-
-- An ``async def`` firing shares. It goes to the least-loaded started worker that runs no sync firing
-  and fewer than ``concurrency`` async ones (``PETRIBUS_WORKER_CONCURRENCY``), and runs there as a task
-  on the worker's event loop, so a few processes hold thousands of firings that wait on I/O. When it
-  had to share, one more worker is started in the background (up to ``size``): load spreads over
-  processes as it grows, and the firing never waits for a boot it does not need.
-- A ``def`` firing has a worker to itself: one with nothing leased, and nothing else is placed there
-  until it is done. While sync firings wait for such a worker, as many of the least-loaded shared
-  workers take no new async firings; they drain, so a stream of async work cannot starve sync work.
-
-Firings that find no room wait, and are served in order (sync ones first) as leases come back.
+Which worker runs which firing is ``placement.py``'s: an ``async def`` firing shares a worker's event
+loop with up to ``concurrency`` others (``PETRIBUS_WORKER_CONCURRENCY``), a ``def`` firing has a worker
+to itself. When an async firing had to share, one more worker is started in the background (up to
+``size``): load spreads over processes as it grows, and no firing waits for a boot it does not need.
 
 A timeout, or a firing the executor abandons (its task cancelled: drain, stop):
 
@@ -45,7 +37,6 @@ import multiprocessing.connection
 import multiprocessing.forkserver
 import multiprocessing.util  # its atexit hook must be registered before ours, so that ours runs first
 import os
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from multiprocessing import spawn
 from typing import Any
@@ -54,6 +45,8 @@ from petribus import logs
 from petribus.errors import PetribusError, SandboxCrashed, TransitionTimeout
 from petribus_executor import protocol as p
 from petribus_executor import worker as worker_main
+from petribus_executor.placement import Host, Placement
+from petribus_executor.placement import Lease as _Lease
 from petribus_executor.preload import ENV as PRELOAD_ENV
 from petribus_executor.preload import MAIN_ENV as PRELOAD_MAIN_ENV
 
@@ -100,9 +93,10 @@ class _Job:
             task.cancel()
 
 
-class Worker:
+class Worker(Host):
     def __init__(self, proc: multiprocessing.process.BaseProcess,
                  conn: multiprocessing.connection.Connection) -> None:
+        super().__init__()
         self.proc = proc
         self.conn = conn
         self.pid = proc.pid
@@ -110,27 +104,14 @@ class Worker:
         self.frames = p.Frames()
         self.outbox: list[tuple[Any, ...]] = []  # messages to send at the end of this loop tick
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.jobs: dict[int, _Job] = {}  # runs sent and not yet over (a cancelled one until it confirms)
-        self.load = 0  # leases held: firings placed here, running or about to
-        self.exclusive = False  # a sync firing holds it
+        self.jobs: dict[int, _Job] = {}
         self.lost = False
 
     def __repr__(self) -> str:
         return f"Worker(pid={self.pid}, load={self.load}{', sync' if self.exclusive else ''})"
 
 
-class Lease:
-    """Room for one firing on one worker, from ``acquire`` until ``run`` or ``release`` gives it back."""
-
-    __slots__ = ("worker", "exclusive", "held")
-
-    def __init__(self, worker: Worker, exclusive: bool) -> None:
-        self.worker = worker
-        self.exclusive = exclusive
-        self.held = True
-
-    def __repr__(self) -> str:
-        return f"Lease({self.worker!r}, {'sync' if self.exclusive else 'async'})"
+Lease = _Lease[Worker]
 
 
 class WorkerPool:
@@ -143,11 +124,7 @@ class WorkerPool:
         self.cancel_grace = cancel_grace
         self._ctx = multiprocessing.get_context("forkserver")
         self._all: set[Worker] = set()  # live processes, booting ones included
-        self._ready: list[Worker] = []  # booted and in service
-        self._starting = 0  # boots under way, counted against size
-        self._sync_waiters: deque[asyncio.Future[Lease | None]] = deque()
-        self._async_waiters: deque[asyncio.Future[Lease | None]] = deque()
-        self._sync_waiting = 0  # undecided futures in _sync_waiters
+        self._placement: Placement[Worker] = Placement(self.size, self.concurrency)
         self._job_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()  # reaping, cancelling, background boots
         self._calls: set[asyncio.Task[None]] = set()
@@ -157,8 +134,8 @@ class WorkerPool:
     async def start(self) -> None:
         await asyncio.to_thread(self._ensure_fork_server)
         for _ in range(self.prewarm):
-            self._starting += 1
-            self._ready.append(await self._boot())
+            self._placement.reserve_start()
+            self._placement.add(await self._boot())
 
     def _ensure_fork_server(self) -> None:
         # Global per process: the first pool to start it decides what is preloaded; later ones import
@@ -182,112 +159,32 @@ class WorkerPool:
     async def acquire(self, *, asynchronous: bool = False) -> Lease:
         """Room for one firing: on a shared worker for an ``async def`` transition, else a worker of its
         own. Hand it to ``run`` (which gives it back) or to ``release``."""
+        placement = self._placement
         while True:
             if self._closed:
                 raise PetribusError("the executor's worker pool is closed")
-            lease = self._take(asynchronous)
+            lease = placement.take(asynchronous)
             if lease is not None:
-                if lease.worker.load > 1:
+                if lease.host.load > 1:
                     self._grow()  # it had to share: have another process ready for what comes next
                 return lease
-            if self._can_start():
-                self._starting += 1
-                worker = await self._boot()
-                self._ready.append(worker)
-                lease = self._take_on(worker, asynchronous)
-                self._serve()  # a shared worker has room for more
+            if placement.reserve_start():
+                lease = placement.add(await self._boot(), asynchronous)
+                assert lease is not None
                 return lease
-            lease = await self._wait(asynchronous)
+            lease = await placement.wait(asynchronous)
             if lease is not None:
                 return lease
 
     def release(self, lease: Lease) -> None:
         """Give back a lease (``run`` does it itself)."""
-        if not lease.held:
-            return
-        lease.held = False
-        worker = lease.worker
-        worker.load -= 1
-        if lease.exclusive:
-            worker.exclusive = False
-        if worker.lost:
-            return
-        if self._closed:
-            if worker.load == 0 and not worker.jobs:
-                self._stop(worker)
-            return
-        self._serve()
-
-    def _take(self, asynchronous: bool) -> Lease | None:
-        """A lease on the best worker with room for a firing of this kind now, if there is one."""
-        if not asynchronous:
-            for worker in self._ready:
-                if worker.load == 0 and not worker.jobs:
-                    return self._take_on(worker, False)
-            return None
-        shared: list[Worker] = self._ready
-        if self._sync_waiting:
-            # Sync firings wait for an empty worker: the least-loaded shared ones get no more async work.
-            shared = sorted((w for w in self._ready if not w.exclusive), key=_load)[self._sync_waiting:]
-        best: Worker | None = None
-        for worker in shared:
-            if not worker.exclusive and worker.load < self.concurrency and (
-                    best is None or worker.load < best.load):
-                best = worker
-        return None if best is None else self._take_on(best, True)
-
-    @staticmethod
-    def _take_on(worker: Worker, asynchronous: bool) -> Lease:
-        worker.load += 1
-        if not asynchronous:
-            worker.exclusive = True
-        return Lease(worker, exclusive=not asynchronous)
-
-    def _can_start(self) -> bool:
-        return not self._closed and len(self._ready) + self._starting < self.size
-
-    async def _wait(self, asynchronous: bool) -> Lease | None:
-        """Queue for room; a lease, or None when a worker may be started instead."""
-        waiter: asyncio.Future[Lease | None] = asyncio.get_running_loop().create_future()
-        if asynchronous:
-            self._async_waiters.append(waiter)
-        else:
-            self._sync_waiters.append(waiter)
-            self._sync_waiting += 1
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            if waiter.cancelled():
-                if not asynchronous:
-                    self._sync_waiting -= 1
-            elif waiter.exception() is None and (lease := waiter.result()) is not None:
-                self.release(lease)  # served, but given up before it could use it
-            raise
-
-    def _serve(self) -> None:
-        """Hand the room there is to waiting firings, in order, sync ones first."""
-        if self._closed:
-            return
-        starts = self.size - len(self._ready) - self._starting
-        for waiters, asynchronous in ((self._sync_waiters, False), (self._async_waiters, True)):
-            while waiters:
-                waiter = waiters[0]
-                if waiter.done():  # it gave up waiting
-                    waiters.popleft()
-                    continue
-                lease = self._take(asynchronous)
-                if lease is None:
-                    if starts <= 0:
-                        break
-                    starts -= 1  # no room, but a worker may start: the waiter starts it for itself
-                waiters.popleft()
-                if not asynchronous:
-                    self._sync_waiting -= 1
-                waiter.set_result(lease)
+        self._placement.give_back(lease)
+        worker = lease.host
+        if self._closed and not worker.lost and worker.load == 0 and not worker.jobs:
+            self._stop(worker)
 
     def _grow(self) -> None:
-        if self._can_start():
-            self._starting += 1
+        if self._placement.reserve_start():
             self._spawn(self._grow_one())
 
     async def _grow_one(self) -> None:
@@ -297,8 +194,7 @@ class WorkerPool:
             if not self._closed:
                 log.warning("a worker did not start", error=repr(exc))
             return
-        self._ready.append(worker)
-        self._serve()
+        self._placement.add(worker)
 
     # ------------------------------------------------------------ runs
 
@@ -308,10 +204,10 @@ class WorkerPool:
         here for an async (shared) or sync (exclusive) firing. Raises ``TransitionTimeout`` or
         ``SandboxCrashed``."""
         lease = worker if worker is not None else await self.acquire(asynchronous=asynchronous)
-        while lease.worker.lost:  # it died since the lease was taken (a neighbour's doing): move
+        while lease.host.lost:  # it died since the lease was taken (a neighbour's doing): move
             self.release(lease)
             lease = await self.acquire(asynchronous=not lease.exclusive)
-        w = lease.worker
+        w = lease.host
         job = _Job(next(self._job_ids), request, on_event, on_call)
         w.jobs[job.id] = job
         self._send(w, (p.RUN, job.id, request))
@@ -325,18 +221,9 @@ class WorkerPool:
                     f"transition {request.transition!r} ran longer than its timeout of {timeout:g}s; "
                     f"its worker (pid {w.pid}) was killed. Raise timeout= if it needs longer"
                 ) from None
-            others = await asyncio.shield(self._spawn(self._cancel(lease, job)))
-            if others is None:
-                raise TransitionTimeout(
-                    f"transition {request.transition!r} ran longer than its timeout of {timeout:g}s and "
-                    "was cancelled. Raise timeout= if it needs longer"
-                ) from None
+            how = await asyncio.shield(self._spawn(self._cancel(lease, job)))
             raise TransitionTimeout(
-                f"transition {request.transition!r} ran longer than its timeout of {timeout:g}s and did "
-                f"not stop within {self.cancel_grace:g}s of being cancelled: something in it blocks the "
-                "event loop (CPU work, or a blocking call such as time.sleep in an async def). Its worker "
-                f"(pid {w.pid}) was killed, and with it {others} other firing(s). Run the blocking part "
-                "with `await asyncio.to_thread(...)`, or make the transition a plain def"
+                f"transition {request.transition!r} ran longer than its timeout of {timeout:g}s {how}"
             ) from None
         except asyncio.CancelledError:
             job.close()
@@ -354,18 +241,17 @@ class WorkerPool:
         return outcome
 
     def _detach(self, lease: Lease, job: _Job) -> None:
-        lease.worker.jobs.pop(job.id, None)
+        lease.host.jobs.pop(job.id, None)
         self.release(lease)
 
     def _kill(self, lease: Lease, job: _Job, why: str) -> None:
-        lease.worker.jobs.pop(job.id, None)  # it fails on its own terms, not as a crash
-        self._lose(lease.worker, why)
+        lease.host.jobs.pop(job.id, None)  # it fails on its own terms, not as a crash
+        self._lose(lease.host, why)
         self.release(lease)
 
-    async def _cancel(self, lease: Lease, job: _Job) -> int | None:
-        """Stop an async run in its worker. None once it stopped; if its worker had to be killed
-        instead, how many other firings died with it."""
-        w = lease.worker
+    async def _cancel(self, lease: Lease, job: _Job) -> str:
+        """Stop an async run in its worker, killing the worker if the run does not stop; how it ended."""
+        w = lease.host
         try:
             if not w.lost:
                 self._send(w, (p.CANCEL, job.id))
@@ -381,24 +267,24 @@ class WorkerPool:
                     "firings (CPU work, or a blocking call such as time.sleep in an async def). This firing "
                     "was not at fault and can be run again"
                 ))
-                return others
+                return (
+                    f"and did not stop within {self.cancel_grace:g}s of being cancelled: something in it "
+                    "blocks the event loop (CPU work, or a blocking call such as time.sleep in an async def). "
+                    f"Its worker (pid {w.pid}) was killed, and with it {others} other firing(s). Run the "
+                    "blocking part with `await asyncio.to_thread(...)`, or make the transition a plain def"
+                )
             except PetribusError:  # the worker died meanwhile, of something else
-                return len(w.jobs)
-            return None
+                return f"; its worker (pid {w.pid}) died while it was being cancelled"
+            return "and was cancelled. Raise timeout= if it needs longer"
         finally:
             self._detach(lease, job)
 
     async def close(self) -> None:
         """Stop idle workers (killing any that linger), kill busy ones, and reap them all."""
         self._closed = True
-        for waiters in (self._sync_waiters, self._async_waiters):
-            while waiters:
-                waiter = waiters.popleft()
-                if not waiter.done():
-                    waiter.set_exception(PetribusError("the executor's worker pool is closed"))
-        self._sync_waiting = 0
+        self._placement.close("the executor's worker pool is closed")
         for w in list(self._all):
-            if w in self._ready and w.load == 0 and not w.jobs:
+            if w in self._placement.hosts and w.load == 0 and not w.jobs:
                 self._stop(w)
             else:
                 self._lose(w, f"the executor's worker pool closed while it ran {len(w.jobs)} firing(s)")
@@ -410,15 +296,13 @@ class WorkerPool:
     # ------------------------------------------------------------ processes
 
     async def _boot(self) -> Worker:
-        """Start one worker and wait until it is ready. The caller counted it in ``_starting``."""
+        """Start one worker and wait until it is ready; the caller reserved its start (``placement``)
+        and puts it in service."""
         try:
-            worker = await self._launch()
+            return await self._launch()
         except BaseException:
-            self._starting -= 1
-            self._serve()  # the room it would have taken is free again
+            self._placement.start_failed()
             raise
-        self._starting -= 1
-        return worker
 
     async def _launch(self) -> Worker:
         parent_conn, child_conn = self._ctx.Pipe()
@@ -539,11 +423,9 @@ class WorkerPool:
             return
         worker.lost = True
         self._all.discard(worker)
-        if worker in self._ready:
-            self._ready.remove(worker)
         asyncio.get_running_loop().remove_reader(worker.fd)
         self._spawn(self._reap(worker, why, grace))
-        self._serve()  # room to start another
+        self._placement.remove(worker)
 
     async def _reap(self, worker: Worker, why: str, grace: float) -> None:
         proc = worker.proc
@@ -574,10 +456,6 @@ class WorkerPool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-
-def _load(worker: Worker) -> int:
-    return worker.load
 
 
 async def _exited(proc: multiprocessing.process.BaseProcess, timeout: float | None = None) -> bool:

@@ -29,6 +29,7 @@ the executor process dies, so a ``kill -9`` of the executor leaves no orphans ru
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import itertools
 import json
@@ -226,7 +227,7 @@ class Runner:
         self.pipe = pipe
         self.nets = nets
         self.loop = asyncio.new_event_loop()
-        self.tasks: dict[int, asyncio.Task[None]] = {}  # the loop thread's alone
+        self.tasks: dict[int, asyncio.Task[p.Outcome]] = {}  # the loop thread's alone
         self.sync_runs: queue.SimpleQueue[tuple[int, p.Request] | None] = queue.SimpleQueue()
 
     def serve(self) -> None:
@@ -282,18 +283,23 @@ class Runner:
 
     def _start(self, runs: list[tuple[int, p.Request]]) -> None:
         for job, request in runs:
-            self.tasks[job] = self.loop.create_task(self._run(job, request))
+            task = self.loop.create_task(run_async(self.nets, request, JobChannel(self.pipe, job)))
+            self.tasks[job] = task
+            task.add_done_callback(functools.partial(self._ended, job))
 
     def _cancel(self, job: int) -> None:
         task = self.tasks.get(job)
         if task is not None:
             task.cancel()
 
-    async def _run(self, job: int, request: p.Request) -> None:
-        try:
-            outcome = await run_async(self.nets, request, JobChannel(self.pipe, job))
-        finally:
-            del self.tasks[job]
+    def _ended(self, job: int, task: asyncio.Task[p.Outcome]) -> None:
+        del self.tasks[job]
+        if task.cancelled():  # before it began: run_async never saw the cancellation
+            outcome = _cancelled(0.0)
+        elif (exc := task.exception()) is not None:
+            outcome = p.Outcome(ok=False, error=repr(exc), error_type=type(exc).__name__, retryable=True)
+        else:
+            outcome = task.result()
         try:
             self.pipe.post((p.DONE, job, outcome))
         except OSError:
@@ -325,8 +331,7 @@ async def run_async(nets: dict[str, Net], req: p.Request, channel: JobChannel) -
     except (Exception, SystemExit) as exc:
         return _failed(exc, started)
     except asyncio.CancelledError:
-        return p.Outcome(ok=False, error="cancelled by its executor", error_type=p.CANCELLED, retryable=True,
-                         duration_ms=(time.perf_counter() - started) * 1000)
+        return _cancelled(started)
 
 
 def _prepare(nets: dict[str, Net], req: p.Request,
@@ -343,6 +348,11 @@ def _prepare(nets: dict[str, Net], req: p.Request,
 def _completed(net: Net, t: TransitionDef, result: Any, started: float) -> p.Outcome:
     outputs = collect_outputs(net, t, result)
     return p.Outcome(ok=True, outputs=outputs, duration_ms=(time.perf_counter() - started) * 1000)
+
+
+def _cancelled(started: float) -> p.Outcome:
+    return p.Outcome(ok=False, error="cancelled by its executor", error_type=p.CANCELLED, retryable=True,
+                     duration_ms=(time.perf_counter() - started) * 1000 if started else 0.0)
 
 
 def _failed(exc: BaseException, started: float) -> p.Outcome:
