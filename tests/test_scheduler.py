@@ -286,7 +286,8 @@ async def test_the_lease_moves_to_the_oldest_firing_in_flight_and_resends_only_l
     try:
         async with Scheduler(settings, [load_net(COUNTER)]) as sched:
             await log.append_many([MarkerAdded(bot="counter", session_id=sid,
-                                               marker=Marker(location="Item", data={"n": i})) for i in (1, 2)])
+                                               marker=Marker(location="Item", data={"n": i}))
+                                   for i in (1, 2)])
             sent = [await next_item() for _ in (1, 2)]
             first, second = sorted(sent, key=lambda w: w.fired_seq)
             # The first firing completes (its executor acked the item); the second one's item is lost.

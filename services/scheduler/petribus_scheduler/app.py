@@ -93,7 +93,7 @@ class LeaseCheck(NamedTuple):
     """A due lease, checked in its session's queue so it never races the session's own events."""
 
     lease: Lease
-    result: asyncio.Future[str | None]
+    result: asyncio.Future[float | None]  # when the lease is due again; None: it is done
 
 
 class Scheduler(Service):
@@ -189,14 +189,14 @@ class Scheduler(Service):
                         await msg.ack()
             for check in checks:
                 try:
-                    oldest = await self._renew(key)
+                    due = await self._renew(key, check.lease)
                 except Exception as exc:
                     self._forget(key)
                     if not check.result.done():
                         check.result.set_exception(exc)
                 else:
                     if not check.result.done():
-                        check.result.set_result(oldest)
+                        check.result.set_result(due)
         finally:
             for check in checks:  # never leave a lease waiting (an ack failed, the service stops)
                 if not check.result.done():
@@ -419,22 +419,27 @@ class Scheduler(Service):
         oldest = _oldest_in_flight(state)
         armed = self.leased.get(key)
         now = time.time()
-        arm = oldest is not None and (armed is None or (
-            oldest.id in sent and now - armed >= self.settings.work_lease_s / 2))
-        if arm:
-            assert oldest is not None
-            acks.append(await self.leases.arm(self.leases.lease(net.bot, state.session_id, oldest.id)))
+        lease = None
+        if oldest is not None and (armed is None or (
+                oldest.id in sent and now - armed >= self.settings.work_lease_s / 2)):
+            lease = self.leases.lease(net.bot, state.session_id, oldest.id)
+            acks.append(await self.leases.arm(lease))
         if not acks:
             return
-        await asyncio.gather(*acks)  # acked by JetStream before the triggering event is acked
+        done = await asyncio.gather(*acks)  # acked by JetStream before the triggering event is acked
         self._sent(sent)
-        if arm:
-            self._leased(key, now)
+        if lease is not None:
+            self._armed(key, now, duplicate=bool(done[-1].duplicate))
 
-    def _leased(self, key: Key, at: float | None) -> None:
+    def _armed(self, key: Key, at: float | None, *, duplicate: bool = False) -> None:
+        """Note that this process armed or renewed the session's lease at ``at`` (None: it dropped it).
+
+        A publish that JetStream dropped as a duplicate found another process's lease pending, whose
+        due time is unknown here: noted as armed long enough ago not to hold back the next arming.
+        """
         self.leased.pop(key, None)
         if at is not None:
-            self.leased[key] = at
+            self.leased[key] = at - self.settings.work_lease_s / 2 if duplicate else at
             while len(self.leased) > 100_000:
                 self.leased.popitem(last=False)
 
@@ -452,31 +457,36 @@ class Scheduler(Service):
         return await self.js.publish_async(item.subject(pool), item.model_dump_json().encode(),
                                            headers={"Nats-Msg-Id": item.msg_id(redispatch)})
 
-    async def renew(self, lease: Lease) -> str | None:
-        """A due lease: checked in the session's queue. The session's oldest firing in flight, or None."""
+    async def renew(self, lease: Lease) -> float | None:
+        """A due lease, checked in the session's queue: when it is due again, or None when it is done."""
         key = (lease.bot, lease.session_id)
         if key[0] not in self.nets:
-            return lease.firing_id  # another deployment's bot: keep the lease for its schedulers
+            return time.time() + self.settings.work_lease_s  # another deployment's bot: for its schedulers
         check = LeaseCheck(lease, asyncio.get_running_loop().create_future())
         self.queues.put(key, check)
         return await check.result
 
-    async def _renew(self, key: Key) -> str | None:
-        """Fold the session up to now, send again the work of every firing in flight whose work item is
-        gone from PB_WORK, and return the id of its oldest firing in flight (None when there is none)."""
-        self._leased(key, time.time())  # this very lease is pending: deciding here need not arm another
+    async def _renew(self, key: Key, lease: Lease) -> float | None:
+        """Fold the session up to now and send again the work of every firing in flight whose work item
+        is gone from PB_WORK. Then keep ``lease`` (its next due time) while its firing is the oldest in
+        flight, move it to the oldest (a new lease; None: this one is done), or drop it (None)."""
+        self._armed(key, time.time())  # this very lease is pending: deciding here need not arm another
         state = self.sessions.get(key)
         if state is None:
             state = await self._rebuild(key)
         else:
             await self._catch_up(key, state)
+        lost: list[Firing] = []
+        if _oldest_in_flight(state) is not None:
+            items = await self.js.stream_info(subjects.WORK_STREAM,
+                                              subjects_filter=subjects.session_work(*key))
+            present = {s.rsplit(".", 1)[1] for s in items.state.subjects or {}}
+            in_flight = [f for f in state.in_flight.values() if f.status in IN_FLIGHT]
+            lost = [f for f in in_flight if f.id not in present]
+            # Their work is there, or is sent again below: not the business of the decision that follows.
+            self._sent(f.id for f in in_flight)
         # Events folded here will look already folded when they are delivered: decide on them now.
         await self._advance(key, state)
-        if _oldest_in_flight(state) is None:
-            return None
-        info = await self.js.stream_info(subjects.WORK_STREAM, subjects_filter=subjects.session_work(*key))
-        present = {s.rsplit(".", 1)[1] for s in info.state.subjects or {}}
-        lost = [f for f in state.in_flight.values() if f.status in IN_FLIGHT and f.id not in present]
         if lost:
             # An executor acks only after the outcome is in the log: an outcome that landed since the
             # fold explains a missing item. Look again, so that only truly lost work is sent again.
@@ -493,9 +503,18 @@ class Scheduler(Service):
             self.stats["redispatched"] += len(lost)
             self.log.warning("work items lost; sent again", session_id=key[1], firings=[f.id for f in lost])
         oldest = _oldest_in_flight(state)
-        # The caller re-arms the lease (or moves it) when something is in flight, and drops it if not.
-        self._leased(key, time.time() if oldest is not None else None)
-        return oldest.id if oldest is not None else None
+        now = time.time()
+        if oldest is None:
+            self._armed(key, None)
+            return None
+        if oldest.id == lease.firing_id:
+            self._armed(key, now)
+            return now + self.settings.work_lease_s
+        # The key ended: the session's lease moves to its oldest firing now. However many old leases of
+        # the session move to it at once, its Msg-Id lets one land.
+        ack = await (await self.leases.arm(self.leases.lease(key[0], key[1], oldest.id)))
+        self._armed(key, now, duplicate=bool(ack.duplicate))
+        return None
 
     def _guard(self, net: Net, transition: str, picked: dict) -> bool:
         t = net.transition(transition)

@@ -49,13 +49,14 @@ class Lease(Timer):
 
 
 class Leases(DurableTimers[Lease]):
-    """``renew(lease)`` re-sends lost work and returns the session's oldest firing in flight, or None."""
+    """``renew(lease)`` checks the session (re-sending lost work) and says when the lease is due again:
+    None when it is done (nothing in flight, or a lease keyed by the oldest firing took its place)."""
 
     model = Lease
     durable = subjects.SCHEDULER_LEASES_DURABLE
     filter_subject = subjects.leases()
 
-    def __init__(self, nc: NATS, log: Any, renew: Callable[[Lease], Awaitable[str | None]], *,
+    def __init__(self, nc: NATS, log: Any, renew: Callable[[Lease], Awaitable[float | None]], *,
                  period_s: float, ack_wait_s: float, retry_s: float = 1.0, retry_max_s: float = 60.0) -> None:
         super().__init__(nc, log, ack_wait_s=ack_wait_s, retry_s=retry_s, retry_max_s=retry_max_s)
         self.renew = renew
@@ -65,12 +66,4 @@ class Leases(DurableTimers[Lease]):
         return Lease(bot=bot, session_id=session_id, firing_id=firing_id, due=time.time() + self.period_s)
 
     async def fire(self, timer: Lease) -> float | None:
-        oldest = await self.renew(timer)
-        if oldest is None:
-            return None  # nothing in flight: the next dispatch arms a new lease
-        if oldest != timer.firing_id:
-            # The key ended; the session's lease moves to its oldest firing now. However many old leases
-            # of the session move to it at once, its Msg-Id lets one land.
-            await self.publish([self.lease(timer.bot, timer.session_id, oldest)])
-            return None
-        return time.time() + self.period_s
+        return await self.renew(timer)
