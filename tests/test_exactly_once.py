@@ -148,7 +148,7 @@ async def test_work_for_a_firing_that_already_ended_is_acked_without_running_at_
                          transition="chore", inputs=[Marker(location="Chore", data={"n": 7})],
                          fired_seq=1)
         reads = stack.services["executor"].runner.folds.reads
-        await js.publish(subjects.work("cpu"), again.model_dump_json().encode(),
+        await js.publish(again.subject("cpu"), again.model_dump_json().encode(),
                          headers={"Nats-Msg-Id": f"work:{fired.firing_id}:again"})
         async with asyncio.timeout(20):
             while (await js.stream_info(subjects.WORK_STREAM)).state.messages:
