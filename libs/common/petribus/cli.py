@@ -84,7 +84,11 @@ FormatOpt = Annotated[LogFormat, typer.Option(
 HostOpt = Annotated[str, typer.Option("--host", help="Gateway address to listen on.")]
 PortOpt = Annotated[int, typer.Option("--port", help="Gateway port (0 picks a free one).")]
 WorkersOpt = Annotated[int | None, typer.Option(
-    "--workers", min=1, help="Executor worker processes (concurrent firings).")]
+    "--workers", min=1, help="Executor worker processes; a sync (def) firing has one to itself "
+    "(default 16, or $PETRIBUS_WORKERS).")]
+ConcurrencyOpt = Annotated[int | None, typer.Option(
+    "--worker-concurrency", min=1, help="Async (async def) firings one worker process runs at once "
+    "(default 256, or $PETRIBUS_WORKER_CONCURRENCY).")]
 
 
 # ---------------------------------------------------------------- serve
@@ -104,6 +108,7 @@ def serve(
         "--data-dir", help="Where the embedded NATS keeps its store, and chat-mode logs go "
         "(default: $XDG_DATA_HOME/petribus).")] = None,
     workers: WorkersOpt = None,
+    worker_concurrency: ConcurrencyOpt = None,
     session: Annotated[str | None, typer.Option("--session", help="Resume this session in the chat.")] = None,
     log_level: LevelOpt = LogLevel.info,
     log_format: FormatOpt = LogFormat.console,
@@ -111,7 +116,8 @@ def serve(
     """Run a bot: embedded NATS, scheduler, executor, LLM service and gateway, and a chat in the terminal."""
 
     def body() -> int:
-        settings = _settings(host=host, port=port, data_dir=data_dir, workers=workers, nats_url=nats_url,
+        settings = _settings(host=host, port=port, data_dir=data_dir, workers=workers,
+                             worker_concurrency=worker_concurrency, nats_url=nats_url,
                              log_level=log_level.value, log_format=log_format.value)
         chat = not no_chat
         log_file = settings.data_dir / "logs" / "petribus.log" if chat else None
@@ -255,8 +261,8 @@ def scheduler(apps: AppsArg, nats_url: NatsUrl = None, log_level: LevelOpt = Log
 def executor(
     apps: AppsArg, nats_url: NatsUrl = None,
     pool: Annotated[str, typer.Option("--pool", help="Pool to serve: cpu, gpu, ...")] = "cpu",
-    workers: WorkersOpt = None, log_level: LevelOpt = LogLevel.info,
-    log_format: FormatOpt = LogFormat.console,
+    workers: WorkersOpt = None, worker_concurrency: ConcurrencyOpt = None,
+    log_level: LevelOpt = LogLevel.info, log_format: FormatOpt = LogFormat.console,
 ) -> None:
     """Run an executor: runs transitions of its pool in sandboxes. Add more to add throughput."""
 
@@ -265,8 +271,8 @@ def executor(
 
         await run(settings, specs)
 
-    _service(start, apps, nats_url=nats_url, pool=pool, workers=workers, log_level=log_level.value,
-             log_format=log_format.value)
+    _service(start, apps, nats_url=nats_url, pool=pool, workers=workers,
+             worker_concurrency=worker_concurrency, log_level=log_level.value, log_format=log_format.value)
 
 
 @app.command()
