@@ -8,9 +8,8 @@ import asyncio
 import os
 import time
 
-from pydantic import BaseModel
-
 from petribus import Bot, BotContext, BotLocation
+from pydantic import BaseModel
 
 
 class Nap(BaseModel):
@@ -95,7 +94,7 @@ def sync_nap(inputs):
 @bot.transition(inputs={Block: 1}, outputs=[Span])
 async def block(inputs):
     started = _enter()
-    time.sleep(inputs[Block][0].seconds)  # the mistake under test: a blocking call in an async def
+    time.sleep(inputs[Block][0].seconds)  # noqa: ASYNC251 -- the mistake under test
     return _leave(-1, started, "blocked")
 
 

@@ -38,7 +38,7 @@ H = TypeVar("H", bound=Host)
 class Lease(Generic[H]):
     """Room for one firing on one worker, until it is given back."""
 
-    __slots__ = ("host", "exclusive", "held")
+    __slots__ = ("exclusive", "held", "host")
 
     def __init__(self, host: H, exclusive: bool) -> None:
         self.host = host

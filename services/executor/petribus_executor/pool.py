@@ -5,14 +5,14 @@ and the bot apps preloaded, so a new worker is ready in milliseconds. Measured o
 spawning fresh interpreters took 0.12 s for one and 2.7 s for 25; forking 24 from the warm fork server
 takes 0.09 s. At most ``size`` workers run (``PETRIBUS_WORKERS``); they start lazily and are reused.
 
-Which worker runs which firing is ``placement.py``'s: an ``async def`` firing shares a worker's event
-loop with up to ``concurrency`` others (``PETRIBUS_WORKER_CONCURRENCY``), a ``def`` firing has a worker
-to itself. When an async firing had to share, one more worker is started in the background (up to
+Which worker runs which firing is ``placement.py``'s: ``async def`` firings share a worker's event
+loop, up to ``concurrency`` of them (``PETRIBUS_WORKER_CONCURRENCY``); a ``def`` firing has a worker to
+itself. When an async firing had to share, one more worker is started in the background (up to
 ``size``): load spreads over processes as it grows, and no firing waits for a boot it does not need.
 
 A timeout, or a firing the executor abandons (its task cancelled: drain, stop):
 
-- A sync firing's worker is killed (a thread cannot be stopped), as before.
+- A sync firing's worker is killed: a thread cannot be stopped.
 - An async firing is cancelled in its worker (``cancel``), which confirms with ``done``. A worker that
   does not confirm within ``cancel_grace`` seconds has a blocked event loop (CPU work, ``time.sleep``
   in an ``async def``): it is killed, and every other firing it ran fails with a retryable
@@ -22,9 +22,10 @@ A worker that dies, whatever the cause, fails every firing it held with ``Sandbo
 reused; the next firing that needs room starts a fresh one.
 
 Each pipe is watched with ``loop.add_reader``: what a worker says arrives as soon as it is written,
-with no polling. A message is read whole once its first bytes are there; the worker is writing the
-rest at that moment, so the wait is bounded by the size of one message. Messages name their run by a
-job id (``protocol.py``), so events, questions and answers reach the right firing's callbacks.
+with no polling. Each wake-up reads what has arrived with one ``read`` and handles every whole message
+in it (a message split across reads waits for its rest); what the pool sends a worker in one loop tick
+goes in one ``write``. Messages name their run by a job id (``protocol.py``), so events, questions and
+answers reach the right firing's callbacks.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import Any
 
 from petribus import logs
 from petribus.errors import PetribusError, SandboxCrashed, TransitionTimeout
+
 from petribus_executor import protocol as p
 from petribus_executor import worker as worker_main
 from petribus_executor.placement import Host, Placement
@@ -74,7 +76,7 @@ def _kill_leftovers() -> None:
 class _Job:
     """One run of one firing in a worker, as the executor sees it."""
 
-    __slots__ = ("id", "request", "on_event", "on_call", "open", "result", "calls")
+    __slots__ = ("calls", "id", "on_call", "on_event", "open", "request", "result")
 
     def __init__(self, job_id: int, request: p.Request, on_event: OnEvent, on_call: OnCall) -> None:
         self.id = job_id

@@ -44,12 +44,12 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
-
 from petribus.context import BotContext
 from petribus.errors import AlreadyAnswered, FileTooLarge, InvalidInput, PetribusError, TransitionOutputError
 from petribus.loader import load_bot
 from petribus.net import Net, TransitionDef
+from pydantic import BaseModel, ValidationError
+
 from petribus_executor import protocol as p
 
 Conn = multiprocessing.connection.Connection
@@ -196,7 +196,7 @@ def _unpack(kind: str, timeout: float | None, reply: Reply | None) -> Any:
 class JobChannel:
     """The worker's :class:`petribus.context.Channel`: one run's side of the pipe, tagged with its job."""
 
-    __slots__ = ("_pipe", "_job")
+    __slots__ = ("_job", "_pipe")
 
     def __init__(self, pipe: Pipe, job: int) -> None:
         self._pipe = pipe
