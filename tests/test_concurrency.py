@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from petribus.errors import SandboxCrashed, TransitionTimeout
 from petribus.loader import load_bot
 from petribus.settings import Settings

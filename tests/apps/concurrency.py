@@ -8,8 +8,9 @@ import asyncio
 import os
 import time
 
-from petribus import Bot, BotContext, BotLocation
 from pydantic import BaseModel
+
+from petribus import Bot, BotContext, BotLocation
 
 
 class Nap(BaseModel):

@@ -44,7 +44,6 @@ from typing import Any
 
 from petribus import logs
 from petribus.errors import PetribusError, SandboxCrashed, TransitionTimeout
-
 from petribus_executor import protocol as p
 from petribus_executor import worker as worker_main
 from petribus_executor.placement import Host, Placement
