@@ -33,11 +33,12 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
-from petribus import logs, subjects
+from petribus import logs, nats_headers, subjects
 from petribus.errors import BusError, BusTimeout
 from petribus.events import Event, _Event, decode, encode
 
 log = logs.get("petribus.bus")
+nats_headers.install()
 
 WRONG_LAST_SEQUENCE = 10071
 READ_BATCH = 1000
@@ -129,6 +130,11 @@ async def ensure_streams(js: JetStreamContext, *, duplicate_window_s: float = 12
         ))
     except BadRequestError as exc:  # exists with other settings (replicas, limits): an operator's choice
         log.info("file store kept as configured", bucket=subjects.FILES_BUCKET, detail=str(exc))
+
+
+async def _get_by(queue: asyncio.Queue[Msg], deadline: float) -> Msg:
+    async with asyncio.timeout_at(deadline):
+        return await queue.get()
 
 
 async def _seq_of(ack: "asyncio.Future") -> int:
@@ -311,10 +317,12 @@ class EventLog:
             req = json.dumps({"seq": start, "next_by_subj": subject, "batch": READ_BATCH}).encode()
             await self.nc.publish(f"$JS.API.DIRECT.GET.{subjects.EVENTS_STREAM}", req, reply=inbox)
             out: list[tuple[int, Event]] = []
+            deadline = asyncio.get_running_loop().time() + timeout
             while True:
                 try:
-                    msg = await asyncio.wait_for(replies.get(), timeout)
-                except asyncio.TimeoutError as exc:
+                    # No timer per message: the replies of a batch are all there, or on their way.
+                    msg = replies.get_nowait() if not replies.empty() else await _get_by(replies, deadline)
+                except TimeoutError as exc:
                     raise BusTimeout(f"reading {subject} timed out after {timeout}s") from exc
                 hdrs = msg.headers or {}
                 status = hdrs.get("Status")

@@ -75,7 +75,8 @@ class PullConsumer:
             asyncio.get_running_loop().create_task(self._top_up())
 
     def _room(self) -> int:
-        return self.max_inflight - self._held - self._requested - len(self._queue)
+        # ``_held`` counts the messages still queued here too: they were delivered, not yet released.
+        return self.max_inflight - self._held - self._requested
 
     def _wants_more(self) -> bool:
         if self._stopped:
@@ -114,6 +115,11 @@ class PullConsumer:
             self._held += 1
             self._queue.append(msg)
             self._ready.set()
+            if self._requested == 0 and self._room() > 0:
+                # The request is used up and there is room left (it asked for less than the window, or
+                # some of its credits came back meanwhile): ask now, not when the next message is released,
+                # which may be seconds away while every held message waits on something slow.
+                await self._top_up()
             return
         status = msg.headers.get("Status") if msg.headers else None
         if status == "100":

@@ -62,6 +62,8 @@ class Executor(Service):
             ConsumerConfig(
                 durable_name=self.durable, filter_subject=subjects.work(self.pool),
                 ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.ack_wait_s, max_deliver=-1,
+                # Every executor of the pool together may hold this many (JetStream's default is 1,000).
+                max_ack_pending=100_000,
             ),
         )
         self.workers = WorkerPool(self.apps, self.settings.workers,
