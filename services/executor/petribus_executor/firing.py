@@ -204,7 +204,8 @@ class FiringRunner:
         outcome = await self._run_once(item, net, t, attempt, effects)
         if outcome.ok:
             await self._complete(item, outcome)
-            self.log.info("firing completed", attempt=attempt, outputs=len(outcome.outputs),
+            # Debug, not info: one line per firing is most of the executor's own work in a large fan-out.
+            self.log.debug("firing completed", attempt=attempt, outputs=len(outcome.outputs),
                           duration_ms=round(outcome.duration_ms, 1))
             await current.msg.ack()
             return
