@@ -171,6 +171,55 @@ async def test_serve_headless_runs_the_bot_and_sessions_survive_a_restart(petrib
     assert second.stop() == 0, second.output()
 
 
+def _children(pid: int, marker: str) -> list[int]:
+    """Pids of the processes whose parent is ``pid`` and whose command line holds ``marker``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid and marker in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # a zombie counts as gone: it runs nothing
+            if (Path("/proc") / str(pid) / "stat").read_text().split(") ")[1].startswith("Z"):
+                return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+async def test_serve_runs_its_executor_as_a_child_that_never_outlives_it(petribus, tmp_path):
+    first = petribus("serve", ORDER_BOT, "--no-chat", "--port", "0", "--workers", "1",
+                     "--data-dir", tmp_path / "one")
+    first.wait_for(r"WebSocket\s+(ws://\S+/ws)", START_S)
+    [child] = _children(first.proc.pid, "petribus_executor")
+    assert first.stop() == 0, first.output()
+    assert _gone(child, 15), "a stopped serve left its executor running"
+
+    second = petribus("serve", ORDER_BOT, "--no-chat", "--port", "0", "--workers", "1",
+                      "--data-dir", tmp_path / "two")
+    second.wait_for(r"WebSocket\s+(ws://\S+/ws)", START_S)
+    [child] = _children(second.proc.pid, "petribus_executor")
+    second.proc.kill()  # SIGKILL: serve gets no chance to stop anything
+    second.proc.wait()
+    assert _gone(child, 30), "an executor outlived the serve that was killed under it"
+
+
 async def test_chat_on_a_pipe_adds_a_marker_and_resumes_the_session(petribus, tmp_path):
     data = tmp_path / "data"
     chat = petribus("serve", ORDER_BOT, "--port", "0", "--workers", "2", "--data-dir", data, stdin=True)

@@ -143,19 +143,20 @@ def serve(
 
 async def _serve(settings: Settings, spec: str, net: Net, *, chat: bool, session: str | None, embedded: bool,
                  log_file: Path | None) -> int:
-    from petribus_executor.app import Executor
     from petribus_gateway.app import Gateway
     from petribus_llm.app import LLMService
     from petribus_scheduler.app import Scheduler
 
     from petribus.chat import Chat, stdin_lines
+    from petribus.child import ChildService
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     makers: list[Callable[[], Any]] = [
-        lambda: Scheduler(settings, [net]), lambda: Executor(settings, [spec]),
+        # The executor in a process of its own: a core for it, not turns with the others (petribus.child).
+        lambda: Scheduler(settings, [net]), lambda: ChildService("executor", "petribus_executor", [spec], settings),
         lambda: LLMService(settings, [net]), lambda: Gateway(settings, [net]),
     ]
     services: list[Any] = []
