@@ -69,9 +69,10 @@ class Log:
         self.append(TransitionCompleted(bot=B, session_id=S, firing_id=firing_id, transition=transition,
                                         outputs=list(outputs)))
 
-    def fail(self, firing_id: str, transition: str, final: bool = True, attempt: int = 1) -> None:
+    def fail(self, firing_id: str, transition: str, final: bool = True, attempt: int = 1,
+             error_type: str = "Exception") -> None:
         self.append(TransitionFailed(bot=B, session_id=S, firing_id=firing_id, transition=transition,
-                                     error="boom", final=final, attempt=attempt))
+                                     error="boom", final=final, attempt=attempt, error_type=error_type))
 
     def fire_plan(self, plan: list[PlannedFiring], confirm: bool = False) -> list[str]:
         return [self.fire(p.transition, *p.consumed, confirm=confirm) for p in plan]
@@ -320,6 +321,20 @@ def test_failed_markers_are_not_offered_to_that_transition_again_but_are_to_othe
     assert choose_firings(shape(t("cancel", ("Order", 1))), log.state) == [PlannedFiring("cancel", (b,))]
     assert choose_firings(shape(t("refund", ("Order", 1))), log.state) == [
         PlannedFiring("refund", (a,)), PlannedFiring("refund", (b,))]
+
+
+def test_a_firing_whose_runs_kept_dying_gives_its_markers_back_still_on_offer_to_it():
+    log = Log()
+    a = log.add("Order", id=1)
+    f = log.fire("cancel", a)
+    log.append(TransitionStarted(bot=B, session_id=S, firing_id=f, transition="cancel", executor="x", attempt=1))
+    log.append(TransitionStarted(bot=B, session_id=S, firing_id=f, transition="cancel", executor="y", attempt=2))
+    assert log.state.in_flight[f].started_attempts == {1, 2}
+    log.fail(f, "cancel", final=True, attempt=2, error_type="DeliveriesExhausted")
+
+    # Not the transition's own failure (executors died, the bus was down): offered to it again.
+    assert ids(log.state, "Order") == [a] and not log.state.blocked
+    assert choose_firings(shape(t("cancel", ("Order", 1))), log.state) == [PlannedFiring("cancel", (a,))]
 
 
 def test_non_final_failure_keeps_the_firing_in_flight():

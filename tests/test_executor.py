@@ -23,7 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from petribus import subjects
 from petribus.bus import EventLog
 from petribus.core import SessionState, fold
-from petribus.events import Event, Marker, MarkerAdded, PromptResponse, decode
+from petribus.events import Event, Marker, MarkerAdded, PromptResponse, TransitionStarted, decode
 from petribus.settings import Settings
 from petribus.work import WorkItem
 from petribus_executor.app import Executor
@@ -270,25 +270,63 @@ async def test_work_for_an_unknown_transition_is_terminated_and_fails_for_good(
     assert "ghost" in failed.error and not failed.retryable
 
 
-async def test_work_that_exhausts_its_deliveries_fails_for_good(settings: Settings, nc: Any) -> None:
-    settings = settings.model_copy(update={"max_deliver": 1, "ack_wait_s": 1.0})
+async def test_a_firing_whose_runs_keep_dying_fails_for_good_and_its_marker_is_offered_again(
+    settings: Settings, nc: Any
+) -> None:
+    settings = settings.model_copy(update={"max_deliver": 2, "ack_wait_s": 1.0})
     js = nc.jetstream()
-    # An executor that took the work and died: the consumer's only delivery goes to us, unacked.
+    # An executor took the work and died before running it: the delivery is lost, but no run began,
+    # so it must not count against the firing (as with deliveries lost to a bus outage).
     await js.add_consumer(subjects.WORK_STREAM, ConsumerConfig(
         durable_name=subjects.executor_durable("cpu"), filter_subject=subjects.work("cpu"),
-        ack_policy=AckPolicy.EXPLICIT, ack_wait=1.0, max_deliver=1))
+        ack_policy=AckPolicy.EXPLICIT, ack_wait=1.0, max_deliver=-1))
     dead = await js.pull_subscribe_bind(subjects.executor_durable("cpu"), stream=subjects.WORK_STREAM)
     async with Stack(settings, [COUNTER], parts=("scheduler",)), SessionLog(nc, "counter") as log:
         item = await log.add("Item", n=7)
         [taken] = await dead.fetch(1, timeout=10)
-        assert WorkItem.model_validate_json(taken.data).inputs[0].id == item.id
+        work = WorkItem.model_validate_json(taken.data)
+        assert work.inputs[0].id == item.id
+        # Two runs that began and never ended: what executors killed mid-run leave in the log.
+        for attempt in (1, 2):
+            await EventLog(nc).append(TransitionStarted(
+                bot="counter", session_id=log.session_id, firing_id=work.firing_id, transition="work",
+                executor="dead-executor", attempt=attempt))
         async with Executor(settings, [COUNTER]):
             [failed] = await log.until("transition_failed", final=True)
+            # Runs that died are not the transition's own failure: the marker is offered to it again.
+            [done] = await log.until("transition_completed")
     await dead.unsubscribe()
 
-    assert failed.error_type == "DeliveriesExhausted" and not failed.retryable
-    assert [m.id for m in (await log.state()).marking()["Item"]] == [item.id]
+    assert failed.firing_id == work.firing_id
+    assert failed.error_type == "DeliveriesExhausted" and not failed.retryable and "2 runs" in failed.error
+    [refired] = [f for f in log.of("transition_fired") if f.firing_id != work.firing_id]
+    assert refired.consumed == [item.id] and done.firing_id == refired.firing_id
+    assert marking(await log.state()) == {"Done": [{"n": 7}]}
     assert (await js.stream_info(subjects.WORK_STREAM)).state.messages == 0
+
+
+async def test_a_delivery_that_never_started_a_run_does_not_count_against_the_firing(
+    settings: Settings, nc: Any
+) -> None:
+    settings = settings.model_copy(update={"max_deliver": 1, "ack_wait_s": 1.0})
+    js = nc.jetstream()
+    await js.add_consumer(subjects.WORK_STREAM, ConsumerConfig(
+        durable_name=subjects.executor_durable("cpu"), filter_subject=subjects.work("cpu"),
+        ack_policy=AckPolicy.EXPLICIT, ack_wait=1.0, max_deliver=-1))
+    dead = await js.pull_subscribe_bind(subjects.executor_durable("cpu"), stream=subjects.WORK_STREAM)
+    async with Stack(settings, [COUNTER], parts=("scheduler",)), SessionLog(nc, "counter") as log:
+        await log.add("Item", n=8)
+        for _ in range(3):  # three deliveries taken and dropped, as by executors cut off from the bus
+            [taken] = await dead.fetch(1, timeout=10)
+            assert taken.metadata.num_delivered >= 1
+        async with Executor(settings, [COUNTER]):
+            [done] = await log.until("transition_completed")
+    await dead.unsubscribe()
+
+    assert not log.of("transition_failed")
+    [started] = log.of("transition_started")
+    assert started.attempt == 4  # the fourth delivery, and the first run
+    assert done.outputs[0].data == {"n": 8}
 
 
 async def test_a_stopping_executor_finishes_its_running_firings_first(settings: Settings, nc: Any) -> None:

@@ -37,6 +37,10 @@ from petribus.events import (
 
 FiringStatus = Literal["awaiting_confirmation", "claimed", "started"]
 
+# Final failures that are not the transition's own doing: its runs kept ending with no outcome. Their
+# markers come back and stay on offer to it (a transition's own errors and rejections take them off).
+NOT_ITS_OWN = frozenset({"DeliveriesExhausted"})
+
 
 @dataclass(frozen=True)
 class TransitionShape:
@@ -67,6 +71,7 @@ class Firing:
     status: FiringStatus
     fired_seq: int
     attempts: int = 0
+    started_attempts: set[int] = field(default_factory=set)  # attempts whose run began (transition_started)
     failed_attempts: set[int] = field(default_factory=set)  # attempts that failed, a retry following each
     asked_at: float | None = None  # when confirm_transition asked the user (its ts)
     confirm_timeout: float | None = None  # seconds the user has from asked_at; None: no limit
@@ -149,6 +154,7 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
             if f is not None and f.status in ("claimed", "started"):
                 f.status = "started"
                 f.attempts = max(f.attempts, event.attempt)
+                f.started_attempts.add(event.attempt)
                 # What an earlier run asked stays open: a re-run asks it again under the same request id
                 # (the ids are made from the firing and the question's place in the run) and reads its answer.
         case TransitionCompleted():
@@ -163,7 +169,9 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
         case TransitionFailed():
             f = state.in_flight.get(event.firing_id)
             if f is not None and event.final:
-                _give_back(state, state.in_flight.pop(f.id))
+                # Runs that kept dying with no outcome (executors killed, the bus down) are not the
+                # transition's own failure: its markers may be offered to it again.
+                _give_back(state, state.in_flight.pop(f.id), block=event.error_type not in NOT_ITS_OWN)
             elif f is not None:
                 f.attempts = max(f.attempts, event.attempt)
                 f.failed_attempts.add(event.attempt)
@@ -279,13 +287,15 @@ def _fire(state: SessionState, event: TransitionFired, seq: int) -> None:
     )
 
 
-def _give_back(state: SessionState, firing: Firing) -> None:
-    """Return a firing's markers to their places, in FIFO order, and don't offer them to it again."""
+def _give_back(state: SessionState, firing: Firing, *, block: bool = True) -> None:
+    """Return a firing's markers to their places, in FIFO order, and (``block``) don't offer them to it
+    again."""
     # The firing has ended: a replayed transition_fired with its id must not claim the markers again.
     state.finished.add(firing.id)
     for placed in firing.consumed:
         _reinsert(state.places.setdefault(placed.marker.location, {}), placed)
-        state.blocked.setdefault(placed.marker.id, set()).add(firing.transition)
+        if block:
+            state.blocked.setdefault(placed.marker.id, set()).add(firing.transition)
 
 
 def _reinsert(place: dict[str, PlacedMarker], placed: PlacedMarker) -> None:

@@ -190,13 +190,18 @@ class FiringRunner:
                           delivery=msg.metadata.num_delivered)
             await current.msg.ack()
             return
-        attempt = msg.metadata.num_delivered or 1
+        # After every run the log knows of (a work item sent again by a lease check starts counting
+        # deliveries from 1 again; the attempt number must not repeat, its Msg-Ids are made from it).
+        attempt = max(msg.metadata.num_delivered or 1, firing.attempts + 1)
         failures = len(firing.failed_attempts)
-        lost = attempt - 1 - failures  # earlier deliveries that ended with no outcome (executor died, ...)
+        # Runs that began and ended with no outcome: their executor died, or the bus stayed down longer
+        # than PETRIBUS_BUS_OUTAGE_S while they ran. Deliveries that never got as far as starting a run
+        # (the bus was down, the executor was stopping) do not count: bus trouble is not the firing's.
+        lost = len(firing.started_attempts - firing.failed_attempts)
         if lost >= self.max_lost_runs:
             await self.give_up(item, f"{lost} runs of the firing ended without an outcome (each one timed "
                                      "out or its executor died); raise PETRIBUS_MAX_DELIVER or look at the "
-                                     "executors' logs", attempt - 1)
+                                     "executors' logs", firing.attempts)
             await current.msg.ack()
             return
         effects = Effects(item.firing_id, rerun=firing.status == "started",
