@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     )
     duplicate_window_s: float = Field(default=120.0, description="JetStream de-duplication window (Nats-Msg-Id).")
     replicas: int = Field(default=1, description="Stream replicas (3 on a 3-node cluster).")
+    bus_outage_s: float = Field(
+        default=60.0, gt=0,
+        description="How long an append or read keeps retrying while the bus is unavailable (nats-server "
+        "restarting, a cluster electing a stream leader, no responders, timeouts) before it raises "
+        "BusUnavailable. Long enough for an election and a process restart.",
+    )
 
     # scheduler
     scheduler_batch: int = 256
@@ -36,6 +42,12 @@ class Settings(BaseSettings):
     )
     scheduler_retry_max_s: float = Field(default=60.0, description="Longest pause between two tries of a "
                                          "failing session.")
+    scheduler_sweep_s: float = Field(
+        default=60.0,
+        description="How often each scheduler re-reads the sessions it holds that have markers or firings "
+        "in flight and acts on what events alone would not have woken (a claim never dispatched, an enabled "
+        "transition never claimed). A reconnect to NATS sweeps at once.",
+    )
     work_lease_s: float = Field(
         default=60.0,
         description="How often a session with firings in flight is checked for lost work items (a server "

@@ -47,6 +47,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from petribus import subjects
@@ -89,6 +90,22 @@ class Delivered(NamedTuple):
     epoch: int
 
 
+class Revalidate(NamedTuple):
+    """Re-read a cached session and act on whatever it allows: after a reconnect, and in the sweep."""
+
+    reason: str
+
+
+class StaleRead(PetribusError):
+    """A read of the session came back without the event being decided on (a replica behind its leader)."""
+
+    code = "stale_read"
+    retryable = True
+
+
+READ_AGAIN = (0.05, 0.1, 0.2, 0.4, 0.8)  # pauses before reading a session again that came back behind
+
+
 class LeaseCheck(NamedTuple):
     """A due lease, checked in its session's queue so it never races the session's own events."""
 
@@ -119,9 +136,10 @@ class Scheduler(Service):
         self.asked: OrderedDict[str, None] = OrderedDict()  # confirmations asked and given a deadline
         self.confirm_timeout = settings.confirm_timeout_s if settings.confirm_timeout_s > 0 else None
         self.stats = {"fired": 0, "claim_batches": 0, "conflicts": 0, "rebuilds": 0, "catchups": 0,
-                      "failed": 0, "redispatched": 0}
+                      "failed": 0, "redispatched": 0, "stalled": 0, "stale_reads": 0}
         self.log = self.log.bind(instance=self.instance)
-        self.queues: SessionQueues[Delivered | LeaseCheck] = SessionQueues(
+        self._sweep_now = asyncio.Event()
+        self.queues: SessionQueues[Delivered | LeaseCheck | Revalidate] = SessionQueues(
             self._serve, done=self._done, spawn=self.spawn, log=self.log)
 
     async def start(self) -> None:
@@ -142,7 +160,30 @@ class Scheduler(Service):
         self.spawn(self._receive(), "receive")
         self.spawn(self.deadlines.run(), "deadlines")
         self.spawn(self.leases.run(), "leases")
+        self.spawn(self._sweep(), "sweep")
         self.log.info("scheduler started", bots=sorted(self.nets))
+
+    def revalidate(self, reason: str = "reconnected") -> None:
+        """Re-read every session held here and act on it, soon (e.g. after a reconnect to NATS: what was
+        appended or lost meanwhile may have woken nobody)."""
+        self.epoch += 1  # every cached state must catch up before it decides again
+        self._sweep_reason = reason
+        self._sweep_now.set()
+
+    async def _sweep(self) -> None:
+        """Now and then (and at once after a reconnect), put a ``Revalidate`` in the queue of every cached
+        session that holds markers or firings in flight: the few that need something get it, in their
+        own order; the rest cost one read of nothing new."""
+        while True:
+            try:
+                await asyncio.wait_for(self._sweep_now.wait(), self.settings.scheduler_sweep_s)
+                reason = getattr(self, "_sweep_reason", "reconnected")
+            except TimeoutError:
+                reason = "sweep"
+            self._sweep_now.clear()
+            for key, state in list(self.sessions.items()):
+                if state.in_flight or any(state.places.values()):
+                    self.queues.put(key, Revalidate(reason))
 
     async def drain(self) -> None:
         await self.consumer.stop()
@@ -173,11 +214,13 @@ class Scheduler(Service):
                     continue
                 self.queues.put(key, Delivered(msg, self.epoch))
 
-    async def _serve(self, key: Key, items: list[Delivered | LeaseCheck]) -> None:
+    async def _serve(self, key: Key, items: list[Delivered | LeaseCheck | Revalidate]) -> None:
         """Serve what is queued for one session: its events first (folded together, one decision, acked
-        together), then any due lease, which so sees the session as those events left it."""
+        together), then any due lease, which so sees the session as those events left it, then a
+        revalidation if one was asked for and the events did not just do its work."""
         batch = [i for i in items if isinstance(i, Delivered)]
         checks = [i for i in items if isinstance(i, LeaseCheck)]
+        revalidate = next((i for i in items if isinstance(i, Revalidate)), None)
         try:
             if batch:
                 try:
@@ -187,6 +230,8 @@ class Scheduler(Service):
                 else:
                     for msg, _ in batch:
                         await msg.ack()
+            if revalidate is not None and not batch:
+                await self._revalidate(key, revalidate.reason)
             for check in checks:
                 try:
                     due = await self._renew(key, check.lease)
@@ -203,7 +248,27 @@ class Scheduler(Service):
                     check.result.set_exception(PetribusError("the session's lease was not checked",
                                                              code="lease_unchecked", retryable=True))
 
-    def _done(self, items: list[Delivered | LeaseCheck]) -> None:
+    async def _revalidate(self, key: Key, reason: str) -> None:
+        """Catch the cached session up and claim, dispatch and ask whatever it allows. Finding anything to
+        do here means events alone had left the session stalled: say so."""
+        state = self.sessions.get(key)
+        if state is None:
+            return  # evicted: its next event rebuilds it
+        before = (self.stats["fired"], len(self.dispatched), len(self.asked))
+        try:
+            await self._catch_up(key, state)
+            self.verified[key] = self.epoch
+            await self._advance(key, state)
+        except Exception as exc:  # the next sweep or event tries again
+            self._forget(key)
+            self.log.warning("revalidation failed", session_id=key[1], reason=reason, error=repr(exc))
+            return
+        if (self.stats["fired"], len(self.dispatched), len(self.asked)) != before:
+            self.stats["stalled"] += 1
+            self.log.warning("stalled session found and resumed", session_id=key[1], reason=reason,
+                             fired=self.stats["fired"] - before[0])
+
+    def _done(self, items: list[Delivered | LeaseCheck | Revalidate]) -> None:
         delivered = sum(isinstance(i, Delivered) for i in items)
         if delivered:
             self.consumer.release(delivered)
@@ -275,11 +340,13 @@ class Scheduler(Service):
         decide = True
         if state is None:
             state = await self._rebuild(key)
+            await self._reach(key, state, seq)
             self.verified[key] = epoch
         elif seq <= state.last_seq:
             decide = False  # already folded (our own append, or read during a catch-up)
         elif self.verified.get(key, -1) < epoch:
             await self._catch_up(key, state)
+            await self._reach(key, state, seq)
             self.verified[key] = epoch
         else:
             try:
@@ -309,6 +376,25 @@ class Scheduler(Service):
     async def _catch_up(self, key: Key, state: SessionState) -> None:
         self.stats["catchups"] += 1
         fold(await self.events.read(*key, after=state.last_seq), state)
+
+    async def _reach(self, key: Key, state: SessionState, seq: int) -> None:
+        """Make sure the state includes event ``seq``, which was just delivered: a direct get may be served
+        by a replica behind the stream's leader, and deciding on such a read would act on a marking that
+        lacks the very event being decided on (and ack it without a claim). Read again, briefly, else
+        fail the step (it is retried)."""
+        for pause in READ_AGAIN:
+            if state.last_seq >= seq:
+                return
+            self.stats["stale_reads"] += 1
+            await asyncio.sleep(pause)
+            await self._catch_up(key, state)
+        if state.last_seq < seq:
+            try:
+                await self.js.get_msg(subjects.EVENTS_STREAM, seq=seq)  # asks the stream's leader
+            except NotFoundError:
+                return  # the event is gone (the session was deleted): decide on what the log holds
+            raise StaleRead(f"session {key[1]}: reads stay behind event {seq} (last read {state.last_seq}); "
+                            "a replica is lagging its leader; tried again shortly")
 
     def _forget(self, key: Key) -> None:
         self.sessions.pop(key, None)
