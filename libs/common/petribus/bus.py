@@ -6,20 +6,27 @@ never both consume one marker). ``append_batch`` appends up to ``MAX_BATCH`` eve
 one JetStream atomic batch (nats-server 2.12+, ``allow_atomic`` on PB_EVENTS): all land, contiguously
 and after the expected sequence, or none does; one round trip for the lot. Reads use batched direct
 gets: one request returns a whole subject range.
+
+Every append and read rides out a bus outage (a nats-server restart, a stream leader election) for up to
+``PETRIBUS_BUS_OUTAGE_S``, resending with the same ``Nats-Msg-Id`` so a retry never doubles an event
+(``petribus.outage``); only then does it raise ``BusUnavailable``. A direct get may be answered by a
+replica that lags the leader: a read that decides passes ``at_least`` and gets the rest from the leader.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import nats
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -34,13 +41,31 @@ from nats.js.api import (
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from petribus import logs, nats_headers, subjects
-from petribus.errors import BusError, BusTimeout
+from petribus.errors import BusError, BusTimeout, BusUnavailable
 from petribus.events import Event, _Event, decode, encode
+from petribus.outage import (
+    WRONG_LAST_SEQUENCE_CODES,
+    ConnectionHooks,
+    Outage,
+    attach,
+    default_budget,
+    is_unavailable,
+    is_wrong_last_sequence,
+    on_disconnect,
+    on_reconnect,
+    retry,
+)
+
+__all__ = ["MAX_BATCH", "WRONG_LAST_SEQUENCE_CODES", "BusUnavailable", "EventLog", "WrongLastSequence", "connect", "ensure_event_consumer",
+           "ensure_streams", "is_wrong_last_sequence", "on_disconnect", "on_reconnect"]
 
 log = logs.get("petribus.bus")
 nats_headers.install()
 
-WRONG_LAST_SEQUENCE = 10071
+T = TypeVar("T")
+
+WRONG_LAST_SEQUENCE = 10071  # kept for importers; every code is in WRONG_LAST_SEQUENCE_CODES
+DUPLICATE_IN_BATCH = 10201  # JSAtomicPublishContainsDuplicateMessageErr: a Msg-Id of the batch already landed
 READ_BATCH = 1000
 MAX_BATCH = 1000  # nats-server refuses a larger atomic batch (err_code 10199)
 
@@ -49,6 +74,20 @@ class WrongLastSequence(BusError):
     """The session's subject moved on since it was folded: re-fold and decide again."""
 
     code = "wrong_last_sequence"
+    retryable = True
+
+
+def _api_error(error: dict) -> APIError:
+    return APIError(code=error.get("code"), err_code=error.get("err_code"), description=error.get("description"))
+
+
+def _parse_headers(raw: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in raw.decode(errors="replace").split("\r\n")[1:]:  # the first is "NATS/1.0"
+        name, sep, value = line.partition(":")
+        if sep:
+            out.setdefault(name.strip(), value.strip())
+    return out
 
 
 async def connect(url: str, name: str, *, timeout: float = 10.0, reconnect: bool = True) -> NATS:
@@ -60,6 +99,7 @@ async def connect(url: str, name: str, *, timeout: float = 10.0, reconnect: bool
     """
     servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: several seed URLs
     last_error: list[Exception] = []
+    hooks = ConnectionHooks()  # on_reconnect / on_disconnect register here
 
     async def on_error(exc: Exception) -> None:
         last_error[:] = [exc]
@@ -67,13 +107,16 @@ async def connect(url: str, name: str, *, timeout: float = 10.0, reconnect: bool
             log.warning("nats connection error", url=url, error=repr(exc))
 
     try:
-        return await asyncio.wait_for(
+        nc = await asyncio.wait_for(
             nats.connect(
                 servers, name=name, max_reconnect_attempts=-1 if reconnect else 1, reconnect_time_wait=0.5,
                 connect_timeout=2, allow_reconnect=reconnect, pending_size=64 * 1024 * 1024, error_cb=on_error,
+                reconnected_cb=hooks.fire_reconnected, disconnected_cb=hooks.fire_disconnected,
             ),
             timeout,
         )
+        attach(nc, hooks)
+        return nc
     except Exception as exc:  # nats raises several unrelated types here, and wait_for a TimeoutError
         cause = last_error[0] if last_error else exc
         raise BusError(
@@ -137,13 +180,6 @@ async def _get_by(queue: asyncio.Queue[Msg], deadline: float) -> Msg:
         return await queue.get()
 
 
-async def _seq_of(ack: "asyncio.Future") -> int:
-    try:
-        return (await ack).seq
-    except APIError as exc:
-        raise BusError(f"append failed: {exc}") from exc
-
-
 async def ensure_event_consumer(js: JetStreamContext, durable: str, *, ack_wait_s: float) -> None:
     """Create (or update) a durable consumer over every session's events, shared by all processes of
     one service: explicit acks, every event from the start, redelivered until acked."""
@@ -158,11 +194,18 @@ async def ensure_event_consumer(js: JetStreamContext, durable: str, *, ack_wait_
 
 class EventLog:
     """Append to and read sessions' logs on PB_EVENTS. Make one per connection and keep it: its first
-    read subscribes to a reply subject that lives as long as the connection."""
+    read subscribes to a reply subject that lives as long as the connection.
 
-    def __init__(self, nc: NATS, js: JetStreamContext | None = None) -> None:
+    ``outage_s`` is how long a call rides out an unavailable bus before ``BusUnavailable`` (default
+    ``PETRIBUS_BUS_OUTAGE_S``). Keep it below the stream's duplicate window: a resend is de-duplicated
+    only within it.
+    """
+
+    def __init__(self, nc: NATS, js: JetStreamContext | None = None, *, outage_s: float | None = None) -> None:
         self.nc = nc
         self.js = js or nc.jetstream()
+        self.outage_s = default_budget() if outage_s is None else outage_s
+        self._outage = Outage()
         # Reads share one wildcard reply subscription, told apart by the last token of the reply
         # subject: no SUB/UNSUB round of the protocol per read.
         self._replies: dict[str, asyncio.Queue[Msg]] = {}
@@ -170,6 +213,9 @@ class EventLog:
         self._reply_lock = asyncio.Lock()
         self._batch_lock = asyncio.Lock()
         self._reply_tokens = itertools.count()
+
+    async def _retry(self, what: str, attempt: Callable[[bool], Awaitable[T]], *, landed: bool = False) -> T:
+        return await retry(self.nc, what, attempt, budget_s=self.outage_s, outage=self._outage, landed=landed)
 
     async def _reply_to(self) -> tuple[str, asyncio.Queue[Msg]]:
         if not self._reply_prefix:
@@ -192,8 +238,12 @@ class EventLog:
         self, event: _Event, *, expected_last_seq: int | None = None, msg_id: str | None = None,
         timeout: float = 5.0,
     ) -> int:
-        """Append one event and return its sequence. Raises ``WrongLastSequence`` on a conflict."""
-        return (await self._publish(event, expected_last_seq, msg_id, timeout)).seq
+        """Append one event and return its sequence. Raises ``WrongLastSequence`` on a conflict.
+
+        ``timeout`` bounds one try; an unavailable bus is retried for up to ``outage_s`` with the same
+        Msg-Id (and expected sequence), then ``BusUnavailable``.
+        """
+        return (await self._publish(event, expected_last_seq, msg_id, timeout))[0].seq
 
     async def append_once(
         self, event: _Event, *, msg_id: str, expected_last_seq: int | None = None, timeout: float = 5.0,
@@ -203,24 +253,47 @@ class EventLog:
         For answers (accept, reject, confirm_response, file upload) whose Msg-Id is made from what they
         answer: of two racing answers one lands, and the other learns it lost.
         """
-        ack = await self._publish(event, expected_last_seq, msg_id, timeout)
-        return None if ack.duplicate else ack.seq
+        ack, landed = await self._publish(event, expected_last_seq, msg_id, timeout)
+        if not ack.duplicate:
+            return ack.seq
+        if landed:
+            # The duplicate may be our own earlier try whose answer was lost: it is ours if it is our event.
+            found = await self._retry(f"checking {ack.seq}", lambda _: self._leader_get(
+                subjects.events(event.bot, event.session_id), ack.seq, timeout))
+            if found is not None and found[0] == ack.seq and found[2].id == event.id:
+                return ack.seq
+        return None
 
     async def _publish(self, event: _Event, expected_last_seq: int | None, msg_id: str | None,
-                       timeout: float) -> PubAck:
+                       timeout: float, *, landed: bool = False) -> tuple[PubAck, bool]:
+        """The ack, and whether an earlier try may have landed (so a duplicate may be our own)."""
         headers = {"Nats-Msg-Id": msg_id or event.id}
         if expected_last_seq is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_seq)
         subject = subjects.events(event.bot, event.session_id)
-        try:
-            ack = await self.js.publish(subject, encode(event), headers=headers, timeout=timeout)
-        except APIError as exc:
-            if exc.err_code == WRONG_LAST_SEQUENCE:
+        data = encode(event)
+        was_landed = [landed]
+
+        async def attempt(maybe_landed: bool) -> PubAck:
+            was_landed[0] = maybe_landed
+            try:
+                return await self.js.publish(subject, data, headers=dict(headers), timeout=timeout)
+            except APIError as exc:
+                if not is_wrong_last_sequence(exc.err_code, exc.description):
+                    if is_unavailable(exc):
+                        raise
+                    raise BusError(f"append to {subject} failed: {exc}") from exc
+                if maybe_landed and expected_last_seq is not None:
+                    # An earlier try landed and its answer was lost: then it is the message right after
+                    # the expected sequence (the server's de-duplication may not have answered first).
+                    found = await self._leader_get(subject, expected_last_seq + 1, timeout)
+                    if found is not None and found[1].get("Nats-Msg-Id") == headers["Nats-Msg-Id"] \
+                            and found[2].id == event.id:
+                        return PubAck(stream=subjects.EVENTS_STREAM, seq=found[0], duplicate=True)
                 raise WrongLastSequence(f"{subject} moved past {expected_last_seq}") from None
-            raise BusError(f"append to {subject} failed: {exc}") from exc
-        except (asyncio.TimeoutError, nats.errors.TimeoutError) as exc:
-            raise BusTimeout(f"append to {subject} timed out after {timeout}s") from exc
-        return ack
+
+        ack = await self._retry(f"append to {subject}", attempt, landed=landed)
+        return ack, was_landed[0]
 
     async def append_batch(self, events: list[_Event], *, expected_last_seq: int, msg_ids: list[str],
                            timeout: float = 5.0) -> list[int]:
@@ -229,6 +302,9 @@ class EventLog:
 
         Raises ``WrongLastSequence`` when the subject moved on: then nothing was appended. One round
         trip: every message but the last goes out without a reply subject, the commit carries one.
+        An unavailable bus is ridden out like ``append``: the batch is resent whole, under a new batch id
+        with the same Msg-Ids and expected sequence; if an earlier try committed after all, its
+        sequences are returned.
         """
         if not events:
             return []
@@ -241,22 +317,44 @@ class EventLog:
         if len(msg_ids) != len(events) or any(subjects.events(e.bot, e.session_id) != subject
                                               for e in events):
             raise ValueError(f"a batch appends to one session ({subject}), with one Msg-Id per event")
-        batch_id = uuid.uuid4().hex
+        payloads = [encode(e) for e in events]
+
+        async def attempt(maybe_landed: bool) -> list[int]:
+            try:
+                return await self._send_batch(subject, payloads, expected_last_seq, msg_ids, timeout)
+            except (WrongLastSequence, APIError) as exc:
+                conflict = isinstance(exc, WrongLastSequence) or exc.err_code == DUPLICATE_IN_BATCH
+                if not (maybe_landed and conflict):
+                    raise
+                # A try whose answer was lost may have committed. A batch lands whole and contiguous right
+                # after the expected sequence, so its first event there says it did.
+                found = await self._leader_get(subject, expected_last_seq + 1, timeout)
+                if found is None or found[2].id != events[0].id or found[1].get("Nats-Msg-Id") != msg_ids[0]:
+                    if isinstance(exc, WrongLastSequence):
+                        raise
+                    raise BusError(f"batch append to {subject} failed: {exc.description} "
+                                   f"(err_code {exc.err_code})") from exc
+                return list(range(found[0], found[0] + len(events)))
+
+        return await self._retry(f"batch append to {subject}", attempt)
+
+    async def _send_batch(self, subject: str, payloads: list[bytes], expected_last_seq: int, msg_ids: list[str],
+                          timeout: float) -> list[int]:
+        batch_id = uuid.uuid4().hex  # a fresh one per try: the server forgets an uncommitted batch's id
         inbox, replies = await self._reply_to()
+        last = len(payloads)
         try:
             # Messages of two batches must not interleave on the connection (the server caps the batches
             # open per stream). nats-py buffers publishes without yielding; the lock makes that a rule.
             async with self._batch_lock:
-                last = len(events)
-                for i, (event, msg_id) in enumerate(zip(events, msg_ids), start=1):
+                for i, (payload, msg_id) in enumerate(zip(payloads, msg_ids), start=1):
                     headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i),
                                "Nats-Msg-Id": msg_id}
                     if i == 1:
                         headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_seq)
                     if i == last:
                         headers["Nats-Batch-Commit"] = "1"
-                    await self.nc.publish(subject, encode(event), reply=inbox if i == last else "",
-                                          headers=headers)
+                    await self.nc.publish(subject, payload, reply=inbox if i == last else "", headers=headers)
             try:
                 reply = await asyncio.wait_for(replies.get(), timeout)
             except asyncio.TimeoutError as exc:
@@ -264,15 +362,18 @@ class EventLog:
         finally:
             self._replies.pop(inbox.rsplit(".", 1)[1], None)
         if reply.headers and reply.headers.get("Status") == "503":
-            raise BusError(f"batch append to {subject}: no stream takes it (PB_EVENTS missing?)")
+            raise nats.errors.NoRespondersError  # no stream leader (or no PB_EVENTS) answered the commit
         try:
             ack = json.loads(reply.data)
         except ValueError as exc:
             raise BusError(f"batch append to {subject}: unreadable reply {reply.data[:200]!r}") from exc
         error = ack.get("error")
         if error:
-            if error.get("err_code") == WRONG_LAST_SEQUENCE:
+            if is_wrong_last_sequence(error.get("err_code"), error.get("description")):
                 raise WrongLastSequence(f"{subject} moved past {expected_last_seq}")
+            exc = _api_error(error)
+            if is_unavailable(exc) or exc.err_code == DUPLICATE_IN_BATCH:
+                raise exc
             raise BusError(f"batch append to {subject} failed: {error.get('description')} "
                            f"(err_code {error.get('err_code')})")
         if ack.get("batch") != batch_id or ack.get("count") != last:
@@ -281,27 +382,66 @@ class EventLog:
         seq = int(ack["seq"])
         return list(range(seq - last + 1, seq + 1))
 
-    async def append_soon(self, event: _Event, *, msg_id: str | None = None) -> "asyncio.Future[int]":
+    async def append_soon(self, event: _Event, *, msg_id: str | None = None,
+                          timeout: float = 5.0) -> asyncio.Future[int]:
         """Send one event now and return a future of its sequence: the caller overlaps the round trip
-        with other work. Events sent on one connection land on their subject in the order sent."""
-        ack = await self.js.publish_async(subjects.events(event.bot, event.session_id), encode(event),
-                                          headers={"Nats-Msg-Id": msg_id or event.id})
-        return asyncio.ensure_future(_seq_of(ack))
+        with other work. Events sent on one connection land on their subject in the order sent (unless
+        the bus fails under them: a resent event lands after whatever got through meanwhile)."""
+        msg_id = msg_id or event.id
+        sent = await self._send_async(event, msg_id)
+        return asyncio.ensure_future(self._settle(event, msg_id, sent, timeout))
 
-    async def append_many(self, events: Iterable[_Event], *, msg_ids: Iterable[str] | None = None) -> list[int]:
-        """Append several events pipelined (one round trip's wait for all); order on a subject is kept."""
-        ids = list(msg_ids) if msg_ids is not None else None
-        futures = []
-        for i, event in enumerate(events):
-            headers = {"Nats-Msg-Id": ids[i] if ids else event.id}
-            subject = subjects.events(event.bot, event.session_id)
-            futures.append(await self.js.publish_async(subject, encode(event), headers=headers))
-        acks = await asyncio.gather(*futures)
-        return [a.seq for a in acks]
+    async def append_many(self, events: Iterable[_Event], *, msg_ids: Iterable[str] | None = None,
+                          timeout: float = 5.0) -> list[int]:
+        """Append several events pipelined (one round trip's wait for all); order on a subject is kept
+        (as for ``append_soon``, up to resends through a failing bus)."""
+        listed = list(events)
+        ids = list(msg_ids) if msg_ids is not None else [e.id for e in listed]
+        sent = [await self._send_async(event, msg_id) for event, msg_id in zip(listed, ids)]
+        return [await self._settle(event, msg_id, fut, timeout) for event, msg_id, fut in zip(listed, ids, sent)]
 
-    async def read(self, bot: str, session_id: str, after: int = 0, timeout: float = 5.0) -> list[tuple[int, Event]]:
-        """Every event of the session with a sequence greater than ``after``, in order."""
+    async def _send_async(self, event: _Event, msg_id: str) -> asyncio.Future[PubAck] | None:
+        try:
+            return await self.js.publish_async(subjects.events(event.bot, event.session_id), encode(event),
+                                               headers={"Nats-Msg-Id": msg_id})
+        except Exception as exc:
+            if self.nc.is_closed or not is_unavailable(exc):
+                raise BusError(f"append to {subjects.events(event.bot, event.session_id)} failed: {exc}") from exc
+            return None  # _settle sends it again
+
+    async def _settle(self, event: _Event, msg_id: str, sent: asyncio.Future[PubAck] | None,
+                      timeout: float) -> int:
+        if sent is not None:
+            try:
+                # Bounded: nats-py never fails a pipelined publish whose answer was lost with its server.
+                return (await asyncio.wait_for(sent, timeout)).seq
+            except APIError as exc:
+                if not is_unavailable(exc):
+                    raise BusError(f"append to {subjects.events(event.bot, event.session_id)} failed: {exc}") from exc
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise
+        # It may have landed (a timeout): the same Msg-Id makes the resend land once.
+        return (await self._publish(event, None, msg_id, timeout, landed=True))[0].seq
+
+    async def read(self, bot: str, session_id: str, after: int = 0, timeout: float = 5.0, *,
+                   at_least: int | None = None) -> list[tuple[int, Event]]:
+        """Every event of the session with a sequence greater than ``after``, in order.
+
+        Direct gets may be answered by a replica that lags the stream leader. A read that decides on
+        what it finds passes ``at_least=S`` (the sequence of an event it was delivered): if the replica
+        had not reached ``S`` yet, the rest up to ``S`` comes from the leader. An unavailable bus is
+        retried for up to ``outage_s``.
+        """
         subject = subjects.events(bot, session_id)
+        out = await self._retry(f"reading {subject}", lambda _: self._read_direct(subject, after, timeout))
+        last = out[-1][0] if out else after
+        if at_least is not None and last < at_least:
+            out.extend(await self._retry(f"reading {subject} from its leader",
+                                         lambda _: self._read_leader(subject, last, at_least, timeout)))
+        return out
+
+    async def _read_direct(self, subject: str, after: int, timeout: float) -> list[tuple[int, Event]]:
         out: list[tuple[int, Event]] = []
         start = after + 1
         while True:
@@ -310,6 +450,40 @@ class EventLog:
             if not pending or not batch:
                 return out
             start = batch[-1][0] + 1
+
+    async def _read_leader(self, subject: str, after: int, until: int, timeout: float) -> list[tuple[int, Event]]:
+        """The subject's events after ``after`` up to one at or past ``until``, from the stream leader (one
+        request each: this is the catch-up of a lagging replica, a few events)."""
+        out: list[tuple[int, Event]] = []
+        seq = after
+        while seq < until:
+            found = await self._leader_get(subject, seq + 1, timeout)
+            if found is None:
+                log.warning("read asked for an event the leader does not have", subject=subject, at_least=until,
+                            last=seq)
+                return out
+            seq = found[0]
+            out.append((seq, found[2]))
+        return out
+
+    async def _leader_get(self, subject: str, seq: int, timeout: float) -> tuple[int, dict[str, str], Event] | None:
+        """The first message of ``subject`` at or after ``seq``, as the stream leader has it (the
+        non-direct get is only answered by the leader); None if there is none."""
+        req = json.dumps({"seq": seq, "next_by_subj": subject}).encode()
+        msg = await self.nc.request(f"$JS.API.STREAM.MSG.GET.{subjects.EVENTS_STREAM}", req, timeout=timeout)
+        resp = json.loads(msg.data)
+        error = resp.get("error")
+        if error:
+            if error.get("code") == 404:
+                return None
+            exc = _api_error(error)
+            if is_unavailable(exc):
+                raise exc
+            raise BusError(f"reading {subject} at {seq} failed: {error.get('description')} "
+                           f"(err_code {error.get('err_code')})")
+        message = resp["message"]
+        headers = _parse_headers(base64.b64decode(message["hdrs"])) if message.get("hdrs") else {}
+        return int(message["seq"]), headers, decode(base64.b64decode(message.get("data") or ""))
 
     async def _direct_batch(self, subject: str, start: int, timeout: float) -> tuple[list[tuple[int, Event]], int]:
         inbox, replies = await self._reply_to()
@@ -330,6 +504,8 @@ class EventLog:
                     return out, 0
                 if status == "204":  # end of batch
                     return out, int(hdrs.get("Nats-Num-Pending", "0"))
+                if status == "503":
+                    raise nats.errors.NoRespondersError  # no replica answers (yet)
                 if status:
                     raise BusError(f"reading {subject} failed: status {status} {hdrs.get('Description', '')}")
                 seq = int(hdrs["Nats-Sequence"])
@@ -378,11 +554,17 @@ class EventLog:
                     log.debug("unsubscribe failed", error=repr(exc))
 
     async def last_seq(self, bot: str, session_id: str) -> int:
-        try:
-            msg = await self.js.get_last_msg(subjects.EVENTS_STREAM, subjects.events(bot, session_id))
-        except NotFoundError:
-            return 0
-        return int(msg.seq or 0)
+        """The sequence of the session's last event (0 if none), as the stream leader has it."""
+        subject = subjects.events(bot, session_id)
+
+        async def attempt(_: bool) -> int:
+            try:
+                msg = await self.js.get_last_msg(subjects.EVENTS_STREAM, subject)
+            except NotFoundError:
+                return 0
+            return int(msg.seq or 0)
+
+        return await self._retry(f"reading the last sequence of {subject}", attempt)
 
     async def sessions(self, bot: str) -> dict[str, int]:
         """Session id -> number of events, for every session of ``bot`` still in the log."""

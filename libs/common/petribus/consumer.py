@@ -5,6 +5,12 @@ the timeout to the latency of a lone message. This keeps pull requests outstandi
 client's ``Consume()`` does): each request asks for some messages; delivered messages use up credits;
 when credits run low a new request is sent. ``credits`` bounds what is in our hands at once, so an
 executor asks for exactly as many firings as it has free workers.
+
+Pull requests live on the server that holds the consumer's leader, so a nats-server restart or a
+consumer leader fail-over ends them silently. The consumer notices (the connection's reconnect, a 503,
+a 409 "Leadership Change" / "Consumer Deleted", or heartbeats that stop), checks that its durable still
+exists (re-creating it through the owner's ``ensure`` callback if not) and asks again: work keeps
+flowing with no process restart.
 """
 
 from __future__ import annotations
@@ -13,26 +19,40 @@ import asyncio
 import json
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from petribus import logs
+from petribus.outage import RETRY_MAX_S, on_reconnect
 
 log = logs.get("petribus.consumer")
 
 HEARTBEAT_S = 5.0
+CONSUMER_NOT_FOUND = 10014  # JSConsumerNotFoundErr
+STREAM_NOT_FOUND = 10059  # JSStreamNotFoundErr
 
 
 class PullConsumer:
+    """Keeps pull requests outstanding on the durable ``durable`` of ``stream``.
+
+    ``ensure``, if given, re-creates the durable consumer (with its owner's config); it is awaited when
+    the server says the consumer does not exist, e.g. after a server lost its store or an operator
+    deleted it.
+    """
+
     def __init__(self, nc: NATS, stream: str, durable: str, *, max_inflight: int = 256,
-                 expires_s: float = 30.0) -> None:
+                 expires_s: float = 30.0, ensure: Callable[[], Awaitable[None]] | None = None) -> None:
         self.nc = nc
         self.stream = stream
         self.durable = durable
         self.max_inflight = max_inflight
         self.expires_s = expires_s
+        self.ensure = ensure
+        self._recovering: asyncio.Task[None] | None = None
+        self._unhook: Callable[[], None] | None = None
         self._queue: deque[Msg] = deque()
         self._ready = asyncio.Event()
         self._requested = 0  # messages asked for and not yet delivered or expired
@@ -48,11 +68,15 @@ class PullConsumer:
         self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
         await self._top_up()
         self._watchdog = asyncio.create_task(self._watch(), name=f"pull-watchdog:{self.durable}")
+        self._unhook = on_reconnect(self.nc, self._on_reconnect)
 
     async def stop(self) -> None:
         self._stopped = True
-        if self._watchdog:
-            self._watchdog.cancel()
+        if self._unhook:
+            self._unhook()
+        for task in (self._watchdog, self._recovering):
+            if task:
+                task.cancel()
         if self._sub is not None:
             try:
                 # Not a bare unsubscribe: a message the server sent before it saw that would be dropped
@@ -121,21 +145,84 @@ class PullConsumer:
                 # which may be seconds away while every held message waits on something slow.
                 await self._top_up()
             return
-        status = msg.headers.get("Status") if msg.headers else None
+        headers = msg.headers or {}
+        status = headers.get("Status")
         if status == "100":
             return  # idle heartbeat
+        if status == "503":
+            # No responders: nobody holds the consumer now (a server restarting, a leader being elected,
+            # the consumer gone). Every request we have out went nowhere.
+            self._recover("no responders")
+            return
+        description = headers.get("Description", "")
         if status in ("404", "408", "409"):
             # The request ended (expired, or the server dropped it): give back its unused credits.
-            left = int(msg.headers.get("Nats-Pending-Messages", "0")) if msg.headers else 0
+            left = int(headers.get("Nats-Pending-Messages", "0"))
             self._requested = max(0, self._requested - left) if left else 0
+            if status == "409" and description.lower() in ("leadership change", "consumer deleted"):
+                self._recover(description)
+            else:
+                await self._top_up()
+
+    async def _on_reconnect(self) -> None:
+        # Requests held by a server that restarted are gone with it; after a fail-over they may live on.
+        # Asking again is safe either way: at worst more is delivered than the window for a while.
+        self._recover("reconnected")
+
+    def _recover(self, reason: str) -> None:
+        """Make sure the durable exists (``ensure`` if not), then ask again for the whole window."""
+        if self._stopped or (self._recovering and not self._recovering.done()):
+            return
+        log.info("re-issuing pull requests", durable=self.durable, reason=reason)
+        self._recovering = asyncio.get_running_loop().create_task(self._recover_loop(),
+                                                                  name=f"pull-recover:{self.durable}")
+
+    async def _recover_loop(self) -> None:
+        delay = 0.05
+        while not self._stopped:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+            if not self.nc.is_connected:
+                continue
+            state = await self._consumer_state()
+            if state == "missing":
+                if self.ensure is None:
+                    log.error("the durable consumer does not exist and nothing re-creates it; waiting for it",
+                              stream=self.stream, durable=self.durable)
+                    continue
+                try:
+                    await self.ensure()
+                except Exception as exc:  # the bus may still be settling: try again after a pause
+                    log.warning("re-creating the durable consumer failed", durable=self.durable, error=repr(exc))
+                    continue
+                log.warning("re-created the durable consumer", stream=self.stream, durable=self.durable)
+            elif state != "ok":
+                continue
+            self._requested = 0
+            self._last_seen = time.monotonic()
             await self._top_up()
+            return
+
+    async def _consumer_state(self) -> str:
+        """'ok', 'missing' (the server says so), or 'unknown' (no clear answer: the bus is settling)."""
+        try:
+            reply = await self.nc.request(f"$JS.API.CONSUMER.INFO.{self.stream}.{self.durable}", b"", timeout=2.0)
+            error = json.loads(reply.data).get("error")
+        except Exception as exc:  # no responders, timeout, a reconnect: not an answer
+            log.debug("consumer info failed", durable=self.durable, error=repr(exc))
+            return "unknown"
+        if not error:
+            return "ok"
+        if error.get("err_code") in (CONSUMER_NOT_FOUND, STREAM_NOT_FOUND):
+            return "missing"
+        return "unknown"
 
     async def _watch(self) -> None:
-        # Not a poll of the work: it only notices a silent connection (no heartbeats), e.g. after a
-        # reconnect dropped our outstanding pulls, and asks again.
+        # Not a poll of the work: it only notices pull requests that went silent (no heartbeats), e.g.
+        # after a reconnect or a fail-over dropped them without a word, and asks again.
         while True:
             await asyncio.sleep(HEARTBEAT_S)
-            if time.monotonic() - self._last_seen > 3 * HEARTBEAT_S and self.nc.is_connected:
-                self._requested = 0
+            silent = time.monotonic() - self._last_seen > 3 * HEARTBEAT_S
+            if silent and self.nc.is_connected and (self._requested > 0 or self._wants_more()):
                 self._last_seen = time.monotonic()
-                await self._top_up()
+                self._recover("no heartbeats")

@@ -98,5 +98,13 @@ class BusTimeout(BusError, TimeoutError):
     code = "bus_timeout"
 
 
+class BusUnavailable(BusError):
+    """The bus stayed unreachable (no server, no stream leader, no answer) for the whole outage budget
+    (``PETRIBUS_BUS_OUTAGE_S``); nothing is known to have been lost, and the call may be tried again."""
+
+    code = "bus_unavailable"
+    retryable = True
+
+
 class AppLoadError(PetribusError, ImportError):
     code = "app_load"

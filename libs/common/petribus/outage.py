@@ -1,0 +1,227 @@
+"""Bus outages: telling "the bus is not there right now" from an answer, riding it out, and hearing of it.
+
+A nats-server restart or a cluster electing a stream leader looks, from a client, like timeouts, "no
+responders" (503) and a few JetStream API errors that mean "not now". None of them is an answer about
+the request; all of them go away. ``retry`` repeats an operation through them, with exponential back-off,
+for at most the outage budget (``PETRIBUS_BUS_OUTAGE_S``), then raises ``BusUnavailable``. Anything else
+(a conflict, a bad request) is an answer and is never retried here.
+
+A timeout is *ambiguous*: the request may have landed and only its answer been lost. ``retry`` tells the
+operation so (``maybe_landed``); appends resend with the same ``Nats-Msg-Id`` and, where the server's
+de-duplication cannot answer for them (an expected-sequence check fails first), look up whether their
+message is there.
+
+``on_reconnect`` / ``on_disconnect`` let a service hear of the connection coming back (to re-issue pull
+requests, revalidate caches) without owning the client's callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js.errors import APIError
+
+from petribus import logs
+from petribus.errors import BusError, BusUnavailable, PetribusError
+
+log = logs.get("petribus.bus")
+
+T = TypeVar("T")
+
+# "wrong last sequence": 10071 (JSStreamWrongLastSequenceErrF, "wrong last sequence: {seq}") from a
+# single server; 10164 (JSStreamWrongLastSequenceConstantErr, "wrong last sequence") from a replicated
+# stream's leader. nats-server errors.json.
+WRONG_LAST_SEQUENCE_CODES = frozenset({10071, 10164})
+
+# JetStream API errors that mean "no stream (or consumer) leader can take this now" (errors.json).
+UNAVAILABLE_ERR_CODES = frozenset({
+    10008,  # JSClusterNotAvailErr: JetStream system temporarily unavailable
+    10009,  # JSClusterNotLeaderErr: JetStream cluster can not handle request
+    10118, 10194,  # JSStreamOfflineErr(ReasonErrF): stream is offline
+    10119, 10195,  # JSConsumerOfflineErr(ReasonErrF): consumer is offline
+    10176,  # JSAtomicPublishIncompleteBatchErr: part of a batch was lost (a restart): send it whole again
+})
+
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 2.0  # the longest pause between two tries: a bus that is back is used within this
+
+
+def is_wrong_last_sequence(err_code: int | None, description: str | None = None) -> bool:
+    """Whether a JetStream error is the expected-last-sequence conflict, by any of its codes or its text."""
+    return err_code in WRONG_LAST_SEQUENCE_CODES or "wrong last sequence" in (description or "").lower()
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the bus is unavailable right now (worth retrying), not an answer."""
+    if isinstance(exc, APIError):
+        return exc.code == 503 or exc.err_code in UNAVAILABLE_ERR_CODES
+    return isinstance(exc, (
+        TimeoutError,  # asyncio's, nats-py's and our BusTimeout
+        nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError,
+        nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
+        nats.errors.OutboundBufferLimitError,
+    ))
+
+
+def maybe_landed(exc: BaseException) -> bool:
+    """Whether a request that failed with ``exc`` may still have reached the stream."""
+    return isinstance(exc, (TimeoutError, nats.errors.ConnectionReconnectingError,
+                            nats.errors.StaleConnectionError))
+
+
+def default_budget() -> float:
+    """``PETRIBUS_BUS_OUTAGE_S``, else the setting's default (one source of truth: ``Settings``)."""
+    from petribus.settings import Settings  # settings imports nothing of ours; late to keep this light
+
+    raw = os.environ.get("PETRIBUS_BUS_OUTAGE_S")
+    return float(raw) if raw else float(Settings.model_fields["bus_outage_s"].default)
+
+
+class Outage:
+    """One warning when the bus goes away and one, with its length, when it is back."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def begin(self, what: str, exc: BaseException, budget_s: float) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("bus unavailable, retrying", operation=what, error=repr(exc), budget_s=budget_s)
+
+    def end(self) -> None:
+        if self.since is not None:
+            lasted = time.monotonic() - self.since
+            self.since = None
+            log.warning("bus available again", outage_s=round(lasted, 3))
+
+
+async def retry(nc: NATS, what: str, attempt: Callable[[bool], Awaitable[T]], *, budget_s: float,
+                outage: Outage | None = None, landed: bool = False) -> T:
+    """``await attempt(maybe_landed)`` until it returns, while its failures mean "bus unavailable".
+
+    ``maybe_landed`` is true once an earlier try may have reached the stream (it timed out). After
+    ``budget_s`` seconds of failures, ``BusUnavailable``; a failure that is an answer is raised at once
+    (a nats error as a ``BusError``).
+    """
+    loop = asyncio.get_running_loop()
+    first_failure: float | None = None
+    delay = RETRY_FIRST_S
+    while True:
+        try:
+            result = await attempt(landed)
+        except Exception as exc:
+            if isinstance(exc, BusUnavailable) or nc.is_closed or not is_unavailable(exc):
+                if isinstance(exc, (PetribusError, asyncio.CancelledError)) or not isinstance(exc, nats.errors.Error):
+                    raise
+                raise BusError(f"{what} failed: {exc}") from exc
+            now = loop.time()
+            first_failure = now if first_failure is None else first_failure
+            landed = landed or maybe_landed(exc)
+            if outage is not None:
+                outage.begin(what, exc, budget_s)
+            waited = now - first_failure
+            if waited >= budget_s:
+                raise BusUnavailable(
+                    f"{what}: the bus has been unavailable for {waited:.1f}s (last error: {exc!r}). "
+                    + ("It may or may not have landed; retrying with the same Msg-Id is safe. " if landed else
+                       "Nothing was written. ")
+                    + "Check that nats-server is running and reachable (PETRIBUS_NATS_URL) and, on a cluster, "
+                    "that a majority of nodes is up so the stream has a leader; PETRIBUS_BUS_OUTAGE_S "
+                    f"({budget_s:g}s) sets how long to wait."
+                ) from exc
+            await asyncio.sleep(min(delay * random.uniform(0.5, 1.0), budget_s - waited))
+            delay = min(delay * 2, RETRY_MAX_S)
+            continue
+        if outage is not None:
+            outage.end()
+        return result
+
+
+Hook = Callable[[], Awaitable[None]]
+
+
+class ConnectionHooks:
+    """Callbacks run (as tasks, so a slow one never holds up the client) when a connection drops or is
+    re-established."""
+
+    def __init__(self) -> None:
+        self.reconnected: list[Hook] = []
+        self.disconnected: list[Hook] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def fire_reconnected(self) -> None:
+        self._fire(self.reconnected, "reconnected")
+
+    async def fire_disconnected(self) -> None:
+        self._fire(self.disconnected, "disconnected")
+
+    def _fire(self, hooks: list[Hook], what: str) -> None:
+        log.info(f"nats {what}", hooks=len(hooks))
+        for hook in list(hooks):
+            task = asyncio.ensure_future(self._run(hook, what))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _run(hook: Hook, what: str) -> None:
+        try:
+            await hook()
+        except Exception as exc:  # one hook's failure is its owner's; the others still run
+            log.error(f"{what} hook failed", hook=getattr(hook, "__qualname__", repr(hook)), error=repr(exc),
+                      exc_info=exc)
+
+
+_hooks: weakref.WeakKeyDictionary[NATS, ConnectionHooks] = weakref.WeakKeyDictionary()
+
+
+def hooks_for(nc: NATS) -> ConnectionHooks:
+    """The hooks of ``nc``. ``bus.connect`` wires them at connect; a client made elsewhere gets them
+    chained in front of its own callbacks (nats-py keeps those in private attributes)."""
+    found = _hooks.get(nc)
+    if found is None:
+        found = _hooks[nc] = ConnectionHooks()
+        for attr, fire in (("_reconnected_cb", found.fire_reconnected), ("_disconnected_cb", found.fire_disconnected)):
+            own = getattr(nc, attr, None)
+
+            async def chained(own: Hook | None = own, fire: Hook = fire) -> None:
+                await fire()
+                if own is not None:
+                    await own()
+
+            setattr(nc, attr, chained)
+    return found
+
+
+def attach(nc: NATS, hooks: ConnectionHooks) -> None:
+    """Register hooks already wired into ``nc``'s callbacks at connect."""
+    _hooks[nc] = hooks
+
+
+def on_reconnect(nc: NATS, callback: Hook) -> Callable[[], None]:
+    """Run ``await callback()`` each time ``nc`` reconnects (subscriptions are back by then). Returns a
+    function that unregisters it."""
+    return _register(hooks_for(nc).reconnected, callback)
+
+
+def on_disconnect(nc: NATS, callback: Hook) -> Callable[[], None]:
+    """Run ``await callback()`` each time ``nc`` loses its server. Returns a function that unregisters it."""
+    return _register(hooks_for(nc).disconnected, callback)
+
+
+def _register(hooks: list[Hook], callback: Hook) -> Callable[[], None]:
+    hooks.append(callback)
+
+    def unregister() -> None:
+        if callback in hooks:
+            hooks.remove(callback)
+
+    return unregister

@@ -1,0 +1,284 @@
+"""Bus outages against a real nats-server that is killed (-9) and restarted on the same port and store:
+appends ride the outage out and land once, conflicts are recognised by every code, reads that decide see
+what they were told exists, and pull consumers come back by themselves."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import nats.errors
+import pytest
+from nats.js.errors import APIError
+
+from petribus import bus, subjects
+from petribus.bus import BusUnavailable, EventLog, WrongLastSequence, is_wrong_last_sequence
+from petribus.consumer import PullConsumer
+from petribus.embedded import NatsServer
+from petribus.errors import BusTimeout
+from petribus.events import Marker, MarkerAdded
+
+BOUND_S = 60  # only so that a broken test fails instead of hanging; nothing is timed
+
+
+def _marker(session: str = "s", i: int = 0) -> MarkerAdded:
+    return MarkerAdded(bot="b", session_id=session, marker=Marker(location="X", data={"i": i}))
+
+
+def crash(server: NatsServer) -> None:
+    assert server.proc is not None
+    server.proc.kill()
+    server.proc.wait()
+
+
+def revive(server: NatsServer) -> None:
+    server.stop()  # the process is gone: this only tidies up
+    server.port = int(server.url.rsplit(":", 1)[1])  # same port, same store: a restarted server
+    server.start()
+
+
+async def revive_after(server: NatsServer, delay_s: float) -> None:
+    await asyncio.sleep(delay_s)
+    await asyncio.to_thread(revive, server)
+
+
+@pytest.fixture
+async def conn(nats_server: NatsServer) -> AsyncIterator[tuple]:
+    """A connection through ``bus.connect`` and an event that is set when it loses its server."""
+    nc = await bus.connect(nats_server.url, name="test")
+    await bus.ensure_streams(nc.jetstream())
+    down = asyncio.Event()
+
+    async def lost() -> None:
+        down.set()
+
+    bus.on_disconnect(nc, lost)
+    yield nc, down
+    await nc.close()
+
+
+def count_publishes(log: EventLog) -> list[BaseException | None]:
+    """Wrap the log's JetStream publish: one entry per try, the error it raised or None."""
+    tries: list[BaseException | None] = []
+    real = log.js.publish
+
+    async def publish(*args, **kwargs):
+        try:
+            ack = await real(*args, **kwargs)
+        except BaseException as exc:
+            tries.append(exc)
+            raise
+        tries.append(None)
+        return ack
+
+    log.js.publish = publish  # type: ignore[method-assign]
+    return tries
+
+
+async def landed(log: EventLog, event_id: str, session: str = "s") -> list[int]:
+    return [seq for seq, e in await log.read("b", session) if e.id == event_id]
+
+
+async def test_an_append_while_the_server_is_down_lands_once_when_it_is_back(nats_server, conn) -> None:
+    nc, down = conn
+    log = EventLog(nc, outage_s=45)
+    first = await log.append(_marker())
+    tries = count_publishes(log)
+    crash(nats_server)
+    await asyncio.wait_for(down.wait(), BOUND_S)
+    back = asyncio.create_task(revive_after(nats_server, 3))
+
+    event = _marker(i=1)
+    seq = await asyncio.wait_for(log.append(event, expected_last_seq=first, timeout=1.0), BOUND_S)
+    await back
+
+    # The bus really failed it. The try buffered while the server was down is flushed on reconnect and
+    # lands; the retry then meets "wrong last sequence" (the server checks that before the Msg-Id), which
+    # the log answers by finding its own event right after the expected sequence.
+    assert isinstance(tries[0], TimeoutError) and len(tries) >= 2
+    assert await landed(log, event.id) == [seq]
+    assert seq > first
+
+
+async def test_a_batch_across_a_restart_lands_once_and_whole(nats_server, conn) -> None:
+    nc, down = conn
+    log = EventLog(nc, outage_s=45)
+    first = await log.append(_marker())
+    crash(nats_server)
+    await asyncio.wait_for(down.wait(), BOUND_S)
+    back = asyncio.create_task(revive_after(nats_server, 3))
+
+    batch = [_marker(i=i) for i in range(5)]
+    seqs = await asyncio.wait_for(
+        log.append_batch(batch, expected_last_seq=first, msg_ids=[e.id for e in batch], timeout=1.0), BOUND_S)
+    await back
+
+    events = await log.read("b", "s", after=first)
+    assert [(s, e.id) for s, e in events] == list(zip(seqs, [e.id for e in batch]))
+    assert seqs == list(range(seqs[0], seqs[0] + 5))
+
+
+async def test_an_append_whose_answer_was_lost_is_not_doubled(nc) -> None:
+    """The first try lands but its answer never comes (a timeout): the retry must not append it again,
+    with or without an expected sequence (the server may answer the retry with 'wrong last sequence')."""
+    log = EventLog(nc, outage_s=10)
+    real = log.js.publish
+    lost = []
+
+    async def publish_losing_the_first_answer(*args, **kwargs):
+        ack = await real(*args, **kwargs)
+        if not lost:
+            lost.append(ack.seq)
+            raise nats.errors.TimeoutError
+        return ack
+
+    log.js.publish = publish_losing_the_first_answer  # type: ignore[method-assign]
+    plain = _marker(i=1)
+    seq = await log.append(plain)
+    assert lost == [seq] and await landed(log, plain.id) == [seq]
+
+    lost.clear()
+    guarded = _marker(i=2)
+    seq2 = await log.append(guarded, expected_last_seq=seq)
+    assert lost == [seq2] and await landed(log, guarded.id) == [seq2]
+
+    lost.clear()
+    answer = _marker(i=3)
+    assert await log.append_once(answer, msg_id="answer:1") == lost[0]  # ours, not someone else's
+    assert await log.append_once(_marker(i=4), msg_id="answer:1") is None  # now really someone else's
+
+
+async def test_a_batch_whose_answer_was_lost_is_not_doubled(nc) -> None:
+    log = EventLog(nc, outage_s=10)
+    first = await log.append(_marker())
+    real = log._send_batch
+    sent = []
+
+    async def send_losing_the_first_answer(*args, **kwargs):
+        seqs = await real(*args, **kwargs)
+        if not sent:
+            sent.append(seqs)
+            raise BusTimeout("the answer was lost")
+        return seqs
+
+    log._send_batch = send_losing_the_first_answer  # type: ignore[method-assign]
+    batch = [_marker(i=i) for i in range(4)]
+
+    seqs = await log.append_batch(batch, expected_last_seq=first, msg_ids=[e.id for e in batch])
+
+    assert sent == [seqs]  # the first try committed; the resend found that out instead of appending again
+    events = await log.read("b", "s", after=first)
+    assert [(s, e.id) for s, e in events] == list(zip(seqs, [e.id for e in batch]))
+
+
+def test_wrong_last_sequence_is_known_by_both_codes_and_by_its_text() -> None:
+    assert is_wrong_last_sequence(10071)
+    assert is_wrong_last_sequence(10164)
+    assert is_wrong_last_sequence(None, "wrong last sequence: 12")
+    assert is_wrong_last_sequence(400, "Wrong Last Sequence")
+    assert not is_wrong_last_sequence(10008, "JetStream system temporarily unavailable")
+
+
+@pytest.mark.parametrize("err_code, description", [(10071, "wrong last sequence: 3"), (10164, "wrong last sequence")])
+async def test_a_replicated_streams_conflict_raises_wrong_last_sequence(nc, err_code, description) -> None:
+    log = EventLog(nc, outage_s=5)
+
+    async def conflict(*args, **kwargs):
+        raise APIError(code=400, err_code=err_code, description=description)
+
+    log.js.publish = conflict  # type: ignore[method-assign]
+    with pytest.raises(WrongLastSequence):
+        await log.append(_marker(), expected_last_seq=3)
+
+
+async def test_an_outage_longer_than_the_budget_raises_bus_unavailable(nats_server, conn) -> None:
+    nc, down = conn
+    log = EventLog(nc, outage_s=1.5)
+    await log.append(_marker())
+    tries = count_publishes(log)
+    crash(nats_server)
+    await asyncio.wait_for(down.wait(), BOUND_S)
+
+    with pytest.raises(BusUnavailable) as raised:
+        await asyncio.wait_for(log.append(_marker(i=1), timeout=0.5), BOUND_S)
+
+    assert len(tries) >= 2 and all(t is not None for t in tries)  # it did retry, and every try failed
+    assert raised.value.retryable
+    assert "PETRIBUS_BUS_OUTAGE_S" in str(raised.value) and "nats-server" in str(raised.value)
+
+    await asyncio.to_thread(revive, nats_server)  # and once the bus is back, so is the log
+    event = _marker(i=2)
+    seq = await log.append(event)
+    assert await landed(log, event.id) == [seq]
+
+
+async def test_a_read_that_must_see_a_sequence_catches_a_lagging_replica_up_from_the_leader(nc) -> None:
+    log = EventLog(nc)
+    seqs = [await log.append(_marker(i=i)) for i in range(5)]
+    real = log._read_direct
+
+    async def lagging_replica(subject, after, timeout):
+        return [(s, e) for s, e in await real(subject, after, timeout) if s <= seqs[2]]
+
+    log._read_direct = lagging_replica  # type: ignore[method-assign]
+
+    assert [s for s, _ in await log.read("b", "s")] == seqs[:3]  # the replica really lags
+    assert [s for s, _ in await log.read("b", "s", at_least=seqs[3])] == seqs[:4]
+    assert [s for s, _ in await log.read("b", "s", at_least=seqs[4])] == seqs
+
+
+async def test_a_pull_consumer_keeps_delivering_after_the_server_restarts(nats_server, conn) -> None:
+    nc, down = conn
+    js = nc.jetstream()
+    await bus.ensure_event_consumer(js, "outage-test", ack_wait_s=30)
+    log = EventLog(nc, outage_s=45)
+    consumer = PullConsumer(nc, subjects.EVENTS_STREAM, "outage-test", max_inflight=8)
+    await consumer.start()
+    try:
+        before = _marker(i=1)
+        await log.append(before)
+        [msg] = await asyncio.wait_for(consumer.next_batch(8), BOUND_S)
+        await msg.ack()
+        consumer.release()
+
+        crash(nats_server)
+        await asyncio.wait_for(down.wait(), BOUND_S)
+        await asyncio.to_thread(revive, nats_server)
+        after = _marker(i=2)
+        await log.append(after)
+
+        [msg] = await asyncio.wait_for(consumer.next_batch(8), BOUND_S)
+        assert msg.data and after.id.encode() in msg.data
+        await msg.ack()
+        consumer.release()
+    finally:
+        await consumer.stop()
+
+
+async def test_a_pull_consumer_whose_durable_was_deleted_recreates_it_and_goes_on(nc) -> None:
+    js = nc.jetstream()
+    recreated = []
+
+    async def ensure() -> None:
+        recreated.append(True)
+        await bus.ensure_event_consumer(js, "gone-test", ack_wait_s=30)
+
+    await ensure()
+    log = EventLog(nc)
+    consumer = PullConsumer(nc, subjects.EVENTS_STREAM, "gone-test", max_inflight=8, ensure=ensure)
+    await consumer.start()
+    try:
+        await js.delete_consumer(subjects.EVENTS_STREAM, "gone-test")
+        event = _marker(i=1)
+        await log.append(event)
+
+        msgs = []
+        async with asyncio.timeout(BOUND_S):
+            while not any(event.id.encode() in m.data for m in msgs):
+                msgs += await consumer.next_batch(8)
+        assert len(recreated) >= 2  # the first create, then the consumer's own
+        for m in msgs:
+            await m.ack()
+        consumer.release(len(msgs))
+    finally:
+        await consumer.stop()
