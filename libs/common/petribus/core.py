@@ -113,6 +113,10 @@ class SessionState:
     files: dict[str, OutputFile | InputFileResponse] = field(default_factory=dict)  # stored, by file id
     effects: set[str] = field(default_factory=set)  # ids of the events firings appended as side effects
     events: int = 0
+    # Folded from after this sequence (0: the whole log). Such a state takes claims on trust: the markers
+    # they consume were added before it began. It answers questions about firings claimed in it (has this
+    # one ended? what did it say?), not about the marking; only the executor makes one.
+    after: int = 0
 
     def marking(self) -> dict[str, list[Marker]]:
         """Location -> markers in FIFO order (locations with no markers are left out)."""
@@ -278,6 +282,8 @@ def _fire(state: SessionState, event: TransitionFired, seq: int) -> None:
                 found.append((loc, ms[mid]))
                 break
         else:
+            if state.after:
+                continue  # added before this fold began: the claim is taken on trust
             return  # a marker that is not (or no longer) there: the firing is void, nothing is consumed
     for loc, placed in found:
         del state.places[loc][placed.marker.id]

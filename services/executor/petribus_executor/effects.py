@@ -17,7 +17,6 @@ send to such services so that they can drop the repeat.
 from __future__ import annotations
 
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 
 _IDS = uuid.UUID("2f6b8d0e-93a1-4c57-8e1d-5a4b3c2d1e0f")
@@ -46,11 +45,11 @@ class Effects:
     firing_id: str
     rerun: bool = False
     known: frozenset[str] = frozenset()
-    _counts: Counter[str] = field(default_factory=Counter)
+    _counts: dict[str, int] = field(default_factory=dict)  # not a Counter: one per firing, cheap to make
 
     def next(self, kind: str) -> Effect:
-        n = self._counts[kind]
-        self._counts[kind] += 1
+        n = self._counts.get(kind, 0)
+        self._counts[kind] = n + 1
         return Effect.of(self.firing_id, kind, n)
 
     def landed(self, effect: Effect) -> bool:

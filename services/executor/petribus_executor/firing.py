@@ -182,7 +182,7 @@ class FiringRunner:
             self.log.error("work for an unknown transition terminated", bot=item.bot)
             return
         # Whatever delivered it (first delivery or not), the log says whether the firing may run.
-        state = await self.folds.current(item.bot, item.session_id)
+        state = await self.folds.current(item.bot, item.session_id, since=item.fired_seq)
         firing = state.in_flight.get(item.firing_id)
         if firing is None or firing.status == "awaiting_confirmation":
             why = "it already ended" if item.firing_id in state.finished else "the log has it in no runnable state"
