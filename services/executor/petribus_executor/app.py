@@ -57,15 +57,7 @@ class Executor(Service):
         nc = await self.connect()
         self.js = nc.jetstream()
         events = EventLog(nc, self.js)
-        await self.js.add_consumer(  # create or update: every executor of the pool may run this at start
-            subjects.WORK_STREAM,
-            ConsumerConfig(
-                durable_name=self.durable, filter_subject=subjects.work(self.pool),
-                ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.ack_wait_s, max_deliver=-1,
-                # Every executor of the pool together may hold this many (JetStream's default is 1,000).
-                max_ack_pending=100_000,
-            ),
-        )
+        await self._ensure_consumer()
         self.workers = WorkerPool(self.apps, self.settings.workers,
                                   concurrency=self.settings.worker_concurrency)
         await self.workers.start()
@@ -78,10 +70,23 @@ class Executor(Service):
         # Enough for every worker to be full (async firings share a worker), plus one outcome per worker
         # being written while the next run starts; sync work beyond free workers waits here, heartbeated.
         self.consumer = PullConsumer(nc, subjects.WORK_STREAM, self.durable,
-                                     max_inflight=self.settings.executor_inflight)
+                                     max_inflight=self.settings.executor_inflight, ensure=self._ensure_consumer)
         await self.consumer.start()
         self.spawn(self._receive(), "receive")
         self.log.info("executor started", bots=sorted(self.nets), workers=self.settings.workers)
+
+    async def _ensure_consumer(self) -> None:
+        """Create or update the pool's durable consumer: every executor of the pool runs this at start,
+        and again if a fail-over lost it."""
+        await self.js.add_consumer(
+            subjects.WORK_STREAM,
+            ConsumerConfig(
+                durable_name=self.durable, filter_subject=subjects.work(self.pool),
+                ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.ack_wait_s, max_deliver=-1,
+                # Every executor of the pool together may hold this many (JetStream's default is 1,000).
+                max_ack_pending=100_000,
+            ),
+        )
 
     async def _receive(self) -> None:
         assert self.consumer is not None

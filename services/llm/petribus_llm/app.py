@@ -97,9 +97,12 @@ class LLMService(Service):
         nc = await self.connect()
         js = nc.jetstream()
         self.events = EventLog(nc, js)
-        await ensure_event_consumer(js, subjects.LLM_DURABLE, ack_wait_s=self.ack_wait_s)
+        async def ensure() -> None:  # at start, and again if a fail-over lost the durable
+            await ensure_event_consumer(js, subjects.LLM_DURABLE, ack_wait_s=self.ack_wait_s)
+
+        await ensure()
         self.consumer = PullConsumer(nc, subjects.EVENTS_STREAM, subjects.LLM_DURABLE,
-                                     max_inflight=self.max_inflight)
+                                     max_inflight=self.max_inflight, ensure=ensure)
         await self.consumer.start()
         self.spawn(self._receive(), "receive")
         self.spawn(self._heartbeat(), "heartbeat")

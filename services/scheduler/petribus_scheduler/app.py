@@ -51,7 +51,7 @@ from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from petribus import subjects
-from petribus.bus import MAX_BATCH, EventLog, WrongLastSequence, ensure_event_consumer
+from petribus.bus import MAX_BATCH, EventLog, WrongLastSequence, ensure_event_consumer, on_reconnect
 from petribus.consumer import PullConsumer
 from petribus.core import Firing, PlannedFiring, SessionState, apply, choose_firings, fold
 from petribus.errors import PetribusError
@@ -146,9 +146,12 @@ class Scheduler(Service):
         nc = await self.connect()
         self.js = nc.jetstream()
         self.events = EventLog(nc, self.js)
-        await ensure_event_consumer(self.js, subjects.SCHEDULER_DURABLE, ack_wait_s=self.ack_wait_s)
+        async def ensure() -> None:
+            await ensure_event_consumer(self.js, subjects.SCHEDULER_DURABLE, ack_wait_s=self.ack_wait_s)
+
+        await ensure()
         self.consumer = PullConsumer(nc, subjects.EVENTS_STREAM, subjects.SCHEDULER_DURABLE,
-                                     max_inflight=self.settings.scheduler_batch * 4)
+                                     max_inflight=self.settings.scheduler_batch * 4, ensure=ensure)
         await self.consumer.start()
         retry = {"retry_s": self.settings.scheduler_retry_s,
                  "retry_max_s": self.settings.scheduler_retry_max_s}
@@ -161,6 +164,11 @@ class Scheduler(Service):
         self.spawn(self.deadlines.run(), "deadlines")
         self.spawn(self.leases.run(), "leases")
         self.spawn(self._sweep(), "sweep")
+
+        async def reconnected() -> None:
+            self.revalidate("reconnected")
+
+        on_reconnect(nc, reconnected)
         self.log.info("scheduler started", bots=sorted(self.nets))
 
     def revalidate(self, reason: str = "reconnected") -> None:
@@ -339,13 +347,13 @@ class Scheduler(Service):
         state = self.sessions.get(key)
         decide = True
         if state is None:
-            state = await self._rebuild(key)
+            state = await self._rebuild(key, at_least=seq)
             await self._reach(key, state, seq)
             self.verified[key] = epoch
         elif seq <= state.last_seq:
             decide = False  # already folded (our own append, or read during a catch-up)
         elif self.verified.get(key, -1) < epoch:
-            await self._catch_up(key, state)
+            await self._catch_up(key, state, at_least=seq)
             await self._reach(key, state, seq)
             self.verified[key] = epoch
         else:
@@ -363,9 +371,9 @@ class Scheduler(Service):
             self.sessions[key] = state  # evicted meanwhile by another session's rebuild: keep it
         return state, decide
 
-    async def _rebuild(self, key: Key) -> SessionState:
+    async def _rebuild(self, key: Key, *, at_least: int | None = None) -> SessionState:
         self.stats["rebuilds"] += 1
-        state = fold(await self.events.read(*key))
+        state = fold(await self.events.read(*key, at_least=at_least))
         state.bot, state.session_id = key
         self.sessions[key] = state
         while len(self.sessions) > self.cache_size:
@@ -373,9 +381,9 @@ class Scheduler(Service):
             self.verified.pop(old, None)
         return state
 
-    async def _catch_up(self, key: Key, state: SessionState) -> None:
+    async def _catch_up(self, key: Key, state: SessionState, *, at_least: int | None = None) -> None:
         self.stats["catchups"] += 1
-        fold(await self.events.read(*key, after=state.last_seq), state)
+        fold(await self.events.read(*key, after=state.last_seq, at_least=at_least), state)
 
     async def _reach(self, key: Key, state: SessionState, seq: int) -> None:
         """Make sure the state includes event ``seq``, which was just delivered: a direct get may be served

@@ -70,6 +70,13 @@ class DurableTimers(Generic[T]):
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        await self._ensure()
+        self.consumer = PullConsumer(self.nc, subjects.TIMERS_STREAM, self.durable, max_inflight=IN_FLIGHT,
+                                     ensure=self._ensure)
+        await self.consumer.start()
+
+    async def _ensure(self) -> None:
+        """Create or update the durable (at start, and again if a fail-over lost it)."""
         await self.js.add_consumer(
             subjects.TIMERS_STREAM,
             ConsumerConfig(
@@ -79,8 +86,6 @@ class DurableTimers(Generic[T]):
                 max_ack_pending=-1,
             ),
         )
-        self.consumer = PullConsumer(self.nc, subjects.TIMERS_STREAM, self.durable, max_inflight=IN_FLIGHT)
-        await self.consumer.start()
 
     async def stop(self) -> None:
         if self.consumer is not None:
