@@ -11,6 +11,11 @@ People in the loop: a ``confirm_transition`` or ``confirm_request`` is asked as 
 open. What other clients of the session answer closes the question here too. A file a transition sends
 (``output_file``) is saved under the download folder; one it asks for (``input_file_request``) is
 answered with ``/upload PATH``.
+
+Every message goes out with a ``request_id`` of its own and is kept until the log shows it (an event
+that carries that ``request_id``). When the gateway answers ``bus_unavailable`` (NATS restarting or
+failing over), or the connection drops and comes back, the chat sends it again with the same
+``request_id`` (``RESEND_ATTEMPTS`` times at most): the gateway records it exactly once.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import json
 import sys
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,6 +37,9 @@ from rich.console import Console
 from rich.text import Text
 
 RECONNECT_ATTEMPTS = 10
+RESEND_ATTEMPTS = 5  # sends of one message after the first, while the bus is unavailable
+RESEND_BACKOFF_S = 0.5  # times the attempt: the gateway asks for about 2 s
+BUS_UNAVAILABLE = "bus_unavailable"
 CLOSE_NOT_FOUND = 4404
 CLOSE_BAD_REQUEST = 4400
 QUIT = ("/quit", "/exit", "/q")
@@ -158,6 +167,9 @@ class Chat:
         self._connected = asyncio.Event()
         self._closing = False
         self._last_error: str | None = None
+        # Messages sent and not yet seen in the log: request_id -> (message, sends after the first).
+        self.unconfirmed: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
+        self.errors: list[dict[str, Any]] = []  # error events the gateway sent this client
 
     def url(self) -> str:
         params: dict[str, Any] = {}
@@ -200,6 +212,9 @@ class Chat:
                 async with websockets.connect(self.url(), max_size=None, open_timeout=10) as ws:
                     self._ws = ws
                     self._connected.set()
+                    if attempt:  # back after a drop: what was sent may not have been recorded
+                        for request_id in list(self.unconfirmed):
+                            self._resend_later(request_id, "the connection dropped")
                     async for raw in ws:
                         attempt = 0
                         try:
@@ -240,14 +255,50 @@ class Chat:
         if meta.get("seq") is not None:
             self.last_seq = meta["seq"]
         kind = event.get("type", "")
+        request_id = meta.get("request_id")
         if kind == "error" and isinstance(event.get("value"), dict):
             self._last_error = event["value"].get("message")
+            self.errors.append(event)
+            if self._on_error(event["value"].get("code"), request_id):
+                return
+        elif request_id in self.unconfirmed and meta.get("seq") is not None:
+            del self.unconfirmed[request_id]  # in the log: sent for good
         try:
             line = render(event)
         except (AttributeError, KeyError, TypeError):
             line = f"[{kind}] {_json(event.get('value'))}"  # a shape this client does not know yet
         self.show(line, STYLES.get(kind))
         self._track(kind, event.get("value"), meta)
+
+    def _on_error(self, code: str | None, request_id: str | None) -> bool:
+        """Act on an error about a message this chat sent; True when it needs no line of its own."""
+        if request_id not in self.unconfirmed:
+            return False
+        resends = self.unconfirmed[request_id][1]
+        if code == BUS_UNAVAILABLE:
+            return self._resend_later(request_id, "the gateway could not record it")
+        del self.unconfirmed[request_id]
+        # A resent answer that was recorded the first time: nothing went wrong.
+        return code == "already_answered" and resends > 0
+
+    def _resend_later(self, request_id: str, why: str) -> bool:
+        payload, resends = self.unconfirmed[request_id]
+        if resends >= RESEND_ATTEMPTS:
+            del self.unconfirmed[request_id]
+            self.show(f"[not sent] {why} after {resends + 1} tries; send it again: {_json(payload)}",
+                      "bold red")
+            return True
+        self.unconfirmed[request_id] = (payload, resends + 1)
+        self.show(f"[resending] {why}; sending it again (try {resends + 2})", "dim")
+        task = asyncio.create_task(self._resend(request_id, payload, resends + 1), name="chat-resend")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return True
+
+    async def _resend(self, request_id: str, payload: dict[str, Any], resends: int) -> None:
+        await asyncio.sleep(RESEND_BACKOFF_S * resends)
+        if request_id in self.unconfirmed and not self._closing:
+            await self._transmit(payload)
 
     def _track(self, kind: str, value: Any, meta: dict[str, Any]) -> None:
         """Keep the open questions and file requests as the log shows them (any client may answer)."""
@@ -311,8 +362,9 @@ class Chat:
                 return
             ident = next(iter(self.questions))
         kind = self.questions.get(ident)
-        if kind == "confirm":
-            await self._send({"type": "confirm_response", "value": {"request_id": ident, "accepted": yes}})
+        if kind == "confirm":  # its request_id is the question's: one answer per question anyway
+            await self._send({"type": "confirm_response", "value": {"request_id": ident, "accepted": yes},
+                              "request_id": ident})
         else:  # a task id, or an id this client has not seen asked: the gateway says if it is unknown
             await self._send({"type": "accept_transition" if yes else "reject_transition", "value": ident})
 
@@ -365,6 +417,12 @@ class Chat:
                 await self._send({"type": "user_message", "value": text})
 
     async def _send(self, payload: dict[str, Any]) -> None:
+        """Send a message with a ``request_id`` (a new one unless it has its own), kept until it lands."""
+        payload = {**payload, "request_id": payload.get("request_id") or uuid.uuid4().hex}
+        self.unconfirmed[payload["request_id"]] = (payload, 0)
+        await self._transmit(payload)
+
+    async def _transmit(self, payload: dict[str, Any]) -> None:
         for _ in range(RECONNECT_ATTEMPTS * 2):
             await self._connected.wait()
             ws = self._ws

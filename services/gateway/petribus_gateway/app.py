@@ -36,7 +36,17 @@ Send `{"type": "user_message", "value": "..."}` or
 `{"type": "marker_added", "value": {"location": "UserName", "data": {"name": "alice"}}}` (optionally
 with a `request_id`). A message that does not validate gets an `error` event, to you only; nothing
 enters the log and the connection stays open. Close codes: 4404 unknown bot or session, 4400 bad
-query, 1011 event stream lost (reconnect with `since`), 1012 gateway restarting.
+query, 1011 event stream lost (reconnect with `since`), 1012 gateway restarting, 1013 the session log
+is unavailable (connect again shortly).
+
+**Retrying safely.** While the session log (NATS) is unavailable (a restart, a cluster fail-over),
+REST answers 503 with `Retry-After` and `{"code": "bus_unavailable"}`, and a WebSocket message gets an
+`error` event with that code and your `request_id`. Send it again with the same key: the
+`Idempotency-Key` header on a REST POST, the `request_id` (1-128 printable ASCII characters, unique
+per message in a session) on the WebSocket. A key names one request in one session: a retry lands
+once, and a REST retry of one that had landed gets the first answer back (same `seq`, same event)
+with `Idempotent-Replayed: true`. A different request under a used key gets 409
+`idempotency_key_reused`; a malformed key 400.
 
 **Human in the loop.** A `confirm=True` transition sends `confirm_transition` (`metadata.task_id`, the
 transition, the markers it would consume); answer `{"type": "accept_transition", "value": TASK_ID}` or

@@ -5,7 +5,9 @@
 ``PB_FILES`` object store. ``PUT`` (the raw bytes; name in ``?name=``) or ``POST`` (multipart, one file
 part) to the same path answers the pending file request ``file_id``: the bytes are stored under an id
 of their own, then ``input_file_response`` is appended through ``answers.answer_once``, so of two
-racing uploads one counts and the other gets 409 (and its bytes are removed). Before a byte is read,
+racing uploads one counts and the other gets 409 (and its bytes are removed); a retry with the
+``Idempotency-Key`` of an upload that counted gets that upload's answer back (``replayed``), and its
+bytes are not read. Before a byte is read,
 the request must be pending and a declared ``Content-Length`` within ``PETRIBUS_MAX_FILE_BYTES``;
 while reading, the count is checked again (413).
 
@@ -19,7 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO, Annotated, Any, BinaryIO
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
@@ -28,11 +30,11 @@ from starlette.types import Message, Receive
 from petribus import subjects
 from petribus.answers import to_file_request
 from petribus.core import fold
-from petribus.errors import InvalidInput, UnknownRequest
-from petribus.events import InputFileResponse, new_id
+from petribus.errors import AlreadyAnswered, InvalidInput, UnknownRequest
+from petribus.events import Event, InputFileResponse, new_id
 from petribus.files import FILE_ID_RE, content_type, header, safe_name, too_large
 from petribus.net import Net
-from petribus_gateway import inputs
+from petribus_gateway import idempotency, inputs
 from petribus_gateway.context import GatewayContext, check_session_id, context
 from petribus_gateway.models import ErrorBody, Uploaded
 
@@ -60,7 +62,14 @@ UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorBody, "description": "The request no longer waits: uploaded, timed out or ended."},
     413: {"model": ErrorBody, "description": "The file is larger than PETRIBUS_MAX_FILE_BYTES."},
     422: {"model": ErrorBody, "description": "Not a file upload (no file part, bad ids)."},
+    400: {"model": ErrorBody, "description": "An Idempotency-Key that is not 1-128 printable ASCII characters."},
+    503: {"model": ErrorBody, "description": "The session log or file store is unavailable for now: retry after "
+          "Retry-After seconds with the same Idempotency-Key."},
 }
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key",
+    description="Names this upload (1-128 printable ASCII characters). A retry with the same key gets the "
+                "first upload's answer (replayed: true) instead of 409.")]
 
 
 @router.get(FILE_PATH, responses={200: {"content": {"application/octet-stream": {}}}, **DOWNLOAD_ERRORS})
@@ -94,12 +103,16 @@ def _chunks(spool: IO[bytes]) -> Iterator[bytes]:
 @router.put(FILE_PATH, status_code=201, response_model=Uploaded, responses=UPLOAD_ERRORS,
             openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}})
 async def upload_bytes(
-    net: BotNet, session_id: str, file_id: str, request: Request, ctx: Ctx,
+    net: BotNet, session_id: str, file_id: str, request: Request, ctx: Ctx, response: Response,
     name: Annotated[str | None, Query(max_length=255, description="The file's name.")] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Uploaded:
     """Answer a pending ``input_file_request``: the request body is the file."""
     _check_ids(session_id, file_id)
-    await _pending(ctx, net, session_id, file_id)
+    key = None if idempotency_key is None else idempotency.check_key(idempotency_key)
+    replay = await _pending(ctx, net, session_id, file_id, key)
+    if replay is not None:
+        return _replayed(replay, response)
     limit = ctx.files.max_bytes
     _check_declared(request, limit, 0)
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
@@ -113,7 +126,7 @@ async def upload_bytes(
         spool.seek(0)
         kind = request.headers.get("content-type")
         return await _store(ctx, net, session_id, file_id, spool, name or file_id,  # type: ignore[arg-type]
-                            None if kind in (None, "application/x-www-form-urlencoded") else kind)
+                            None if kind in (None, "application/x-www-form-urlencoded") else kind, key, response)
     finally:
         spool.close()
 
@@ -122,10 +135,14 @@ async def upload_bytes(
              openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {
                  "type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}}},
                  "required": True}})
-async def upload_form(net: BotNet, session_id: str, file_id: str, request: Request, ctx: Ctx) -> Uploaded:
+async def upload_form(net: BotNet, session_id: str, file_id: str, request: Request, ctx: Ctx, response: Response,
+                      idempotency_key: IdempotencyKey = None) -> Uploaded:
     """Answer a pending ``input_file_request`` with a multipart form holding one file part."""
     _check_ids(session_id, file_id)
-    await _pending(ctx, net, session_id, file_id)
+    key = None if idempotency_key is None else idempotency.check_key(idempotency_key)
+    replay = await _pending(ctx, net, session_id, file_id, key)
+    if replay is not None:
+        return _replayed(replay, response)
     limit = ctx.files.max_bytes
     _check_declared(request, limit, MULTIPART_OVERHEAD)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -145,7 +162,7 @@ async def upload_form(net: BotNet, session_id: str, file_id: str, request: Reque
         if upload.size is not None and upload.size > limit:
             raise too_large(upload.size, limit, f"file {upload.filename!r}")
         return await _store(ctx, net, session_id, file_id, upload.file,  # type: ignore[arg-type]
-                            upload.filename or file_id, upload.content_type)
+                            upload.filename or file_id, upload.content_type, key, response)
     finally:
         await form.close()
 
@@ -179,15 +196,32 @@ def _limited(receive: Receive, limit: int) -> Receive:
     return wrapped
 
 
-async def _pending(ctx: GatewayContext, net: Net, session_id: str, file_id: str) -> None:
-    """Refuse (404, 409) before reading a byte when there is no pending request to answer."""
+async def _pending(ctx: GatewayContext, net: Net, session_id: str, file_id: str,
+                   key: str | None) -> tuple[int, InputFileResponse] | None:
+    """Refuse (404, 409) before reading a byte when there is no pending request to answer; the upload
+    that ``key`` names instead, when it already answered it (a retry)."""
     await ctx.require_session(net.bot, session_id)
     probe = InputFileResponse(bot=net.bot, session_id=session_id, file_id=file_id)
-    to_file_request(probe)(fold(await ctx.events.read(net.bot, session_id)))
+    log = await ctx.events.read(net.bot, session_id)
+    if key is not None:
+        mine = idempotency.keyed(probe, key).id
+        for seq, event in log:
+            if event.id == mine and isinstance(event, InputFileResponse):
+                return seq, event
+    to_file_request(probe)(fold(log))
+    return None
+
+
+def _replayed(found: tuple[int, Event], response: Response) -> Uploaded:
+    seq, event = found
+    assert isinstance(event, InputFileResponse)
+    response.headers["Idempotent-Replayed"] = "true"
+    return Uploaded(file_id=event.file_id, stored_id=event.stored_id or "", name=event.name or "",
+                    size=event.size or 0, url=event.url or "", seq=seq, replayed=True)
 
 
 async def _store(ctx: GatewayContext, net: Net, session_id: str, file_id: str, data: BinaryIO,
-                 given_name: str, given_type: str | None) -> Uploaded:
+                 given_name: str, given_type: str | None, key: str | None, response: Response) -> Uploaded:
     name = safe_name(given_name, fallback=file_id)
     kind = content_type(name, given_type)
     stored_id = new_id()
@@ -195,10 +229,16 @@ async def _store(ctx: GatewayContext, net: Net, session_id: str, file_id: str, d
     url = subjects.file_url(net.bot, session_id, stored_id)
     answer = InputFileResponse(bot=net.bot, session_id=session_id, file_id=file_id, name=name, size=size,
                                content_type=kind, stored_id=stored_id, url=url)
+    if key is not None:
+        answer = idempotency.keyed(answer, key)
     try:
         seq, _ = await inputs.append_answer(ctx.events, answer)
-    except BaseException:
+    except BaseException as exc:
         await ctx.files.delete(net.bot, session_id, stored_id)  # it does not count: don't keep it
-        raise
+        # A retry racing its own first try (same key) gets the first try's answer.
+        found = await idempotency.find(ctx.events, answer) if key and isinstance(exc, AlreadyAnswered) else None
+        if found is None:
+            raise
+        return _replayed(found, response)
     ctx.log.info("file uploaded", bot=net.bot, session_id=session_id, file_id=file_id, size=size, seq=seq)
     return Uploaded(file_id=file_id, stored_id=stored_id, name=name, size=size, url=url, seq=seq)

@@ -1,7 +1,7 @@
 """What clients send, turned into events, or refused with an error a person can act on.
 
 A client message is one JSON object with an optional ``request_id`` echoed in the metadata of what it
-causes:
+causes (and, for an add or a task answer, its idempotency key: see ``idempotency``):
 
 - ``{"type": "user_message", "value": "..."}``
 - ``{"type": "marker_added", "value": {"location": "UserName", "data": {...}}}``
@@ -37,6 +37,7 @@ from petribus.events import (
     _Event,
 )
 from petribus.net import Net
+from petribus_gateway import idempotency
 
 CLIENT_TYPES = ("user_message", "marker_added", "accept_transition", "reject_transition", "confirm_response")
 ANSWERS = (AcceptTransition, RejectTransition, ConfirmResponse)
@@ -112,6 +113,8 @@ def parse(text: str) -> dict[str, Any]:
             f"request_id must be a string, got {_kind(request_id)} {snippet(request_id)}",
             code="invalid_value",
         )
+    if request_id is not None:
+        idempotency.check_key(request_id, "request_id")  # it names the message: a resend lands once
     return payload
 
 

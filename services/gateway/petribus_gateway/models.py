@@ -137,6 +137,8 @@ class Uploaded(BaseModel):
     size: int
     url: str
     seq: int = Field(description="Sequence of the input_file_response event it appended.")
+    replayed: bool = Field(default=False, description="True when this answers a retry (same Idempotency-Key) "
+                           "of an upload that had already landed: nothing new was stored.")
 
 
 class SessionCreatedInfo(BaseModel):
@@ -158,6 +160,8 @@ class NewMessage(BaseModel):
 class Appended(BaseModel):
     seq: int = Field(description="Where the event landed in the session's log.")
     event: ClientEvent
+    replayed: bool = Field(default=False, description="True when this answers a retry (same Idempotency-Key) "
+                           "of a request that had already landed: nothing new was appended.")
 
 
 class Health(BaseModel):

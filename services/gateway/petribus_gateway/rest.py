@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import JSONResponse
 
 from petribus import subjects
 from petribus.core import fold
-from petribus.errors import InvalidInput
-from petribus.events import InputFileResponse, to_client
+from petribus.errors import AlreadyAnswered, InvalidInput
+from petribus.events import InputFileResponse, _Event, to_client
 from petribus.net import Net
-from petribus_gateway import inputs
+from petribus_gateway import idempotency, inputs
 from petribus_gateway.context import GatewayContext, check_session_id, context, unknown_session
 from petribus_gateway.models import (
     Answer,
@@ -39,12 +39,27 @@ Ctx = Annotated[GatewayContext, Depends(context)]
 Responses = dict[int | str, dict[str, Any]]
 NOT_FOUND: Responses = {404: {"model": ErrorBody, "description": "No such bot or session."}}
 INVALID: Responses = {422: {"model": ErrorBody, "description": "Invalid input; nothing was appended."}}
-ERRORS: Responses = {**NOT_FOUND, **INVALID}
+UNAVAILABLE: Responses = {503: {
+    "model": ErrorBody, "headers": {"Retry-After": {"description": "Seconds to wait before retrying.",
+                                                    "schema": {"type": "integer"}}},
+    "description": "The session log (NATS) is unavailable for now: retry after Retry-After seconds "
+                   "(a write with the same Idempotency-Key lands once)."}}
+ERRORS: Responses = {**NOT_FOUND, **INVALID, **UNAVAILABLE}
+KEYED: Responses = {
+    400: {"model": ErrorBody, "description": "An Idempotency-Key that is not 1-128 printable ASCII characters."},
+    409: {"model": ErrorBody, "description": "The Idempotency-Key already named a different request."},
+}
 ANSWER_ERRORS: Responses = {
     404: {"model": ErrorBody, "description": "No such bot, session, task or request."},
     409: {"model": ErrorBody, "description": "It no longer waits: answered, timed out, or ended."},
-    **INVALID,
+    **INVALID, **UNAVAILABLE, 400: KEYED[400],
 }
+REPLAYED = "Idempotent-Replayed"
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key",
+    description="Names this request (1-128 printable ASCII characters, e.g. a uuid4). Send the same key "
+                "when you retry it: it lands once, and the retry gets the first answer back with the "
+                "header Idempotent-Replayed: true.")]
 
 router = APIRouter()
 
@@ -134,31 +149,48 @@ async def get_session(net: BotNet, session_id: str, ctx: Ctx) -> SessionDetail:
 
 
 @router.post("/bots/{bot}/sessions/{session_id}/markers", response_model=Appended, status_code=201,
-             responses=ERRORS, tags=["sessions"])
-async def add_marker(net: BotNet, session_id: str, body: NewMarker, ctx: Ctx) -> Appended:
+             responses={**ERRORS, **KEYED}, tags=["sessions"])
+async def add_marker(net: BotNet, session_id: str, body: NewMarker, ctx: Ctx, response: Response,
+                     idempotency_key: IdempotencyKey = None) -> Appended:
     """Add a marker to an exposed location, validated by the location's model."""
     check_session_id(session_id)
+    key = None if idempotency_key is None else idempotency.check_key(idempotency_key)
     event = inputs.marker_added(net, session_id, body.location, body.data, source="api",
                                 request_id=body.request_id)
     await ctx.require_session(net.bot, session_id)
-    seq = await ctx.events.append(event)
-    return Appended(seq=seq, event=ClientEvent.model_validate(to_client(event, seq)))
+    return await _append(ctx, event, key, response)
 
 
 @router.post("/bots/{bot}/sessions/{session_id}/messages", response_model=Appended, status_code=201,
-             responses=ERRORS, tags=["sessions"])
-async def add_message(net: BotNet, session_id: str, body: NewMessage, ctx: Ctx) -> Appended:
+             responses={**ERRORS, **KEYED}, tags=["sessions"])
+async def add_message(net: BotNet, session_id: str, body: NewMessage, ctx: Ctx, response: Response,
+                      idempotency_key: IdempotencyKey = None) -> Appended:
     """Say something in the session, as its user."""
     check_session_id(session_id)
+    key = None if idempotency_key is None else idempotency.check_key(idempotency_key)
     event = inputs.user_message(net, session_id, body.text, request_id=body.request_id)
     await ctx.require_session(net.bot, session_id)
-    seq = await ctx.events.append(event)
-    return Appended(seq=seq, event=ClientEvent.model_validate(to_client(event, seq)))
+    return await _append(ctx, event, key, response)
+
+
+async def _append(ctx: GatewayContext, event: _Event, key: str | None, response: Response) -> Appended:
+    if key is None:
+        seq = await ctx.events.append(event)
+        return Appended(seq=seq, event=ClientEvent.model_validate(to_client(event, seq)))
+    seq, stored, replayed = await idempotency.append(ctx.events, event, key)
+    return _appended(seq, stored, replayed, response)
+
+
+def _appended(seq: int, event: _Event, replayed: bool, response: Response) -> Appended:
+    if replayed:
+        response.headers[REPLAYED] = "true"
+    return Appended(seq=seq, event=ClientEvent.model_validate(to_client(event, seq)), replayed=replayed)
 
 
 @router.post("/bots/{bot}/sessions/{session_id}/confirmations/{task_id}", response_model=Appended,
              status_code=201, responses=ANSWER_ERRORS, tags=["confirmations"])
-async def answer_confirmation(net: BotNet, session_id: str, task_id: str, body: Answer, ctx: Ctx) -> Appended:
+async def answer_confirmation(net: BotNet, session_id: str, task_id: str, body: Answer, ctx: Ctx,
+                              response: Response, idempotency_key: IdempotencyKey = None) -> Appended:
     """Accept (run it) or reject (its markers go back) a firing that waits for confirmation.
 
     ``task_id`` is the ``metadata.task_id`` of its ``confirm_transition`` event.
@@ -169,27 +201,40 @@ async def answer_confirmation(net: BotNet, session_id: str, task_id: str, body: 
                            code="invalid_value")
     kind = "accept_transition" if body.accepted else "reject_transition"
     value = task_id if body.reason is None else {"task_id": task_id, "reason": body.reason}
+    key = None if idempotency_key is None else idempotency.check_key(idempotency_key)
     event = inputs.task_answer(net, session_id, kind, value, inputs.snippet(task_id),
                                request_id=body.request_id)
-    return await _answer(ctx, net, session_id, event)
+    return await _answer(ctx, net, session_id, event, key, response)
 
 
 @router.post("/bots/{bot}/sessions/{session_id}/confirm_requests/{request_id}", response_model=Appended,
              status_code=201, responses=ANSWER_ERRORS, tags=["confirmations"])
-async def answer_question(net: BotNet, session_id: str, request_id: str, body: Answer, ctx: Ctx) -> Appended:
+async def answer_question(net: BotNet, session_id: str, request_id: str, body: Answer, ctx: Ctx,
+                          response: Response, idempotency_key: IdempotencyKey = None) -> Appended:
     """Answer a running transition's ``context.confirm`` question (a ``confirm_request`` event)."""
     check_session_id(session_id)
     if body.reason is not None or body.request_id not in (None, request_id):
         raise InvalidInput("answer a confirm request with {\"accepted\": true|false} only",
                            code="invalid_value")
+    key = None if idempotency_key is None else idempotency.check_key(idempotency_key)
     event = inputs.confirm_response(net, session_id, body.accepted, "", request_id=request_id)
-    return await _answer(ctx, net, session_id, event)
+    return await _answer(ctx, net, session_id, event, key, response)
 
 
-async def _answer(ctx: GatewayContext, net: Net, session_id: str, event: Any) -> Appended:
+async def _answer(ctx: GatewayContext, net: Net, session_id: str, event: Any, key: str | None,
+                  response: Response) -> Appended:
     await ctx.require_session(net.bot, session_id)
-    seq, appended = await inputs.append_answer(ctx.events, event)
-    return Appended(seq=seq, event=ClientEvent.model_validate(to_client(appended, seq)))
+    if key is not None:
+        event = idempotency.keyed(event, key)
+    try:
+        seq, appended = await inputs.append_answer(ctx.events, event)
+    except AlreadyAnswered:
+        # A retry of this very answer (same key) is answered as the first time; anyone else's is refused.
+        found = None if key is None else await idempotency.find(ctx.events, event)
+        if found is None:
+            raise
+        return _appended(*found, True, response)
+    return _appended(seq, appended, False, response)
 
 
 @router.delete("/bots/{bot}/sessions/{session_id}", status_code=204, responses=ERRORS,

@@ -8,7 +8,9 @@ reconnect with the last ``seq`` it saw loses nothing and repeats nothing.
 Three tasks per connection: a pump (consumer -> outbox), a reader (client -> log, or an error back)
 and the one writer that owns the socket's send side, so stream events and error replies never
 interleave mid-frame. A refused client message gets an ``error`` event sent to that client only; it
-never enters the log and the connection stays open.
+never enters the log and the connection stays open. So does one the bus could not take (NATS down or
+failing over: code ``bus_unavailable``), echoing its ``request_id``; sent again with that same
+``request_id``, it lands once (``idempotency``).
 
 Answers (accept/reject a confirmation, a confirm_response) are checked against a fold of the session
 that the connection keeps and brings up to date before each answer, and appended at the sequence they
@@ -33,15 +35,16 @@ from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected, Web
 
 from petribus import subjects
 from petribus.core import SessionState
-from petribus.errors import BusError, InvalidInput, PetribusError, UnknownBot, UnknownSession
-from petribus.events import ErrorEvent, decode, to_client
+from petribus.errors import AlreadyAnswered, InvalidInput, PetribusError, UnknownBot, UnknownSession
+from petribus.events import ConfirmResponse, ErrorEvent, decode, to_client
 from petribus.net import Net
-from petribus_gateway import deltas, inputs
+from petribus_gateway import deltas, errors, idempotency, inputs
 from petribus_gateway.context import GatewayContext, context
 
 CLOSE_NOT_FOUND = 4404
 CLOSE_BAD_REQUEST = 4400
 CLOSE_STREAM_LOST = 1011
+CLOSE_TRY_AGAIN = 1013  # RFC 6455 "Try Again Later": the bus is unavailable for now
 # How a client going away shows up: starlette's own errors, or uvicorn's ClientDisconnected (an OSError).
 DISCONNECTED = (WebSocketDisconnect, WebSocketDisconnected, OSError)
 OUTBOX_SIZE = 256  # events queued for a slow client before the pump (and so the consumer) waits
@@ -65,9 +68,17 @@ async def session_socket(
     except InvalidInput as exc:
         await _refuse(websocket, bot, asked, exc, CLOSE_BAD_REQUEST)
         return
-    except BusError as exc:
-        ctx.log.error("cannot open session", bot=bot, session_id=asked, error=repr(exc))
-        await _refuse(websocket, bot, asked, exc, CLOSE_STREAM_LOST)
+    except Exception as exc:
+        bus = errors.bus_failure(exc)
+        if bus is None:
+            raise
+        ctx.log.warning("cannot open session", bot=bot, session_id=asked, error=repr(exc))
+        unavailable = bus.code == errors.UNAVAILABLE
+        message = (f"the session log (NATS) is unavailable right now (restarting or failing over); connect "
+                   f"again in {errors.RETRY_AFTER_S} s" if unavailable else
+                   "the session log refused to open this session; the gateway's log says why")
+        await _refuse(websocket, bot, asked, PetribusError(message, code=bus.code),
+                      CLOSE_TRY_AGAIN if unavailable else CLOSE_STREAM_LOST)
         return
     await SessionSocket(ctx, websocket, net, session_id, since).run()
 
@@ -223,20 +234,48 @@ class SessionSocket:
             await self._error(exc.code, exc.message, request_id)
             return
         try:
-            if isinstance(event, inputs.ANSWERS):
-                seq, _ = await inputs.append_answer(self.ctx.events, event, state=self.state)
-            else:
-                seq = await self.ctx.events.append(event)
-        except InvalidInput as exc:  # nothing (or no longer anything) to answer
-            self.log.info("client answer refused", code=exc.code, error=exc.message)
+            seq, replayed = await self._append(event, request_id)
+        except InvalidInput as exc:  # nothing (or no longer anything) to answer; a key reused
+            self.log.info("client message refused", code=exc.code, error=exc.message)
             await self._error(exc.code, exc.message, request_id)
             return
-        except BusError as exc:
-            self.log.error("append failed", type=payload["type"], error=repr(exc))
-            await self._error(exc.code, f"your {payload['type']} was not recorded ({exc}); send it again",
-                              request_id)
+        except Exception as exc:
+            bus = errors.bus_failure(exc)
+            if bus is None:
+                raise
+            self.log.warning("append failed", type=payload["type"], request_id=request_id, error=repr(exc))
+            if bus.code == errors.UNAVAILABLE:
+                message = (f"your {payload['type']} was not recorded: the session log (NATS) is unavailable "
+                           f"right now (restarting or failing over). Send it again in {errors.RETRY_AFTER_S} s "
+                           "with the same request_id: it is then recorded exactly once")
+            else:
+                message = (f"your {payload['type']} was not recorded: the session log refused it; "
+                           "the gateway's log says why")
+            await self._error(bus.code, message, request_id)
             return
-        self.log.debug("client event appended", type=payload["type"], seq=seq)
+        self.log.debug("client event appended", type=payload["type"], seq=seq, replayed=replayed)
+
+    async def _append(self, event: Any, request_id: str | None) -> tuple[int, bool]:
+        """Append a client's event, once per ``request_id`` (its idempotency key); (seq, replayed)."""
+        if isinstance(event, inputs.ANSWERS):
+            # A confirm_response's request_id is the question's id, not a key of the client's.
+            keyed = request_id is not None and not isinstance(event, ConfirmResponse)
+            if keyed:
+                event = idempotency.keyed(event, request_id)  # type: ignore[arg-type]
+            try:
+                seq, _ = await inputs.append_answer(self.ctx.events, event, state=self.state)
+            except AlreadyAnswered:
+                # A resend of an answer that landed: the client has it (or gets it) in the stream.
+                found = await idempotency.find(self.ctx.events, event) if keyed else None
+                if found is None:
+                    raise
+                return found[0], True
+            return seq, False
+        if request_id is None:
+            return await self.ctx.events.append(event), False
+        # A resend that landed before is not appended again: the stream shows the first one only.
+        seq, _, replayed = await idempotency.append(self.ctx.events, event, request_id)
+        return seq, replayed
 
     async def _error(self, code: str, message: str, request_id: str | None) -> None:
         error = ErrorEvent(bot=self.net.bot, session_id=self.session_id, code=code, message=message,
