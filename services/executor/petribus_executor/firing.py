@@ -57,16 +57,19 @@ class Outbox:
 
     def __init__(self, events: EventLog) -> None:
         self._events = events
-        self._queue: asyncio.Queue[tuple[_Event, str, asyncio.Future[int] | None] | None] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None  # started by the first event: most firings say nothing
+        # Both made by the first event: most firings say nothing, and a fan-out makes thousands of these.
+        self._queue: asyncio.Queue[tuple[_Event, str, asyncio.Future[int] | None] | None] | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def _start(self) -> asyncio.Task[None]:
         if self._task is None:
+            self._queue = asyncio.Queue()
             self._task = asyncio.create_task(self._write())
         return self._task
 
     def put(self, event: _Event, msg_id: str) -> None:
         self._start()
+        assert self._queue is not None
         self._queue.put_nowait((event, msg_id, None))
 
     async def append(self, event: _Event, msg_id: str) -> int:
@@ -74,6 +77,7 @@ class Outbox:
         first one's, when an earlier run of the firing appended it already: ``msg_id`` names the effect)."""
         landed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         writer = self._start()
+        assert self._queue is not None
         self._queue.put_nowait((event, msg_id, landed))
         await asyncio.wait({landed, writer}, return_when=asyncio.FIRST_COMPLETED)
         if not landed.done():  # the writer died on an earlier event: this one will never be written
@@ -83,6 +87,7 @@ class Outbox:
         return landed.result()
 
     async def _write(self) -> None:
+        assert self._queue is not None
         while (entry := await self._queue.get()) is not None:
             event, msg_id, landed = entry
             try:
@@ -96,7 +101,7 @@ class Outbox:
 
     async def flush(self) -> None:
         """Wait until everything put so far is in the log (raises if an append failed)."""
-        if self._task is None:
+        if self._task is None or self._queue is None:
             return
         self._queue.put_nowait(None)
         await self._task
