@@ -56,8 +56,8 @@ from petribus.outage import (
     retry,
 )
 
-__all__ = ["MAX_BATCH", "WRONG_LAST_SEQUENCE_CODES", "BusUnavailable", "EventLog", "WrongLastSequence", "connect", "ensure_event_consumer",
-           "ensure_streams", "is_wrong_last_sequence", "on_disconnect", "on_reconnect"]
+__all__ = ["MAX_BATCH", "WRONG_LAST_SEQUENCE_CODES", "BusUnavailable", "EventLog", "WrongLastSequence", "connect",
+           "ensure_event_consumer", "ensure_streams", "is_wrong_last_sequence", "on_disconnect", "on_reconnect"]
 
 log = logs.get("petribus.bus")
 nats_headers.install()
@@ -128,8 +128,14 @@ async def connect(url: str, name: str, *, timeout: float = 10.0, reconnect: bool
 async def ensure_streams(js: JetStreamContext, *, duplicate_window_s: float = 120.0, replicas: int = 1) -> None:
     """Create (or update) PB_EVENTS, PB_WORK, PB_TIMERS and the PB_FILES object store.
 
-    Safe to call from every process at every start.
+    Safe to call from every process at every start; a bus that is restarting or electing is waited for
+    (``PETRIBUS_BUS_OUTAGE_S``).
     """
+    await retry(js._nc, "creating the streams",  # nats-py keeps the context's connection private
+                lambda _: _ensure_streams(js, duplicate_window_s, replicas), budget_s=default_budget())
+
+
+async def _ensure_streams(js: JetStreamContext, duplicate_window_s: float, replicas: int) -> None:
     configs = [
         StreamConfig(
             name=subjects.EVENTS_STREAM, subjects=[subjects.all_events()], storage=StorageType.FILE,
@@ -182,14 +188,14 @@ async def _get_by(queue: asyncio.Queue[Msg], deadline: float) -> Msg:
 
 async def ensure_event_consumer(js: JetStreamContext, durable: str, *, ack_wait_s: float) -> None:
     """Create (or update) a durable consumer over every session's events, shared by all processes of
-    one service: explicit acks, every event from the start, redelivered until acked."""
-    await js.add_consumer(
-        subjects.EVENTS_STREAM,
-        ConsumerConfig(
-            durable_name=durable, filter_subject=subjects.all_events(), ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL, ack_wait=ack_wait_s, max_ack_pending=20_000, max_deliver=-1,
-        ),
+    one service: explicit acks, every event from the start, redelivered until acked. Also the
+    ``ensure`` callback a ``PullConsumer`` over it wants."""
+    config = ConsumerConfig(
+        durable_name=durable, filter_subject=subjects.all_events(), ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL, ack_wait=ack_wait_s, max_ack_pending=20_000, max_deliver=-1,
     )
+    await retry(js._nc, f"creating the consumer {durable}",
+                lambda _: js.add_consumer(subjects.EVENTS_STREAM, config), budget_s=default_budget())
 
 
 class EventLog:
@@ -568,7 +574,8 @@ class EventLog:
 
     async def sessions(self, bot: str) -> dict[str, int]:
         """Session id -> number of events, for every session of ``bot`` still in the log."""
-        info = await self.js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subjects.bot_events(bot))
+        info = await self._retry(f"listing the sessions of {bot}", lambda _: self.js.stream_info(
+            subjects.EVENTS_STREAM, subjects_filter=subjects.bot_events(bot)))
         found = info.state.subjects or {}
         return {subjects.parse_events(s)[1]: n for s, n in found.items()}
 
