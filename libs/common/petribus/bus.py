@@ -19,6 +19,7 @@ import asyncio
 import base64
 import itertools
 import json
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
@@ -104,7 +105,9 @@ async def connect(url: str, name: str, *, timeout: float = 10.0, reconnect: bool
     async def on_error(exc: Exception) -> None:
         last_error[:] = [exc]
         if reconnect:  # otherwise the caller gets it, once, in the BusError
-            log.warning("nats connection error", url=url, error=repr(exc))
+            # Once per outage at warning (with "nats connection back" when it ends), not once per try.
+            quiet = hooks.down_since is not None and time.monotonic() - hooks.down_since > 1.0
+            (log.debug if quiet else log.warning)("nats connection error", url=url, error=repr(exc))
 
     try:
         nc = await asyncio.wait_for(

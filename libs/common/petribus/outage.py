@@ -156,16 +156,20 @@ class ConnectionHooks:
     def __init__(self) -> None:
         self.reconnected: list[Hook] = []
         self.disconnected: list[Hook] = []
+        self.down_since: float | None = None  # while the connection is lost: since when
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def fire_reconnected(self) -> None:
+        if self.down_since is not None:
+            log.warning("nats connection back", down_s=round(time.monotonic() - self.down_since, 3))
+            self.down_since = None
         self._fire(self.reconnected, "reconnected")
 
     async def fire_disconnected(self) -> None:
+        self.down_since = time.monotonic()
         self._fire(self.disconnected, "disconnected")
 
     def _fire(self, hooks: list[Hook], what: str) -> None:
-        log.info(f"nats {what}", hooks=len(hooks))
         for hook in list(hooks):
             task = asyncio.ensure_future(self._run(hook, what))
             self._tasks.add(task)
