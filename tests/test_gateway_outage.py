@@ -13,12 +13,14 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
 from rich.console import Console
 
 from petribus import bus
 from petribus.bus import EventLog
 from petribus.chat import Chat
 from petribus.embedded import NatsServer
+from petribus.outage import on_disconnect
 from petribus.settings import Settings
 from petribus_gateway import idempotency
 
@@ -33,7 +35,9 @@ SECRETS = ("nats://", "127.0.0.1", "pb.ev.", "Traceback")
 @pytest.fixture
 async def stack(settings: Settings) -> AsyncIterator[Stack]:
     # The gateway alone: nothing consumes what is added, so the log shows exactly what clients sent.
-    async with Stack(settings, [COUNTER], parts=("gateway",)) as s:
+    # A short outage budget: a request gives up (503) a second after the bus went away.
+    short = settings.model_copy(update={"bus_outage_s": 1.0})
+    async with Stack(short, [COUNTER], parts=("gateway",)) as s:
         yield s
 
 
@@ -43,9 +47,21 @@ async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def _stop(server: NatsServer) -> None:
-    server.stop()
-    assert server.proc is not None and server.proc.poll() is not None, "nats-server is still running"
+async def _stop(server: NatsServer, stack: Stack) -> None:
+    """Stop nats-server and wait until the gateway has lost its connection (its disconnect hook)."""
+    lost = asyncio.Event()
+
+    async def on_lost() -> None:
+        lost.set()
+
+    unregister = on_disconnect(stack.gateway.nc, on_lost)
+    try:
+        server.stop()
+        assert server.proc is not None and server.proc.poll() is not None, "nats-server is still running"
+        await asyncio.wait_for(lost.wait(), 30)
+    finally:
+        unregister()
+    assert not stack.gateway.nc.is_connected
 
 
 def _restart(server: NatsServer) -> None:
@@ -87,7 +103,7 @@ async def test_a_rest_add_during_an_outage_gets_503_and_its_retry_lands_once(
     path = f"/bots/counter/sessions/{session_id}/markers"
     body = {"location": "Item", "data": {"n": 1}}
 
-    _stop(nats_server)
+    await _stop(nats_server, stack)
     try:
         refused = await http.post(path, json=body, headers={"Idempotency-Key": "add-1"})
         health = await http.get("/healthz")
@@ -191,10 +207,13 @@ async def test_a_websocket_message_during_an_outage_gets_an_error_and_its_resend
     try:
         session_id = (await client.until("session_created"))["value"]
         message = {"type": "user_message", "value": "hello", "request_id": "r-1"}
-        _stop(nats_server)
+        await _stop(nats_server, stack)
         try:
             await client.send(message)
             error = await client.until("error", timeout=60)
+            newcomer = await Client.connect(stack.ws_url("counter"))
+            refused = await newcomer.until("error")
+            closed = await _closed(newcomer)
         finally:
             _restart(nats_server)
         await client.send(message)  # the same request_id: recorded once however many tries landed
@@ -209,6 +228,13 @@ async def test_a_websocket_message_during_an_outage_gets_an_error_and_its_resend
     assert not any(s in error["value"]["message"] for s in SECRETS)
     said = [ev.request_id for _, ev in logged if ev.type == "user_message"]
     assert said == ["r-1", "r-2"]
+    assert refused["value"]["code"] == "bus_unavailable" and closed == 1013  # "try again later"
+
+
+async def _closed(client: Client) -> int | None:
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await client.recv()
+    return closed.value.rcvd.code if closed.value.rcvd else None
 
 
 async def _log_until(url: str, session_id: str, request_id: str) -> list[tuple[int, Any]]:
@@ -234,7 +260,7 @@ async def test_chat_resends_a_line_the_bus_could_not_take_with_the_same_request_
     running = asyncio.create_task(chat.run(typist.lines()))
     try:
         await screen.shows("[session_created]")
-        _stop(nats_server)
+        await _stop(nats_server, stack)
         try:
             typist.type("hello")
             await screen.shows("[resending]", timeout=60)

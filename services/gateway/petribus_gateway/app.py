@@ -112,7 +112,9 @@ class Gateway(Service):
     async def _start(self) -> None:
         nc = await self.connect()
         ready = asyncio.Event()
-        self.app = create_app(GatewayContext(self.settings, self.nets, nc, EventLog(nc)), on_ready=ready.set)
+        outage_s = min(self.settings.bus_outage_s, errors.REQUEST_OUTAGE_S)
+        ctx = GatewayContext(self.settings, self.nets, nc, EventLog(nc, outage_s=outage_s), outage_s=outage_s)
+        self.app = create_app(ctx, on_ready=ready.set)
         sock = _listen(self.settings.host, self.settings.port)
         self.url = f"http://{_url_host(self.settings.host)}:{sock.getsockname()[1]}"
         config = uvicorn.Config(

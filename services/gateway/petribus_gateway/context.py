@@ -2,10 +2,16 @@
 
 Sessions have no index of their own: a session exists while its subject holds events, so every
 question about one is asked of the log.
+
+``bus_ready`` is the gate in front of every request that touches the log: while the connection to
+NATS is down it waits for it to come back (the connection's reconnect hook, not a poll) for at most
+``outage_s``, then refuses with ``bus_unavailable`` (503 + Retry-After), so a client learns to retry
+in bounded time instead of waiting out request timeouts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,10 +21,11 @@ from starlette.requests import HTTPConnection
 
 from petribus import logs
 from petribus.bus import EventLog
-from petribus.errors import InvalidInput, UnknownBot, UnknownSession
+from petribus.errors import BusUnavailable, InvalidInput, UnknownBot, UnknownSession
 from petribus.events import AgentMessage, SessionCreated, _Event, new_id
 from petribus.files import FileStore
 from petribus.net import Net
+from petribus.outage import on_disconnect, on_reconnect
 from petribus.settings import Settings
 
 # A session id is one subject token: no '.', and no '*' or '>' that would widen a read or a purge.
@@ -31,12 +38,37 @@ class GatewayContext:
     nets: dict[str, Net]
     nc: NATS
     events: EventLog
+    outage_s: float = 10.0  # how long a request waits for a lost connection to come back
     log: Any = field(init=False)
     files: FileStore = field(init=False)
+    _connected: asyncio.Event = field(init=False)
 
     def __post_init__(self) -> None:
         self.log = logs.get("petribus.gateway")
         self.files = FileStore(self.events.js, self.settings.max_file_bytes)
+        self._connected = asyncio.Event()
+        if self.nc.is_connected:
+            self._connected.set()
+        on_reconnect(self.nc, self._up)
+        on_disconnect(self.nc, self._down)
+
+    async def _up(self) -> None:
+        self._connected.set()
+
+    async def _down(self) -> None:
+        self._connected.clear()
+
+    async def bus_ready(self) -> None:
+        """Return once NATS is connected; ``BusUnavailable`` when it is not back within ``outage_s``."""
+        if self.nc.is_connected:
+            return
+        if not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self._connected.wait(), self.outage_s)
+                return
+            except TimeoutError:
+                pass
+        raise BusUnavailable(f"the gateway's connection to NATS has been down for over {self.outage_s:g}s")
 
     def net(self, bot: str) -> Net:
         net = self.nets.get(bot)
@@ -47,6 +79,7 @@ class GatewayContext:
     async def require_session(self, bot: str, session_id: str) -> int:
         """The session's last sequence; ``UnknownSession`` when its subject holds no events."""
         check_session_id(session_id)
+        await self.bus_ready()
         last = await self.events.last_seq(bot, session_id)
         if last == 0:
             raise unknown_session(bot, session_id)
@@ -54,6 +87,7 @@ class GatewayContext:
 
     async def create_session(self, net: Net) -> tuple[str, int]:
         """Start a session: ``session_created`` first, then the bot's welcome message if it has one."""
+        await self.bus_ready()
         session_id = new_id()
         opening: list[_Event] = [SessionCreated(bot=net.bot, session_id=session_id)]
         ids = [f"session:{session_id}"]
@@ -85,3 +119,8 @@ def check_session_id(session_id: str) -> None:
 def context(conn: HTTPConnection) -> GatewayContext:
     """FastAPI dependency: the context the app was made with (HTTP routes and WebSockets alike)."""
     return conn.app.state.gateway  # type: ignore[no-any-return]
+
+
+async def bus_ready(conn: HTTPConnection) -> None:
+    """FastAPI dependency of every route that touches the log: see ``GatewayContext.bus_ready``."""
+    await context(conn).bus_ready()

@@ -9,13 +9,11 @@ same body shape, never a bare traceback.
 
 from __future__ import annotations
 
-import asyncio
-
 import nats.errors
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from nats.js.errors import APIError, ServiceUnavailableError
+from nats.js.errors import ServiceUnavailableError
 
 from petribus import logs
 from petribus.errors import (
@@ -28,11 +26,16 @@ from petribus.errors import (
     UnknownRequest,
     UnknownSession,
 )
+from petribus.outage import is_unavailable
 from petribus_gateway.models import ErrorBody
 
 log = logs.get("petribus.gateway")
 
 RETRY_AFTER_S = 2  # a nats-server restart or a fail-over takes about this long to be over
+# How long a request rides out an unavailable bus before it is answered 503 (at most
+# PETRIBUS_BUS_OUTAGE_S): a fail-over shorter than this is never seen by clients, and a client's
+# HTTP timeout (often 30 s) is not reached first.
+REQUEST_OUTAGE_S = 10.0
 UNAVAILABLE = "bus_unavailable"
 
 
@@ -58,10 +61,10 @@ def bus_failure(exc: BaseException) -> BusError | None:
         if exc.retryable or exc.code == UNAVAILABLE:
             return BusError(str(exc), code=UNAVAILABLE, retryable=True)
         return exc
-    if isinstance(exc, APIError) and not isinstance(exc, ServiceUnavailableError):
-        return BusError(f"NATS refused the request: {exc}", code="bus_error", retryable=False)
-    if isinstance(exc, (nats.errors.Error, asyncio.TimeoutError, TimeoutError)):
+    if is_unavailable(exc) or isinstance(exc, (ServiceUnavailableError, nats.errors.ConnectionClosedError)):
         return BusError(f"{type(exc).__name__}: {exc}", code=UNAVAILABLE, retryable=True)
+    if isinstance(exc, nats.errors.Error):  # an answer (a bad request, a missing stream): not worth a retry
+        return BusError(f"NATS refused the request: {exc!r}", code="bus_error", retryable=False)
     return None
 
 

@@ -35,7 +35,7 @@ from petribus.events import Event, InputFileResponse, new_id
 from petribus.files import FILE_ID_RE, content_type, header, safe_name, too_large
 from petribus.net import Net
 from petribus_gateway import idempotency, inputs
-from petribus_gateway.context import GatewayContext, check_session_id, context
+from petribus_gateway.context import GatewayContext, bus_ready, check_session_id, context
 from petribus_gateway.models import ErrorBody, Uploaded
 
 Ctx = Annotated[GatewayContext, Depends(context)]
@@ -56,6 +56,8 @@ BotNet = Annotated[Net, Depends(bot_net)]
 DOWNLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "No such bot, session or file."},
     422: {"model": ErrorBody, "description": "An id that is not an id."},
+    503: {"model": ErrorBody, "description": "The file store is unavailable for now: retry after Retry-After "
+          "seconds."},
 }
 UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "No such bot or session, or no such file request in it."},
@@ -72,7 +74,8 @@ IdempotencyKey = Annotated[str | None, Header(
                 "first upload's answer (replayed: true) instead of 409.")]
 
 
-@router.get(FILE_PATH, responses={200: {"content": {"application/octet-stream": {}}}, **DOWNLOAD_ERRORS})
+@router.get(FILE_PATH, responses={200: {"content": {"application/octet-stream": {}}}, **DOWNLOAD_ERRORS},
+            dependencies=[Depends(bus_ready)])
 async def download(net: BotNet, session_id: str, file_id: str, ctx: Ctx) -> StreamingResponse:
     """The bytes of one of the session's files (its ``output_file`` or ``input_file_response`` URL)."""
     _check_ids(session_id, file_id)

@@ -13,7 +13,7 @@ from petribus.errors import AlreadyAnswered, InvalidInput
 from petribus.events import InputFileResponse, _Event, to_client
 from petribus.net import Net
 from petribus_gateway import idempotency, inputs
-from petribus_gateway.context import GatewayContext, check_session_id, context, unknown_session
+from petribus_gateway.context import GatewayContext, bus_ready, check_session_id, context, unknown_session
 from petribus_gateway.models import (
     Answer,
     Appended,
@@ -97,7 +97,8 @@ async def list_bots(ctx: Ctx) -> list[BotInfo]:
     ]
 
 
-@router.get("/bots/{bot}/sessions", response_model=SessionList, responses=ERRORS, tags=["sessions"])
+@router.get("/bots/{bot}/sessions", response_model=SessionList, responses=ERRORS, tags=["sessions"],
+            dependencies=[Depends(bus_ready)])
 async def list_sessions(net: BotNet, ctx: Ctx) -> SessionList:
     """The bot's sessions still in the log, with the number of events each holds."""
     found = await ctx.events.sessions(net.bot)
@@ -114,7 +115,7 @@ async def create_session(net: BotNet, ctx: Ctx) -> SessionCreatedInfo:
 
 
 @router.get("/bots/{bot}/sessions/{session_id}", response_model=SessionDetail,
-            responses=ERRORS, tags=["sessions"])
+            responses=ERRORS, tags=["sessions"], dependencies=[Depends(bus_ready)])
 async def get_session(net: BotNet, session_id: str, ctx: Ctx) -> SessionDetail:
     """The session's events (as clients see them) and its current state, folded from them."""
     check_session_id(session_id)

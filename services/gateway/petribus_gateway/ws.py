@@ -234,6 +234,7 @@ class SessionSocket:
             await self._error(exc.code, exc.message, request_id)
             return
         try:
+            await self.ctx.bus_ready()
             seq, replayed = await self._append(event, request_id)
         except InvalidInput as exc:  # nothing (or no longer anything) to answer; a key reused
             self.log.info("client message refused", code=exc.code, error=exc.message)
