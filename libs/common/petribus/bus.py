@@ -65,7 +65,6 @@ nats_headers.install()
 
 T = TypeVar("T")
 
-WRONG_LAST_SEQUENCE = 10071  # kept for importers; every code is in WRONG_LAST_SEQUENCE_CODES
 DUPLICATE_IN_BATCH = 10201  # JSAtomicPublishContainsDuplicateMessageErr: a Msg-Id of the batch already landed
 READ_BATCH = 1000
 MAX_BATCH = 1000  # nats-server refuses a larger atomic batch (err_code 10199)
