@@ -219,6 +219,7 @@ async def test_a_websocket_message_during_an_outage_gets_an_error_and_its_resend
         await client.send(message)  # the same request_id: recorded once however many tries landed
         await client.send({**message, "value": "and then", "request_id": "r-2"})
         logged = await _log_until(nats_server.url, session_id, "r-2")
+        await client.until(lambda e: e["metadata"].get("request_id") == "r-2")  # the stream came back
     finally:
         await client.close()
 
@@ -228,6 +229,8 @@ async def test_a_websocket_message_during_an_outage_gets_an_error_and_its_resend
     assert not any(s in error["value"]["message"] for s in SECRETS)
     said = [ev.request_id for _, ev in logged if ev.type == "user_message"]
     assert said == ["r-1", "r-2"]
+    streamed = [e["metadata"]["request_id"] for e in client.events if e["type"] == "user_message"]
+    assert streamed == ["r-1", "r-2"]  # each once, on the connection that lived through the outage
     assert refused["value"]["code"] == "bus_unavailable" and closed == 1013  # "try again later"
 
 
@@ -269,6 +272,8 @@ async def test_chat_resends_a_line_the_bus_could_not_take_with_the_same_request_
         assert chat.session_id is not None
         [error] = chat.errors
         logged = await _log_until(nats_server.url, chat.session_id, error["metadata"]["request_id"])
+        await screen.shows("[user_message] hello")
+        assert not chat.unconfirmed  # the log showed it: nothing left to resend
     finally:
         typist.type("/quit")
         await running

@@ -26,6 +26,7 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, WebSocket
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
@@ -38,6 +39,7 @@ from petribus.core import SessionState
 from petribus.errors import AlreadyAnswered, InvalidInput, PetribusError, UnknownBot, UnknownSession
 from petribus.events import ConfirmResponse, ErrorEvent, decode, to_client
 from petribus.net import Net
+from petribus.outage import on_reconnect, retry
 from petribus_gateway import deltas, errors, idempotency, inputs
 from petribus_gateway.context import GatewayContext, context
 
@@ -135,11 +137,14 @@ class SessionSocket:
         self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(OUTBOX_SIZE)
         self.last_seq = since
         self.state = SessionState()  # folded only when an answer needs checking
+        self._sub: JetStreamContext.PushSubscription | None = None
+        self._next: asyncio.Future[Msg] | None = None  # the pump's wait for a message
+        self._resubscribe = False
         self.log = ctx.log.bind(bot=net.bot, session_id=session_id)
 
     async def run(self) -> None:
         try:
-            sub = await self._subscribe(self.ctx.events.js)
+            self._sub = await self._subscribe(self.since)
         except Exception as exc:  # nats-py raises several unrelated types here
             self.log.error("cannot stream session", error=repr(exc))
             await self._close(CLOSE_STREAM_LOST, f"cannot stream now; reconnect with since={self.since}")
@@ -147,16 +152,18 @@ class SessionSocket:
         self.log.info("client connected", since=self.since)
         # Live pieces of replies (not in the log) go to the same outbox, so the one writer sends them.
         live = await deltas.follow(self.ctx.nc, self.net.bot, self.session_id, self.outbox, self.log)
-        pump = asyncio.create_task(self._pump(sub), name=f"ws:{self.session_id}:pump")
+        unhook = on_reconnect(self.ctx.nc, self._bus_back)
+        pump = asyncio.create_task(self._pump(), name=f"ws:{self.session_id}:pump")
         tasks = [pump, asyncio.create_task(self._read(), name=f"ws:{self.session_id}:read"),
                  asyncio.create_task(self._write(), name=f"ws:{self.session_id}:write")]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            unhook()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self._unsubscribe(sub)
+            await self._unsubscribe(self._sub)
             if live is not None:
                 await self._unsubscribe(live)
         for task in done:
@@ -170,28 +177,58 @@ class SessionSocket:
                 await self._close(CLOSE_STREAM_LOST, f"gateway error; reconnect with since={self.last_seq}")
         self.log.info("client disconnected", last_seq=self.last_seq)
 
-    async def _subscribe(self, js: JetStreamContext) -> JetStreamContext.PushSubscription:
-        if self.since == 0:
+    async def _subscribe(self, after: int) -> JetStreamContext.PushSubscription:
+        if after == 0:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
         else:
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                    opt_start_seq=self.since + 1)
-        return await js.subscribe(subjects.events(self.net.bot, self.session_id),
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
+        return await self.ctx.events.js.subscribe(subjects.events(self.net.bot, self.session_id),
                                   stream=subjects.EVENTS_STREAM, ordered_consumer=True, config=config)
 
-    async def _unsubscribe(self, sub: JetStreamContext.PushSubscription) -> None:
+    async def _unsubscribe(self, sub: JetStreamContext.PushSubscription | None) -> None:
         nc = self.ctx.nc
-        if nc.is_closed or nc.is_draining:
+        if sub is None or nc.is_closed or nc.is_draining:
             return  # the connection's own shutdown removes the subscription
         try:
             await sub.unsubscribe()
         except Exception as exc:  # already gone; nothing left to release
             self.log.debug("unsubscribe failed", error=repr(exc))
 
-    async def _pump(self, sub: JetStreamContext.PushSubscription) -> None:
+    async def _bus_back(self) -> None:
+        """NATS is back: stream again at once from what was pumped, rather than when the ordered
+        consumer notices its missed heartbeats (some 20 s after a server restart)."""
+        self._resubscribe = True
+        if self._next is not None:
+            self._next.cancel()
+
+    async def _next_msg(self, after: int) -> Msg | None:
+        """The subscription's next message; None when it was replaced (NATS came back) meanwhile."""
+        if self._resubscribe:
+            self._resubscribe = False
+            old = self._sub
+            self._sub = await retry(self.ctx.nc, f"streaming {self.session_id} again",
+                                    lambda _: self._subscribe(after), budget_s=self.ctx.outage_s)
+            await self._unsubscribe(old)
+            self.log.info("event stream resumed", after=after)
+            return None
+        self._next = asyncio.ensure_future(self._sub.next_msg(timeout=None))
+        try:
+            return await self._next
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if (task is not None and task.cancelling()) or not self._resubscribe:
+                raise
+            return None
+        finally:
+            self._next = None
+
+    async def _pump(self) -> None:
         last_stream, last_consumer = self.since, 0
         while True:
-            msg = await sub.next_msg(timeout=None)
+            msg = await self._next_msg(last_stream)
+            if msg is None:
+                last_consumer = 0  # a new consumer counts from 1
+                continue
             seq, consumer_seq = msg.metadata.sequence.stream, msg.metadata.sequence.consumer
             if consumer_seq not in (last_consumer + 1, 1):
                 # A message was dropped on our side (nats-py drops for a slow consumer without resetting
