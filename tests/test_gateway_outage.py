@@ -295,3 +295,51 @@ def test_a_key_gives_the_same_event_and_marker_ids_in_one_session_only() -> None
     assert (a.id, a.marker.id) == (b.id, b.marker.id)
     assert a.id != c.id and a.marker.id != c.marker.id and a.id != a.marker.id
     assert idempotency.msg_id("s1", "k") != idempotency.msg_id("s2", "k")
+
+
+async def test_chat_resends_an_unconfirmed_line_after_the_connection_drops(tmp_path) -> None:
+    """A gateway that drops the connection before recording a line: the chat, reconnected, sends it again
+    with the same request_id (a stand-in gateway, so the drop happens exactly there)."""
+    import json
+
+    from websockets.asyncio.server import ServerConnection, serve
+
+    received: list[dict[str, Any]] = []
+    resent = asyncio.Event()
+
+    async def gateway(ws: ServerConnection) -> None:
+        if not received:
+            await ws.send(json.dumps({"type": "session_created", "value": "s1",
+                                      "metadata": {"session_id": "s1", "seq": 1}}))
+            received.append(json.loads(await ws.recv()))
+            await ws.close(1011, "stream lost; reconnect with since=1")  # not recorded
+            return
+        assert ws.request is not None and "since=1" in ws.request.path
+        message = json.loads(await ws.recv())
+        received.append(message)
+        await ws.send(json.dumps({"type": "user_message", "value": message["value"],
+                                  "metadata": {"session_id": "s1", "seq": 2,
+                                               "request_id": message["request_id"]}}))
+        resent.set()
+        await ws.wait_closed()
+
+    screen, typist = Screen(), Typist()
+    console = Console(file=screen, width=200, soft_wrap=True, markup=False, emoji=False, highlight=False)
+    async with serve(gateway, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        chat = Chat(f"ws://127.0.0.1:{port}", "counter", console=console, download_dir=tmp_path / "downloads")
+        running = asyncio.create_task(chat.run(typist.lines()))
+        try:
+            await screen.shows("[session_created]")
+            typist.type("hello")
+            await resent.wait()
+            await screen.shows("[user_message] hello")
+        finally:
+            typist.type("/quit")
+            await running
+
+    first, second = received
+    assert first["type"] == second["type"] == "user_message" and first["value"] == second["value"] == "hello"
+    assert first["request_id"] and second["request_id"] == first["request_id"]
+    assert "[reconnecting]" in screen.getvalue()
+    assert not chat.unconfirmed
