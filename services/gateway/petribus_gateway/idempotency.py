@@ -7,7 +7,9 @@ session. Two things are made from it:
   window JetStream drops a retry and acks it with the original's sequence;
 - the event's id (and an added marker's id), a uuid5 of bot, session and key: a retry is the same
   event, recognisable at any age, and the answer to a retry is read back from the log, so both
-  answers agree (``replayed`` tells them apart).
+  answers agree (``replayed`` tells them apart). Past the duplicate window JetStream appends a late
+  retry again, but the fold adds a marker id it has seen only once, so a keyed marker still counts
+  once; a late user_message shows twice (finding it would mean reading the whole session per add).
 
 Answers (accept, reject, confirm_response, file uploads) are already appended once per thing they
 answer (``answer:<target>``); for them the key only makes the event id, so that a retry of an answer
