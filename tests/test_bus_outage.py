@@ -11,7 +11,7 @@ import nats.errors
 import pytest
 from nats.js.errors import APIError
 from petribus import bus, subjects
-from petribus.bus import BusUnavailable, EventLog, WrongLastSequence, is_wrong_last_sequence
+from petribus.bus import BusUnavailable, EventLog, Publisher, WrongLastSequence, is_wrong_last_sequence
 from petribus.consumer import PullConsumer
 from petribus.embedded import NatsServer
 from petribus.errors import BusTimeout
@@ -289,3 +289,44 @@ async def test_a_pull_consumer_whose_durable_was_deleted_recreates_it_and_goes_o
         consumer.release(len(msgs))
     finally:
         await consumer.stop()
+
+
+async def test_a_pipelined_publish_whose_answer_never_comes_settles_once(nc) -> None:
+    """nats-py never fails a publish_async whose answer was lost with its server: the future must still
+    settle, and the resend must not land a second message."""
+    publisher = Publisher(nc, outage_s=10)
+    real = publisher.js.publish_async
+    swallowed = []
+
+    async def publish_async_losing_the_first_answer(*args, **kwargs):
+        fut = await real(*args, **kwargs)
+        if swallowed:
+            return fut
+        swallowed.append(await fut)  # it landed; the caller is never told
+        return asyncio.get_running_loop().create_future()
+
+    publisher.js.publish_async = publish_async_losing_the_first_answer  # type: ignore[method-assign]
+    subject = "pb.work.cpu.b.s.f1"
+    ack = await asyncio.wait_for(await publisher.publish_soon(subject, b"{}", msg_id="work:f1", timeout=0.5), BOUND_S)
+
+    assert swallowed[0].seq == ack.seq and ack.duplicate  # the resend found the first one
+    assert (await nc.jetstream().stream_info(subjects.WORK_STREAM)).state.messages == 1
+
+
+async def test_a_pipelined_event_sent_while_the_server_is_down_lands_once(nats_server, conn) -> None:
+    nc, down = conn
+    log = EventLog(nc, outage_s=45)
+    await log.append(_marker())
+    crash(nats_server)
+    await asyncio.wait_for(down.wait(), BOUND_S)
+    back = asyncio.create_task(revive_after(nats_server, 2))
+
+    events = [_marker(i=i) for i in range(1, 4)]
+    seqs = await asyncio.wait_for(log.append_many(events, timeout=1.0), BOUND_S)
+    soon = _marker(i=4)
+    seq = await asyncio.wait_for(await log.append_soon(soon, timeout=1.0), BOUND_S)
+    await back
+
+    assert back.done() and nats_server.running
+    for event, s in zip([*events, soon], [*seqs, seq]):
+        assert await landed(log, event.id) == [s]

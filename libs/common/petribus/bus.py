@@ -48,6 +48,7 @@ from petribus.outage import (
     WRONG_LAST_SEQUENCE_CODES,
     ConnectionHooks,
     Outage,
+    Publisher,
     attach,
     default_budget,
     is_unavailable,
@@ -57,8 +58,9 @@ from petribus.outage import (
     retry,
 )
 
-__all__ = ["MAX_BATCH", "WRONG_LAST_SEQUENCE_CODES", "BusUnavailable", "EventLog", "WrongLastSequence", "connect",
-           "ensure_event_consumer", "ensure_streams", "is_wrong_last_sequence", "on_disconnect", "on_reconnect"]
+__all__ = ["MAX_BATCH", "WRONG_LAST_SEQUENCE_CODES", "BusUnavailable", "EventLog", "Publisher", "WrongLastSequence",
+           "connect", "ensure_event_consumer", "ensure_streams", "is_wrong_last_sequence", "on_disconnect",
+           "on_reconnect"]
 
 log = logs.get("petribus.bus")
 nats_headers.install()
@@ -183,6 +185,10 @@ async def _ensure_streams(js: JetStreamContext, duplicate_window_s: float, repli
         log.info("file store kept as configured", bucket=subjects.FILES_BUCKET, detail=str(exc))
 
 
+async def _seq_of(ack: asyncio.Future[PubAck]) -> int:
+    return (await ack).seq
+
+
 async def _get_by(queue: asyncio.Queue[Msg], deadline: float) -> Msg:
     async with asyncio.timeout_at(deadline):
         return await queue.get()
@@ -214,6 +220,7 @@ class EventLog:
         self.js = js or nc.jetstream()
         self.outage_s = default_budget() if outage_s is None else outage_s
         self._outage = Outage()
+        self.publisher = Publisher(nc, self.js, outage_s=self.outage_s, outage=self._outage)
         # Reads share one wildcard reply subscription, told apart by the last token of the reply
         # subject: no SUB/UNSUB round of the protocol per read.
         self._replies: dict[str, asyncio.Queue[Msg]] = {}
@@ -395,9 +402,9 @@ class EventLog:
         """Send one event now and return a future of its sequence: the caller overlaps the round trip
         with other work. Events sent on one connection land on their subject in the order sent (unless
         the bus fails under them: a resent event lands after whatever got through meanwhile)."""
-        msg_id = msg_id or event.id
-        sent = await self._send_async(event, msg_id)
-        return asyncio.ensure_future(self._settle(event, msg_id, sent, timeout))
+        sent = await self.publisher.publish_soon(subjects.events(event.bot, event.session_id), encode(event),
+                                                 msg_id=msg_id or event.id, timeout=timeout)
+        return asyncio.ensure_future(_seq_of(sent))
 
     async def append_many(self, events: Iterable[_Event], *, msg_ids: Iterable[str] | None = None,
                           timeout: float = 5.0) -> list[int]:
@@ -405,32 +412,9 @@ class EventLog:
         (as for ``append_soon``, up to resends through a failing bus)."""
         listed = list(events)
         ids = list(msg_ids) if msg_ids is not None else [e.id for e in listed]
-        sent = [await self._send_async(event, msg_id) for event, msg_id in zip(listed, ids)]
-        return [await self._settle(event, msg_id, fut, timeout) for event, msg_id, fut in zip(listed, ids, sent)]
-
-    async def _send_async(self, event: _Event, msg_id: str) -> asyncio.Future[PubAck] | None:
-        try:
-            return await self.js.publish_async(subjects.events(event.bot, event.session_id), encode(event),
-                                               headers={"Nats-Msg-Id": msg_id})
-        except Exception as exc:
-            if self.nc.is_closed or not is_unavailable(exc):
-                raise BusError(f"append to {subjects.events(event.bot, event.session_id)} failed: {exc}") from exc
-            return None  # _settle sends it again
-
-    async def _settle(self, event: _Event, msg_id: str, sent: asyncio.Future[PubAck] | None,
-                      timeout: float) -> int:
-        if sent is not None:
-            try:
-                # Bounded: nats-py never fails a pipelined publish whose answer was lost with its server.
-                return (await asyncio.wait_for(sent, timeout)).seq
-            except APIError as exc:
-                if not is_unavailable(exc):
-                    raise BusError(f"append to {subjects.events(event.bot, event.session_id)} failed: {exc}") from exc
-            except Exception as exc:
-                if not is_unavailable(exc):
-                    raise
-        # It may have landed (a timeout): the same Msg-Id makes the resend land once.
-        return (await self._publish(event, None, msg_id, timeout, landed=True))[0].seq
+        sent = [await self.publisher.publish_soon(subjects.events(e.bot, e.session_id), encode(e), msg_id=msg_id,
+                                                  timeout=timeout) for e, msg_id in zip(listed, ids)]
+        return [(await ack).seq for ack in sent]
 
     async def read(self, bot: str, session_id: str, after: int = 0, timeout: float = 5.0, *,
                    at_least: int | None = None) -> list[tuple[int, Event]]:

@@ -28,6 +28,8 @@ from typing import TypeVar
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
 from nats.js.errors import APIError
 
 from petribus import logs
@@ -144,6 +146,65 @@ async def retry(nc: NATS, what: str, attempt: Callable[[bool], Awaitable[T]], *,
         if outage is not None:
             outage.end()
         return result
+
+
+class Publisher:
+    """JetStream publishes to any stream (work items, timers, events) that ride out a bus outage: every
+    try carries the same ``Nats-Msg-Id``, so a resend after a lost answer lands once (within the stream's
+    duplicate window). ``bus.EventLog`` appends through one; the scheduler's work and timers can too.
+    """
+
+    def __init__(self, nc: NATS, js: JetStreamContext | None = None, *, outage_s: float | None = None,
+                 outage: Outage | None = None) -> None:
+        self.nc = nc
+        self.js = js or nc.jetstream()
+        self.outage_s = default_budget() if outage_s is None else outage_s
+        self.outage = outage or Outage()
+
+    async def publish(self, subject: str, payload: bytes, *, msg_id: str, timeout: float = 5.0,
+                      landed: bool = False) -> PubAck:
+        """Publish and wait for JetStream's ack (``duplicate`` set if the Msg-Id had landed before)."""
+        headers = {"Nats-Msg-Id": msg_id}
+
+        async def attempt(_: bool) -> PubAck:
+            try:
+                return await self.js.publish(subject, payload, headers=dict(headers), timeout=timeout)
+            except APIError as exc:
+                if is_unavailable(exc):
+                    raise
+                raise BusError(f"publish to {subject} failed: {exc}") from exc
+
+        return await retry(self.nc, f"publish to {subject}", attempt, budget_s=self.outage_s, outage=self.outage,
+                           landed=landed)
+
+    async def publish_soon(self, subject: str, payload: bytes, *, msg_id: str,
+                           timeout: float = 5.0) -> asyncio.Future[PubAck]:
+        """Send now; a future of the ack, as ``js.publish_async`` gives, but one that always settles:
+        an answer lost with its server is waited for at most ``timeout``, then the message is resent
+        (same Msg-Id) through the outage. Messages sent on one connection land in the order sent,
+        unless the bus fails under them: a resent one lands after whatever got through meanwhile."""
+        try:
+            sent: asyncio.Future[PubAck] | None = await self.js.publish_async(
+                subject, payload, headers={"Nats-Msg-Id": msg_id})
+        except Exception as exc:
+            if self.nc.is_closed or not is_unavailable(exc):
+                raise BusError(f"publish to {subject} failed: {exc}") from exc
+            sent = None  # _settle sends it again
+        return asyncio.ensure_future(self._settle(subject, payload, msg_id, sent, timeout))
+
+    async def _settle(self, subject: str, payload: bytes, msg_id: str, sent: asyncio.Future[PubAck] | None,
+                      timeout: float) -> PubAck:
+        if sent is not None:
+            try:
+                # Bounded: nats-py never fails a pipelined publish whose answer was lost with its server.
+                return await asyncio.wait_for(sent, timeout)
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    if isinstance(exc, nats.errors.Error):
+                        raise BusError(f"publish to {subject} failed: {exc}") from exc
+                    raise
+        # It may have landed (a timeout): the same Msg-Id makes the resend land once.
+        return await self.publish(subject, payload, msg_id=msg_id, timeout=timeout, landed=True)
 
 
 Hook = Callable[[], Awaitable[None]]
