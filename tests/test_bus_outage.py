@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import nats
 import nats.errors
 import pytest
 from nats.js.errors import APIError
@@ -330,3 +331,26 @@ async def test_a_pipelined_event_sent_while_the_server_is_down_lands_once(nats_s
     assert back.done() and nats_server.running
     for event, s in zip([*events, soon], [*seqs, seq]):
         assert await landed(log, event.id) == [s]
+
+
+async def test_reconnect_hooks_work_on_a_client_not_made_by_bus_connect(nats_server) -> None:
+    own_calls = []
+
+    async def own_reconnected_cb() -> None:
+        own_calls.append(True)
+
+    nc = await nats.connect(nats_server.url, reconnect_time_wait=0.2, max_reconnect_attempts=-1,
+                            reconnected_cb=own_reconnected_cb)
+    back = asyncio.Event()
+
+    async def hook() -> None:
+        back.set()
+
+    bus.on_reconnect(nc, hook)
+    try:
+        crash(nats_server)
+        await asyncio.to_thread(revive, nats_server)
+        await asyncio.wait_for(back.wait(), BOUND_S)
+        assert own_calls == [True]  # the client's own callback still runs
+    finally:
+        await nc.close()
