@@ -105,16 +105,27 @@ async def test_a_rest_add_during_an_outage_gets_503_and_its_retry_lands_once(
 
     await _stop(nats_server, stack)
     try:
-        refused = await http.post(path, json=body, headers={"Idempotency-Key": "add-1"})
         health = await http.get("/healthz")
-        listed = await http.get("/bots/counter/sessions")
-        read = await http.get(f"/bots/counter/sessions/{session_id}")
+        here = f"/bots/counter/sessions/{session_id}"
+        refused, *others = await asyncio.gather(  # every route that touches the log, at once
+            http.post(path, json=body, headers={"Idempotency-Key": "add-1"}),
+            http.post(f"{here}/messages", json={"text": "hi"}),
+            http.post(f"{here}/confirmations/task1", json={"accepted": True}),
+            http.post(f"{here}/confirm_requests/question1", json={"accepted": True}),
+            http.put(f"{here}/files/{'f' * 32}", content=b"bytes"),
+            http.get(f"{here}/files/{'f' * 32}"),
+            http.post("/bots/counter/sessions"),
+            http.get("/bots/counter/sessions"),
+            http.delete(here),
+            http.get(here),
+        )
+        read = others[-1]
     finally:
         _restart(nats_server)
 
     assert health.status_code == 503 and health.json()["nats"] != "connected"  # the outage was real
-    for resp in (refused, listed, read):
-        assert resp.status_code == 503, resp.text
+    for resp in (refused, *others):
+        assert resp.status_code == 503, (resp.request.method, resp.request.url.path, resp.text)
         assert int(resp.headers["Retry-After"]) > 0
         error = resp.json()
         assert error["code"] == "bus_unavailable"
