@@ -84,7 +84,8 @@ async def append(events: EventLog, event: E, key: str) -> tuple[int, _Event, boo
 async def _at(events: EventLog, event: _Event, seq: int) -> Event | None:
     """The event at ``seq`` if it is ``event``'s (same id); None when it cannot be read now."""
     try:
-        msg = await events.js.get_msg(subjects.EVENTS_STREAM, seq, direct=True)
+        # From the stream leader (not a direct get a lagging replica may answer): the append was just acked.
+        msg = await events.js.get_msg(subjects.EVENTS_STREAM, seq)
         stored = decode(msg.data or b"")
     except Exception as exc:  # a failed read back must not undo an append that landed
         if bus_failure(exc) is None and not isinstance(exc, ValueError):
