@@ -68,13 +68,17 @@ def bus_failure(exc: BaseException) -> BusError | None:
     return None
 
 
-def unavailable_message(request_method: str, *, key_name: str = "Idempotency-Key") -> str:
-    if request_method in ("GET", "HEAD"):
-        return (f"the session log (NATS) is unavailable right now (restarting or failing over); "
-                f"nothing was read. Retry in {RETRY_AFTER_S} s")
-    return (f"the session log (NATS) is unavailable right now (restarting or failing over); your request "
-            f"was not confirmed as recorded. Send it again in {RETRY_AFTER_S} s with the same "
-            f"{key_name}: it is then recorded exactly once")
+def unavailable_message(request: Request) -> str:
+    down = "the session log (NATS) is unavailable right now (restarting or failing over)"
+    if request.method in ("GET", "HEAD"):
+        return f"{down}; nothing was read. Retry in {RETRY_AFTER_S} s"
+    if request.method == "DELETE":
+        return f"{down}; the session may not be deleted yet. Retry in {RETRY_AFTER_S} s"
+    if "idempotency-key" in request.headers:
+        return (f"{down}; your request was not confirmed as recorded. Send it again in {RETRY_AFTER_S} s with "
+                "the same Idempotency-Key: it is then recorded exactly once")
+    return (f"{down}; your request was not confirmed as recorded. Send it again in {RETRY_AFTER_S} s; give it "
+            "an Idempotency-Key header (the same on every try) and it is recorded exactly once")
 
 
 def status_of(exc: PetribusError) -> int:
@@ -96,7 +100,7 @@ def status_of(exc: PetribusError) -> int:
 def _bus_answer(request: Request, exc: BaseException, bus: BusError) -> JSONResponse:
     if bus.code == UNAVAILABLE:
         log.warning("bus unavailable", method=request.method, path=request.url.path, error=repr(exc))
-        body = ErrorBody(code=UNAVAILABLE, message=unavailable_message(request.method))
+        body = ErrorBody(code=UNAVAILABLE, message=unavailable_message(request))
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
     log.error("bus refused request", method=request.method, path=request.url.path, code=bus.code,
               error=repr(exc))
