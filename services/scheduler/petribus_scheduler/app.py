@@ -548,8 +548,9 @@ class Scheduler(Service):
         item = WorkItem(bot=net.bot, session_id=state.session_id, firing_id=f.id, transition=f.transition,
                         inputs=[pm.marker for pm in f.consumed], fired_seq=f.fired_seq)
         pool = net.transition(f.transition).pool if net.has_transition(f.transition) else "cpu"
-        return await self.js.publish_async(item.subject(pool), item.model_dump_json().encode(),
-                                           headers={"Nats-Msg-Id": item.msg_id(redispatch)})
+        # Through the log's publisher: a send whose answer died with a server is resent (same Msg-Id).
+        return await self.events.publisher.publish_soon(item.subject(pool), item.model_dump_json().encode(),
+                                                        msg_id=item.msg_id(redispatch))
 
     async def renew(self, lease: Lease) -> float | None:
         """A due lease, checked in the session's queue: when it is due again, or None when it is done."""

@@ -21,6 +21,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from petribus import subjects
+from petribus.bus import Publisher
 from petribus.consumer import PullConsumer
 
 IN_FLIGHT = 64  # timers handled at once by one scheduler
@@ -62,6 +63,7 @@ class DurableTimers(Generic[T]):
                  retry_max_s: float = 60.0) -> None:
         self.nc = nc
         self.js = nc.jetstream()
+        self.publisher = Publisher(nc, self.js)  # rides out a bus outage: same Msg-Id on every try
         self.log = log
         self.ack_wait_s = ack_wait_s
         self.retry_s = retry_s
@@ -95,8 +97,8 @@ class DurableTimers(Generic[T]):
 
     async def arm(self, timer: T) -> asyncio.Future[Any]:
         """Publish ``timer`` now; the future of JetStream's ack (the caller awaits it with other sends)."""
-        return await self.js.publish_async(timer.subject(), timer.model_dump_json().encode(),
-                                           headers={"Nats-Msg-Id": timer.msg_id()})
+        return await self.publisher.publish_soon(timer.subject(), timer.model_dump_json().encode(),
+                                                 msg_id=timer.msg_id())
 
     async def publish(self, timers: list[T]) -> None:
         await asyncio.gather(*[await self.arm(t) for t in timers])
