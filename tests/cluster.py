@@ -8,6 +8,8 @@ Nodes are ``n0``, ``n1``, ``n2``; each keeps its ports and store across a kill a
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -81,3 +83,14 @@ def kill(cluster: NatsCluster, name: str) -> None:
 def restart(cluster: NatsCluster, name: str) -> None:
     """Bring a killed node back on the same ports and store."""
     cluster.nodes[name].restart()
+
+
+def node_serving(cluster: NatsCluster, client_name: str) -> str | None:
+    """The running node a client named ``client_name`` (e.g. ``petribus-scheduler``) is connected to."""
+    for name, node in cluster.nodes.items():
+        if not node.running:
+            continue
+        with urllib.request.urlopen(f"http://{node.host}:{node.http_port}/connz", timeout=2) as resp:
+            if any(c.get("name") == client_name for c in json.loads(resp.read())["connections"]):
+                return name
+    return None

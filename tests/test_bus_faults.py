@@ -33,6 +33,7 @@ from .cluster import (  # noqa: F401 - the fixtures register by name
     cluster_nc_fixture,
     cluster_settings_fixture,
     kill,
+    node_serving,
     restart,
     stream_leader,
     wait_for_leader,
@@ -44,7 +45,7 @@ SESSIONS, PER_SESSION = 8, 25
 PACE_S = 0.025  # one token appended every 25 ms: the load spans the fault
 KILL_AFTER = 60  # tokens appended before the fault
 DOWN_S = 3.0  # how long the killed server stays down
-FINISH_TIMEOUT_S = 120.0
+FINISH_TIMEOUT_S = 90.0  # generous: the slowest recovery path (the work lease sweep) takes about 60 s
 
 
 class Services:
@@ -138,11 +139,20 @@ class Load:
 
     async def all_finished(self, timeout: float = FINISH_TIMEOUT_S) -> float:
         """Poll the sessions' logs until every token is Finished and nothing is in flight; the time it was."""
-        async with asyncio.timeout(timeout):
-            while True:
-                if self.appended == len(self.events) and all(await asyncio.gather(*map(self._done, self.sessions))):
-                    return time.monotonic()
-                await asyncio.sleep(0.25)  # the truth is the stored log; reading it is the only honest wait
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    if self.appended == len(self.events) and all(
+                            await asyncio.gather(*map(self._done, self.sessions))):
+                        return time.monotonic()
+                    await asyncio.sleep(0.25)  # the truth is the stored log; reading it is the only honest wait
+        except TimeoutError:
+            stuck = {}
+            for sid in self.sessions:
+                state = fold(await self.log.read("tokens", sid))
+                stuck[sid] = {**state.counts(), "in_flight": len(state.in_flight)}
+            raise AssertionError(f"stuck: not every token Finished within {timeout:g}s; appended "
+                                 f"{self.appended}/{len(self.events)}; per session {stuck}") from None
 
     async def _done(self, sid: str) -> bool:
         try:
@@ -186,6 +196,7 @@ async def test_killing_the_event_stream_leader_mid_load_loses_stalls_and_doubles
         leads = {s: await stream_leader(cluster_nc, s) for s in (subjects.WORK_STREAM, subjects.TIMERS_STREAM)}
         killed_at = time.monotonic()
         kill(cluster, leader)
+        assert load.appended < len(load.events)  # the fault lands mid-load: tokens are still arriving
         elected = await wait_for_leader(cluster_nc, other_than=leader)
         elected_at = time.monotonic()
         await asyncio.sleep(DOWN_S)  # the node stays dead a while: the fault, not a wait for an event
@@ -213,6 +224,7 @@ async def test_killing_a_follower_node_mid_load_loses_stalls_and_doubles_nothing
         leads = {s: await stream_leader(cluster_nc, s) for s in (subjects.WORK_STREAM, subjects.TIMERS_STREAM)}
         killed_at = time.monotonic()
         kill(cluster, follower)
+        assert load.appended < len(load.events)  # the fault lands mid-load: tokens are still arriving
         await asyncio.sleep(DOWN_S)
         restart(cluster, follower)
         await appending
@@ -238,6 +250,7 @@ async def test_a_single_server_killed_mid_load_and_restarted_on_its_store_loses_
         assert old is not None
         killed_at = time.monotonic()
         nats_server.kill()
+        assert load.appended < len(load.events)  # the fault lands mid-load: tokens are still arriving
         assert old.poll() == -signal.SIGKILL  # really dead, not drained
         await asyncio.sleep(DOWN_S)
         nats_server.restart()
@@ -247,5 +260,34 @@ async def test_a_single_server_killed_mid_load_and_restarted_on_its_store_loses_
         load.report("single nats-server killed", killed_at, finished_at,
                     service_connection_errors=services.lines_with("nats connection error"))
 
+        await load.assert_each_token_finished_once()
+        services.assert_alive()
+
+
+@pytest.mark.timeout(240)
+async def test_killing_the_node_the_scheduler_is_connected_to_mid_load_loses_stalls_and_doubles_nothing(
+    cluster: NatsCluster, cluster_settings: Settings, cluster_nc: Any, tmp_path: Path
+) -> None:
+    async with Services(cluster.url, tmp_path, PETRIBUS_REPLICAS="3") as services:
+        load = Load(cluster_nc)
+        appending = asyncio.create_task(load.append_all())
+        await load.reached(KILL_AFTER)
+        served_by = node_serving(cluster, "petribus-scheduler")
+        assert served_by is not None
+        leader = await wait_for_leader(cluster_nc)
+        killed_at = time.monotonic()
+        kill(cluster, served_by)
+        assert load.appended < len(load.events)  # the fault lands mid-load: tokens are still arriving
+        async with asyncio.timeout(30):
+            while (moved_to := node_serving(cluster, "petribus-scheduler")) is None:
+                await asyncio.sleep(0.1)  # a reconnect has no event a test can wait on
+        await asyncio.sleep(DOWN_S)
+        restart(cluster, served_by)
+        await appending
+        finished_at = await load.all_finished()
+        load.report(f"node {served_by} under the scheduler killed (PB_EVENTS leader {leader})", killed_at,
+                    finished_at, reconnected_to=moved_to)
+
+        assert moved_to != served_by  # the scheduler failed over to another node
         await load.assert_each_token_finished_once()
         services.assert_alive()
