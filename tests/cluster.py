@@ -53,14 +53,19 @@ async def cluster_nc_fixture(cluster_settings: Settings) -> AsyncIterator[Any]:
     await conn.close()
 
 
+async def stream_info(nc: Any, stream: str = subjects.EVENTS_STREAM, timeout: float = 0.5) -> Any | None:
+    """The stream's info, or None while no answer comes (mid-election: no responders, a timeout)."""
+    try:
+        return await nc.jetstream(timeout=timeout).stream_info(stream)
+    except Exception:  # noqa: BLE001 - several error types mean "not now"; the caller polls
+        return None
+
+
 async def stream_leader(nc: Any, stream: str = subjects.EVENTS_STREAM, timeout: float = 0.5) -> str | None:
     """The node leading ``stream`` now, or None while it has none (or no answer came within ``timeout``:
     short, so that an election is timed to within about that)."""
-    try:
-        info = await nc.jetstream(timeout=timeout).stream_info(stream)
-    except Exception:  # noqa: BLE001 - mid-election: no responders, a timeout, "no leader"; the caller polls
-        return None
-    return info.cluster.leader if info.cluster and info.cluster.leader else None
+    info = await stream_info(nc, stream, timeout)
+    return info.cluster.leader if info and info.cluster and info.cluster.leader else None
 
 
 async def wait_for_leader(nc: Any, stream: str = subjects.EVENTS_STREAM, *, other_than: str | None = None,
@@ -72,6 +77,20 @@ async def wait_for_leader(nc: Any, stream: str = subjects.EVENTS_STREAM, *, othe
             if leader is not None and leader != other_than:
                 return leader
             await asyncio.sleep(0.1)  # an election has no event a client can wait on
+
+
+async def wait_caught_up(nc: Any, stream: str = subjects.EVENTS_STREAM, timeout: float = 30.0) -> None:
+    """Wait until every replica of ``stream`` is current with no lag: a direct get may be answered by any
+    replica, so a check that reads the log after a restart waits for this first."""
+    async with asyncio.timeout(timeout):
+        while True:
+            info = await stream_info(nc, stream, timeout=1.0)
+            group = info.cluster if info else None
+            peers = (group.replicas or []) if group else []
+            if group and group.leader and len(peers) == REPLICAS - 1 and all(
+                    p.current and not p.lag and not p.offline for p in peers):
+                return
+            await asyncio.sleep(0.1)
 
 
 def kill(cluster: NatsCluster, name: str) -> None:
