@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,10 +36,11 @@ EXPOSED = {"Order": "id", "Ticket": "id", "Refund": "amount", "Upload": "descrip
 HIDDEN = ["Cancelled", "Escalated", "Closed", "RefundDecision", "Received"]
 # An answered task and a made-up id the messages may name; filled in once the session exists.
 IDS: dict[str, str] = {}
+KEY = re.compile(r"[\x21-\x7e]{1,128}")  # what a request_id (an idempotency key) may be
 EXPECTED_CODES = {
     "invalid_json", "not_an_object", "unknown_field", "unknown_type", "invalid_value", "invalid_input",
     "unknown_location", "invalid_utf8", "message_too_large", "unknown_task", "unknown_request",
-    "already_answered",
+    "already_answered", "invalid_request_id",
 }
 
 json_scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
@@ -106,7 +108,12 @@ def _accepted_by_a_correct_gateway(frame: str | bytes) -> bool:
         return False
     if len(text.encode("utf-8", "surrogatepass")) > MAX_MESSAGE or not isinstance(obj, dict):
         return False
-    if set(obj) - {"type", "value", "request_id"} or not isinstance(obj.get("request_id", ""), str):
+    if set(obj) - {"type", "value", "request_id"}:
+        return False
+    # No request_id, or null, is none; one given names the message (an idempotency key): 1-128 printable
+    # ASCII characters without spaces.
+    request_id = obj.get("request_id")
+    if request_id is not None and not (isinstance(request_id, str) and KEY.fullmatch(request_id)):
         return False
     value = obj.get("value")
     if obj.get("type") == "user_message":
