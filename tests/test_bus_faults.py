@@ -298,3 +298,25 @@ async def test_killing_the_node_the_scheduler_is_connected_to_mid_load_loses_sta
         await wait_caught_up(cluster_nc)  # the restarted node too: any replica may answer a read
         await load.assert_each_token_finished_once()
         services.assert_alive()
+
+
+@pytest.mark.xfail(reason="petribus_executor/folds.py _read reads the session with a direct get that a replica "
+                   "lagging behind the work item's transition_fired (fired_seq) may answer, without "
+                   "at_least=fired_seq: the firing looks 'in no runnable state' and its work is acked without "
+                   "running, so the token waits for the scheduler's lease sweep", strict=False)
+@pytest.mark.timeout(120)
+async def test_without_a_fault_a_cluster_finishes_every_token_with_no_lease_sweep(
+    cluster: NatsCluster, cluster_settings: Settings, cluster_nc: Any, tmp_path: Path
+) -> None:
+    # The control run, and the strict one: with the lease sweep out of reach, a work item lost or
+    # wrongly dropped anywhere leaves its token unfinished instead of a minute late.
+    async with Services(cluster.url, tmp_path, PETRIBUS_REPLICAS="3", PETRIBUS_WORK_LEASE_S="3600") as services:
+        load = Load(cluster_nc)
+        await load.append_all()
+        try:
+            await load.all_finished(timeout=45)
+        finally:
+            print(f"\n[bus fault] none: {services.lines_with('no runnable state')['executor']} work items "
+                  "acked as not runnable")
+        await load.assert_each_token_finished_once()
+        services.assert_alive()
