@@ -301,10 +301,6 @@ async def test_killing_the_node_the_scheduler_is_connected_to_mid_load_loses_and
         services.assert_alive()
 
 
-@pytest.mark.xfail(reason="petribus_executor/folds.py _read reads the session with a direct get that a replica "
-                   "lagging behind the work item's transition_fired (fired_seq) may answer, without "
-                   "at_least=fired_seq: the firing looks 'in no runnable state' and its work is acked without "
-                   "running, so the token waits for the scheduler's lease sweep", strict=False)
 @pytest.mark.timeout(120)
 async def test_without_a_fault_a_cluster_finishes_every_token_with_no_lease_sweep(
     cluster: NatsCluster, cluster_settings: Settings, cluster_nc: Any, tmp_path: Path

@@ -81,7 +81,9 @@ class SessionFolds:
             if state is not None:
                 self.restarts += 1
             state = SessionState(bot=key[0], session_id=key[1], after=since - 1, last_seq=since - 1)
-        events = await self.events.read(*key, after=state.last_seq)
+        # At least to the claim: a replica behind the stream's leader may answer a direct get without it,
+        # and a firing missing from the fold would be acked as not runnable (and wait for a lease check).
+        events = await self.events.read(*key, after=state.last_seq, at_least=since)
         self.reads += 1
         fold(events, state)
         self._states[key] = state
