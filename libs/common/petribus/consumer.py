@@ -31,6 +31,10 @@ from petribus.outage import RETRY_MAX_S, on_reconnect
 log = logs.get("petribus.consumer")
 
 HEARTBEAT_S = 5.0
+# A pull request lives this long. It bounds how long a request that a fail-over stranded on a server
+# that still heartbeats but no longer delivers (measured: a scheduler stalled until its 30 s requests
+# expired) can hold a consumer up; a fresh request every 10 s costs nothing worth counting.
+EXPIRES_S = 10.0
 CONSUMER_NOT_FOUND = 10014  # JSConsumerNotFoundErr
 STREAM_NOT_FOUND = 10059  # JSStreamNotFoundErr
 
@@ -44,7 +48,7 @@ class PullConsumer:
     """
 
     def __init__(self, nc: NATS, stream: str, durable: str, *, max_inflight: int = 256,
-                 expires_s: float = 30.0, ensure: Callable[[], Awaitable[None]] | None = None) -> None:
+                 expires_s: float = EXPIRES_S, ensure: Callable[[], Awaitable[None]] | None = None) -> None:
         self.nc = nc
         self.stream = stream
         self.durable = durable
