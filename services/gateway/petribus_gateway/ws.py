@@ -50,6 +50,9 @@ CLOSE_TRY_AGAIN = 1013  # RFC 6455 "Try Again Later": the bus is unavailable for
 # How a client going away shows up: starlette's own errors, or uvicorn's ClientDisconnected (an OSError).
 DISCONNECTED = (WebSocketDisconnect, WebSocketDisconnected, OSError)
 OUTBOX_SIZE = 256  # events queued for a slow client before the pump (and so the consumer) waits
+# Events the subscription delivered that the pump has not taken yet. Past this the client is too slow:
+# the stream ends with a gap and the client resumes with ``since`` (as nats-py's own limit would do).
+DELIVERED_MAX = 65_536
 
 router = APIRouter()
 
@@ -138,7 +141,12 @@ class SessionSocket:
         self.last_seq = since
         self.state = SessionState()  # folded only when an answer needs checking
         self._sub: JetStreamContext.PushSubscription | None = None
-        self._next: asyncio.Future[Msg] | None = None  # the pump's wait for a message
+        # The subscription hands each message here from its callback: the pump takes what is there
+        # without a task per message (nats-py's ``next_msg`` makes two). Entries carry the generation
+        # of the subscription they came from; None only wakes the pump.
+        self._delivered: asyncio.Queue[tuple[int, Msg] | None] = asyncio.Queue(DELIVERED_MAX)
+        self._generation = 0
+        self._overflow = False
         self._resubscribe = False
         self.log = ctx.log.bind(bot=net.bot, session_id=session_id)
 
@@ -182,8 +190,18 @@ class SessionSocket:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
         else:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
+        self._generation += 1
+        generation = self._generation
+
+        async def delivered(msg: Msg) -> None:
+            try:
+                self._delivered.put_nowait((generation, msg))
+            except asyncio.QueueFull:
+                self._overflow = True
+
         return await self.ctx.events.js.subscribe(subjects.events(self.net.bot, self.session_id),
-                                  stream=subjects.EVENTS_STREAM, ordered_consumer=True, config=config)
+                                                  stream=subjects.EVENTS_STREAM, ordered_consumer=True,
+                                                  config=config, cb=delivered)
 
     async def _unsubscribe(self, sub: JetStreamContext.PushSubscription | None) -> None:
         nc = self.ctx.nc
@@ -198,8 +216,8 @@ class SessionSocket:
         """NATS is back: stream again at once from what was pumped, rather than when the ordered
         consumer notices its missed heartbeats (some 20 s after a server restart)."""
         self._resubscribe = True
-        if self._next is not None:
-            self._next.cancel()
+        with contextlib.suppress(asyncio.QueueFull):  # full: the pump is not waiting anyway
+            self._delivered.put_nowait(None)
 
     async def _next_msg(self, after: int) -> Msg | None:
         """The subscription's next message; None when it was replaced (NATS came back) meanwhile."""
@@ -211,16 +229,16 @@ class SessionSocket:
             await self._unsubscribe(old)
             self.log.info("event stream resumed", after=after)
             return None
-        self._next = asyncio.ensure_future(self._sub.next_msg(timeout=None))
-        try:
-            return await self._next
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if (task is not None and task.cancelling()) or not self._resubscribe:
-                raise
-            return None
-        finally:
-            self._next = None
+        while True:
+            if self._overflow:
+                raise StreamGap(f"the client reads slower than its session's events arrive "
+                                f"({DELIVERED_MAX} waiting)")
+            entry = self._delivered.get_nowait() if not self._delivered.empty() else await self._delivered.get()
+            if entry is None:
+                return None  # woken to subscribe again
+            generation, msg = entry
+            if generation == self._generation:
+                return msg  # (a replaced subscription's late messages are dropped)
 
     async def _pump(self) -> None:
         last_stream, last_consumer = self.since, 0
