@@ -387,3 +387,51 @@ async def test_a_gateway_that_cannot_listen_says_where_and_what_to_do(settings: 
         with pytest.raises(PetribusError, match=f"cannot listen on 127.0.0.1:{port}.*PETRIBUS_PORT"):
             await gateway.start()
     assert gateway.nc is not None and gateway.nc.is_closed
+
+
+async def test_a_client_too_slow_for_its_session_is_told_where_to_resume_and_loses_nothing(
+    stack: Stack, nc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from petribus_gateway import ws as ws_module
+
+    monkeypatch.setattr(ws_module, "OUTBOX_SIZE", 1)
+    monkeypatch.setattr(ws_module, "DELIVERED_MAX", 5)
+    stalled = asyncio.Event()
+    resume = asyncio.Event()
+    sockets: list[Any] = []
+    real_write = ws_module.SessionSocket._write
+
+    async def slow_writer(self: Any) -> None:  # a client that stops reading for a while
+        sockets.append(self)
+        payload = await self.outbox.get()
+        await self.ws.send_text(__import__("json").dumps(payload))
+        self.last_seq = payload["metadata"]["seq"]
+        stalled.set()
+        await resume.wait()
+        await real_write(self)
+
+    monkeypatch.setattr(ws_module.SessionSocket, "_write", slow_writer)
+    client, session_id, _ = await _new_session(stack)
+    await stalled.wait()
+    events = EventLog(nc)
+    for i in range(20):
+        await events.append(UserMessage(bot="counter", session_id=session_id, text=f"m{i}"))
+    async with asyncio.timeout(20):
+        while not sockets[0]._overflow:  # the events it could not hold arrived
+            await asyncio.sleep(0.02)
+    resume.set()
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        while True:
+            await client.recv(timeout=20)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == ws_module.CLOSE_STREAM_LOST
+    since = int(closed.value.rcvd.reason.rsplit("since=", 1)[1])
+
+    monkeypatch.undo()  # a client that keeps up, with the gateway's real limits
+    again = await Client.connect(stack.ws_url("counter", session_id=session_id, since=since))
+    try:
+        last = await again.until(lambda e: e["type"] == "user_message" and e["value"] == "m19")
+        texts = [e["value"] for e in again.events if e["type"] == "user_message"]
+        assert texts == [f"m{i}" for i in range(20)][-len(texts):] and last["value"] == "m19"
+        assert [e["metadata"]["seq"] for e in again.events] == await _log_seqs(nc, session_id, after=since)
+    finally:
+        await again.close()
