@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sys
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -25,46 +22,18 @@ from petribus_executor.firing import FiringRunner
 
 from .conftest import app
 from .harness import Stack
-from .test_executor import SessionLog
+from .test_executor import ExecutorProcess, SessionLog
 
 EFFECTS = app("effects")
 
 
-class ExecutorProcess:
-    """``python -m petribus_executor`` as a child process, to be killed with SIGKILL."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.ready = asyncio.Event()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        async for raw in self.proc.stderr:
-            if b"executor started" in raw:
-                self.ready.set()
-
-    def runs(self, executor_id: str) -> bool:
-        return f":{self.proc.pid}." in executor_id
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-        await self._reader
-
-
 @pytest.fixture
 async def executor_process(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
+    """Start ``python -m petribus_executor ARGS effects`` (to be killed with SIGKILL), once it serves."""
     started: list[ExecutorProcess] = []
 
     async def spawn(*args: str, **env: str) -> ExecutorProcess:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "petribus_executor", "--nats-url", settings.nats_url, *args, EFFECTS,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "PETRIBUS_LOG_LEVEL": "info", **env},
-        )
-        ex = ExecutorProcess(proc)
+        ex = await ExecutorProcess.start(settings, [EFFECTS], *args, **env)
         started.append(ex)
         async with asyncio.timeout(60):
             await ex.ready.wait()

@@ -270,6 +270,15 @@ async def test_work_for_an_unknown_transition_is_terminated_and_fails_for_good(
     assert "ghost" in failed.error and not failed.retryable
 
 
+async def _dead_executor(js: Any) -> Any:
+    """A pull subscription on the pool's work consumer that takes deliveries and never acks them: an
+    executor that dies with each one (ack_wait 1 s)."""
+    await js.add_consumer(subjects.WORK_STREAM, ConsumerConfig(
+        durable_name=subjects.executor_durable("cpu"), filter_subject=subjects.work("cpu"),
+        ack_policy=AckPolicy.EXPLICIT, ack_wait=1.0, max_deliver=-1))
+    return await js.pull_subscribe_bind(subjects.executor_durable("cpu"), stream=subjects.WORK_STREAM)
+
+
 async def test_a_firing_whose_runs_keep_dying_fails_for_good_and_its_marker_is_offered_again(
     settings: Settings, nc: Any
 ) -> None:
@@ -277,10 +286,7 @@ async def test_a_firing_whose_runs_keep_dying_fails_for_good_and_its_marker_is_o
     js = nc.jetstream()
     # An executor took the work and died before running it: the delivery is lost, but no run began,
     # so it must not count against the firing (as with deliveries lost to a bus outage).
-    await js.add_consumer(subjects.WORK_STREAM, ConsumerConfig(
-        durable_name=subjects.executor_durable("cpu"), filter_subject=subjects.work("cpu"),
-        ack_policy=AckPolicy.EXPLICIT, ack_wait=1.0, max_deliver=-1))
-    dead = await js.pull_subscribe_bind(subjects.executor_durable("cpu"), stream=subjects.WORK_STREAM)
+    dead = await _dead_executor(js)
     async with Stack(settings, [COUNTER], parts=("scheduler",)), SessionLog(nc, "counter") as log:
         item = await log.add("Item", n=7)
         [taken] = await dead.fetch(1, timeout=10)
@@ -310,10 +316,7 @@ async def test_a_delivery_that_never_started_a_run_does_not_count_against_the_fi
 ) -> None:
     settings = settings.model_copy(update={"max_deliver": 1, "ack_wait_s": 1.0})
     js = nc.jetstream()
-    await js.add_consumer(subjects.WORK_STREAM, ConsumerConfig(
-        durable_name=subjects.executor_durable("cpu"), filter_subject=subjects.work("cpu"),
-        ack_policy=AckPolicy.EXPLICIT, ack_wait=1.0, max_deliver=-1))
-    dead = await js.pull_subscribe_bind(subjects.executor_durable("cpu"), stream=subjects.WORK_STREAM)
+    dead = await _dead_executor(js)
     async with Stack(settings, [COUNTER], parts=("scheduler",)), SessionLog(nc, "counter") as log:
         await log.add("Item", n=8)
         for _ in range(3):  # three deliveries taken and dropped, as by executors cut off from the bus
@@ -353,11 +356,12 @@ class ExecutorProcess:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def start(cls, settings: Settings, apps: list[str], **env: str) -> ExecutorProcess:
+    async def start(cls, settings: Settings, apps: list[str], *args: str, **env: str) -> ExecutorProcess:
+        """``args`` go before the apps (default ``--workers 2``); ``env`` adds to the environment."""
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "petribus_executor", "--nats-url", settings.nats_url, "--workers", "2",
-            *apps, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "petribus_executor", "--nats-url", settings.nats_url,
+            *(args or ("--workers", "2")), *apps,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PETRIBUS_LOG_LEVEL": "info", **env},
         )
         return cls(proc)
