@@ -181,3 +181,21 @@ def test_the_fold_takes_a_firings_side_effect_once_at_any_age() -> None:
     assert [t.text for t in state.chat] == ["hi", "hello", "hello"]
     assert state.memory == [{"k": 1}]
     assert Effect.of("f", "say", 0) == say and Effect.of("f", "say", 1) != say
+
+
+async def test_outputs_too_large_for_one_event_fail_the_firing_for_good_with_what_to_change(
+    settings: Settings, nc: Any
+) -> None:
+    async with Stack(settings, [EFFECTS], parts=("scheduler", "executor")), SessionLog(nc, "effects") as log:
+        big = await log.add("Big", n_bytes=2 * nc.max_payload)
+        [failed] = await log.until("transition_failed", final=True)
+        small = await log.add("Big", n_bytes=10)  # the executor is fine, and the next firing runs
+        [done] = await log.until("transition_completed")
+
+    assert failed.error_type == "TransitionOutputError" and not failed.retryable
+    assert "max_payload" in failed.error and "send_file" in failed.error
+    assert len(log.of("transition_started", firing_id=failed.firing_id)) == 1  # not retried over and over
+    assert done.outputs[0].data == {"text": "x" * 10}
+    marking = (await log.state()).marking()
+    assert [m.id for m in marking["Big"]] == [big.id]  # it came back; the small one was consumed
+    assert [m.data for m in marking["Huge"]] == [{"text": "x" * 10}] and small.id != big.id

@@ -31,6 +31,14 @@ class Decided(BaseModel):
     yes: bool
 
 
+class Big(BaseModel):
+    n_bytes: int
+
+
+class Huge(BaseModel):
+    text: str
+
+
 class Flaky(BaseModel):
     fail_times: int
     counter: str  # a file that counts attempts across worker processes
@@ -38,7 +46,7 @@ class Flaky(BaseModel):
 
 bot = Bot(
     name="effects",
-    locations=[BotLocation(marker=m) for m in (Chore, Done, Risky, Decided, Flaky)],
+    locations=[BotLocation(marker=m) for m in (Chore, Done, Risky, Decided, Flaky, Big, Huge)],
     description="Side effects that must land once.",
 )
 
@@ -72,3 +80,8 @@ def flaky(inputs):
     if runs <= flaky.fail_times:
         raise RuntimeError(f"flaky failure {runs}")
     return {Done: [Done(n=runs)]}
+
+
+@bot.transition(inputs={Big: 1}, outputs=[Huge], description="Returns more than one event can hold.")
+def swell(inputs):
+    return {Huge: [Huge(text="x" * inputs[Big][0].n_bytes)]}

@@ -38,6 +38,7 @@ from petribus.events import (
     TransitionFailed,
     TransitionStarted,
     _Event,
+    encode,
 )
 from petribus.net import Net, TransitionDef
 from petribus.work import WorkItem
@@ -47,6 +48,8 @@ from petribus_executor.folds import SessionFolds
 from petribus_executor.interact import Interactions
 from petribus_executor.pool import WorkerPool
 from petribus_executor.prompts import Prompts
+
+ENVELOPE_BYTES = 4096  # room left in max_payload for the subject, the headers and the protocol line
 
 # What the context calls will do once their issues land; until then a transition gets a clear error.
 NOT_YET: dict[str, str] = {}
@@ -212,8 +215,12 @@ class FiringRunner:
         effects = Effects(item.firing_id, rerun=firing.status == "started",
                           known=_known_effects(state) if firing.status == "started" else frozenset())
         outcome = await self._run_once(item, net, t, attempt, effects)
-        if outcome.ok:
-            await self._complete(item, outcome)
+        completed = self._completion(item, outcome) if outcome.ok else None
+        if completed is not None and (too_big := self._too_big(completed)):
+            outcome = p.Outcome(ok=False, error=too_big, error_type="TransitionOutputError", retryable=False,
+                                duration_ms=outcome.duration_ms)
+        if completed is not None and outcome.ok:
+            await self.events.append(completed, msg_id=f"done:{item.firing_id}")
             # Debug, not info: one line per firing is most of the executor's own work in a large fan-out.
             self.log.debug("firing completed", attempt=attempt, outputs=len(outcome.outputs),
                           duration_ms=round(outcome.duration_ms, 1))
@@ -308,15 +315,24 @@ class FiringRunner:
             )
         raise PetribusError(f"unknown context call {kind!r}", code="not_available")
 
-    async def _complete(self, item: WorkItem, outcome: p.Outcome) -> None:
+    def _completion(self, item: WorkItem, outcome: p.Outcome) -> TransitionCompleted:
         outputs = [Marker(id=f"{item.firing_id}.{i}", location=loc, data=data)
                    for i, (loc, data) in enumerate(outcome.outputs)]
-        await self.events.append(
-            TransitionCompleted(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
-                                transition=item.transition, outputs=outputs, duration_ms=outcome.duration_ms,
-                                cause=item.firing_id, trace=item.trace),
-            msg_id=f"done:{item.firing_id}",
-        )
+        return TransitionCompleted(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
+                                   transition=item.transition, outputs=outputs, duration_ms=outcome.duration_ms,
+                                   cause=item.firing_id, trace=item.trace)
+
+    def _too_big(self, completed: TransitionCompleted) -> str | None:
+        """Why the outputs cannot be one event of the log, or None. A completion the bus refuses would
+        fail the same way on every retry; it fails the firing for good instead, saying what to change."""
+        limit = self.events.nc.max_payload - ENVELOPE_BYTES
+        size = len(encode(completed))
+        if size <= limit:
+            return None
+        return (f"transition {completed.transition!r} returned {len(completed.outputs)} marker(s) taking "
+                f"{size:,} bytes as one transition_completed event, over the {limit:,} bytes the bus takes "
+                "(nats-server max_payload); return fewer or smaller markers (large data belongs in files: "
+                "context.send_file), or raise max_payload on the server")
 
     async def _fail(self, item: WorkItem, error: str, error_type: str, retryable: bool, attempt: int,
                     *, final: bool = True, retry_in_s: float | None = None) -> None:
