@@ -199,3 +199,23 @@ async def test_outputs_too_large_for_one_event_fail_the_firing_for_good_with_wha
     marking = (await log.state()).marking()
     assert [m.id for m in marking["Big"]] == [big.id]  # it came back; the small one was consumed
     assert [m.data for m in marking["Huge"]] == [{"text": "x" * 10}] and small.id != big.id
+
+
+async def test_inputs_too_large_for_one_work_item_fail_the_firing_for_good_and_the_session_goes_on(
+    settings: Settings, nc: Any
+) -> None:
+    heavy = EFFECTS.replace(":bot", ":heavy")
+    third = nc.max_payload // 3 + 1000  # three of these are over the bus's limit for one message
+    async with Stack(settings, [heavy], parts=("scheduler", "executor")), SessionLog(nc, "heavy") as log:
+        parts = [await log.add("Part", text="x" * third) for _ in range(3)]
+        [failed] = await log.until("transition_failed", final=True)
+        small = [await log.add("Part", text="y") for _ in range(3)]
+        [done] = await log.until("transition_completed")
+
+    assert failed.error_type == "InputsTooLarge" and not failed.retryable and "max_payload" in failed.error
+    assert not log.of("transition_started", firing_id=failed.firing_id)  # never sent to an executor
+    assert done.outputs[0].data == {"size": 3}
+    marking = (await log.state()).marking()
+    assert [m.id for m in marking["Part"]] == [p.id for p in parts]  # back, and not offered to glue again
+    assert {m.id for m in small}.isdisjoint(m.id for m in marking["Part"])
+    assert not log.of("error")  # the session was not parked

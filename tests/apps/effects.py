@@ -85,3 +85,20 @@ def flaky(inputs):
 @bot.transition(inputs={Big: 1}, outputs=[Huge], description="Returns more than one event can hold.")
 def swell(inputs):
     return {Huge: [Huge(text="x" * inputs[Big][0].n_bytes)]}
+
+
+class Part(BaseModel):
+    text: str
+
+
+class Whole(BaseModel):
+    size: int
+
+
+heavy = Bot(name="heavy", locations=[BotLocation(marker=Part), BotLocation(marker=Whole)],
+            description="A join whose inputs together are more than one message can hold.")
+
+
+@heavy.transition(inputs={Part: 3}, outputs=[Whole], description="Joins three parts.")
+def glue(inputs):
+    return {Whole: [Whole(size=sum(len(p.text) for p in inputs[Part]))]}

@@ -55,7 +55,7 @@ from petribus.bus import MAX_BATCH, EventLog, WrongLastSequence, ensure_event_co
 from petribus.consumer import PullConsumer
 from petribus.core import Firing, PlannedFiring, SessionState, apply, choose_firings, fold
 from petribus.errors import PetribusError
-from petribus.events import ConfirmTransition, ErrorEvent, TransitionFired, decode, new_id
+from petribus.events import ConfirmTransition, ErrorEvent, TransitionFailed, TransitionFired, decode, new_id
 from petribus.net import Net
 from petribus.service import Service
 from petribus.session_queues import SessionQueues
@@ -74,6 +74,7 @@ IN_FLIGHT = ("claimed", "started")  # a firing whose work item is in PB_WORK (or
 MAX_CONFLICT_RETRIES = 50
 CLAIM_BATCH = MAX_BATCH  # firings claimed by one atomic append: the most the server takes
 SCHEDULER_FAILED = "scheduler_failed"
+ENVELOPE_BYTES = 4096  # room left in max_payload for the subject, the headers and the protocol line
 
 
 class ClaimContention(PetribusError):
@@ -548,8 +549,20 @@ class Scheduler(Service):
         item = WorkItem(bot=net.bot, session_id=state.session_id, firing_id=f.id, transition=f.transition,
                         inputs=[pm.marker for pm in f.consumed], fired_seq=f.fired_seq)
         pool = net.transition(f.transition).pool if net.has_transition(f.transition) else "cpu"
+        payload = item.model_dump_json().encode()
+        limit = self.events.nc.max_payload - ENVELOPE_BYTES
+        if len(payload) > limit:
+            # The bus would refuse it on every try: the firing fails for good, saying why, and its
+            # markers go back (not to be offered to this transition again, or it would loop).
+            return asyncio.ensure_future(self.events.append(TransitionFailed(
+                bot=net.bot, session_id=state.session_id, firing_id=f.id, transition=f.transition,
+                error_type="InputsTooLarge", retryable=False, attempt=max(1, f.attempts), cause=f.id,
+                error=f"the {len(f.consumed)} marker(s) transition {f.transition!r} consumes take "
+                      f"{len(payload):,} bytes as one work item, over the {limit:,} bytes the bus takes "
+                      "(nats-server max_payload); consume fewer markers per firing or keep large data in "
+                      "files, or raise max_payload on the server"), msg_id=f"fail:{f.id}"))
         # Through the log's publisher: a send whose answer died with a server is resent (same Msg-Id).
-        return await self.events.publisher.publish_soon(item.subject(pool), item.model_dump_json().encode(),
+        return await self.events.publisher.publish_soon(item.subject(pool), payload,
                                                         msg_id=item.msg_id(redispatch))
 
     async def renew(self, lease: Lease) -> float | None:
