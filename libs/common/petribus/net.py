@@ -32,11 +32,16 @@ class TransitionDef:
     inputs: tuple[tuple[str, int], ...]
     outputs: tuple[str, ...]
     cpu: float = 1.0
-    memory: int = 128
-    gpu: str | None = None
-    pool: str = "cpu"
-    image: str | None = None
+    memory: int = 128  # MiB
+    gpu: str | None = None  # a GPU type name (Beam's: "T4", "A10G", "H100", ...) or None for any type
+    gpu_count: int = 0  # GPUs each firing gets to itself (0: none)
+    pool: str = "cpu"  # the executor pool its work goes to (see ``petribus.resources.pool_for``)
+    image: Any = None  # a ``petribus.Image``, an image reference (str), or None (the sandbox's default)
     python_packages: tuple[str, ...] = ()
+    secrets: tuple[str, ...] = ()  # names of the secrets this transition (and no other) sees as env vars
+    network: bool = False  # a container sandbox gets a network only when this is True
+    callback_url: str | None = None  # each outcome of its firings is POSTed here (never blocking them)
+    ttl: float | None = None  # seconds a queued firing may wait for an executor before it fails (Beam's task_policy.ttl)
     description: str | None = None
     expose: bool = True
     confirm: bool = False
@@ -58,6 +63,7 @@ class Net:
     model: str | None = None
     welcome_message: str | None = None
     authorized: bool = True
+    volumes: tuple[Any, ...] = ()  # ``petribus.Volume``s mounted into every transition of the bot
     _by_name: dict[str, TransitionDef] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -81,6 +81,31 @@ class Settings(BaseSettings):
                                    "(retries=); doubled for each further retry, with jitter.")
     retry_backoff_max_s: float = Field(default=60.0, description="Longest wait between two retries.")
 
+    # sandboxes (docs/sandboxes.md)
+    sandbox: str | None = Field(default=None, description="'container' runs every transition of this executor "
+                                "in a container, 'process' every one in a process; unset, each transition's "
+                                "own sandbox= decides.")
+    sandbox_max_files: int = Field(default=1024, ge=16, description="Open files a worker process may have.")
+    sandbox_cpu_seconds: float = Field(default=3600.0, gt=0, description="CPU time one def firing may use "
+                                       "before it is stopped (SIGXCPU), unless its timeout= is shorter.")
+    preload: bool = Field(default=True, description="Import the apps once in the fork server, so workers start "
+                          "with them. Turn off (PETRIBUS_PRELOAD=0) when importing an app initialises a GPU "
+                          "runtime (CUDA must not be initialised in a process that forks).")
+    volumes_dir: Path | None = Field(default=None, description="Where Volume(name=...) folders live on this "
+                                     "machine (default: DATA_DIR/volumes).")
+    container_image: str | None = Field(default=None, description="Image for container firings that name none "
+                                        "(default: a small local image petribus makes itself).")
+    container_warm: int = Field(default=4, ge=0, description="Idle containers kept warm per transition and "
+                                "image, ready for its next firing.")
+
+    # placement (docs/pools.md)
+    gpus: str | None = Field(default=None, description="This executor's GPUs when it cannot ask nvidia-smi (tests, "
+                             "simulations): a count ('2') or TYPE:COUNT ('A10G:2').")
+    labels: str = Field(default="", description="This executor's labels, 'key=value,key2=value2', shown in "
+                        "GET /pools.")
+    registry_heartbeat_s: float = Field(default=5.0, gt=0, description="How often an executor reports its pools, "
+                                        "devices and free capacity to the registry (GET /pools).")
+
     # gateway
     host: str = "127.0.0.1"
     port: int = 8000
