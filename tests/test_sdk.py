@@ -142,7 +142,7 @@ def test_bad_input_count_is_named(count):
 
 @pytest.mark.parametrize("option, value", [
     ("cpu", 0), ("cpu", -1), ("cpu", True), ("cpu", "2"), ("cpu", float("nan")), ("cpu", float("inf")),
-    ("memory", 0), ("memory", -128), ("memory", 1.5), ("memory", True), ("memory", "128"),
+    ("memory", 0), ("memory", -128), ("memory", 1.5), ("memory", True), ("memory", "128 bytes"),
     ("timeout", 0), ("timeout", -5), ("timeout", True), ("timeout", "10"), ("timeout", float("nan")),
     ("retries", -1), ("retries", 1.5), ("retries", True),
     ("concurrency", 0), ("concurrency", -1), ("concurrency", 2.0), ("concurrency", True),
@@ -324,7 +324,7 @@ def test_location_description_is_the_models_own_docstring_only():
     assert net.locations["Status"].description is None  # not pydantic's BaseModel docstring
 
 
-def test_gpu_transition_goes_to_the_gpu_pool():
+def test_gpu_transition_goes_to_its_types_gpu_pool():
     bot = make_bot()
 
     @bot.transition(inputs={Order: 1}, outputs=[Status], gpu="A100")
@@ -336,7 +336,7 @@ def test_gpu_transition_goes_to_the_gpu_pool():
         return {}
 
     net = bot.net()
-    assert (net.transition("on_gpu").pool, net.transition("on_gpu").gpu) == ("gpu", "A100")
+    assert (net.transition("on_gpu").pool, net.transition("on_gpu").gpu) == ("gpu-a100", "A100")
     assert (net.transition("on_cpu").pool, net.transition("on_cpu").gpu) == ("cpu", None)
 
 

@@ -7,6 +7,8 @@ from petribus.bot import Bot, BotLocation
 from petribus.context import BotContext
 from petribus.errors import NetDefinitionError, PetribusError
 from petribus.net import Net
+from petribus.resources import Image, TaskPolicy, Volume
 
-__all__ = ["Bot", "BotContext", "BotLocation", "Net", "NetDefinitionError", "PetribusError"]
+__all__ = ["Bot", "BotContext", "BotLocation", "Image", "Net", "NetDefinitionError", "PetribusError", "TaskPolicy",
+           "Volume"]
 __version__ = "0.1.0"

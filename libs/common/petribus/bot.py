@@ -8,7 +8,6 @@ The decorator only records. ``Bot.net()`` judges the whole definition at once, r
 from __future__ import annotations
 
 import inspect
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,12 +15,37 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, SecretStr
 
+from petribus import resources
 from petribus.errors import NetDefinitionError
 from petribus.net import LocationDef, Net, TransitionDef
+from petribus.resources import Image, TaskPolicy, Volume
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+
+# Beam options petribus does not implement: refused by ``Bot.net()`` with what to do instead, never ignored.
+BEAM_BOT_OPTIONS = {
+    "disks": "Beam's durable disks are not supported; use volumes=[Volume(name=..., mount_path=...)]",
+}
+BEAM_TRANSITION_OPTIONS = {
+    "volumes": "volumes belong to the bot in petribus: Bot(volumes=[Volume(...)]) mounts them into every transition",
+    "keep_warm": "set PETRIBUS_CONTAINER_WARM on the executor (idle containers kept per transition)",
+    "keep_warm_seconds": "set PETRIBUS_CONTAINER_WARM on the executor (idle containers kept per transition)",
+    "max_pending": "use task_policy=TaskPolicy(ttl=...) to bound how long a firing may wait, or concurrency=",
+    "max_pending_tasks": "use task_policy=TaskPolicy(ttl=...) to bound how long a firing may wait, or concurrency=",
+    "handler": "petribus runs the decorated function itself; drop handler=",
+    "env": "use secrets=['NAME'] for secret values, or Image(env_vars={...}) for plain settings",
+    "block_network": "a container has no network unless network=True; drop block_network=",
+    "allow_list": "per-address network rules are not supported; use network=True or False",
+    "workers": "set --workers / PETRIBUS_WORKERS on the executor",
+    "concurrent_requests": "use concurrency= (firings of this transition at once)",
+    "autoscaler": "run more executors for the pool (petribus executor --pool NAME)",
+    "checkpoint_enabled": "checkpoints are not supported; drop checkpoint_enabled=",
+    "on_start": "do the setup at import time of the app, or lazily in the transition",
+    "ports": "transitions do not serve ports in petribus; drop ports=",
+    "docker_enabled": "docker inside a transition is not supported; drop docker_enabled=",
+}
 
 
 class BotLocation:
@@ -48,13 +72,16 @@ class _Recorded:
     inputs: Any
     outputs: Any
     options: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # keywords petribus does not have
 
 
 class Bot:
     """A bot: typed locations holding markers, and transitions that fire when their inputs are present.
 
     ``api_key`` is accepted for Beam compatibility but is better left to the environment
-    (``OPENAI_API_KEY``); it is kept as a secret and never logged or sent to a client.
+    (``OPENAI_API_KEY``); it is kept as a secret and never logged or sent to a client. ``volumes`` are
+    :class:`~petribus.Volume` folders mounted into every transition. Other keywords (Beam's ``disks``, a
+    typo) are refused by ``Bot.net()``, naming each.
     """
 
     def __init__(
@@ -67,6 +94,7 @@ class Bot:
         welcome_message: str | None = None,
         name: str | None = None,
         base_url: str | None = None,
+        volumes: list[Volume] | tuple[Volume, ...] | None = None,
         **extra: Any,
     ) -> None:
         self.model = model
@@ -77,7 +105,8 @@ class Bot:
         self.welcome_message = welcome_message
         self.name = name
         self.base_url = base_url
-        self.extra = extra
+        self.volumes = volumes
+        self.extra = extra  # options petribus does not have: Bot.net() refuses each, naming it
         self._recorded: list[_Recorded] = []
         self._net: Net | None = None
 
@@ -95,22 +124,38 @@ class Bot:
         *,
         inputs: dict[type[BaseModel], int] | None = None,
         outputs: list[type[BaseModel]] | tuple[type[BaseModel], ...] = (),
-        cpu: float = 1,
-        memory: int = 128,
-        gpu: str | int | None = None,
-        image: str | None = None,
+        cpu: float | str = 1,
+        memory: int | str = 128,
+        gpu: str | list[str] | int | None = None,
+        gpu_count: int | None = None,
+        pool: str | None = None,
+        image: Image | str | None = None,
         python_packages: list[str] | tuple[str, ...] = (),
+        secrets: list[str] | tuple[str, ...] | None = None,
+        network: bool = False,
+        callback_url: str | None = None,
+        task_policy: TaskPolicy | None = None,
         description: str | None = None,
         expose: bool = True,
         confirm: bool = False,
         timeout: float | None = None,
-        retries: int = 0,
+        retries: int | None = None,
         concurrency: int | None = None,
         when: Callable[..., bool] | None = None,
         name: str | None = None,
-        sandbox: str = "process",
+        sandbox: str | None = None,
+        **extra: Any,
     ) -> Any:
-        """Record a transition. Nothing is checked here; ``Bot.net()`` checks the whole net at once."""
+        """Record a transition. Nothing is checked here; ``Bot.net()`` checks the whole net at once.
+
+        Beam's options keep Beam's names and meaning: ``cpu`` (cores, or ``"500m"``), ``memory`` (MiB, or
+        ``"2Gi"``), ``gpu`` (a type such as ``"A10G"``, ``"any"``, or a list of types) with ``gpu_count``,
+        ``image`` (an :class:`~petribus.Image`; a tag string also works), ``secrets`` (names, see
+        ``docs/secrets.md``), ``callback_url`` and ``task_policy`` (:class:`~petribus.TaskPolicy`).
+        ``pool`` names the executor pool (default: from ``gpu``); ``network`` gives a container a network;
+        ``sandbox`` is ``"process"`` or ``"container"`` (default: a container when there is an image).
+        Any other keyword is refused by ``Bot.net()``, naming it.
+        """
 
         def record(f: F) -> F:
             self._recorded.append(
@@ -119,10 +164,13 @@ class Bot:
                     inputs=inputs,
                     outputs=outputs,
                     options=dict(
-                        cpu=cpu, memory=memory, gpu=gpu, image=image, python_packages=tuple(python_packages),
+                        cpu=cpu, memory=memory, gpu=gpu, gpu_count=gpu_count, pool=pool, image=image,
+                        python_packages=python_packages, secrets=secrets, network=network,
+                        callback_url=callback_url, task_policy=task_policy,
                         description=description, expose=expose, confirm=confirm, timeout=timeout,
                         retries=retries, concurrency=concurrency, when=when, name=name, sandbox=sandbox,
                     ),
+                    extra=dict(extra),
                 )
             )
             self._net = None
@@ -150,6 +198,11 @@ def _build_net(bot: Bot, bot_name: str | None) -> Net:
         problems.append(
             f"bot name {bot_name!r} is not allowed: use letters, digits, '_' or '-' (1-64 chars, not starting with a digit)"
         )
+
+    for key in bot.extra:
+        hint = BEAM_BOT_OPTIONS.get(key, f"the options are {', '.join(_BOT_OPTIONS)}")
+        problems.append(f"Bot({key}=...) is not supported by petribus: {hint}")
+    volumes = resources.judge_volumes(bot.volumes, problems)
 
     locations: dict[str, LocationDef] = {}
     by_model: dict[type, str] = {}
@@ -222,36 +275,23 @@ def _build_net(bot: Bot, bot_name: str | None) -> Net:
         wants_context, arity_problem = _signature(rec.fn)
         if arity_problem:
             problems.append(f"{where}: {arity_problem}")
-        if not _positive(opts["cpu"]):
-            problems.append(f"{where}: cpu={opts['cpu']!r} is not allowed; it must be a positive number")
-        if not _positive(opts["memory"]) or opts["memory"] != int(opts["memory"]):
-            problems.append(
-                f"{where}: memory={opts['memory']!r} is not allowed; it must be a whole number of MiB >= 1")
-        if opts["timeout"] is not None and not _positive(opts["timeout"]):
-            problems.append(f"{where}: timeout={opts['timeout']!r}; it must be a positive number of seconds or None")
-        if isinstance(opts["retries"], bool) or not isinstance(opts["retries"], int) or opts["retries"] < 0:
-            problems.append(f"{where}: retries={opts['retries']!r}; it must be a whole number >= 0")
+        for key in rec.extra:
+            hint = BEAM_TRANSITION_OPTIONS.get(key, f"the options are {', '.join(_TRANSITION_OPTIONS)}")
+            problems.append(f"{where}: {key}= is not supported by petribus: {hint}")
         conc = opts["concurrency"]
         if conc is not None and (isinstance(conc, bool) or not isinstance(conc, int) or conc < 1):
             problems.append(f"{where}: concurrency={conc!r}; it must be a whole number >= 1 or None (unbounded)")
         if opts["when"] is not None and not callable(opts["when"]):
             problems.append(f"{where}: when={opts['when']!r} is not callable")
-        if opts["sandbox"] not in ("process", "container"):
-            problems.append(f"{where}: sandbox={opts['sandbox']!r}; use 'process' or 'container'")
+        res = resources.judge(opts, where, problems)
 
-        gpu = opts["gpu"]
         transitions.append(
             TransitionDef(
-                name=tname, fn=rec.fn, inputs=tuple(inputs), outputs=tuple(outputs),
-                cpu=float(opts["cpu"]) if _positive(opts["cpu"]) else 1.0,
-                memory=int(opts["memory"]) if _positive(opts["memory"]) else 128,
-                gpu=str(gpu) if gpu else None, pool="gpu" if gpu else "cpu",
-                image=opts["image"], python_packages=opts["python_packages"],
+                name=tname, fn=rec.fn, inputs=tuple(inputs), outputs=tuple(outputs), **res,
                 description=opts["description"] or (inspect.getdoc(rec.fn) or "").strip() or None,
-                expose=bool(opts["expose"]), confirm=bool(opts["confirm"]), timeout=opts["timeout"],
-                retries=opts["retries"] if isinstance(opts["retries"], int) else 0,
+                expose=bool(opts["expose"]), confirm=bool(opts["confirm"]),
                 concurrency=conc, when=opts["when"], wants_context=wants_context,
-                is_async=inspect.iscoroutinefunction(rec.fn), sandbox=opts["sandbox"],
+                is_async=inspect.iscoroutinefunction(rec.fn),
             )
         )
 
@@ -259,13 +299,8 @@ def _build_net(bot: Bot, bot_name: str | None) -> Net:
         raise NetDefinitionError(problems)
     return Net(
         bot=bot_name, description=bot.description, model=bot.model, welcome_message=bot.welcome_message,
-        authorized=bot.authorized, locations=locations, transitions=tuple(transitions),
+        authorized=bot.authorized, locations=locations, transitions=tuple(transitions), volumes=volumes,
     )
-
-
-def _positive(val: Any) -> bool:
-    """A real, finite number above zero (``True`` is not a number here, nor is NaN)."""
-    return not isinstance(val, bool) and isinstance(val, (int, float)) and math.isfinite(val) and val > 0
 
 
 def _own_doc(obj: type) -> str | None:
@@ -308,3 +343,7 @@ def _signature(fn: Callable[..., Any]) -> tuple[bool, str | None]:
     if not takes_inputs:
         return wants_context, "takes no parameter for its inputs; a transition takes (inputs) or (context, inputs)"
     return wants_context, None
+
+
+_BOT_OPTIONS = [p for p in inspect.signature(Bot.__init__).parameters if p not in ("self", "extra")]
+_TRANSITION_OPTIONS = [p for p in inspect.signature(Bot.transition).parameters if p not in ("self", "fn", "extra")]
