@@ -42,12 +42,16 @@ class Channel(Protocol):
 class BotContext:
     """Handed to a transition that asks for a ``context`` parameter."""
 
-    def __init__(self, channel: Channel, *, bot: str, session_id: str, firing_id: str, transition: str) -> None:
+    def __init__(self, channel: Channel, *, bot: str, session_id: str, firing_id: str, transition: str,
+                 workdir: str | None = None) -> None:
         self._channel = channel
         self.bot = bot
         self.session_id = session_id
         self.firing_id = firing_id
         self.transition = transition
+        # This run's own folder, removed when it ends: a def transition runs in it (its working directory);
+        # an async def one shares its process's working directory and should write here explicitly.
+        self.workdir = workdir
 
     def __repr__(self) -> str:
         return f"BotContext(session_id={self.session_id!r}, transition={self.transition!r})"
@@ -113,8 +117,10 @@ class BotContext:
     def send_file(self, path: str | os.PathLike[str], description: str | None = None) -> None:
         """Send the file at ``path`` to the user (an ``output_file`` event with a download URL).
 
-        Returns once the file is stored. Raises ``FileTooLarge`` when it is over
-        ``PETRIBUS_MAX_FILE_BYTES``.
+        Only files inside this run's folder (``context.workdir``; a relative ``path`` is relative to it)
+        or the bot's volumes may be sent, after symlinks are resolved; any other path is refused
+        (``PetribusError``, code ``file_not_allowed``). Returns once the file is stored. Raises
+        ``FileTooLarge`` when it is over ``PETRIBUS_MAX_FILE_BYTES``.
 
         It blocks the calling thread. In an ``async def`` transition that is the worker's event loop,
         and every other async firing in the same worker process stalls with it until the answer comes:
@@ -157,7 +163,7 @@ def _confirm(description: str, timeout: float | None) -> tuple[dict[str, Any], f
 
 
 def _send_file(path: str | os.PathLike[str], description: str | None) -> dict[str, Any]:
-    return {"path": os.path.abspath(os.fspath(path)),
+    return {"path": os.fspath(path),
             "description": None if description is None else str(description)}
 
 

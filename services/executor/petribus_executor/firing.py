@@ -20,8 +20,10 @@ share a ``start:`` Msg-Id.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -48,6 +50,7 @@ from petribus_executor.folds import SessionFolds
 from petribus_executor.interact import Interactions
 from petribus_executor.pool import WorkerPool
 from petribus_executor.prompts import Prompts
+from petribus_executor.sandbox import Profile, profile_for
 
 ENVELOPE_BYTES = 4096  # room left in max_payload for the subject, the headers and the protocol line
 
@@ -129,8 +132,15 @@ class FiringRunner:
 
     def __init__(self, *, instance: str, nets: dict[str, Net], events: EventLog, workers: WorkerPool,
                  ack_wait_s: float, log: Any, interactions: Interactions | None = None,
-                 max_lost_runs: int = 5, retry_backoff_s: float = 1.0, retry_backoff_max_s: float = 60.0) -> None:
+                 max_lost_runs: int = 5, retry_backoff_s: float = 1.0, retry_backoff_max_s: float = 60.0,
+                 devices: Any = None, secrets: Any = None, callbacks: Any = None) -> None:
         self.instance = instance
+        self.settings = workers.settings
+        self.devices = devices  # devices.DeviceAllocator of this executor's GPUs, or None
+        self.secrets = secrets  # petribus.secrets.SecretStore, made on the first transition with secrets=
+        self._secrets_ready: asyncio.Future[Any] | None = None
+        self.callbacks = callbacks  # callbacks.Callbacks, made on the first transition with callback_url=
+        self._images: dict[int, str] = {}  # container image tag per transition
         self.nets = nets
         self.events = events
         self.workers = workers
@@ -212,9 +222,28 @@ class FiringRunner:
                                      "executors' logs", firing.attempts)
             await current.msg.ack()
             return
+        if t.ttl is not None and not firing.started_attempts and (waited := _queued_for(msg)) > t.ttl:
+            await self._fail(item, f"the firing waited {waited:.1f}s for an executor, over the {t.ttl:g}s its "
+                                   "task_policy ttl allows; it was not run (start more executors of pool "
+                                   f"{t.pool!r}, or raise ttl)", "FiringExpired", retryable=False, attempt=attempt)
+            self._notify(item, t, None, "expired", attempt)
+            await current.msg.ack()
+            return
+        try:
+            profile = await self._profile(net, t)
+        except PetribusError as exc:  # a secret not set, a volume that cannot be mounted, an image that fails
+            await self._fail(item, exc.message, type(exc).__name__, exc.retryable, attempt,
+                             final=not exc.retryable or failures >= t.retries,
+                             retry_in_s=None if not exc.retryable else self.backoff(failures + 1))
+            if exc.retryable and failures < t.retries:
+                await current.msg.nak(delay=self.backoff(failures + 1))
+            else:
+                self._notify(item, t, None, exc.message, attempt)
+                await current.msg.ack()
+            return
         effects = Effects(item.firing_id, rerun=firing.status == "started",
                           known=_known_effects(state) if firing.status == "started" else frozenset())
-        outcome = await self._run_once(item, net, t, attempt, effects)
+        outcome = await self._run_once(item, net, t, attempt, effects, profile)
         completed = self._completion(item, outcome) if outcome.ok else None
         if completed is not None and (too_big := self._too_big(completed)):
             outcome = p.Outcome(ok=False, error=too_big, error_type="TransitionOutputError", retryable=False,
@@ -224,6 +253,7 @@ class FiringRunner:
             # Debug, not info: one line per firing is most of the executor's own work in a large fan-out.
             self.log.debug("firing completed", attempt=attempt, outputs=len(outcome.outputs),
                           duration_ms=round(outcome.duration_ms, 1))
+            self._notify(item, t, completed, None, attempt)
             await current.msg.ack()
             return
         final = not outcome.retryable or failures >= t.retries
@@ -231,6 +261,7 @@ class FiringRunner:
                          error=outcome.error, traceback=outcome.traceback or None)
         if final:
             await self._fail(item, outcome.error, outcome.error_type, outcome.retryable, attempt)
+            self._notify(item, t, None, outcome.error, attempt, error_type=outcome.error_type)
             await current.msg.ack()
             return
         # The wait before the retry is JetStream's (a nak with a delay): no process has to live through it.
@@ -240,9 +271,25 @@ class FiringRunner:
         await current.msg.nak(delay=delay)
 
     async def _run_once(self, item: WorkItem, net: Net, t: TransitionDef, attempt: int,
-                        effects: Effects) -> p.Outcome:
+                        effects: Effects, profile: Profile) -> p.Outcome:
+        # GPUs first, then a worker: a GPU firing's worker is one booted with its devices.
+        devices: tuple[str, ...] = ()
+        if t.gpu_count:
+            if self.devices is None:
+                raise PetribusError(f"executor {self.instance} has no GPUs for {t.name!r} (gpu_count="
+                                    f"{t.gpu_count}); it should not serve pool {t.pool!r}", retryable=True)
+            devices = await self.devices.acquire(t.gpu_count)
+            profile = Profile(**{**profile.__dict__, "devices": devices})
+        try:
+            return await self._run_on_worker(item, t, attempt, effects, profile)
+        finally:
+            if devices:
+                self.devices.release(devices)
+
+    async def _run_on_worker(self, item: WorkItem, t: TransitionDef, attempt: int, effects: Effects,
+                             profile: Profile) -> p.Outcome:
         # The executor holds more work than it has workers; a firing is started once it has one.
-        worker = await self.workers.acquire(asynchronous=t.is_async)
+        worker = await self.workers.acquire(asynchronous=t.is_async, profile=profile)
         # Started is sent, not awaited: its round trip overlaps the run. It still lands before anything
         # the run appends (same connection, same subject), and its ack is awaited before the outcome.
         try:
@@ -259,6 +306,7 @@ class FiringRunner:
         request = p.Request(
             bot=item.bot, session_id=item.session_id, firing_id=item.firing_id, transition=t.name,
             attempt=attempt, inputs=tuple(p.InputMarker(m.id, m.location, m.data) for m in item.inputs),
+            cpu_seconds=self._cpu_seconds(t),
         )
         started = time.perf_counter()
         try:
@@ -280,6 +328,78 @@ class FiringRunner:
         await started_ack
         await outbox.flush()  # what it said lands before what it returned
         return outcome
+
+    def _cpu_seconds(self, t: TransitionDef) -> float:
+        allowed = self.settings.sandbox_cpu_seconds
+        return allowed if t.timeout is None else min(allowed, t.timeout * max(1.0, t.cpu))
+
+    async def _profile(self, net: Net, t: TransitionDef) -> Profile:
+        """The sandbox a firing of ``t`` runs in: its limits, its secrets, the bot's volumes, its image."""
+        kind = self.settings.sandbox or t.sandbox
+        env = await self._secret_env(t.secrets)
+        volumes = self._volumes(net, kind)
+        image = await self._image(t) if kind == "container" else None
+        return profile_for(t, kind=kind, max_files=self.settings.sandbox_max_files, env=env, image=image,
+                           volumes=volumes)
+
+    async def _secret_env(self, names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+        if not names:
+            return ()
+        if self.secrets is None:
+            if self._secrets_ready is None:
+                from petribus.secrets import SecretStore
+
+                store = SecretStore(self.events.js)
+                self._secrets_ready = asyncio.ensure_future(_started(store))
+            self.secrets = await asyncio.shield(self._secrets_ready)
+        values = self.secrets.resolve(tuple(names))  # raises MissingSecret, naming every one not set
+        return tuple(sorted(values.items()))
+
+    def _volumes(self, net: Net, kind: str) -> tuple[tuple[str, str], ...]:
+        if not net.volumes:
+            return ()
+        base = self.settings.volumes_dir or self.settings.data_dir / "volumes"
+        out = []
+        for volume in net.volumes:
+            if kind != "container" and Path(volume.mount_path).is_absolute():
+                raise PetribusError(
+                    f"volume {volume.name!r} has mount_path={volume.mount_path!r}: a process sandbox can only "
+                    "offer a volume at a path relative to the firing's folder (e.g. './data'); use a relative "
+                    "mount_path, or sandbox='container'", code="volume_not_mountable")
+            folder = base / volume.name
+            folder.mkdir(parents=True, exist_ok=True)
+            out.append((str(folder), volume.mount_path))
+        return tuple(out)
+
+    async def _image(self, t: TransitionDef) -> str:
+        tag = self._images.get(id(t))
+        if tag is None:
+            from petribus_executor.images import ensure_image
+
+            image = t.image if t.image is not None else self.settings.container_image
+            tag = await ensure_image(image, settings=self.settings,
+                                     progress=lambda line: self.log.info("image build", transition=t.name,
+                                                                         line=line))
+            self._images[id(t)] = tag
+        return tag
+
+    def _notify(self, item: WorkItem, t: TransitionDef, completed: TransitionCompleted | None,
+                error: str | None, attempt: int, *, error_type: str | None = None) -> None:
+        """Tell the transition's ``callback_url`` how the firing ended; never waits for it."""
+        if not t.callback_url:
+            return
+        if self.callbacks is None:
+            from petribus_executor.callbacks import Callbacks
+
+            self.callbacks = Callbacks()
+        payload: dict[str, Any] = {"bot": item.bot, "session_id": item.session_id, "firing_id": item.firing_id,
+                                   "transition": item.transition, "attempt": attempt, "final": True}
+        if completed is not None:
+            payload.update(status="completed",
+                           outputs=[{"location": m.location, "data": m.data} for m in completed.outputs])
+        else:
+            payload.update(status="failed", error=error, error_type=error_type)
+        self.callbacks.notify(t.callback_url, payload)
 
     def _side_effect(self, item: WorkItem, outbox: Outbox, effects: Effects, kind: str, payload: Any) -> None:
         """A ``say`` or ``remember``: appended in order, once per place in the run however often it runs."""
@@ -374,11 +494,32 @@ class FiringRunner:
             self._heartbeats.cancel()
         self.folds.close()
 
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """``close``, and flush callbacks not yet delivered and stop the secret store's watch."""
+        self.close()
+        if self.callbacks is not None:
+            await self.callbacks.close(timeout)
+        if self.secrets is not None:
+            await self.secrets.close()
+
 
 def _known_effects(state: SessionState) -> frozenset[str]:
     """Ids of every side effect, question and file the log has: what a re-run need not append again."""
     return frozenset(state.effects).union(state.pending_requests, state.closed_requests, state.pending_files,
                                           state.files)
+
+
+def _queued_for(msg: Msg) -> float:
+    """Seconds since the work item was stored in PB_WORK."""
+    stored = msg.metadata.timestamp
+    if stored is None:
+        return 0.0
+    return (datetime.datetime.now(datetime.timezone.utc) - stored).total_seconds()
+
+
+async def _started(store: Any) -> Any:
+    await store.start()
+    return store
 
 
 async def _quietly(aw: Any) -> None:

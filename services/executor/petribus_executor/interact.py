@@ -13,7 +13,9 @@ what the transition said before (through the firing's outbox):
   and appends ``input_file_response``; the bytes are written to a folder of this firing and the
   transition gets the path. A timeout is recorded like confirm's, and raised in the transition.
 - send_file: the file (read here: workers run on this machine) goes to ``PB_FILES``, then
-  ``output_file`` with its download URL is appended.
+  ``output_file`` with its download URL is appended. Only a file inside the run's own folder or the
+  bot's volumes is sent, judged on its real path (symlinks resolved): a transition cannot have the
+  executor read ``/etc/passwd`` or another run's files for it.
 """
 
 from __future__ import annotations
@@ -93,25 +95,27 @@ class Interactions:
         if answer is None or answer.reason is not None:
             raise PetribusError(f"context.get_file({description!r}): no file was uploaded within "
                                 f"{timeout:g}s; the request has lapsed", code="file_timeout")
-        folder = self._folder(item.firing_id) / fid
-        folder.mkdir(parents=True)
+        run_dir = payload.get("host_dir")
+        folder = (Path(run_dir) if isinstance(run_dir, str) else self._folder(item.firing_id)) / fid
+        folder.mkdir(parents=True, exist_ok=True)
         path = folder / safe_name(answer.name, fallback=fid)
         with open(path, "wb") as out:
             await self.files.get_into(item.bot, item.session_id, answer.stored_id or fid, out)
         return str(path)
 
     async def send_file(self, item: WorkItem, append: Append, effects: Effects, payload: dict[str, Any]) -> None:
-        path = str(payload.get("path", ""))
+        shown = str(payload.get("shown_path") or payload.get("path", ""))
         effect = effects.next("send_file")
         if effects.landed(effect):
             return  # an earlier run of this firing sent it: the user has it once
+        path = _inside(str(payload.get("path", "")), shown, payload.get("host_dir"), payload.get("allowed") or ())
         try:
             info = await asyncio.to_thread(os.stat, path)
         except OSError as exc:
-            raise PetribusError(f"context.send_file({path!r}): cannot read it ({exc.strerror})",
+            raise PetribusError(f"context.send_file({shown!r}): cannot read it ({exc.strerror})",
                                 code="file_not_found") from None
         if not stat.S_ISREG(info.st_mode):
-            raise PetribusError(f"context.send_file({path!r}): not a regular file", code="file_not_found")
+            raise PetribusError(f"context.send_file({shown!r}): not a regular file", code="file_not_found")
         name = safe_name(os.path.basename(path))
         if info.st_size > self.files.max_bytes:
             raise too_large(info.st_size, self.files.max_bytes, f"context.send_file({name!r}): the file")
@@ -150,6 +154,24 @@ class Interactions:
                 if found(event):
                     return event
             return None
+
+
+def _inside(path: str, shown: str, run_dir: Any, allowed: Any) -> str:
+    """``path`` with its symlinks resolved, if that lies inside the run's folder or one of the ``allowed``
+    folders (the bot's volumes); else a ``PetribusError`` saying where files may be sent from."""
+    real = os.path.realpath(path)
+    roots = [r for r in [run_dir, *allowed] if isinstance(r, str) and r]
+    for root in roots:
+        base = os.path.realpath(root)
+        if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
+            return real
+    where = "its own folder (context.workdir)" + (" or the bot's volumes" if len(roots) > 1 else "")
+    target = f" (it resolves to {real!r})" if os.path.normpath(path) != real else ""
+    raise PetribusError(
+        f"context.send_file({shown!r}) refused: a transition may only send files from {where}, after "
+        f"symlinks are resolved{target}; write or copy the file there first",
+        code="file_not_allowed",
+    )
 
 
 async def _ask(item: WorkItem, append: Append, effects: Effects, effect: Effect, ask: _Event) -> int:

@@ -21,6 +21,12 @@ A timeout, or a firing the executor abandons (its task cancelled: drain, stop):
 A worker that dies, whatever the cause, fails every firing it held with ``SandboxCrashed`` and is never
 reused; the next firing that needs room starts a fresh one.
 
+Every worker boots under one sandbox profile (``sandbox.py``: memory, CPUs, open files, environment,
+devices, process or container) and only runs firings of that profile (``placement.py`` keys workers by
+it). A run that went over a limit (``Outcome.replace_worker``) retires its worker: it takes no more
+firings and is stopped once its others are done. A container worker (``container.py``) speaks the same
+protocol over a unix socket instead of a pipe.
+
 Each pipe is watched with ``loop.add_reader``: what a worker says arrives as soon as it is written,
 with no polling. Each wake-up reads what has arrived with one ``read`` and handles every whole message
 in it (a message split across reads waits for its rest); what the pool sends a worker in one loop tick
@@ -38,18 +44,22 @@ import multiprocessing.connection
 import multiprocessing.forkserver
 import multiprocessing.util  # its atexit hook must be registered before ours, so that ours runs first
 import os
+import shutil
+import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from multiprocessing import spawn
 from typing import Any
 
 from petribus import logs
 from petribus.errors import PetribusError, SandboxCrashed, TransitionTimeout
+from petribus.settings import Settings
 from petribus_executor import protocol as p
 from petribus_executor import worker as worker_main
 from petribus_executor.placement import Host, Placement
 from petribus_executor.placement import Lease as _Lease
 from petribus_executor.preload import ENV as PRELOAD_ENV
 from petribus_executor.preload import MAIN_ENV as PRELOAD_MAIN_ENV
+from petribus_executor.sandbox import ENV_ALLOWED, Profile, as_dict
 
 log = logs.get("petribus.executor.pool")
 
@@ -95,21 +105,37 @@ class _Job:
 
 
 class Worker(Host):
-    def __init__(self, proc: multiprocessing.process.BaseProcess,
-                 conn: multiprocessing.connection.Connection) -> None:
-        super().__init__()
-        self.proc = proc
+    def __init__(self, proc: Any, conn: Any, profile: Profile) -> None:
+        super().__init__(profile)
+        self.proc = proc  # a multiprocessing.Process, or a container.ContainerProcess that acts like one
         self.conn = conn
         self.pid = proc.pid
         self.fd = conn.fileno()
+        self.profile = profile
         self.frames = p.Frames()
         self.outbox: list[tuple[Any, ...]] = []  # messages to send at the end of this loop tick
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.jobs: dict[int, _Job] = {}
         self.lost = False
+        self.retired = False  # takes no more firings; stopped once the ones it has are done
+        self.root: str | None = None  # its work folder, as the worker sees it (from ``ready``)
+        self.host_root: str | None = getattr(proc, "host_root", None)  # the same folder on this machine
 
     def __repr__(self) -> str:
         return f"Worker(pid={self.pid}, load={self.load}{', sync' if self.exclusive else ''})"
+
+    def host_path(self, path: str) -> str:
+        """A path as the worker sees it, as this machine sees it (they differ in a container)."""
+        if self.root and self.host_root and self.root != self.host_root:
+            if path == self.root or path.startswith(self.root + os.sep):
+                return self.host_root + path[len(self.root):]
+        return path
+
+    def worker_path(self, path: str) -> str:
+        if self.root and self.host_root and self.root != self.host_root:
+            if path == self.host_root or path.startswith(self.host_root + os.sep):
+                return self.root + path[len(self.host_root):]
+        return path
 
 
 Lease = _Lease[Worker]
@@ -117,15 +143,21 @@ Lease = _Lease[Worker]
 
 class WorkerPool:
     def __init__(self, apps: list[str], size: int, *, concurrency: int = 1, prewarm: int = 1,
-                 cancel_grace: float = CANCEL_GRACE_S) -> None:
+                 cancel_grace: float = CANCEL_GRACE_S, settings: Settings | None = None) -> None:
         self.apps = list(apps)
         self.size = max(1, size)
         self.concurrency = max(1, concurrency)
         self.prewarm = min(prewarm, self.size)
         self.cancel_grace = cancel_grace
+        self.settings = settings or Settings()
+        # What a transition with every option at its default runs under (and what prewarmed workers get).
+        self.default_profile = Profile(max_files=self.settings.sandbox_max_files)
         self._ctx = multiprocessing.get_context("forkserver")
         self._all: set[Worker] = set()  # live processes, booting ones included
-        self._placement: Placement[Worker] = Placement(self.size, self.concurrency)
+        self._placement: Placement[Worker] = Placement(self.size, self.concurrency, on_evict=self._evict)
+        self._cpu_ids = sorted(os.sched_getaffinity(0))
+        self._next_cpu = 0
+        self._containers: Any = None  # container.ContainerLauncher, made for the first container firing
         self._job_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()  # reaping, cancelling, background boots
         self._calls: set[asyncio.Task[None]] = set()
@@ -135,45 +167,49 @@ class WorkerPool:
     async def start(self) -> None:
         await asyncio.to_thread(self._ensure_fork_server)
         for _ in range(self.prewarm):
-            self._placement.reserve_start()
-            self._placement.add(await self._boot())
+            self._placement.reserve_start(self.default_profile)
+            self._placement.add(await self._boot(self.default_profile))
 
     def _ensure_fork_server(self) -> None:
         # Global per process: the first pool to start it decides what is preloaded; later ones import
-        # what they miss in each worker, once.
+        # what they miss in each worker, once. The fork server starts with the sandbox's environment
+        # (``sandbox.ENV_ALLOWED``), not the executor's: no worker forked from it inherits a key or a
+        # credential of the executor's, even in its memory.
         self._ctx.set_forkserver_preload(["petribus_executor.preload"])
         main_path = spawn.get_preparation_data("petribus-worker").get("init_main_from_path")
-        env = {PRELOAD_ENV: os.pathsep.join(self.apps), PRELOAD_MAIN_ENV: main_path or ""}
-        saved = {k: os.environ.get(k) for k in env}
+        env = {k: v for k, v in os.environ.items() if k in ENV_ALLOWED or k.startswith("LC_")}
+        env[PRELOAD_ENV] = os.pathsep.join(self.apps) if self.settings.preload else ""
+        env[PRELOAD_MAIN_ENV] = main_path or ""
+        saved = dict(os.environ)
+        os.environ.clear()
         os.environ.update(env)
         try:
             multiprocessing.forkserver.ensure_running()
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            os.environ.clear()
+            os.environ.update(saved)
 
     # ------------------------------------------------------------ leases
 
-    async def acquire(self, *, asynchronous: bool = False) -> Lease:
-        """Room for one firing: on a shared worker for an ``async def`` transition, else a worker of its
-        own. Hand it to ``run`` (which gives it back) or to ``release``."""
+    async def acquire(self, *, asynchronous: bool = False, profile: Profile | None = None) -> Lease:
+        """Room for one firing on a worker of ``profile`` (default: ``default_profile``): a shared worker
+        for an ``async def`` transition, else a worker of its own. Hand it to ``run`` (which gives it
+        back) or to ``release``."""
         placement = self._placement
+        profile = profile or self.default_profile
         while True:
             if self._closed:
                 raise PetribusError("the executor's worker pool is closed")
-            lease = placement.take(asynchronous)
+            lease = placement.take(asynchronous, profile)
             if lease is not None:
                 if lease.host.load > 1:
-                    self._grow()  # it had to share: have another process ready for what comes next
+                    self._grow(profile)  # it had to share: have another process ready for what comes next
                 return lease
-            if placement.reserve_start():
-                lease = placement.add(await self._boot(), asynchronous)
+            if placement.reserve_start(profile):
+                lease = placement.add(await self._boot(profile), asynchronous)
                 assert lease is not None
                 return lease
-            lease = await placement.wait(asynchronous)
+            lease = await placement.wait(asynchronous, profile)
             if lease is not None:
                 return lease
 
@@ -181,33 +217,48 @@ class WorkerPool:
         """Give back a lease (``run`` does it itself)."""
         self._placement.give_back(lease)
         worker = lease.host
-        if self._closed and not worker.lost and worker.load == 0 and not worker.jobs:
+        if (self._closed or worker.retired) and not worker.lost and worker.load == 0 and not worker.jobs:
             self._stop(worker)
 
-    def _grow(self) -> None:
-        if self._placement.reserve_start():
-            self._spawn(self._grow_one())
+    def _grow(self, profile: Profile) -> None:
+        if self._placement.can_start() and self._placement.reserve_start(profile):
+            self._spawn(self._grow_one(profile))
 
-    async def _grow_one(self) -> None:
+    async def _grow_one(self, profile: Profile) -> None:
         try:
-            worker = await self._boot()
+            worker = await self._boot(profile)
         except Exception as exc:
             if not self._closed:
                 log.warning("a worker did not start", error=repr(exc))
             return
         self._placement.add(worker)
 
+    def _evict(self, worker: Worker) -> None:
+        """Placement took an idle worker of another profile out of service to make room: stop it."""
+        asyncio.get_running_loop().call_soon(self._stop, worker)
+
+    def retire(self, worker: Worker, why: str) -> None:
+        """No more firings for ``worker``: it is stopped once the ones it runs are done."""
+        if worker.retired or worker.lost:
+            return
+        worker.retired = True
+        log.info("worker retired", pid=worker.pid, why=why)
+        self._placement.remove(worker)
+        if worker.load == 0 and not worker.jobs:
+            self._stop(worker)
+
     # ------------------------------------------------------------ runs
 
     async def run(self, request: p.Request, *, on_event: OnEvent, on_call: OnCall, timeout: float | None,
-                  worker: Lease | None = None, asynchronous: bool = False) -> p.Outcome:
+                  worker: Lease | None = None, asynchronous: bool = False,
+                  profile: Profile | None = None) -> p.Outcome:
         """Run one firing on ``worker`` (a lease from ``acquire``, given back here) or on a lease taken
         here for an async (shared) or sync (exclusive) firing. Raises ``TransitionTimeout`` or
         ``SandboxCrashed``."""
-        lease = worker if worker is not None else await self.acquire(asynchronous=asynchronous)
-        while lease.host.lost:  # it died since the lease was taken (a neighbour's doing): move
+        lease = worker if worker is not None else await self.acquire(asynchronous=asynchronous, profile=profile)
+        while lease.host.lost or lease.host.retired:  # it died or retired since the lease was taken: move
             self.release(lease)
-            lease = await self.acquire(asynchronous=not lease.exclusive)
+            lease = await self.acquire(asynchronous=not lease.exclusive, profile=lease.host.profile)
         w = lease.host
         job = _Job(next(self._job_ids), request, on_event, on_call)
         w.jobs[job.id] = job
@@ -238,6 +289,8 @@ class WorkerPool:
             self._detach(lease, job)
             raise
         job.close()
+        if outcome.replace_worker:
+            self.retire(w, f"{request.transition!r} went over a limit ({outcome.error_type})")
         self._detach(lease, job)
         return outcome
 
@@ -293,21 +346,44 @@ class WorkerPool:
             await asyncio.wait(list(self._tasks))
         for task in list(self._calls):
             task.cancel()
+        if self._containers is not None:
+            await self._containers.close()
 
     # ------------------------------------------------------------ processes
 
-    async def _boot(self) -> Worker:
+    async def _boot(self, profile: Profile | None = None) -> Worker:
         """Start one worker and wait until it is ready; the caller reserved its start (``placement``)
         and puts it in service."""
         try:
-            return await self._launch()
+            return await self._launch(profile or self.default_profile)
         except BaseException:
             self._placement.start_failed()
             raise
 
-    async def _launch(self) -> Worker:
+    def _cpus(self, profile: Profile) -> list[int] | None:
+        """The CPUs a new worker of ``profile`` is pinned to, taken in turn; None when it may use all."""
+        ids = self._cpu_ids
+        if profile.cpus >= len(ids):
+            return None
+        start = self._next_cpu
+        self._next_cpu = (start + profile.cpus) % len(ids)
+        return [ids[(start + i) % len(ids)] for i in range(profile.cpus)]
+
+    async def _launch(self, profile: Profile) -> Worker:
+        boot = {"profile": as_dict(profile), "cpus": self._cpus(profile), "root": None, "exit_on_eof": False}
+        if profile.kind == "container":
+            if self._containers is None:
+                from petribus_executor.container import ContainerLauncher
+
+                self._containers = ContainerLauncher(self.settings, self.apps)
+            proc, fd = await self._containers.launch(profile, boot)
+            worker = Worker(proc, _FdConn(fd), profile)
+            self._all.add(worker)
+            self.started += 1
+            asyncio.get_running_loop().add_reader(worker.fd, self._on_readable, worker)
+            return await self._ready(worker)
         parent_conn, child_conn = self._ctx.Pipe()
-        proc = self._ctx.Process(target=worker_main.main, args=(child_conn, self.apps),
+        proc = self._ctx.Process(target=worker_main.main, args=(child_conn, self.apps, boot),
                                  name="petribus-worker")
         try:
             await asyncio.to_thread(proc.start)  # a round trip to the fork server; keep the loop free
@@ -317,10 +393,13 @@ class WorkerPool:
         finally:
             child_conn.close()
         _live.add(proc)
-        worker = Worker(proc, parent_conn)
+        worker = Worker(proc, parent_conn, profile)
         self._all.add(worker)
         self.started += 1
         asyncio.get_running_loop().add_reader(worker.fd, self._on_readable, worker)
+        return await self._ready(worker)
+
+    async def _ready(self, worker: Worker) -> Worker:
         try:
             await asyncio.wait_for(asyncio.shield(worker.ready), BOOT_TIMEOUT_S)
         except TimeoutError:
@@ -390,6 +469,9 @@ class WorkerPool:
                 job.calls.add(task)
                 task.add_done_callback(job.calls.discard)
         elif kind == p.READY:
+            worker.root = msg[2] if len(msg) > 2 else None
+            if worker.host_root is None:
+                worker.host_root = worker.root
             if not worker.ready.done():
                 worker.ready.set_result(None)
         elif kind == p.BOOT_FAILED:
@@ -403,7 +485,12 @@ class WorkerPool:
     async def _answer(self, worker: Worker, job: _Job, call_id: int, kind: str, payload: Any,
                       timeout: float | None) -> None:
         try:
-            reply = (p.REPLY, job.id, call_id, True, await job.on_call(kind, payload, timeout))
+            if kind in ("send_file", "get_file") and isinstance(payload, dict):
+                payload = self._files_payload(worker, payload)
+            value = await job.on_call(kind, payload, timeout)
+            if kind == "get_file" and isinstance(value, str):
+                value = worker.worker_path(value)
+            reply = (p.REPLY, job.id, call_id, True, value)
         except PetribusError as exc:
             reply = (p.REPLY, job.id, call_id, False, {"message": exc.message, "code": exc.code})
         except Exception as exc:
@@ -411,6 +498,19 @@ class WorkerPool:
                      {"message": f"context.{kind} failed: {exc!r}", "code": "context_error"})
         if job.open and not worker.lost:
             self._send(worker, reply)
+
+    @staticmethod
+    def _files_payload(worker: Worker, payload: dict[str, Any]) -> dict[str, Any]:
+        """A file call with the firing's folder and the bot's volumes as this machine sees them: a sent
+        file must lie inside one of them, and a received one is written to the firing's folder."""
+        folder = payload.get("dir")
+        out = {k: v for k, v in payload.items() if k != "dir"}
+        out["host_dir"] = worker.host_path(folder) if isinstance(folder, str) else None
+        out["allowed"] = [d for d, _ in worker.profile.volumes]
+        if isinstance(out.get("path"), str):
+            out["shown_path"] = out["path"]
+            out["path"] = worker.host_path(out["path"])
+        return out
 
     def _stop(self, worker: Worker) -> None:
         self._send(worker, (p.STOP,))
@@ -434,12 +534,15 @@ class WorkerPool:
             proc.kill()
         await _exited(proc)
         code = _exit_code(proc)
+        reason = proc.exit_reason() if hasattr(proc, "exit_reason") else None
         worker.conn.close()
         try:
             proc.close()
         except ValueError:  # no exit status to be had (the fork server is gone); it was killed
             pass
         _live.discard(proc)
+        if worker.root is not None and worker.host_root == worker.root:  # a killed worker leaves its folder
+            await asyncio.to_thread(shutil.rmtree, worker.root, True)
         if not worker.ready.done():
             worker.ready.set_exception(SandboxCrashed(f"a worker exited while booting ({_describe(code)})"))
         jobs = list(worker.jobs.values())
@@ -448,7 +551,7 @@ class WorkerPool:
             if not job.result.done():
                 job.result.set_exception(SandboxCrashed(
                     f"the worker running {job.request.transition!r} (pid {worker.pid}) died "
-                    f"({_describe(code)}): {why}"
+                    f"({reason or _describe(code, job.request)}): {why}"
                 ))
         log.debug("worker gone", pid=worker.pid, why=why, exit=_describe(code), firings=len(jobs))
 
@@ -488,9 +591,30 @@ def _exit_code(proc: multiprocessing.process.BaseProcess) -> int | None:
     return proc.exitcode
 
 
-def _describe(code: int | None) -> str:
+def _describe(code: int | None, request: p.Request | None = None) -> str:
     if code is None:
         return "exit status unknown"
     if code < 0:
+        if -code == signal.SIGXCPU and request is not None and request.cpu_seconds is not None:
+            return (f"killed by signal {-code}, SIGXCPU: over its CPU time limit of {request.cpu_seconds:g}s "
+                    "(PETRIBUS_SANDBOX_CPU_SECONDS, or timeout= times cpu=)")
         return f"killed by signal {-code}"
     return f"exit code {code}"
+
+
+class _FdConn:
+    """A connected socket's fd with the two methods the pool uses of a ``Connection``."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1

@@ -15,7 +15,8 @@ executor -> worker
     ``("stop",)``                                   finish: exit the process (sent to an idle worker)
 
 worker -> executor
-    ``("ready", pid)``                              the apps are imported; send work
+    ``("ready", pid, root)``                        the apps are imported and the sandbox is set up
+                                                    (``root``: its work folder); send work
     ``("boot_failed", message)``                    the apps could not be imported; the worker exits
     ``("event", job, kind, payload)``               fire-and-forget from ``BotContext`` (``say``,
                                                     ``remember``)
@@ -72,6 +73,7 @@ class Request:
     transition: str
     attempt: int
     inputs: tuple[InputMarker, ...]
+    cpu_seconds: float | None = None  # CPU time a def run may use (SIGXCPU past it); None: unbounded
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class Outcome:
     error_type: str = ""
     retryable: bool = False
     traceback: str = field(default="", repr=False)
+    replace_worker: bool = False  # the run went over a limit: its worker may be in a bad state, retire it
 
 
 _SHORT = struct.Struct("!i")

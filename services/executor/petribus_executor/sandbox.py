@@ -25,7 +25,6 @@ class Profile:
 
     memory_mib: int = 128  # memory= : the worker's data (heap) may grow this much past what it used at boot
     cpus: int = 1  # cpu= rounded up: how many CPUs the worker is pinned to
-    cpu_seconds: float | None = None  # CPU time one def firing may use (None: PETRIBUS_SANDBOX_CPU_SECONDS)
     max_files: int = 1024  # open files, the worker's own included
     env: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # secrets: never in a repr or a log
     secret_names: tuple[str, ...] = ()  # the names of the secrets in env (what logs may show)
@@ -67,7 +66,7 @@ def cpus_for(cpu: float) -> int:
 def as_dict(profile: Profile) -> dict[str, Any]:
     """What crosses the pipe to a worker at boot (secret values included: the worker needs them)."""
     return {
-        "memory_mib": profile.memory_mib, "cpus": profile.cpus, "cpu_seconds": profile.cpu_seconds,
+        "memory_mib": profile.memory_mib, "cpus": profile.cpus,
         "max_files": profile.max_files, "env": list(profile.env), "secret_names": list(profile.secret_names),
         "devices": list(profile.devices), "kind": profile.kind, "image": profile.image,
         "network": profile.network, "volumes": list(profile.volumes), "transition": profile.transition,
@@ -76,10 +75,27 @@ def as_dict(profile: Profile) -> dict[str, Any]:
 
 def from_dict(data: dict[str, Any]) -> Profile:
     return Profile(
-        memory_mib=data["memory_mib"], cpus=data["cpus"], cpu_seconds=data["cpu_seconds"],
+        memory_mib=data["memory_mib"], cpus=data["cpus"],
         max_files=data["max_files"], env=tuple(tuple(kv) for kv in data["env"]),  # type: ignore[misc]
         secret_names=tuple(data["secret_names"]), devices=tuple(data["devices"]), kind=data["kind"],
         image=data["image"], network=data["network"],
         volumes=tuple(tuple(v) for v in data["volumes"]),  # type: ignore[misc]
         transition=data["transition"],
+    )
+
+
+def profile_for(t: Any, *, kind: str, max_files: int, env: tuple[tuple[str, str], ...] = (),
+                devices: tuple[str, ...] = (), image: str | None = None,
+                volumes: tuple[tuple[str, str], ...] = ()) -> Profile:
+    """The profile a firing of transition ``t`` (a ``TransitionDef``) runs under.
+
+    Process workers are shared by every transition with the same limits, secrets and devices; containers
+    are kept per transition and image.
+    """
+    container = kind == "container"
+    return Profile(
+        memory_mib=int(t.memory), cpus=cpus_for(t.cpu), max_files=max_files, env=env,
+        secret_names=tuple(name for name, _ in env), devices=devices, kind=kind,
+        image=image if container else None, network=bool(t.network) if container else False,
+        volumes=volumes, transition=t.name if container else None,
     )

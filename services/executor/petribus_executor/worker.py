@@ -47,6 +47,7 @@ from petribus.loader import load_bot
 from petribus.net import Net
 from petribus_executor import protocol as p
 from petribus_executor.invoke import cancelled, run_async, run_sync
+from petribus_executor.limits import Sandbox
 
 Conn = multiprocessing.connection.Connection
 READ_SIZE = 1 << 18
@@ -58,16 +59,22 @@ _ERRORS: dict[str, type[PetribusError]] = {
 }
 
 
-def main(conn: Conn, apps: list[str]) -> None:
-    """Process entry point."""
+def main(conn: Conn, apps: list[str], boot: dict[str, Any] | None = None) -> None:
+    """Process entry point. ``boot``: the sandbox (``limits.Sandbox``): profile, CPUs, folder."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the executor decides
     _exit_with_parent()
+    sandbox = Sandbox(boot)
     try:
         nets = {net.bot: net for net in (load_bot(spec).net() for spec in apps)}
+        sandbox.enter()
     except Exception as exc:
         p.write(conn.fileno(), p.frame((p.BOOT_FAILED, f"{type(exc).__name__}: {exc}")))
+        sandbox.exit()
         return
-    Runner(Pipe(conn), nets).serve()
+    try:
+        Runner(Pipe(conn), nets, sandbox, exit_on_eof=bool((boot or {}).get("exit_on_eof"))).serve()
+    finally:
+        sandbox.exit()
 
 
 def _exit_with_parent() -> None:
@@ -192,11 +199,12 @@ def _unpack(kind: str, timeout: float | None, reply: Reply | None) -> Any:
 class JobChannel:
     """The worker's :class:`petribus.context.Channel`: one run's side of the pipe, tagged with its job."""
 
-    __slots__ = ("_job", "_pipe")
+    __slots__ = ("_job", "_pipe", "folder")
 
-    def __init__(self, pipe: Pipe, job: int) -> None:
+    def __init__(self, pipe: Pipe, job: int, folder: str) -> None:
         self._pipe = pipe
         self._job = job
+        self.folder = folder  # the run's own folder: files are received here, and sent only from here
 
     def send(self, kind: str, payload: Any) -> None:
         if kind == "remember":
@@ -210,32 +218,64 @@ class JobChannel:
         self._pipe.post((p.EVENT, self._job, kind, payload))
 
     def call(self, kind: str, payload: Any, timeout: float | None) -> Any:
-        return self._pipe.call(self._job, kind, payload, timeout)
+        return self._pipe.call(self._job, kind, self._placed(kind, payload), timeout)
 
     async def acall(self, kind: str, payload: Any, timeout: float | None) -> Any:
-        return await self._pipe.acall(self._job, kind, payload, timeout)
+        return await self._pipe.acall(self._job, kind, self._placed(kind, payload), timeout)
+
+    def _placed(self, kind: str, payload: Any) -> Any:
+        """File calls name the run's folder; a relative path is relative to it (an async run's working
+        directory is its worker's, which it shares)."""
+        if kind in ("send_file", "get_file") and isinstance(payload, dict):
+            payload = {**payload, "dir": self.folder}
+            if kind == "send_file" and isinstance(payload.get("path"), str):
+                payload["path"] = os.path.join(self.folder, os.fspath(payload["path"]))
+        return payload
 
 
 class Runner:
     """This process's runs: async ones as tasks on the event loop, sync ones in the main thread."""
 
-    def __init__(self, pipe: Pipe, nets: dict[str, Net]) -> None:
+    def __init__(self, pipe: Pipe, nets: dict[str, Net], sandbox: Sandbox | None = None, *,
+                 exit_on_eof: bool = False) -> None:
         self.pipe = pipe
         self.nets = nets
+        self.sandbox = sandbox or Sandbox(None)
+        self.exit_on_eof = exit_on_eof  # a container's worker has no parent process to watch: the socket is it
         self.loop = asyncio.new_event_loop()
         self.tasks: dict[int, asyncio.Task[p.Outcome]] = {}  # the loop thread's alone
+        self.folders: dict[int, str] = {}  # async runs' folders, the loop thread's alone
         self.sync_runs: queue.SimpleQueue[tuple[int, p.Request] | None] = queue.SimpleQueue()
 
     def serve(self) -> None:
         threading.Thread(target=self._run_loop, name="petribus-loop", daemon=True).start()
         threading.Thread(target=self._read, name="petribus-reader", daemon=True).start()
+        sandbox = self.sandbox
+        sandbox.limit_memory()
         try:
-            self.pipe.post((p.READY, os.getpid()))
+            self.pipe.post((p.READY, os.getpid(), sandbox.root))
             while (run := self.sync_runs.get()) is not None:
                 job, request = run
-                self.pipe.post((p.DONE, job, run_sync(self.nets, request, JobChannel(self.pipe, job))))
+                self.pipe.post((p.DONE, job, self._run_sync(job, request)))
         except OSError:
             pass  # the executor is gone
+
+    def _run_sync(self, job: int, request: p.Request) -> p.Outcome:
+        sandbox = self.sandbox
+        folder = sandbox.run_dir(job)
+        os.chdir(folder)
+        sandbox.use_tmp(os.path.join(folder, ".tmp"))  # a def run has the process: its temp files are its own
+        try:
+            sandbox.arm_cpu(request.cpu_seconds)
+            try:
+                outcome = run_sync(self.nets, request, JobChannel(self.pipe, job, folder))
+            finally:
+                sandbox.disarm_cpu()
+        finally:
+            os.chdir(sandbox.root)
+            sandbox.use_tmp(None)
+            sandbox.end_run(folder)
+        return sandbox.explain(request, outcome, request.cpu_seconds)
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -262,7 +302,9 @@ class Runner:
                         return
                 self._start_soon(runs)
         except (EOFError, OSError):
-            pass
+            if self.exit_on_eof:
+                self.sandbox.exit()
+                os._exit(70)  # nobody to report to: a sync run in the main thread must not outlive it
         finally:
             self.sync_runs.put(None)
 
@@ -279,23 +321,25 @@ class Runner:
 
     def _start(self, runs: list[tuple[int, p.Request]]) -> None:
         for job, request in runs:
-            task = self.loop.create_task(run_async(self.nets, request, JobChannel(self.pipe, job)))
+            folder = self.folders[job] = self.sandbox.run_dir(job)
+            task = self.loop.create_task(run_async(self.nets, request, JobChannel(self.pipe, job, folder)))
             self.tasks[job] = task
-            task.add_done_callback(functools.partial(self._ended, job))
+            task.add_done_callback(functools.partial(self._ended, job, request))
 
     def _cancel(self, job: int) -> None:
         task = self.tasks.get(job)
         if task is not None:
             task.cancel()
 
-    def _ended(self, job: int, task: asyncio.Task[p.Outcome]) -> None:
+    def _ended(self, job: int, request: p.Request, task: asyncio.Task[p.Outcome]) -> None:
         del self.tasks[job]
+        self.sandbox.end_run(self.folders.pop(job))
         if task.cancelled():  # before it began: run_async never saw the cancellation
             outcome = cancelled()
         elif (exc := task.exception()) is not None:
             outcome = p.Outcome(ok=False, error=repr(exc), error_type=type(exc).__name__, retryable=True)
         else:
-            outcome = task.result()
+            outcome = self.sandbox.explain(request, task.result())
         try:
             self.pipe.post((p.DONE, job, outcome))
         except OSError:

@@ -1,0 +1,195 @@
+"""The worker's side of its sandbox: what it sets up once at boot, and around each run.
+
+At boot (``Sandbox.enter``), after the apps are imported and before the worker says ``ready``:
+
+- **Environment**: only ``sandbox.ENV_ALLOWED`` of what the worker inherited, plus the secrets its
+  profile names and the GPUs it was given; ``HOME`` and ``TMPDIR`` point into its own folder.
+- **Folder**: a private temporary folder (``root``), removed when the worker exits (the executor removes
+  it when the worker is killed). Each run gets a folder of its own inside it, removed after the run; a
+  ``def`` run has it as its working directory and its temporary files go there (``TMPDIR``); an
+  ``async def`` run (which shares the process) finds it as ``context.workdir``. Volumes with relative
+  mount paths appear in both as links.
+- **CPUs**: pinned to the CPUs the executor chose (``cpu=`` rounded up), unless it may use all.
+- **Memory**: ``RLIMIT_DATA`` at what the worker holds after boot plus ``memory=`` MiB; an allocation
+  past it fails with ``MemoryError``, which the run reports as ``MemoryLimitExceeded`` (the limit, what
+  the worker held, its peak), and the worker is retired. Thread stacks count, so threads started here
+  get 4 MiB stacks instead of 8.
+- **Open files**: ``RLIMIT_NOFILE``, ``PETRIBUS_SANDBOX_MAX_FILES``.
+- **CPU time** (``def`` runs): ``RLIMIT_CPU`` is set before each run at what the process has used plus
+  the run's allowance. Past it, ``SIGXCPU`` raises ``CpuTimeExceeded`` in the run; a run that carries on
+  (stuck in C code, or catching it) gets the signal's default action a second later: the worker dies.
+
+Hard limits stay where they are, so a transition could raise its own soft limits: a process sandbox
+bounds mistakes, not hostile code (docs/sandboxes.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import shutil
+import signal
+import tempfile
+import threading
+from typing import Any
+
+from petribus_executor import protocol as p
+from petribus_executor.sandbox import Profile, from_dict
+
+MIB = 1024 * 1024
+THREAD_STACK_BYTES = 4 * MIB
+
+
+class CpuTimeExceeded(Exception):
+    """Raised in a ``def`` run that used up its CPU time."""
+
+
+class Sandbox:
+    def __init__(self, boot: dict[str, Any] | None) -> None:
+        boot = boot or {}
+        self.profile: Profile = from_dict(boot["profile"]) if boot.get("profile") else Profile()
+        self.cpus: list[int] | None = boot.get("cpus")
+        self.root = boot.get("root") or tempfile.mkdtemp(prefix="petribus-worker-")
+        self.owns_root = not boot.get("root")
+        self.baseline_mib = 0.0
+        self.data_limit_mib: float | None = None
+        self.cpu_seconds: float | None = None  # the running def's allowance, while it runs
+
+    # ------------------------------------------------------------ boot
+
+    def enter(self) -> None:
+        """Apply the profile to this process (the apps are imported; the threads not started yet)."""
+        threading.stack_size(THREAD_STACK_BYTES)
+        env = self.profile.environment(dict(os.environ))
+        tmp = os.path.join(self.root, ".tmp")
+        os.makedirs(tmp, exist_ok=True)
+        env.update(HOME=self.root, TMPDIR=tmp)
+        os.environ.clear()
+        os.environ.update(env)
+        tempfile.tempdir = None  # read TMPDIR again
+        os.chdir(self.root)
+        self._link_volumes(self.root)
+        if self.cpus:
+            try:
+                os.sched_setaffinity(0, self.cpus)
+            except OSError:  # CPUs gone offline since the executor looked: run anywhere
+                pass
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        nofile = self.profile.max_files if hard == resource.RLIM_INFINITY else min(self.profile.max_files, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+        signal.signal(signal.SIGXCPU, _on_sigxcpu)
+
+    def limit_memory(self) -> None:
+        """Cap the data segment at what the worker holds now plus ``memory=`` (after its threads started)."""
+        self.baseline_mib = _status_mib("VmData")
+        limit = self.baseline_mib + self.profile.memory_mib
+        self.data_limit_mib = limit
+        resource.setrlimit(resource.RLIMIT_DATA, (int(limit * MIB), resource.getrlimit(resource.RLIMIT_DATA)[1]))
+
+    def exit(self) -> None:
+        if self.owns_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    # ------------------------------------------------------------ runs
+
+    def run_dir(self, job: int) -> str:
+        """A fresh folder for one run, with the bot's volumes linked in."""
+        path = os.path.join(self.root, f"run-{job}")
+        os.makedirs(path, exist_ok=True)
+        self._link_volumes(path)
+        return path
+
+    def use_tmp(self, folder: str | None) -> None:
+        """Temporary files (``TMPDIR``, ``tempfile``) go to ``folder``, or back to the worker's own."""
+        folder = folder or os.path.join(self.root, ".tmp")
+        os.makedirs(folder, exist_ok=True)
+        os.environ["TMPDIR"] = folder
+        tempfile.tempdir = folder
+
+    def end_run(self, path: str) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+    def arm_cpu(self, seconds: float | None) -> None:
+        """Before a def run: allow it ``seconds`` more of CPU time (None: no bound)."""
+        self.cpu_seconds = seconds
+        if seconds is None:
+            return
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        soft = math.ceil(used.ru_utime + used.ru_stime + seconds)
+        hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+        if hard != resource.RLIM_INFINITY:
+            soft = min(soft, hard)
+        signal.signal(signal.SIGXCPU, _on_sigxcpu)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+
+    def disarm_cpu(self) -> None:
+        if self.cpu_seconds is None:
+            return
+        self.cpu_seconds = None
+        hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+        resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
+        signal.signal(signal.SIGXCPU, _on_sigxcpu)
+
+    def explain(self, request: p.Request, outcome: p.Outcome, cpu_seconds: float | None = None) -> p.Outcome:
+        """An outcome that went over a limit, said as such: which limit, its value, what was used."""
+        if outcome.ok:
+            return outcome
+        if outcome.error_type == "MemoryError" and self.data_limit_mib is not None:
+            held = _status_mib("VmData")
+            peak = _status_mib("VmHWM")
+            return p.Outcome(
+                ok=False, error_type="MemoryLimitExceeded", retryable=False, replace_worker=True,
+                duration_ms=outcome.duration_ms, traceback=outcome.traceback,
+                error=(f"transition {request.transition!r} went over its memory limit: memory="
+                       f"{self.profile.memory_mib} MiB on top of the {self.baseline_mib:.0f} MiB its worker "
+                       f"held at boot (RLIMIT_DATA {self.data_limit_mib:.0f} MiB); an allocation failed "
+                       f"({outcome.error}) with {held:.0f} MiB in use, peak resident {peak:.0f} MiB. "
+                       "Raise memory= on the transition, or use less"),
+            )
+        if outcome.error_type == "CpuTimeExceeded":
+            return p.Outcome(
+                ok=False, error_type="CpuTimeExceeded", retryable=False, replace_worker=True,
+                duration_ms=outcome.duration_ms, traceback=outcome.traceback,
+                error=(f"transition {request.transition!r} used more than its {cpu_seconds:g}s of CPU "
+                       "time (PETRIBUS_SANDBOX_CPU_SECONDS, or timeout= times cpu= when shorter) and was "
+                       "stopped; raise timeout= or the setting if it needs longer"),
+            )
+        if outcome.error_type in ("OSError", "FileNotFoundError") and "Too many open files" in outcome.error:
+            return p.Outcome(
+                ok=False, error_type="OpenFilesExceeded", retryable=False, replace_worker=True,
+                duration_ms=outcome.duration_ms, traceback=outcome.traceback,
+                error=(f"transition {request.transition!r} went over the open-files limit of its sandbox "
+                       f"({self.profile.max_files}, PETRIBUS_SANDBOX_MAX_FILES): {outcome.error}. Close "
+                       "files when done, or raise the setting"),
+            )
+        return outcome
+
+    def _link_volumes(self, folder: str) -> None:
+        for host_dir, mount_path in self.profile.volumes:
+            if os.path.isabs(mount_path):
+                continue  # refused before any run (firing.py): a process cannot mount at an absolute path
+            link = os.path.normpath(os.path.join(folder, mount_path))
+            if not link.startswith(folder + os.sep) or os.path.lexists(link):
+                continue
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            os.symlink(host_dir, link)
+
+
+def _on_sigxcpu(signum: int, frame: Any) -> None:
+    # The next SIGXCPU (a second later, if the run carries on) takes the default action: the worker dies.
+    signal.signal(signal.SIGXCPU, signal.SIG_DFL)
+    raise CpuTimeExceeded("the run used up its CPU time")
+
+
+def _status_mib(field: str) -> float:
+    """A ``/proc/self/status`` size (VmData, VmHWM, ...) in MiB; 0 where there is no such file."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
