@@ -508,7 +508,7 @@ class WorkerPool:
         out["host_dir"] = worker.host_path(folder) if isinstance(folder, str) else None
         out["allowed"] = [d for d, _ in worker.profile.volumes]
         if isinstance(out.get("path"), str):
-            out["shown_path"] = out["path"]
+            out.setdefault("shown_path", out["path"])
             out["path"] = worker.host_path(out["path"])
         return out
 

@@ -229,7 +229,8 @@ class JobChannel:
         if kind in ("send_file", "get_file") and isinstance(payload, dict):
             payload = {**payload, "dir": self.folder}
             if kind == "send_file" and isinstance(payload.get("path"), str):
-                payload["path"] = os.path.join(self.folder, os.fspath(payload["path"]))
+                payload["shown_path"] = payload["path"]  # as the transition said it, for its errors
+                payload["path"] = os.path.join(self.folder, payload["path"])
         return payload
 
 

@@ -1,0 +1,172 @@
+"""The process sandbox: limits from each transition, enforced; a scrubbed environment; private folders.
+
+Real executor processes (``python -m petribus_executor``), a real nats-server and the scheduler; the
+transitions in ``tests/apps/sandbox.py`` report what they see from inside, or go over a limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from petribus.settings import Settings
+from petribus_executor.placement import Host, Placement
+from petribus_executor.sandbox import ENV_ALLOWED, Profile
+
+from .conftest import app
+from .harness import Stack
+from .test_executor import ExecutorProcess, SessionLog
+
+SANDBOX = app("sandbox")
+LEAKY = "sk-must-never-reach-a-transition-4f1e"
+
+
+@pytest.fixture
+async def executor(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
+    """Start an executor for the sandbox app with ``env`` added; it has a model key it must not hand on."""
+    started: list[ExecutorProcess] = []
+
+    async def start(**env: str) -> ExecutorProcess:
+        ex = await ExecutorProcess.start(settings, [SANDBOX], "--workers", "3", OPENAI_API_KEY=LEAKY,
+                                         PETRIBUS_SANDBOX_MAX_FILES="64", **env)
+        started.append(ex)
+        async with asyncio.timeout(60):
+            await ex.ready.wait()
+        return ex
+
+    yield start
+    for ex in started:
+        await ex.kill()
+
+
+async def test_a_firing_over_its_memory_fails_clearly_its_marker_returns_and_a_sibling_completes(
+    settings: Settings, nc: Any, executor: Callable[..., Any]
+) -> None:
+    ex = await executor()
+    async with Stack(settings, [SANDBOX], parts=("scheduler",)), SessionLog(nc, "sandbox") as log:
+        hog, sip = await log.add_many("Meal", [{"mib": 256}, {"mib": 8}])  # 4x its memory=64, and a sip
+        failed = (await log.until("transition_failed"))[0]
+        done = (await log.until("transition_completed"))[0]
+        # The worker it broke is not used again; the next meal runs in a fresh one.
+        await log.add("Meal", mib=4)
+        await log.until("transition_completed", count=2)
+        state = await log.state()
+
+    assert failed.final and not failed.retryable and failed.error_type == "MemoryLimitExceeded"
+    assert "memory=64 MiB" in failed.error and "Raise memory=" in failed.error, failed.error
+    assert [m.id for m in state.marking()["Meal"]] == [hog.id]  # it came back to its place
+    assert done.outputs[0].data["mib"] == 8
+    assert sorted(m.data["mib"] for m in state.marking()["Fed"]) == [4, 8]
+    assert any("worker retired" in line for line in ex.lines)
+
+
+async def test_a_transition_sees_only_its_sandbox(settings: Settings, nc: Any, executor: Callable[..., Any]) -> None:
+    await executor()
+    async with Stack(settings, [SANDBOX], parts=("scheduler",)), SessionLog(nc, "sandbox") as log:
+        await log.add("Probe")
+        seen = (await log.until("transition_completed"))[0].outputs[0].data
+
+    env = seen["env"]
+    assert LEAKY not in str(env) and "OPENAI_API_KEY" not in env
+    assert not [k for k in env if k.startswith(("PETRIBUS_", "NATS"))], env
+    assert set(env) <= {*ENV_ALLOWED, "HOME", "TMPDIR", "CUDA_VISIBLE_DEVICES"} | {k for k in env if k.startswith("LC_")}
+    assert env["CUDA_VISIBLE_DEVICES"] == ""  # it asked for no GPU: it sees none
+    # Not even the process it was forked from holds the key.
+    assert LEAKY not in seen["parent_env"] and not seen["parent_env"].startswith("unreadable"), seen["parent_env"]
+    # Its own folder, its working directory while it ran, gone once it returned.
+    assert seen["cwd"] == seen["workdir"] and seen["cwd_existed"]
+    assert seen["cwd"].startswith(env["HOME"] + os.sep) and os.path.basename(env["HOME"]).startswith("petribus-")
+    assert seen["tmp"].startswith(seen["cwd"] + os.sep)
+    assert not os.path.exists(seen["cwd"])
+    # Its limits: a data segment bounded (memory=256), 64 open files, one CPU of the machine's.
+    assert 256 * 2**20 < seen["data_limit"] < 2**40 and seen["nofile"] == 64
+    assert len(seen["affinity"]) == (1 if len(os.sched_getaffinity(0)) > 1 else len(os.sched_getaffinity(0)))
+    assert not seen["imported_here"]  # the app was preloaded in the fork server
+
+
+async def test_with_preloading_off_each_worker_imports_the_app_itself(
+    settings: Settings, nc: Any, executor: Callable[..., Any]
+) -> None:
+    await executor(PETRIBUS_PRELOAD="0")
+    async with Stack(settings, [SANDBOX], parts=("scheduler",)), SessionLog(nc, "sandbox") as log:
+        await log.add("Probe")
+        seen = (await log.until("transition_completed"))[0].outputs[0].data
+    # So what an app does at import (initialising CUDA, say) happens in a worker, never in the fork server.
+    assert seen["imported_here"]
+
+
+async def test_send_file_refuses_paths_and_symlinks_outside_the_firings_folder(
+    settings: Settings, nc: Any, executor: Callable[..., Any]
+) -> None:
+    await executor()
+    async with Stack(settings, [SANDBOX], parts=("scheduler",)), SessionLog(nc, "sandbox") as log:
+        await log.add("Escape", path="/etc/passwd")
+        done = (await log.until("transition_completed"))[0]
+        files = log.of("output_file")
+
+    refused = {m.data["what"]: m.data["message"] for m in done.outputs if m.location == "Refused"}
+    assert set(refused) == {"path", "symlink"}
+    assert "'/etc/passwd') refused" in refused["path"] and "its own folder" in refused["path"]
+    assert "'innocent.txt') refused" in refused["symlink"] and "resolves to '/etc/passwd'" in refused["symlink"]
+    assert [f.name for f in files] == ["mine.txt"]  # what it made in its folder went out; nothing else
+
+
+async def test_open_files_over_the_limit_fail_the_firing_with_the_limit(
+    settings: Settings, nc: Any, executor: Callable[..., Any]
+) -> None:
+    await executor()
+    async with Stack(settings, [SANDBOX], parts=("scheduler",)), SessionLog(nc, "sandbox") as log:
+        await log.add("Hoard", files=200)
+        failed = (await log.until("transition_failed"))[0]
+        await log.add("Hoard", files=10)
+        done = (await log.until("transition_completed"))[0]
+    assert failed.error_type == "OpenFilesExceeded" and "(64, PETRIBUS_SANDBOX_MAX_FILES)" in failed.error
+    assert done.outputs[0].data["mib"] == 10
+
+
+async def test_a_def_firing_past_its_cpu_time_is_stopped(
+    settings: Settings, nc: Any, executor: Callable[..., Any]
+) -> None:
+    await executor(PETRIBUS_SANDBOX_CPU_SECONDS="1")
+    async with Stack(settings, [SANDBOX], parts=("scheduler",)), SessionLog(nc, "sandbox") as log:
+        await log.add("Spin")
+        failed = (await log.until("transition_failed", timeout=60))[0]
+    assert failed.final and failed.error_type == "CpuTimeExceeded", failed
+    assert "more than its 1s of CPU time" in failed.error
+
+
+async def test_transitions_with_different_limits_never_share_a_worker(
+    settings: Settings, nc: Any, executor: Callable[..., Any]
+) -> None:
+    await executor()
+    async with Stack(settings, [SANDBOX], parts=("scheduler",)), SessionLog(nc, "sandbox") as log:
+        pids: dict[str, list[int]] = {"look": [], "eat": []}
+        for n, (location, data) in enumerate([("Probe", {}), ("Meal", {"mib": 1}), ("Probe", {}),
+                                              ("Meal", {"mib": 1})]):
+            await log.add(location, **data)
+            done = (await log.until("transition_completed", count=n + 1))[n]
+            pids[done.transition].append(done.outputs[0].data["pid"])
+    assert not set(pids["look"]) & set(pids["eat"]), pids  # memory=256 and memory=64: never one process
+
+
+def test_placement_keeps_keys_apart_and_evicts_idle_workers_of_other_keys() -> None:
+    small, big = Profile(memory_mib=64), Profile(memory_mib=512)
+    evicted: list[Host] = []
+    placed: Placement[Host] = Placement(2, 4, on_evict=evicted.append)
+    a, b = Host(small), Host(small)
+    for host in (a, b):
+        placed.reserve_start(small)
+        placed.add(host)
+    assert placed.take(asynchronous=False, key=big) is None  # no worker of its profile
+    held = placed.take(asynchronous=False, key=small)
+    assert held is not None and held.host.key == small
+    # Full, but the other small worker is idle: it makes room for a big one.
+    assert placed.reserve_start(big) and evicted == [b] and placed.hosts == [a]
+    c = Host(big)
+    placed.add(c)
+    assert placed.take(asynchronous=True, key=big).host is c  # type: ignore[union-attr]
+    assert not placed.reserve_start(small)  # nothing idle left to evict: a is busy, c holds a lease
