@@ -226,7 +226,8 @@ class FiringRunner:
             await self._fail(item, f"the firing waited {waited:.1f}s for an executor, over the {t.ttl:g}s its "
                                    "task_policy ttl allows; it was not run (start more executors of pool "
                                    f"{t.pool!r}, or raise ttl)", "FiringExpired", retryable=False, attempt=attempt)
-            self._notify(item, t, None, "expired", attempt)
+            self._notify(item, t, None, "the firing expired in the queue (task_policy ttl)", attempt,
+                         error_type="FiringExpired")
             await current.msg.ack()
             return
         try:
@@ -238,7 +239,7 @@ class FiringRunner:
             if exc.retryable and failures < t.retries:
                 await current.msg.nak(delay=self.backoff(failures + 1))
             else:
-                self._notify(item, t, None, exc.message, attempt)
+                self._notify(item, t, None, exc.message, attempt, error_type=type(exc).__name__)
                 await current.msg.ack()
             return
         effects = Effects(item.firing_id, rerun=firing.status == "started",
@@ -349,7 +350,7 @@ class FiringRunner:
             if self._secrets_ready is None:
                 from petribus.secrets import SecretStore
 
-                store = SecretStore(self.events.js)
+                store = SecretStore(self.events.nc, replicas=self.settings.replicas)
                 self._secrets_ready = asyncio.ensure_future(_started(store))
             self.secrets = await asyncio.shield(self._secrets_ready)
         values = self.secrets.resolve(tuple(names))  # raises MissingSecret, naming every one not set
@@ -388,18 +389,20 @@ class FiringRunner:
         """Tell the transition's ``callback_url`` how the firing ended; never waits for it."""
         if not t.callback_url:
             return
-        if self.callbacks is None:
-            from petribus_executor.callbacks import Callbacks
+        from petribus_executor.callbacks import Callbacks, outcome_payload
 
+        if self.callbacks is None:
             self.callbacks = Callbacks()
-        payload: dict[str, Any] = {"bot": item.bot, "session_id": item.session_id, "firing_id": item.firing_id,
-                                   "transition": item.transition, "attempt": attempt, "final": True}
+        outputs: dict[str, list[Any]] | None = None
         if completed is not None:
-            payload.update(status="completed",
-                           outputs=[{"location": m.location, "data": m.data} for m in completed.outputs])
-        else:
-            payload.update(status="failed", error=error, error_type=error_type)
-        self.callbacks.notify(t.callback_url, payload)
+            outputs = {}
+            for m in completed.outputs:
+                outputs.setdefault(m.location, []).append(m.data)
+        self.callbacks.notify(t.callback_url, outcome_payload(
+            bot=item.bot, session_id=item.session_id, firing_id=item.firing_id, transition=item.transition,
+            attempt=attempt, final=True, outputs=outputs,
+            error=None if completed is not None else {"code": error_type or "failed", "message": error},
+        ))
 
     def _side_effect(self, item: WorkItem, outbox: Outbox, effects: Effects, kind: str, payload: Any) -> None:
         """A ``say`` or ``remember``: appended in order, once per place in the run however often it runs."""
