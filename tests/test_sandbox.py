@@ -170,3 +170,18 @@ def test_placement_keeps_keys_apart_and_evicts_idle_workers_of_other_keys() -> N
     placed.add(c)
     assert placed.take(asynchronous=True, key=big).host is c  # type: ignore[union-attr]
     assert not placed.reserve_start(small)  # nothing idle left to evict: a is busy, c holds a lease
+
+
+def test_the_model_key_reaches_no_executor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``petribus serve``'s executor child and compose.yml's executors get no model key to hand on."""
+    from pathlib import Path
+
+    from petribus.child import child_environ
+
+    monkeypatch.setenv("OPENAI_API_KEY", LEAKY)
+    assert "OPENAI_API_KEY" not in child_environ() and LEAKY not in child_environ().values()
+    compose = (Path(__file__).parent.parent / "compose.yml").read_text()
+    services = compose.split("\nservices:\n", 1)[1]
+    assert services.count("OPENAI_API_KEY") == 1  # once: under the llm service
+    llm_block = services.split("\n  llm:\n", 1)[1].split("\n  gateway:\n", 1)[0]
+    assert "OPENAI_API_KEY" in llm_block

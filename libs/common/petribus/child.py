@@ -6,8 +6,9 @@ per firing (it hands every firing to a worker process and writes its outcome), s
 own instead of taking turns with the others. Measured on a 2-core machine with the fan-out of 1,000
 async firings (``bench/bench_fanout.py``): see docs/benchmarks.md.
 
-The child inherits stderr (its log lines go where serve's go) and the environment, plus every setting
-of serve's as a ``PETRIBUS_*`` variable (never a secret: the executor needs none). It says ``ready`` on
+The child inherits stderr (its log lines go where serve's go) and the environment but for the model key
+(``child_environ``), plus every setting of serve's as a ``PETRIBUS_*`` variable (never a secret: the
+executor needs none). It says ``ready`` on
 stdout once it serves; its stdin is a lifeline: when serve closes it, or dies however it dies, the
 child sees end-of-file and stops gracefully, so no executor outlives the command that started it.
 """
@@ -40,6 +41,15 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def child_environ() -> dict[str, str]:
+    """This process's environment without the secrets it holds for itself (the model key is the LLM
+    service's, which runs in this process; a child executor never needs it, and its transitions must
+    never be able to find it)."""
+    secret = {str(f.validation_alias) for f in Settings.model_fields.values()
+              if f.validation_alias is not None and f.annotation is not None and "SecretStr" in str(f.annotation)}
+    return {k: v for k, v in os.environ.items() if k not in secret}
+
+
 class ChildService:
     """``python -m <module> --lifeline ARGS`` as a service of this process."""
 
@@ -55,7 +65,7 @@ class ChildService:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", self.module, "--lifeline", *self.args,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
-            env={**os.environ, **settings_env(self.settings)},
+            env={**child_environ(), **settings_env(self.settings)},
             start_new_session=True,  # a Ctrl-C at the terminal reaches serve, which stops it in order
         )
         assert self.proc.stdout is not None
