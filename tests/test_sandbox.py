@@ -7,6 +7,7 @@ transitions in ``tests/apps/sandbox.py`` report what they see from inside, or go
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -185,3 +186,67 @@ def test_the_model_key_reaches_no_executor(monkeypatch: pytest.MonkeyPatch) -> N
     assert len([line for line in services.splitlines() if "OPENAI_API_KEY" in line]) == 1  # the llm's
     llm_block = services.split("\n  llm:\n", 1)[1].split("\n  gateway:\n", 1)[0]
     assert "OPENAI_API_KEY" in llm_block
+
+
+async def test_a_volume_is_shared_by_sessions_and_its_files_may_be_sent(
+    settings: Settings, nc: Any, executor: Callable[..., Any], tmp_path: Any
+) -> None:
+    volumes = tmp_path / "volumes"
+    await executor(PETRIBUS_VOLUMES_DIR=str(volumes))
+    async with Stack(settings, [SANDBOX], parts=("scheduler",)):
+        for text in ("first", "second"):  # one session each
+            async with SessionLog(nc, "sandbox") as log:
+                await log.add("Note", text=text)
+                notes = (await log.until("transition_completed"))[0].outputs[0].data["texts"]
+                assert [f.name for f in await log.until("output_file")] == [f"{text}.txt"]
+    assert notes == ["first", "second"]  # the second session saw the first one's note
+    assert sorted(p.name for p in (volumes / "notebook").iterdir()) == ["first.txt", "second.txt"]
+
+
+async def test_a_firing_queued_past_its_ttl_expires_without_running(
+    settings: Settings, nc: Any, executor: Callable[..., Any]
+) -> None:
+    async with Stack(settings, [SANDBOX], parts=("scheduler",)), SessionLog(nc, "sandbox") as log:
+        late = await log.add("Late")
+        await log.until("transition_fired")
+        await asyncio.sleep(1.5)  # no executor yet: the work waits in PB_WORK past its ttl of 1s
+        await executor()
+        failed = (await log.until("transition_failed"))[0]
+        state = await log.state()
+    assert failed.final and failed.error_type == "FiringExpired" and "ttl allows" in failed.error
+    assert not log.of("transition_started")  # it never ran
+    assert [m.id for m in state.marking()["Late"]] == [late.id]
+
+
+async def test_each_outcome_is_posted_to_the_callback_url(
+    settings: Settings, nc: Any, executor: Callable[..., Any]
+) -> None:
+    received: list[dict[str, Any]] = []
+    arrived = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        received.append(json.loads(await reader.readexactly(length)))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+        arrived.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        await executor(SANDBOX_HOOK_URL=f"http://127.0.0.1:{port}/hook")
+        async with Stack(settings, [SANDBOX], parts=("scheduler",)), SessionLog(nc, "sandbox") as log:
+            await log.add_many("Hook", [{"fail": False}, {"fail": True}])
+            await log.until("transition_completed")
+            await log.until("transition_failed")
+            async with asyncio.timeout(30):
+                while len(received) < 2:
+                    arrived.clear()
+                    await arrived.wait()
+    bodies = sorted((r.get("data", r) for r in received), key=lambda b: b["status"])
+    assert [b["status"] for b in bodies] == ["completed", "failed"]
+    assert bodies[0]["outputs"]["Fed"][0]["mib"] == 0 and bodies[0]["session_id"] == log.session_id
+    assert "asked to fail" in bodies[1]["error"]["message"] and bodies[1]["error"]["code"] == "ValueError"

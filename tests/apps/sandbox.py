@@ -7,7 +7,7 @@ import resource
 
 from pydantic import BaseModel
 
-from petribus import Bot, BotContext, BotLocation
+from petribus import Bot, BotContext, BotLocation, TaskPolicy, Volume
 from petribus.errors import PetribusError
 
 IMPORTED_IN = os.getpid()  # where this module was imported: the fork server (preloaded) or the worker
@@ -61,9 +61,27 @@ class Spin(BaseModel):
     n: int = 0
 
 
+class Note(BaseModel):
+    text: str
+
+
+class Notes(BaseModel):
+    texts: list[str]
+
+
+class Late(BaseModel):
+    n: int = 0
+
+
+class Hook(BaseModel):
+    fail: bool = False
+
+
 bot = Bot(
     name="sandbox",
-    locations=[BotLocation(marker=m) for m in (Meal, Fed, Probe, Escape, Hoard, Seen, Refused, Sent, Spin)],
+    locations=[BotLocation(marker=m) for m in (Meal, Fed, Probe, Escape, Hoard, Seen, Refused, Sent, Spin, Note,
+                                               Notes, Late, Hook)],
+    volumes=[Volume(name="notebook", mount_path="./notebook")],
 )
 
 
@@ -131,3 +149,28 @@ def spin(inputs):
     n = 0
     while True:
         n += 1
+
+
+@bot.transition(inputs={Note: 1}, outputs=[Notes])
+def jot(context: BotContext, inputs):
+    """Adds a note to the bot's volume and reads back every note there (from any session); sends it."""
+    text = inputs[Note][0].text
+    with open(os.path.join("notebook", f"{text}.txt"), "w") as f:
+        f.write(text)
+    context.send_file(os.path.join("notebook", f"{text}.txt"))
+    return {Notes: [Notes(texts=sorted(name[:-4] for name in os.listdir("notebook")))]}
+
+
+@bot.transition(inputs={Late: 1}, task_policy=TaskPolicy(ttl=1))
+def hurry(inputs):
+    """Worth running only within a second of being enabled."""
+
+
+# The executor reads the URL where it imports the app (the test starts it with its server's address).
+@bot.transition(inputs={Hook: 1}, outputs=[Fed],
+                callback_url=os.environ.get("SANDBOX_HOOK_URL", "http://127.0.0.1:9/hook"))
+def hooked(inputs):
+    """Its outcomes are POSTed to its callback URL."""
+    if inputs[Hook][0].fail:
+        raise ValueError("asked to fail")
+    return {Fed: [Fed(mib=0, pid=os.getpid())]}
