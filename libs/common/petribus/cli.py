@@ -261,18 +261,29 @@ def scheduler(apps: AppsArg, nats_url: NatsUrl = None, log_level: LevelOpt = Log
 @app.command()
 def executor(
     apps: AppsArg, nats_url: NatsUrl = None,
-    pool: Annotated[str, typer.Option("--pool", help="Pool to serve: cpu, gpu, ...")] = "cpu",
+    pool: Annotated[list[str] | None, typer.Option(
+        "--pool", help="A pool to serve (repeatable): cpu, gpu, gpu-a10g, or a name of your own. Default: "
+        "$PETRIBUS_POOL, else cpu, plus gpu and gpu-<type> on a machine with GPUs.")] = None,
+    gpus: Annotated[str | None, typer.Option(
+        "--gpus", help="Simulated GPUs, a count or TYPE:COUNT (tests; default: what nvidia-smi lists, "
+        "or $PETRIBUS_GPUS).")] = None,
+    label: Annotated[list[str] | None, typer.Option(
+        "--label", help="key=value, shown in GET /pools (repeatable; also $PETRIBUS_LABELS).")] = None,
     workers: WorkersOpt = None, worker_concurrency: ConcurrencyOpt = None,
     log_level: LevelOpt = LogLevel.info, log_format: FormatOpt = LogFormat.console,
 ) -> None:
-    """Run an executor: runs transitions of its pool in sandboxes. Add more to add throughput."""
+    """Run an executor: runs transitions of its pools in sandboxes. Add more to add throughput."""
 
     async def start(settings: Settings, nets: list[Net], specs: list[str]) -> None:
-        from petribus_executor.app import run
+        from petribus_executor.app import Executor, parse_labels
 
-        await run(settings, specs)
+        try:
+            svc = Executor(settings, specs, pools=pool, labels=parse_labels(label))
+        except PetribusError as exc:
+            raise CliError(exc.message, EXIT_BAD_APP) from None
+        await svc.run()
 
-    _service(start, apps, nats_url=nats_url, pool=pool, workers=workers,
+    _service(start, apps, nats_url=nats_url, gpus=gpus, workers=workers,
              worker_concurrency=worker_concurrency, log_level=log_level.value, log_format=log_format.value)
 
 

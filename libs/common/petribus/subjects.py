@@ -6,6 +6,7 @@ EVENTS_STREAM = "PB_EVENTS"
 WORK_STREAM = "PB_WORK"
 TIMERS_STREAM = "PB_TIMERS"
 FILES_BUCKET = "PB_FILES"  # a JetStream object store (its stream is OBJ_PB_FILES)
+EXECUTORS_BUCKET = "PB_EXECUTORS"  # a KV bucket: the live executors, their pools and devices (petribus.registry)
 EVENTS_PREFIX = "pb.ev"
 WORK_PREFIX = "pb.work"
 DELTAS_PREFIX = "pb.delta"  # outside PB_EVENTS' subjects on purpose: deltas are not stored
@@ -61,6 +62,23 @@ def session_work(bot: str, session_id: str) -> str:
 
 def executor_durable(pool: str) -> str:
     return f"executor-{pool}"
+
+
+def pool_of_durable(durable: str) -> str | None:
+    """``executor-<pool>`` -> the pool; None for any other consumer."""
+    return durable.removeprefix("executor-") if durable.startswith("executor-") else None
+
+
+def all_work() -> str:
+    return f"{WORK_PREFIX}.>"
+
+
+def pool_of_work(subject: str) -> str | None:
+    """``pb.work.<pool>.<bot>.<session>.<firing>`` -> the pool; None for any other subject."""
+    parts = subject.split(".")
+    if len(parts) != 6 or f"{parts[0]}.{parts[1]}" != WORK_PREFIX:
+        return None
+    return parts[2]
 
 
 def confirm_deadlines() -> str:

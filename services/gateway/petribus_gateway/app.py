@@ -20,7 +20,7 @@ from petribus.errors import PetribusError
 from petribus.net import Net
 from petribus.service import Service
 from petribus.settings import Settings
-from petribus_gateway import errors, files, rest, ws
+from petribus_gateway import errors, files, pools, rest, ws
 from petribus_gateway.context import GatewayContext
 
 DESCRIPTION = """\
@@ -79,6 +79,7 @@ def create_app(ctx: GatewayContext, *, on_ready: Callable[[], None] | None = Non
     app.state.gateway = ctx
     app.include_router(rest.router)
     app.include_router(files.router)
+    app.include_router(pools.router)
     app.include_router(ws.router)
     errors.install(app)
     return app

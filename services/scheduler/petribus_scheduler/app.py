@@ -57,12 +57,14 @@ from petribus.core import Firing, PlannedFiring, SessionState, apply, choose_fir
 from petribus.errors import PetribusError
 from petribus.events import ConfirmTransition, ErrorEvent, TransitionFailed, TransitionFired, decode, new_id
 from petribus.net import Net
+from petribus.registry import Registry
 from petribus.service import Service
 from petribus.session_queues import SessionQueues
 from petribus.settings import Settings
 from petribus.work import WorkItem
 from petribus_scheduler.deadlines import ConfirmDeadline, Deadlines
 from petribus_scheduler.leases import Lease, Leases
+from petribus_scheduler.pools import MissingPools
 from petribus_scheduler.timers import retry_delay
 
 Key = tuple[str, str]
@@ -140,6 +142,7 @@ class Scheduler(Service):
                       "failed": 0, "redispatched": 0, "stalled": 0, "stale_reads": 0}
         self.log = self.log.bind(instance=self.instance)
         self._sweep_now = asyncio.Event()
+        self.missing = MissingPools(self.log)
         self.queues: SessionQueues[Delivered | LeaseCheck | Revalidate] = SessionQueues(
             self._serve, done=self._done, spawn=self.spawn, log=self.log)
 
@@ -151,6 +154,9 @@ class Scheduler(Service):
             await ensure_event_consumer(self.js, subjects.SCHEDULER_DURABLE, ack_wait_s=self.ack_wait_s)
 
         await ensure()
+        # Before the first dispatch: whether a pool has executors is asked at every one (pools.py).
+        await self.missing.start(Registry(self.js, heartbeat_s=self.settings.registry_heartbeat_s,
+                                          replicas=self.settings.replicas), self.events)
         self.consumer = PullConsumer(nc, subjects.EVENTS_STREAM, subjects.SCHEDULER_DURABLE,
                                      max_inflight=self.settings.scheduler_batch * 4, ensure=ensure)
         await self.consumer.start()
@@ -199,6 +205,7 @@ class Scheduler(Service):
         await self.leases.stop()  # its checks run in the session queues, which are still served
         await self.queues.idle()  # session tasks finish the events they hold; the rest is redelivered
         await self.deadlines.stop()  # after them: they may still arm deadlines
+        await self.missing.stop()
 
     async def _receive(self) -> None:
         while True:
@@ -523,6 +530,8 @@ class Scheduler(Service):
             return
         done = await asyncio.gather(*acks)  # acked by JetStream before the triggering event is acked
         self._sent(sent)
+        if sent:
+            await self.missing.check(net, state, sent)  # work for a pool nobody serves: say so, once
         if lease is not None:
             self._armed(key, now, duplicate=bool(done[-1].duplicate))
 
@@ -610,6 +619,7 @@ class Scheduler(Service):
             self._sent(f.id for f in lost)
             self.stats["redispatched"] += len(lost)
             self.log.warning("work items lost; sent again", session_id=key[1], firings=[f.id for f in lost])
+        await self.missing.check(self.nets[key[0]], state)  # its pool's executors may have gone since
         oldest = _oldest_in_flight(state)
         now = time.time()
         if oldest is None:
