@@ -259,7 +259,10 @@ async def test_get_pools_shows_each_pool_with_executors_devices_capacity_and_que
     assert resp.status_code == 200, resp.text
     body = resp.json()
     pools = {p["name"]: p for p in body["pools"]}
-    assert set(pools) == {"cpu", "gpu", "gpu-a10g", "batch"}
+    assert set(pools) == {"cpu", "gpu", "gpu-a10g", "batch", "tuning"}
+    # Needed by a served bot's transition, no executor, nothing queued: still listed, with the hint.
+    assert pools["tuning"]["executors"] == [] and pools["tuning"]["queued"] == 0
+    assert pools["tuning"]["transitions"] == ["gpu.tune"] and "--pool tuning" in pools["tuning"]["hint"]
     assert pools["gpu"]["executors"] == [gpu.instance] and pools["gpu"]["gpu"] is True
     assert pools["gpu"]["devices"] == {"total": 2, "free": 2, "types": []}
     assert pools["gpu"]["capacity"] == 2 and pools["gpu"]["free"] == 2 and pools["gpu"]["queued"] == 0
