@@ -20,6 +20,7 @@ from petribus.registry import ExecutorInfo, Registry, Reporter, start_hint
 from petribus.settings import Settings
 from petribus.work import WorkItem
 from petribus_executor.app import Executor, serve_pools
+from petribus_gateway.pools import Pools, summary
 from petribus_executor.devices import (
     BadGpuSpec,
     DeviceAllocator,
@@ -274,6 +275,8 @@ async def test_get_pools_shows_each_pool_with_executors_devices_capacity_and_que
     assert pools["gpu-a10g"]["pending"] == 3 and pools["gpu-a10g"]["capacity"] == 0
     assert pools["gpu-a10g"]["hint"] == start_hint("gpu-a10g")
     assert pools["batch"]["executors"] == [] and pools["batch"]["queued"] == 2
+    assert summary(Pools.model_validate(body)) == (
+        "5 pools, 2 executors; waiting with no executor: batch (2), gpu-a10g (3)")
     executors = {e["instance"]: e for e in body["executors"]}
     assert set(executors) == {gpu.instance, cpu.instance}
     assert executors[gpu.instance]["labels"] == {"rack": "7"}

@@ -105,6 +105,13 @@ async def overview(js: JetStreamContext, registry: Registry, nets: dict[str, Net
     return Pools(pools=pools, executors=executors)
 
 
+def summary(pools: Pools) -> str:
+    """One line for a health check: ``3 pools, 2 executors; waiting with no executor: gpu-a10g (3)``."""
+    line = f"{len(pools.pools)} pools, {len(pools.executors)} executors"
+    orphans = [f"{p.name} ({p.queued})" for p in pools.pools if not p.executors and p.queued]
+    return line + (f"; waiting with no executor: {', '.join(orphans)}" if orphans else "")
+
+
 @router.get("/pools", response_model=Pools, tags=["pools"], dependencies=[Depends(bus_ready)])
 async def list_pools(ctx: Ctx) -> Pools:
     """Executor pools: their live executors, devices, free capacity and queue depth. A pool with work
