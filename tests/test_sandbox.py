@@ -250,3 +250,23 @@ async def test_each_outcome_is_posted_to_the_callback_url(
     assert [b["status"] for b in bodies] == ["completed", "failed"]
     assert bodies[0]["outputs"]["Fed"][0]["mib"] == 0 and bodies[0]["session_id"] == log.session_id
     assert "asked to fail" in bodies[1]["error"]["message"] and bodies[1]["error"]["code"] == "ValueError"
+
+
+async def test_an_async_firing_over_its_memory_fails_alone_and_its_shared_worker_is_retired(
+    settings: Settings, nc: Any, executor: Callable[..., Any]
+) -> None:
+    ex = await executor()
+    async with Stack(settings, [SANDBOX], parts=("scheduler",)), SessionLog(nc, "sandbox") as log:
+        await log.add("Nap", seconds=2.0)
+        await log.until("transition_started")
+        await log.add("Gulp", mib=256)  # shares the napping worker (same profile), and goes over its memory
+        failed = (await log.until("transition_failed"))[0]
+        napped = (await log.until("transition_completed", transition="nap"))[0]
+        await log.add("Nap", seconds=0.0)
+        again = (await log.until("transition_completed", transition="nap", count=2))[1]
+
+    assert failed.transition == "gulp" and failed.error_type == "MemoryLimitExceeded", failed
+    pid = napped.outputs[0].data["pid"]
+    # The neighbour finished on the worker the gulp broke; that worker then left, and the next nap ran elsewhere.
+    assert any("worker retired" in line and f"pid={pid}" in line for line in ex.lines), ex.lines[-5:]
+    assert again.outputs[0].data["pid"] != pid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 
@@ -77,10 +78,18 @@ class Hook(BaseModel):
     fail: bool = False
 
 
+class Gulp(BaseModel):
+    mib: int
+
+
+class Nap(BaseModel):
+    seconds: float
+
+
 bot = Bot(
     name="sandbox",
     locations=[BotLocation(marker=m) for m in (Meal, Fed, Probe, Escape, Hoard, Seen, Refused, Sent, Spin, Note,
-                                               Notes, Late, Hook)],
+                                               Notes, Late, Hook, Gulp, Nap)],
     volumes=[Volume(name="notebook", mount_path="./notebook")],
 )
 
@@ -173,4 +182,18 @@ def hooked(inputs):
     """Its outcomes are POSTed to its callback URL."""
     if inputs[Hook][0].fail:
         raise ValueError("asked to fail")
+    return {Fed: [Fed(mib=0, pid=os.getpid())]}
+
+
+@bot.transition(inputs={Gulp: 1}, outputs=[Fed], memory=64)
+async def gulp(inputs):
+    """An async def that allocates what it is asked to (sharing its worker with other async firings)."""
+    block = bytearray(inputs[Gulp][0].mib * 1024 * 1024)
+    return {Fed: [Fed(mib=len(block) // (1024 * 1024), pid=os.getpid())]}
+
+
+@bot.transition(inputs={Nap: 1}, outputs=[Fed], memory=64)
+async def nap(inputs):
+    """An async def that waits, then says where it ran."""
+    await asyncio.sleep(inputs[Nap][0].seconds)
     return {Fed: [Fed(mib=0, pid=os.getpid())]}
