@@ -195,3 +195,19 @@ async def test_no_value_in_repr_or_logs(nats_server):
     finally:
         await store.close()
         await nc.close()
+
+
+async def test_watch_survives_a_server_restart(nats_server):
+    nc = await bus.connect(nats_server.url, name="t")
+    store = SecretStore(nc, environ={})
+    await store.start()
+    try:
+        nats_server.restart()
+        done = await asyncio.to_thread(cli, nats_server, "set", "AFTER_RESTART", stdin=VALUE)
+        assert done.exit_code == 0, done.output
+        while "AFTER_RESTART" not in store.names():
+            await store.changed()
+        assert store.resolve(("AFTER_RESTART",)) == {"AFTER_RESTART": VALUE}
+    finally:
+        await store.close()
+        await nc.close()

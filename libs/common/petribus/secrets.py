@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -30,7 +30,8 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from petribus.errors import PetribusError
+from petribus.errors import BusError, PetribusError
+from petribus.outage import default_budget, on_reconnect, retry
 from petribus.resources import SECRET_NAME_RE
 
 SECRETS_BUCKET = "PB_SECRETS"
@@ -137,6 +138,9 @@ class SecretStore:
     """The secrets bucket, mirrored in memory by a watch, with the executor's environment as fallback.
 
     ``environ`` is read at each ``resolve`` (default ``os.environ``), only for ``PETRIBUS_SECRET_<NAME>``.
+    After each reconnect to NATS the store starts a fresh watch and swaps in what it loads: a watch's
+    consumer the server dropped while the connection was down (a restart, a fail-over, an outage longer
+    than its inactivity threshold) would otherwise go quiet and leave old values in use.
     """
 
     def __init__(self, nc: NATS, *, environ: Mapping[str, str] | None = None, replicas: int = 1) -> None:
@@ -144,35 +148,56 @@ class SecretStore:
         self._environ = os.environ if environ is None else environ
         self._replicas = replicas
         self._values: dict[str, str] = {}
-        self._watcher: KeyValue.KeyWatcher | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._watch: tuple[KeyValue.KeyWatcher, asyncio.Task[None]] | None = None
         self._changed = asyncio.Condition()
+        self._unhook: Callable[[], None] | None = None
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"SecretStore(bucket={SECRETS_BUCKET!r}, stored={len(self._values)})"
 
     async def start(self) -> None:
         """Load what is stored and keep it up to date. Returns once the stored secrets are known."""
-        kv = await bucket(self._nc.jetstream(), replicas=self._replicas)
-        # The watch's consumer is ordered: nats-py makes it again after a gap, from where it was.
-        self._watcher = await kv.watchall()
-        loaded = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._follow(loaded), name="secrets-watch")
-        await asyncio.wait({loaded, self._task}, return_when=asyncio.FIRST_COMPLETED)
-        if self._task.done():
-            self._task.result()  # the watch failed before loading: say why
+        await self._rewatch()
+        self._unhook = on_reconnect(self._nc, self._renew)
 
-    async def _follow(self, loaded: asyncio.Future[None]) -> None:
-        assert self._watcher is not None
-        async for entry in self._watcher:
-            if entry is None:  # the end of what was stored when the watch began
+    async def _renew(self) -> None:
+        # Right after a reconnect the bucket's stream may still be electing a leader: wait for it, within
+        # the bus's outage budget (then the hook's failure is logged and the old watch stays).
+        await retry(self._nc, "renewing the secrets watch", lambda _: self._rewatch(), budget_s=default_budget())
+
+    async def _rewatch(self) -> None:
+        """A new watch from what is stored now; once it has loaded, it replaces the one before."""
+        if self._closed:
+            return
+        kv = await bucket(self._nc.jetstream(), replicas=self._replicas)
+        watcher = await kv.watchall()
+        loaded = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._follow(watcher, loaded), name="secrets-watch")
+        await asyncio.wait({loaded, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not loaded.done():  # the watch ended before it loaded: say why
+            error = None if task.cancelled() else task.exception()
+            await _stop(watcher, task)
+            raise error or BusError("the secrets watch ended before it had loaded the bucket")
+        old, self._watch = self._watch, (watcher, task)
+        if old is not None:
+            await _stop(*old)
+            log.info("secrets watch renewed", stored=len(self._values))
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher, loaded: asyncio.Future[None]) -> None:
+        values: dict[str, str] = {}
+        async for entry in watcher:
+            if entry is None:  # the end of what was stored when the watch began: it is the truth now
+                self._values = values
                 loaded.set_result(None)
                 continue
             deleted = entry.operation in (KV_DEL, KV_PURGE)
             if deleted:
-                self._values.pop(entry.key, None)
+                values.pop(entry.key, None)
             else:
-                self._values[entry.key] = (entry.value or b"").decode(errors="replace")
+                values[entry.key] = (entry.value or b"").decode(errors="replace")
             if loaded.done():
                 log.info("secret changed", secret=entry.key, deleted=deleted)
                 async with self._changed:
@@ -203,14 +228,21 @@ class SecretStore:
         return sorted(self._values)
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):  # the connection may be closing already
-                await self._watcher.stop()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        self._values.clear()
+        self._closed = True
+        if self._unhook is not None:
+            self._unhook()
+        if self._watch is not None:
+            await _stop(*self._watch)
+            self._watch = None
+        self._values = {}
+
+
+async def _stop(watcher: KeyValue.KeyWatcher, task: asyncio.Task[None]) -> None:
+    with contextlib.suppress(Exception):  # the connection may be closing already
+        await watcher.stop()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
 
 
 def _when(created: object) -> datetime | None:

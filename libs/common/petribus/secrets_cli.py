@@ -96,15 +96,18 @@ def _check(name: str) -> None:
 
 def _run(nats_url: str | None, action: Callable[[Any], Awaitable[T]]) -> T:
     """Connect, do ``action(jetstream)``, close; each failure becomes one message and an exit code."""
-    from petribus import bus
+    from petribus import bus, secrets
     from petribus.settings import Settings
 
-    url = nats_url or Settings().nats_url
+    settings = Settings()
+    url = nats_url or settings.nats_url
 
     async def main() -> T:
         nc = await bus.connect(url, name="petribus-secrets", timeout=CONNECT_TIMEOUT_S, reconnect=False)
         try:
-            return await action(nc.jetstream())
+            js = nc.jetstream()
+            await secrets.bucket(js, replicas=settings.replicas)  # the first to need it makes it, replicated
+            return await action(js)
         finally:
             await nc.close()
 
