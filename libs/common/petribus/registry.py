@@ -141,6 +141,8 @@ class Reporter:
         self.heartbeat_s = heartbeat_s
         self.replicas = replicas
         self.kv: KeyValue | None = None
+        self._left = False
+        self._lock = asyncio.Lock()  # a report in flight lands before the goodbye, never after it
 
     async def start(self) -> None:
         self.kv = await bucket(self.js, self.heartbeat_s, replicas=self.replicas)
@@ -148,10 +150,13 @@ class Reporter:
 
     async def report(self) -> None:
         assert self.kv is not None
-        info = self.describe()
-        info.at = time.time()
-        info.heartbeat_s = self.heartbeat_s
-        await self.kv.put(info.key(), info.model_dump_json().encode())
+        async with self._lock:
+            if self._left:
+                return  # a beat after the goodbye would bring the entry back until its TTL
+            info = self.describe()
+            info.at = time.time()
+            info.heartbeat_s = self.heartbeat_s
+            await self.kv.put(info.key(), info.model_dump_json().encode())
 
     async def run(self) -> None:
         """Report every heartbeat; a failed report is logged and the next one tries again."""
@@ -163,10 +168,12 @@ class Reporter:
                 log.warning("registry report failed", error=repr(exc))
 
     async def stop(self) -> None:
+        self._left = True
         if self.kv is None:
             return
         try:
-            await self.kv.delete(self.describe().key())
+            async with self._lock:
+                await self.kv.delete(self.describe().key())
         except Exception as exc:  # stopping anyway: the entry expires by itself
             log.warning("could not remove this executor from the registry", error=repr(exc))
 

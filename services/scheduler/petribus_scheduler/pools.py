@@ -46,11 +46,13 @@ class MissingPools:
     def __init__(self, log: Any) -> None:
         self.log = log
         self.events: EventLog | None = None
+        self.registry: Registry | None = None
         self.view: RegistryView | None = None  # until started, no pool is reported missing
         self.reported: OrderedDict[tuple[str, str, str], None] = OrderedDict()  # (bot, session, pool)
 
     async def start(self, registry: Registry, events: EventLog) -> None:
         self.events = events
+        self.registry = registry
         self.view = await registry.watch(on_change=self._changed)
 
     async def stop(self) -> None:
@@ -68,7 +70,7 @@ class MissingPools:
     async def check(self, net: Net, state: SessionState, firing_ids: Any = None) -> None:
         """Tell the session about each pool its claimed firings (those in ``firing_ids``, or all) wait
         for without an executor, unless it was told already."""
-        if self.view is None:
+        if self.view is None or self.registry is None:
             return
         ids = state.in_flight.keys() if firing_ids is None else firing_ids
         waiting: dict[str, Firing] = {}  # pool -> its oldest waiting firing among these
@@ -82,10 +84,18 @@ class MissingPools:
                 served[pool] = self.view.serves(pool)
             if not served[pool] and (pool not in waiting or f.fired_seq < waiting[pool].fired_seq):
                 waiting[pool] = f
-        for pool in waiting:
+        unsaid = [pool for pool in waiting if (net.bot, state.session_id, pool) not in self.reported]
+        if unsaid:
+            # The watch may lag an executor that has just joined (its entry is written before it takes
+            # work): ask the registry itself before telling anyone.
+            try:
+                live = {p for info in await self.registry.list() for p in info.pools}
+            except Exception as exc:  # the next check asks again
+                self.log.warning("could not read the executor registry", error=repr(exc))
+                return
+            unsaid = [pool for pool in unsaid if pool not in live]
+        for pool in unsaid:
             key = (net.bot, state.session_id, pool)
-            if key in self.reported:
-                continue
             # The oldest waiting firing of the pool in the whole session, not just among these.
             oldest = min((f for f in state.in_flight.values() if f.status == "claimed" and _pool(net, f) == pool),
                          key=lambda f: f.fired_seq)
