@@ -211,3 +211,98 @@ async def test_watch_survives_a_server_restart(nats_server):
     finally:
         await store.close()
         await nc.close()
+
+
+# --- end to end: a secret reaches the transition that names it, and nothing else -------------------
+
+LEAK_APP = '''
+import hashlib
+import os
+
+from pydantic import BaseModel
+
+from petribus import Bot, BotLocation
+
+
+class Ask(BaseModel):
+    n: int
+
+
+class Seen(BaseModel):
+    digest: str
+
+
+class Done(BaseModel):
+    blind: bool
+
+
+bot = Bot(name="leaky", model="gpt-test", description="Peeks at a secret.",
+          locations=[BotLocation(marker=Ask), BotLocation(marker=Seen), BotLocation(marker=Done)])
+
+
+@bot.transition(inputs={Ask: 1}, outputs=[Seen], secrets=["API_TOKEN"], description="Peeks.")
+def peek(inputs):
+    token = os.environ.get("API_TOKEN", "")
+    return {Seen: [Seen(digest=hashlib.sha256(token.encode()).hexdigest())]}
+
+
+@bot.transition(inputs={Seen: 1}, outputs=[Done], description="Names no secret.")
+def blind(inputs):
+    leaked = "API_TOKEN" in os.environ or any(k.startswith("PETRIBUS_SECRET_") for k in os.environ)
+    return {Done: [Done(blind=not leaked)]}
+'''
+
+
+async def test_a_secret_reaches_only_its_transition_and_never_an_event_a_log_the_model_or_get_bots(
+    settings, nc, tmp_path, capfd
+):
+    import hashlib
+
+    import httpx
+    from pydantic import SecretStr
+
+    from petribus import logs
+    from petribus.events import TransitionCompleted
+
+    from .harness import Stack
+    from .scripted_llm import ScriptedLLM, call, say
+    from .test_llm_openai import Session
+
+    app = tmp_path / "leaky.py"
+    app.write_text(LEAK_APP)
+    assert (await asyncio.to_thread(
+        CliRunner().invoke, secrets_app, ["set", "API_TOKEN", "--nats-url", settings.nats_url], VALUE,
+    )).exit_code == 0
+    logs.configure(level="debug")
+    try:
+        async with ScriptedLLM() as llm:
+            llm.when("peek please", call("Ask", n=1), say("Peeking."))
+            llm.when("what happened", say("It peeked."))
+            with_llm = settings.model_copy(update={"openai_api_key": SecretStr("sk-test"),
+                                                   "openai_base_url": llm.base_url})
+            async with Stack(with_llm, [f"{app}:bot"]) as stack, Session(nc, bot="leaky") as session:
+                await session.say("peek please")
+                [done] = await session.until(TransitionCompleted, transition="blind")
+                await session.answer(await session.say("what happened"))
+                async with httpx.AsyncClient(base_url=stack.gateway.url) as http:
+                    bots = (await http.get("/bots")).text
+            events = await _all_events_of(nc, "leaky")
+    finally:
+        logs.configure()
+    [seen] = session.of(TransitionCompleted, transition="peek")
+    assert seen.outputs[0].data["digest"] == hashlib.sha256(VALUE.encode()).hexdigest()  # it got the value
+    assert done.outputs[0].data == {"blind": True}  # the transition that names no secret saw none
+    out, err = capfd.readouterr()
+    for where, text in {"events": events, "logs": out + err, "GET /bots": bots,
+                        "the model's requests": repr([r.body for r in llm.requests])}.items():
+        assert VALUE not in text, where
+
+
+async def _all_events_of(nc, bot: str) -> str:
+    from petribus.bus import EventLog
+
+    log = EventLog(nc)
+    out: list[str] = []
+    for sid in await log.sessions(bot):
+        out.extend(e.model_dump_json() for _, e in await log.read(bot, sid))
+    return "\n".join(out)
