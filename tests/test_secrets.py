@@ -306,3 +306,50 @@ async def _all_events_of(nc, bot: str) -> str:
     for sid in await log.sessions(bot):
         out.extend(e.model_dump_json() for _, e in await log.read(bot, sid))
     return "\n".join(out)
+
+
+MISSING_APP = '''
+import os
+
+from pydantic import BaseModel
+
+from petribus import Bot, BotLocation
+
+
+class Ask(BaseModel):
+    n: int
+
+
+class Seen(BaseModel):
+    value: str
+
+
+bot = Bot(name="needy", locations=[BotLocation(marker=Ask), BotLocation(marker=Seen)])
+
+
+@bot.transition(inputs={Ask: 1}, outputs=[Seen], secrets=["FROM_ENV", "NOT_SET_A", "NOT_SET_B"], retries=3)
+def needs(inputs):
+    return {Seen: [Seen(value=os.environ["FROM_ENV"])]}
+'''
+
+
+async def test_a_firing_missing_secrets_fails_for_good_naming_each_and_how_to_set_it(
+    settings, nc, tmp_path, monkeypatch
+):
+    from petribus.events import TransitionFailed, TransitionStarted
+
+    from .harness import Stack
+    from .test_llm_openai import Session
+
+    app = tmp_path / "needy.py"
+    app.write_text(MISSING_APP)
+    monkeypatch.setenv(f"{ENV_PREFIX}FROM_ENV", VALUE)  # found: only the two others are missing
+    async with Stack(settings, [f"{app}:bot"], parts=("scheduler", "executor")), \
+            Session(nc, bot="needy") as session:
+        await session.add("Ask", n=1)
+        [failed] = await session.until(TransitionFailed, transition="needs")
+    assert failed.final and not failed.retryable and failed.attempt == 1  # retries=3, yet no retry
+    assert failed.error_type == "MissingSecret"
+    assert "petribus secrets set NOT_SET_A" in failed.error and "petribus secrets set NOT_SET_B" in failed.error
+    assert "FROM_ENV" not in failed.error and VALUE not in failed.error
+    assert session.of(TransitionStarted) == []  # it never ran
