@@ -3,6 +3,7 @@ receiver refuses, never blocking ``notify``, and no payload in the logs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -25,7 +26,7 @@ class Receiver:
         self.script: dict[str, list[int]] = {}
         self.requests: list[dict[str, Any]] = []
         self.hold = threading.Event()  # set: requests to /hold wait until released
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -36,6 +37,7 @@ class Receiver:
                     code = codes.pop(0) if codes else 200
                     receiver.requests.append({"path": self.path, "code": code, "body": body,
                                               "headers": dict(self.headers)})
+                    receiver._lock.notify_all()
                 if self.path == "/hold":
                     receiver.hold.wait()
                 self.send_response(code)
@@ -54,6 +56,11 @@ class Receiver:
 
     def to(self, path: str) -> list[dict[str, Any]]:
         return [r for r in self.requests if r["path"] == path]
+
+    def wait_for(self, path: str, code: int, count: int) -> None:
+        """Block until ``path`` has been answered ``code`` ``count`` times (run it in a thread)."""
+        with self._lock:
+            self._lock.wait_for(lambda: sum(r["code"] == code for r in self.to(path)) >= count)
 
 
 @pytest.fixture
@@ -154,3 +161,59 @@ async def test_notify_never_waits_on_a_dead_or_stuck_receiver(receiver):
     assert any(e["event"] == "callbacks not delivered at shutdown" for e in logs)
     cb.notify(f"{receiver.url}/late", outcome("late"))  # after close: dropped, still no error
     assert receiver.to("/late") == []
+
+
+# --- end to end: the executor calls back once per outcome --------------------------------------------
+
+CALLBACK_APP = '''
+from pydantic import BaseModel
+
+from petribus import Bot, BotLocation, TaskPolicy
+
+
+class Job(BaseModel):
+    n: int
+
+
+class Done(BaseModel):
+    n: int
+
+
+bot = Bot(name="calling", locations=[BotLocation(marker=Job), BotLocation(marker=Done)])
+
+
+@bot.transition(inputs={Job: 1}, outputs=[Done], callback_url="{url}/hook")
+def work(inputs):
+    job = inputs[Job][0]
+    if job.n < 0:
+        raise ValueError("negative job")
+    return {Done: [Done(n=job.n)]}
+'''
+
+
+async def test_executor_calls_back_once_per_outcome_through_failing_receivers(
+    settings, nc, tmp_path, receiver
+):
+    from petribus.events import TransitionCompleted, TransitionFailed
+
+    from .harness import Stack
+    from .test_llm_openai import Session
+
+    receiver.script = {"/hook": [503, 500]}  # the first outcome's first two tries fail
+    app = tmp_path / "calling.py"
+    app.write_text(CALLBACK_APP.replace("{url}", receiver.url))
+    async with Stack(settings, [f"{app}:bot"], parts=("scheduler", "executor")), \
+            Session(nc, bot="calling") as session:
+        await session.add("Job", n=7)
+        [completed] = await session.until(TransitionCompleted, transition="work")
+        await session.add("Job", n=-1)
+        [failed] = await session.until(TransitionFailed, transition="work")
+        await asyncio.to_thread(receiver.wait_for, "/hook", 200, 2)
+    delivered = [r for r in receiver.to("/hook") if r["code"] == 200]
+    assert [r["code"] for r in receiver.to("/hook")] == [503, 500, 200, 200]
+    by_firing = {r["body"]["data"]["firing_id"]: r for r in delivered}
+    assert set(by_firing) == {completed.firing_id, failed.firing_id}  # one delivery per outcome
+    ok = by_firing[completed.firing_id]
+    assert ok["headers"]["X-Task-Status"] == "COMPLETE" and ok["body"]["data"]["outputs"] == {"Done": [{"n": 7}]}
+    bad = by_firing[failed.firing_id]
+    assert bad["headers"]["X-Task-Status"] == "ERROR" and "negative job" in bad["body"]["data"]["error"]["message"]
