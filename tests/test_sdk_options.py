@@ -184,6 +184,11 @@ def test_python_packages_alone_keep_working_in_a_process():
     assert (t.image, t.python_packages, t.sandbox) == (None, ("requests", "httpx"), "process")
 
 
+def test_python_packages_of_a_container_without_an_image_go_into_one():
+    t = built(python_packages=["httpx"], sandbox="container")
+    assert (t.image, t.python_packages, t.sandbox) == (Image(python_packages=("httpx",)), ("httpx",), "container")
+
+
 def test_python_packages_join_the_images_packages():
     t = built(image=Image(python_packages=["requests"]), python_packages=["httpx", "requests"])
     assert t.python_packages == ("requests", "httpx")

@@ -131,6 +131,9 @@ def judge(opts: dict[str, Any], where: str, problems: list[str]) -> dict[str, An
     fields["pool"] = pool_for(pool, gpu, gpu_count)
     fields["image"], fields["python_packages"] = _image(opts["image"], opts["python_packages"], where, problems)
     fields["sandbox"] = _sandbox(opts["sandbox"], fields["image"], where, problems)
+    if fields["sandbox"] == "container" and fields["image"] is None and fields["python_packages"]:
+        # A container has only what its image holds: the packages go into the (default) image.
+        fields["image"] = Image(python_packages=fields["python_packages"])
     fields["secrets"] = _secrets(opts["secrets"], where, problems)
     if not isinstance(opts["network"], bool):
         problems.append(f"{where}: network={opts['network']!r}; it must be True or False")
