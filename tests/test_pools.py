@@ -324,7 +324,9 @@ async def test_work_for_a_pool_with_no_executor_waits_the_session_is_told_once_a
     js = nc.jetstream()
     # Many lease checks while the pool is missing, and a de-duplication window they outlast: what keeps
     # the error single is the scheduler itself, not JetStream dropping a repeat within its window.
-    settings = settings.model_copy(update={"gpus": "0", "work_lease_s": 0.5, "duplicate_window_s": 1.0})
+    # A short grace before the session is told (the registry's TTL, 3 heartbeats; at least 1 s).
+    settings = settings.model_copy(update={"gpus": "0", "work_lease_s": 0.5, "duplicate_window_s": 1.0,
+                                           "registry_heartbeat_s": 0.2})
     async with SessionLog(nc, "gpu") as log:
         cpu_only = Executor(settings, [GPU], pools=["cpu"])
         await cpu_only.start()
@@ -336,12 +338,14 @@ async def test_work_for_a_pool_with_no_executor_waits_the_session_is_told_once_a
                 await log.until("transition_fired", count=2)
                 await _settled(js)
                 await _lease_checks(first.services["scheduler"], 3)
+                await first.services["scheduler"].missing.idle()
             # Another scheduler (or this one restarted) does not say it again either.
             async with Stack(settings, [GPU], parts=("scheduler",)) as again:
                 await log.add("Job", n=3)
                 await log.until("transition_fired", count=3)
                 await _settled(js)
                 await _lease_checks(again.services["scheduler"], 3)  # they look at every waiting firing
+                await again.services["scheduler"].missing.idle()
                 # The work items wait in PB_WORK for an executor of the pool.
                 waiting = await js.stream_info(subjects.WORK_STREAM,
                                                subjects_filter=subjects.session_work("gpu", log.session_id))

@@ -531,7 +531,7 @@ class Scheduler(Service):
         done = await asyncio.gather(*acks)  # acked by JetStream before the triggering event is acked
         self._sent(sent)
         if sent:
-            await self.missing.check(net, state, sent)  # work for a pool nobody serves: say so, once
+            self.missing.check(net, state, sent)  # work for a pool nobody serves: say so, once
         if lease is not None:
             self._armed(key, now, duplicate=bool(done[-1].duplicate))
 
@@ -619,7 +619,7 @@ class Scheduler(Service):
             self._sent(f.id for f in lost)
             self.stats["redispatched"] += len(lost)
             self.log.warning("work items lost; sent again", session_id=key[1], firings=[f.id for f in lost])
-        await self.missing.check(self.nets[key[0]], state)  # its pool's executors may have gone since
+        self.missing.check(self.nets[key[0]], state)  # its pool's executors may have gone since
         oldest = _oldest_in_flight(state)
         now = time.time()
         if oldest is None:
