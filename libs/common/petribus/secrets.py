@@ -179,6 +179,9 @@ class SecretStore:
             error = None if task.cancelled() else task.exception()
             await _stop(watcher, task)
             raise error or BusError("the secrets watch ended before it had loaded the bucket")
+        if self._closed:  # closed while this watch was loading
+            await _stop(watcher, task)
+            return
         old, self._watch = self._watch, (watcher, task)
         if old is not None:
             await _stop(*old)
