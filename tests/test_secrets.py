@@ -4,6 +4,7 @@ fallback, and no value anywhere it could be read back (output, repr, logs, error
 from __future__ import annotations
 
 import asyncio
+import io
 
 import pytest
 import structlog
@@ -273,7 +274,9 @@ async def test_a_secret_reaches_only_its_transition_and_never_an_event_a_log_the
     assert (await asyncio.to_thread(
         CliRunner().invoke, secrets_app, ["set", "API_TOKEN", "--nats-url", settings.nats_url], VALUE,
     )).exit_code == 0
-    logs.configure(level="debug")
+    saved = structlog.get_config()
+    in_process = io.StringIO()
+    logs.configure(level="debug", stream=in_process)  # workers' own output goes to fd 2: capfd has it
     try:
         async with ScriptedLLM() as llm:
             llm.when("peek please", call("Ask", n=1), say("Peeking."))
@@ -288,12 +291,13 @@ async def test_a_secret_reaches_only_its_transition_and_never_an_event_a_log_the
                     bots = (await http.get("/bots")).text
             events = await _all_events_of(nc, "leaky")
     finally:
-        logs.configure()
+        structlog.configure(**saved)
     [seen] = session.of(TransitionCompleted, transition="peek")
     assert seen.outputs[0].data["digest"] == hashlib.sha256(VALUE.encode()).hexdigest()  # it got the value
     assert done.outputs[0].data == {"blind": True}  # the transition that names no secret saw none
     out, err = capfd.readouterr()
-    for where, text in {"events": events, "logs": out + err, "GET /bots": bots,
+    assert "firing completed" in in_process.getvalue()  # the services' debug logs were captured
+    for where, text in {"events": events, "logs": in_process.getvalue() + out + err, "GET /bots": bots,
                         "the model's requests": repr([r.body for r in llm.requests])}.items():
         assert VALUE not in text, where
 
