@@ -105,8 +105,10 @@ def eat(inputs):
 
 @bot.transition(inputs={Probe: 1}, outputs=[Seen], memory=256, cpu=1)
 def look(context: BotContext, inputs):
-    """Reports what its sandbox looks like from inside."""
+    """Reports what its sandbox looks like from inside (and leaves a file behind)."""
     cwd = os.getcwd()
+    with open("scratch.txt", "w") as f:
+        f.write("left behind")
     return {Seen: [Seen(
         pid=os.getpid(), env=dict(os.environ), cwd=cwd, cwd_existed=os.path.isdir(cwd),
         workdir=context.workdir, affinity=sorted(os.sched_getaffinity(0)),

@@ -42,16 +42,19 @@ class Channel(Protocol):
 class BotContext:
     """Handed to a transition that asks for a ``context`` parameter."""
 
-    def __init__(self, channel: Channel, *, bot: str, session_id: str, firing_id: str, transition: str,
-                 workdir: str | None = None) -> None:
+    def __init__(self, channel: Channel, *, bot: str, session_id: str, firing_id: str, transition: str) -> None:
         self._channel = channel
         self.bot = bot
         self.session_id = session_id
         self.firing_id = firing_id
         self.transition = transition
-        # This run's own folder, removed when it ends: a def transition runs in it (its working directory);
-        # an async def one shares its process's working directory and should write here explicitly.
-        self.workdir = workdir
+
+    @property
+    def workdir(self) -> str | None:
+        """This run's own folder, emptied or removed when it ends. A ``def`` transition runs in it (its
+        working directory); an ``async def`` one shares its process's working directory, so it should
+        write here explicitly (the folder is made when first asked for). Files it sends must be here."""
+        return getattr(self._channel, "folder", None)
 
     def __repr__(self) -> str:
         return f"BotContext(session_id={self.session_id!r}, transition={self.transition!r})"

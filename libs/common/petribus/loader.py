@@ -2,14 +2,71 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import os
 import sys
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 
 from petribus.bot import Bot
 from petribus.errors import AppLoadError
 from petribus.net import Net
+
+
+_env_read: set[str] = set()
+
+
+def env_read() -> frozenset[str]:
+    """Names of the environment variables the apps loaded so far looked up while they were imported.
+
+    An app configured at import (``N = int(os.environ["FANOUT_N"])``) builds its net from them, so every
+    process that loads it must see the same values: the executor hands these (and only these, besides
+    the basics) on to its sandboxed workers (``docs/sandboxes.md``).
+    """
+    return frozenset(_env_read)
+
+
+class _Recording(MutableMapping[str, str]):
+    """``os.environ`` while an app is imported: every variable looked up by name is noted."""
+
+    def __init__(self, real: MutableMapping[str, str]) -> None:
+        self._real = real
+
+    def __getitem__(self, key: str) -> str:
+        _env_read.add(key)
+        return self._real[key]
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            _env_read.add(key)
+        return key in self._real
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self._real[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._real[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._real)
+
+    def __len__(self) -> int:
+        return len(self._real)
+
+    def copy(self) -> dict[str, str]:
+        return dict(self._real)
+
+
+@contextlib.contextmanager
+def _noting_env() -> Iterator[None]:
+    real = os.environ
+    os.environ = _Recording(real)  # type: ignore[assignment]  # os.getenv looks it up here too
+    try:
+        yield
+    finally:
+        os.environ = real
 
 
 def load_bot(spec: str) -> Bot:
@@ -33,10 +90,12 @@ def load_bot(spec: str) -> Bot:
                 assert loader_spec and loader_spec.loader
                 module = importlib.util.module_from_spec(loader_spec)
                 sys.modules[mod_name] = module
-                loader_spec.loader.exec_module(module)
+                with _noting_env():
+                    loader_spec.loader.exec_module(module)
             stem = path.stem
         else:
-            module = importlib.import_module(module_part)
+            with _noting_env():
+                module = importlib.import_module(module_part)
             stem = module_part.rsplit(".", 1)[-1]
     except AppLoadError:
         raise

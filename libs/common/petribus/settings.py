@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     sandbox: str | None = Field(default=None, description="'container' runs every transition of this executor "
                                 "in a container, 'process' every one in a process; unset, each transition's "
                                 "own sandbox= decides.")
+    sandbox_env: str = Field(default="", description="Names of the executor's environment variables that "
+                             "transitions see, comma-separated, besides PATH, LANG, TZ and the like and the "
+                             "variables the app reads when it is imported (found by the loader).")
     sandbox_max_files: int = Field(default=1024, ge=16, description="Open files a worker process may have.")
     sandbox_cpu_seconds: float = Field(default=3600.0, gt=0, description="CPU time one def firing may use "
                                        "before it is stopped (SIGXCPU), unless its timeout= is shorter.")

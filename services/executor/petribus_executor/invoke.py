@@ -57,7 +57,7 @@ def _prepare(nets: dict[str, Net], req: p.Request,
     t = net.transition(req.transition)
     inputs = build_inputs(net, t, req.inputs)
     context = BotContext(channel, bot=req.bot, session_id=req.session_id, firing_id=req.firing_id,
-                         transition=req.transition, workdir=getattr(channel, "folder", None))
+                         transition=req.transition)
     invoke = _invoker(t)
     return net, t, lambda: invoke(context, inputs)
 

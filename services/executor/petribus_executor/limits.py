@@ -2,14 +2,19 @@
 
 At boot (``Sandbox.enter``), after the apps are imported and before the worker says ``ready``:
 
-- **Environment**: only ``sandbox.ENV_ALLOWED`` of what the worker inherited, plus the secrets its
-  profile names and the GPUs it was given; ``HOME`` and ``TMPDIR`` point into its own folder.
+- **Environment**: only ``sandbox.ENV_ALLOWED`` of what the worker inherited and the variables the apps
+  read at import (``sandbox.passed_names``), plus the secrets its profile names and the GPUs it was
+  given; ``HOME`` and ``TMPDIR`` point into its own folder.
 - **Folder**: a private temporary folder (``root``), removed when the worker exits (the executor removes
-  it when the worker is killed). Each run gets a folder of its own inside it, removed after the run; a
-  ``def`` run has it as its working directory and its temporary files go there (``TMPDIR``); an
-  ``async def`` run (which shares the process) finds it as ``context.workdir``. Volumes with relative
-  mount paths appear in both as links.
-- **CPUs**: pinned to the CPUs the executor chose (``cpu=`` rounded up), unless it may use all.
+  it when the worker is killed). Each run has a folder of its own inside it. A ``def`` run (alone in
+  its process) has it as its working directory and its temporary files go there (``TMPDIR``); it is
+  emptied after the run if the run left anything. An ``async def`` run (which shares the process) gets
+  one made on first use of ``context.workdir`` or a file call, and removed after the run. Making and
+  removing a folder for every run cost 0.2-0.6 ms each (most runs write nothing). Volumes with
+  relative mount paths appear in them as links.
+- **CPUs**: not capped (a container is: ``cpu=`` becomes its CPU quota). Pinning each worker to
+  ``cpu=`` CPUs was tried: 1,000 async no-op firings took 3-5x longer (``bench/bench_pool.py``), as
+  busy workers could not move to an idle core.
 - **Memory**: ``RLIMIT_DATA`` at what the worker holds after boot plus ``memory=`` MiB; an allocation
   past it fails with ``MemoryError``, which the run reports as ``MemoryLimitExceeded`` (the limit, what
   the worker held, its peak), and the worker is retired. Thread stacks count, so threads started here
@@ -49,9 +54,9 @@ class Sandbox:
     def __init__(self, boot: dict[str, Any] | None) -> None:
         boot = boot or {}
         self.profile: Profile = from_dict(boot["profile"]) if boot.get("profile") else Profile()
-        self.cpus: list[int] | None = boot.get("cpus")
         self.root = boot.get("root") or tempfile.mkdtemp(prefix="petribus-worker-")
         self.owns_root = not boot.get("root")
+        self.passed = frozenset(boot.get("passed") or ())
         self.baseline_mib = 0.0
         self.data_limit_mib: float | None = None
         self.cpu_seconds: float | None = None  # the running def's allowance, while it runs
@@ -61,7 +66,7 @@ class Sandbox:
     def enter(self) -> None:
         """Apply the profile to this process (the apps are imported; the threads not started yet)."""
         threading.stack_size(THREAD_STACK_BYTES)
-        env = self.profile.environment(dict(os.environ))
+        env = self.profile.environment(dict(os.environ), self.passed)
         tmp = os.path.join(self.root, ".tmp")
         os.makedirs(tmp, exist_ok=True)
         env.update(HOME=self.root, TMPDIR=tmp)
@@ -70,11 +75,6 @@ class Sandbox:
         tempfile.tempdir = None  # read TMPDIR again
         os.chdir(self.root)
         self._link_volumes(self.root)
-        if self.cpus:
-            try:
-                os.sched_setaffinity(0, self.cpus)
-            except OSError:  # CPUs gone offline since the executor looked: run anywhere
-                pass
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         nofile = self.profile.max_files if hard == resource.RLIM_INFINITY else min(self.profile.max_files, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
@@ -94,22 +94,47 @@ class Sandbox:
 
     # ------------------------------------------------------------ runs
 
-    def run_dir(self, job: int) -> str:
-        """A fresh folder for one run, with the bot's volumes linked in."""
+    @property
+    def sync_dir(self) -> str:
+        """The folder of the worker's def runs: one at a time, each starting with it empty."""
+        return os.path.join(self.root, "run")
+
+    def begin_sync(self) -> str:
+        """Before a def run: its folder is the working directory, and temporary files go there too."""
+        folder = self.sync_dir
+        if not os.path.isdir(folder):
+            os.makedirs(folder)
+            self._link_volumes(folder)
+        os.chdir(folder)
+        os.environ["TMPDIR"] = folder
+        tempfile.tempdir = folder
+        return folder
+
+    def end_sync(self) -> None:
+        """After a def run: back to the worker's folder; the run's folder is emptied if it left anything."""
+        os.chdir(self.root)
+        os.environ["TMPDIR"] = tempfile.tempdir = os.path.join(self.root, ".tmp")
+        folder = self.sync_dir
+        try:
+            left = set(os.listdir(folder))
+        except OSError:
+            return
+        if left - self._volume_links():  # a listing costs microseconds; a removal and a mkdir, a hundred
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def async_dir(self, job: int) -> str:
+        """An async run's own folder, made when it first asks for it (most never do)."""
         path = os.path.join(self.root, f"run-{job}")
         os.makedirs(path, exist_ok=True)
         self._link_volumes(path)
         return path
 
-    def use_tmp(self, folder: str | None) -> None:
-        """Temporary files (``TMPDIR``, ``tempfile``) go to ``folder``, or back to the worker's own."""
-        folder = folder or os.path.join(self.root, ".tmp")
-        os.makedirs(folder, exist_ok=True)
-        os.environ["TMPDIR"] = folder
-        tempfile.tempdir = folder
+    def end_async(self, path: str | None) -> None:
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
 
-    def end_run(self, path: str) -> None:
-        shutil.rmtree(path, ignore_errors=True)
+    def _volume_links(self) -> set[str]:
+        return {os.path.normpath(m).split(os.sep)[0] for _, m in self.profile.volumes if not os.path.isabs(m)}
 
     def arm_cpu(self, seconds: float | None) -> None:
         """Before a def run: allow it ``seconds`` more of CPU time (None: no bound)."""

@@ -59,7 +59,7 @@ from petribus_executor.placement import Host, Placement
 from petribus_executor.placement import Lease as _Lease
 from petribus_executor.preload import ENV as PRELOAD_ENV
 from petribus_executor.preload import MAIN_ENV as PRELOAD_MAIN_ENV
-from petribus_executor.sandbox import ENV_ALLOWED, Profile, as_dict
+from petribus_executor.sandbox import ENV_ALLOWED, Profile, as_dict, passed_names
 
 log = logs.get("petribus.executor.pool")
 
@@ -155,8 +155,6 @@ class WorkerPool:
         self._ctx = multiprocessing.get_context("forkserver")
         self._all: set[Worker] = set()  # live processes, booting ones included
         self._placement: Placement[Worker] = Placement(self.size, self.concurrency, on_evict=self._evict)
-        self._cpu_ids = sorted(os.sched_getaffinity(0))
-        self._next_cpu = 0
         self._containers: Any = None  # container.ContainerLauncher, made for the first container firing
         self._job_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()  # reaping, cancelling, background boots
@@ -173,11 +171,12 @@ class WorkerPool:
     def _ensure_fork_server(self) -> None:
         # Global per process: the first pool to start it decides what is preloaded; later ones import
         # what they miss in each worker, once. The fork server starts with the sandbox's environment
-        # (``sandbox.ENV_ALLOWED``), not the executor's: no worker forked from it inherits a key or a
-        # credential of the executor's, even in its memory.
+        # (``sandbox.ENV_ALLOWED`` and the variables the apps read at import), not the executor's: no
+        # worker forked from it inherits a key or a credential of the executor's, even in its memory.
         self._ctx.set_forkserver_preload(["petribus_executor.preload"])
         main_path = spawn.get_preparation_data("petribus-worker").get("init_main_from_path")
-        env = {k: v for k, v in os.environ.items() if k in ENV_ALLOWED or k.startswith("LC_")}
+        passed = passed_names(self.settings.sandbox_env)
+        env = {k: v for k, v in os.environ.items() if k in ENV_ALLOWED or k.startswith("LC_") or k in passed}
         env[PRELOAD_ENV] = os.pathsep.join(self.apps) if self.settings.preload else ""
         env[PRELOAD_MAIN_ENV] = main_path or ""
         saved = dict(os.environ)
@@ -360,17 +359,9 @@ class WorkerPool:
             self._placement.start_failed()
             raise
 
-    def _cpus(self, profile: Profile) -> list[int] | None:
-        """The CPUs a new worker of ``profile`` is pinned to, taken in turn; None when it may use all."""
-        ids = self._cpu_ids
-        if profile.cpus >= len(ids):
-            return None
-        start = self._next_cpu
-        self._next_cpu = (start + profile.cpus) % len(ids)
-        return [ids[(start + i) % len(ids)] for i in range(profile.cpus)]
-
     async def _launch(self, profile: Profile) -> Worker:
-        boot = {"profile": as_dict(profile), "cpus": self._cpus(profile), "root": None, "exit_on_eof": False}
+        boot = {"profile": as_dict(profile), "root": None, "exit_on_eof": False,
+                "passed": sorted(passed_names(self.settings.sandbox_env))}
         if profile.kind == "container":
             if self._containers is None:
                 from petribus_executor.container import ContainerLauncher

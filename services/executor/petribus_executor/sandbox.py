@@ -24,7 +24,7 @@ class Profile:
     """A worker's limits and environment. Equal profiles share workers; different ones never do."""
 
     memory_mib: int = 128  # memory= : the worker's data (heap) may grow this much past what it used at boot
-    cpus: int = 1  # cpu= rounded up: how many CPUs the worker is pinned to
+    cpus: int = 1  # cpu= rounded up: a container's CPU quota (a process sandbox does not cap CPU share)
     max_files: int = 1024  # open files, the worker's own included
     env: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # secrets: never in a repr or a log
     secret_names: tuple[str, ...] = ()  # the names of the secrets in env (what logs may show)
@@ -46,9 +46,10 @@ class Profile:
             parts.append(f"image={self.image}")
         return " ".join(parts)
 
-    def environment(self, inherited: dict[str, str]) -> dict[str, str]:
-        """The environment a worker of this profile runs with, from the executor's ``inherited`` one."""
-        env = {k: v for k, v in inherited.items() if k in ENV_ALLOWED or k.startswith("LC_")}
+    def environment(self, inherited: dict[str, str], passed: frozenset[str] | set[str] = frozenset()) -> dict[str, str]:
+        """The environment a worker of this profile runs with, from the executor's ``inherited`` one and
+        the names ``passed`` on to sandboxes (``passed_names``)."""
+        env = {k: v for k, v in inherited.items() if k in ENV_ALLOWED or k.startswith("LC_") or k in passed}
         env.update(self.env)
         if self.devices:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.devices)
@@ -56,6 +57,18 @@ class Profile:
         elif self.kind == "process":
             env["CUDA_VISIBLE_DEVICES"] = ""  # no GPU asked for: none visible, not every one
         return env
+
+
+def passed_names(extra: str = "") -> frozenset[str]:
+    """The executor's variables its sandboxes see besides ``ENV_ALLOWED``: those the apps read when they
+    were imported (``petribus.loader.env_read``: the workers must build the same nets) and the names
+    in ``PETRIBUS_SANDBOX_ENV`` (``extra``). Never petribus's own settings or the model key."""
+    from petribus.loader import env_read
+    from petribus.settings import Settings
+
+    secret = {str(f.validation_alias) for f in Settings.model_fields.values() if f.validation_alias is not None}
+    names = set(env_read()) | {n.strip() for n in extra.split(",") if n.strip()}
+    return frozenset(n for n in names if not n.startswith("PETRIBUS_") and n not in secret)
 
 
 def cpus_for(cpu: float) -> int:

@@ -199,12 +199,25 @@ def _unpack(kind: str, timeout: float | None, reply: Reply | None) -> Any:
 class JobChannel:
     """The worker's :class:`petribus.context.Channel`: one run's side of the pipe, tagged with its job."""
 
-    __slots__ = ("_job", "_pipe", "folder")
+    __slots__ = ("_folder", "_job", "_make_folder", "_pipe")
 
-    def __init__(self, pipe: Pipe, job: int, folder: str) -> None:
+    def __init__(self, pipe: Pipe, job: int, folder: str | Callable[[], str]) -> None:
         self._pipe = pipe
         self._job = job
-        self.folder = folder  # the run's own folder: files are received here, and sent only from here
+        self._folder = folder if isinstance(folder, str) else None
+        self._make_folder = None if isinstance(folder, str) else folder
+
+    @property
+    def folder(self) -> str:
+        """The run's own folder (made on first use): files are received here, and sent only from here."""
+        if self._folder is None:
+            assert self._make_folder is not None
+            self._folder = self._make_folder()
+        return self._folder
+
+    @property
+    def made_folder(self) -> str | None:
+        return self._folder
 
     def send(self, kind: str, payload: Any) -> None:
         if kind == "remember":
@@ -245,7 +258,7 @@ class Runner:
         self.exit_on_eof = exit_on_eof  # a container's worker has no parent process to watch: the socket is it
         self.loop = asyncio.new_event_loop()
         self.tasks: dict[int, asyncio.Task[p.Outcome]] = {}  # the loop thread's alone
-        self.folders: dict[int, str] = {}  # async runs' folders, the loop thread's alone
+        self.channels: dict[int, JobChannel] = {}  # async runs' channels, the loop thread's alone
         self.sync_runs: queue.SimpleQueue[tuple[int, p.Request] | None] = queue.SimpleQueue()
 
     def serve(self) -> None:
@@ -263,9 +276,7 @@ class Runner:
 
     def _run_sync(self, job: int, request: p.Request) -> p.Outcome:
         sandbox = self.sandbox
-        folder = sandbox.run_dir(job)
-        os.chdir(folder)
-        sandbox.use_tmp(os.path.join(folder, ".tmp"))  # a def run has the process: its temp files are its own
+        folder = sandbox.begin_sync()  # a def run has the process: its working directory and temp files
         try:
             sandbox.arm_cpu(request.cpu_seconds)
             try:
@@ -273,9 +284,7 @@ class Runner:
             finally:
                 sandbox.disarm_cpu()
         finally:
-            os.chdir(sandbox.root)
-            sandbox.use_tmp(None)
-            sandbox.end_run(folder)
+            sandbox.end_sync()
         return sandbox.explain(request, outcome, request.cpu_seconds)
 
     def _run_loop(self) -> None:
@@ -322,8 +331,8 @@ class Runner:
 
     def _start(self, runs: list[tuple[int, p.Request]]) -> None:
         for job, request in runs:
-            folder = self.folders[job] = self.sandbox.run_dir(job)
-            task = self.loop.create_task(run_async(self.nets, request, JobChannel(self.pipe, job, folder)))
+            channel = self.channels[job] = JobChannel(self.pipe, job, functools.partial(self.sandbox.async_dir, job))
+            task = self.loop.create_task(run_async(self.nets, request, channel))
             self.tasks[job] = task
             task.add_done_callback(functools.partial(self._ended, job, request))
 
@@ -334,7 +343,7 @@ class Runner:
 
     def _ended(self, job: int, request: p.Request, task: asyncio.Task[p.Outcome]) -> None:
         del self.tasks[job]
-        self.sandbox.end_run(self.folders.pop(job))
+        self.sandbox.end_async(self.channels.pop(job).made_folder)
         if task.cancelled():  # before it began: run_async never saw the cancellation
             outcome = cancelled()
         elif (exc := task.exception()) is not None:
