@@ -12,7 +12,8 @@ What a container gets (``docs/containers.md``):
   executor's interpreter, its venv, petribus's and the apps' sources and the system libraries they
   load (``/lib``, ``/lib64``, ``/usr/lib``) are bind-mounted read-only at their own paths, so the worker
   runs the executor's code. The scratch folder (socket, boot file, the work folder) is mounted
-  read-write at ``/petribus``; the bot's volumes at their mount paths.
+  read-write at ``/petribus``; the bot's volumes at their absolute mount paths, or at their host path
+  for a relative one (the worker links it into its work folders, as a process worker does).
 - **Its profile's limits.** ``mem_limit`` is the profile's memory plus ``INTERPRETER_MIB`` for what the
   worker holds before any firing (a worker's ``memory=`` is what its firings may add; measured below),
   no swap; ``nano_cpus`` its CPUs; a pids limit; the open-file limit; no capabilities.
@@ -138,9 +139,9 @@ class ContainerProcess:
         try:
             self._status = int(api.wait(self.id, timeout=None)["StatusCode"])
             self._oom = self._oom or bool(api.inspect_container(self.id)["State"].get("OOMKilled"))
-        except Exception as exc:  # the engine went away or the container was removed under us
-            log.warning("lost track of a container", container=self.name, error=repr(exc))
+        except Exception as exc:  # the engine went away, or the container was removed (closing)
             if self._status is None:
+                log.warning("lost track of a container", container=self.name, error=repr(exc))
                 self._status = 137
         finally:
             self._exited.set()
@@ -319,7 +320,9 @@ class ContainerLauncher:
         files = min(profile.max_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         mounts = [*self._code_mounts(), Mount(SCRATCH, str(scratch), type="bind", read_only=False)]
         for host_dir, mount_path in profile.volumes:
-            target = mount_path if mount_path.startswith("/") else f"{ROOT}/{mount_path}"
+            # A relative mount path is the worker's to link into its folders (limits.Sandbox), to the
+            # volume at its host path, as for a process worker: mounted there.
+            target = mount_path if mount_path.startswith("/") else str(host_dir)
             mounts.append(Mount(target, str(host_dir), type="bind", read_only=False))
         options: dict[str, Any] = dict(
             name=name, command=self._command(), detach=True, mounts=mounts, environment=self._env(profile, image),

@@ -229,13 +229,13 @@ def _install_packages(tag: str, packages: list[str], target: Path, say: Progress
     say(f"installing {' '.join(packages)} for {tag} with {sys.executable} -m pip")
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-input", "--disable-pip-version-check",
            "--no-warn-script-location", "--target", str(target), *packages]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: deque[str] = deque(maxlen=_LOG_TAIL)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        tail.append(line.rstrip())
-        say(line.rstrip())
-    if proc.wait() != 0:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            say(line.rstrip())
+    if proc.returncode != 0:
         raise ImageBuildFailed(
             f"image {tag} could not be built: step 'pip install {' '.join(packages)}' failed "
             f"(exit {proc.returncode}). Its last lines:\n" + "\n".join(tail))
