@@ -276,10 +276,14 @@ class FiringRunner:
         # GPUs first, then a worker: a GPU firing's worker is one booted with its devices.
         devices: tuple[str, ...] = ()
         if t.gpu_count:
-            if self.devices is None:
-                raise PetribusError(f"executor {self.instance} has no GPUs for {t.name!r} (gpu_count="
-                                    f"{t.gpu_count}); it should not serve pool {t.pool!r}", retryable=True)
-            devices = await self.devices.acquire(t.gpu_count)
+            try:
+                if self.devices is None or not self.devices.total:
+                    raise PetribusError(f"executor {self.instance} has no GPUs for {t.name!r} (gpu_count="
+                                        f"{t.gpu_count}); start the executors of pool {t.pool!r} with GPUs "
+                                        "(--gpus, or a machine where nvidia-smi lists them)")
+                devices = await self.devices.acquire(t.gpu_count)
+            except PetribusError as exc:  # it can never have them here: the firing fails, it does not wait
+                return p.Outcome(ok=False, error=exc.message, error_type=type(exc).__name__, retryable=False)
             profile = Profile(**{**profile.__dict__, "devices": devices})
         try:
             return await self._run_on_worker(item, t, attempt, effects, profile)
