@@ -20,6 +20,7 @@ share a ``start:`` Msg-Id.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import random
 import time
@@ -284,7 +285,7 @@ class FiringRunner:
                 devices = await self.devices.acquire(t.gpu_count)
             except PetribusError as exc:  # it can never have them here: the firing fails, it does not wait
                 return p.Outcome(ok=False, error=exc.message, error_type=type(exc).__name__, retryable=False)
-            profile = Profile(**{**profile.__dict__, "devices": devices})
+            profile = dataclasses.replace(profile, devices=devices)
         try:
             return await self._run_on_worker(item, t, attempt, effects, profile)
         finally:
