@@ -1,8 +1,10 @@
 """The container sandbox against a real engine (podman's Docker API, started by scripts/engine).
 
 First the parts on their own: a container worker speaking the worker protocol over its socket, what
-its container lets it see and do, its limits, the images. The engine and the images are shared by
-every test of the run. Without an engine these tests fail, saying why; they never skip.
+its container lets it see and do, its limits, the images. Then through the services: a real executor
+process, nats-server and scheduler, and the transitions of ``tests/apps/contained.py``. The engine and
+the images are shared by every test of the run. Without an engine these tests fail, saying why; they
+never skip.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
 import pytest
 
 from petribus.resources import Image
@@ -28,6 +31,8 @@ from petribus_executor.images import ImageBuildFailed, ImageNotFound, ensure_ima
 from petribus_executor.sandbox import Profile
 
 from .conftest import app
+from .harness import Stack
+from .test_executor import ExecutorProcess, SessionLog
 
 REPO = Path(__file__).resolve().parent.parent
 APP = app("contained")
@@ -283,3 +288,56 @@ async def test_an_image_named_by_tag_must_exist(engine: Any) -> None:
         await ensure_image("localhost/petribus-nothing:1")
 
     assert "localhost/petribus-nothing:1" in str(missing.value)
+
+
+# ------------------------------------------------------------ through the services
+
+@pytest.fixture
+async def executor(settings: Settings, engine: Any, built: str) -> AsyncIterator[ExecutorProcess]:
+    """An executor process (it inherits DOCKER_HOST) for the contained app; its containers go with it."""
+    ex = await ExecutorProcess.start(settings, [APP], "--workers", "2")
+    async with asyncio.timeout(60):
+        await ex.ready.wait()
+    yield ex
+    await ex.kill()
+    owner = f"{socket.gethostname()}:{ex.proc.pid}"
+    for c in engine.api.containers(all=True, filters={"label": f"{LABEL}={owner}"}):
+        try:
+            engine.api.remove_container(c["Id"], force=True)
+        except docker.errors.NotFound:
+            pass  # went with its worker
+
+
+async def test_a_container_transition_sees_its_image_not_the_host_nor_the_network(
+    settings: Settings, nc: Any, executor: ExecutorProcess, server: str, tmp_path: Path, engine: Any
+) -> None:
+    host_file = tmp_path / "on-the-host"
+    host_file.write_text("x")
+    async with Stack(settings, [APP], parts=("scheduler",)), SessionLog(nc, "contained") as log:
+        await log.add("Probe", host_file=str(host_file), address=server)
+        done = (await log.until("transition_completed"))[0]
+
+    got = done.outputs[0].data
+    assert got["host_file_visible"] is False and host_file.exists()
+    assert got["image_marker"] == "made-in-build" and got["package"] != ""
+    assert got["connect_error"] == "ENETUNREACH"
+    assert got["root_write_error"] == "EROFS"
+    # It ran in one of this executor's containers, of the image the transition names.
+    [container] = [c for c in engine.api.containers(filters={"label": f"{LABEL}={socket.gethostname()}:"
+                                                                        f"{executor.proc.pid}"})
+                   if c["Id"].startswith(got["hostname"])]
+    assert container["Labels"]["petribus.image"] == image_tag(BUILT)
+
+
+async def test_a_container_over_its_memory_fails_the_firing_naming_the_limit_and_its_marker_returns(
+    settings: Settings, nc: Any, executor: ExecutorProcess
+) -> None:
+    async with Stack(settings, [APP], parts=("scheduler",)), SessionLog(nc, "contained") as log:
+        hog = await log.add("Hog", mib=400)
+        failed = (await log.until("transition_failed", final=True, timeout=90))[0]
+        state = await log.state()
+
+    assert failed.final
+    assert "over its memory limit of 64 MiB" in failed.error, failed.error
+    assert [m.id for m in state.marking()["Hog"]] == [hog.id]
+    assert "Fed" not in state.marking() or state.marking()["Fed"] == []

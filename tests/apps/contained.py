@@ -8,7 +8,11 @@ import socket
 
 from pydantic import BaseModel
 
-from petribus import Bot, BotLocation
+from petribus import Bot, BotLocation, Image
+
+# The image the container tests build once (tests/test_container.py's BUILT has the same content, so the
+# same tag): a package the executor's venv lacks, and a file only the build writes.
+IMAGE = Image(python_packages=["six"], commands=["echo made-in-build > /opt/marker"])
 
 
 class Probe(BaseModel):
@@ -45,7 +49,7 @@ def _errno_name(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc))
 
 
-@bot.transition(inputs={Probe: 1}, outputs=[Seen], sandbox="container")
+@bot.transition(inputs={Probe: 1}, outputs=[Seen], sandbox="container", image=IMAGE)
 def look(inputs):
     probe = inputs[Probe][0]
     try:

@@ -2,7 +2,7 @@
 
 It connects to the executor's unix socket (bind-mounted into the container with its scratch folder),
 reads the boot file and deletes it at once (it holds the secret values, which must not stay readable
-to the firings), puts the profile's secrets into its environment and runs the ordinary worker
+to the firings), puts the profile's secrets and the variables the apps read into its environment and runs the ordinary worker
 (``worker.main``) over the socket. The worker exits when the socket closes (``exit_on_eof``): a
 container has no parent process to watch.
 """
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.boot) as f:
         boot = json.load(f)
     os.unlink(args.boot)
+    os.environ.update(boot.get("environ") or {})
     os.environ.update({key: value for key, value in boot["profile"]["env"]})
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(args.socket)

@@ -19,7 +19,8 @@ What a container gets (``docs/containers.md``):
   no swap; ``nano_cpus`` its CPUs; a pids limit; the open-file limit; no capabilities.
 - **No network** unless the profile says ``network``: only loopback.
 - **Secrets only through the boot file**: a 0600 file in the scratch folder that the entry reads and
-  deletes before it imports the apps. The container's environment, labels and command line, which
+  deletes before it imports the apps. The other variables the apps read (``boot["passed"]``) travel
+  there too. The container's environment, labels and command line, which
   ``inspect`` shows, carry no secret value.
 
 Each container is labelled with its executor (``petribus.executor``: host and pid). ``close`` removes
@@ -231,8 +232,11 @@ class ContainerLauncher:
             listener.bind(str(scratch / "worker.sock"))
             listener.listen(1)
             listener.setblocking(False)
+            # The variables the apps read (boot["passed"]) may hold credentials too: boot file only.
+            passed = {k: v for k, v in os.environ.items() if k in set(boot.get("passed") or ())}
             _write_private(scratch / "boot.json", json.dumps(
-                {**boot, "profile": sandbox.as_dict(profile), "root": ROOT, "exit_on_eof": True}))
+                {**boot, "profile": sandbox.as_dict(profile), "root": ROOT, "exit_on_eof": True,
+                 "environ": passed}))
             proc = await asyncio.to_thread(self._start, name, image, scratch, profile, boot.get("cpus"))
             fd = await self._accept(listener, proc)
         except BaseException:

@@ -199,7 +199,7 @@ def _build(c: Any, image: Image, say: Progress) -> None:
     tag = image_tag(image)
     want = image.python_version.removeprefix("python")
     have = f"{sys.version_info.major}.{sys.version_info.minor}"
-    if want != have:
+    if want not in ("3", have):
         raise ImageBuildFailed(
             f"image {tag} asks for python_version={image.python_version!r}, but a container runs the "
             f"executor's own interpreter (Python {have}, bind-mounted): run this transition on an executor "
