@@ -226,6 +226,15 @@ def test_bad_image_is_named(image, needles):
     one_problem(with_transition(image=image), "'step'", *needles)
 
 
+@pytest.mark.parametrize("method, hint", [("with_secrets", "secrets=['NAME']"), ("from_dockerfile", "image='")])
+def test_beams_image_methods_petribus_lacks_say_what_to_do(method, hint):
+    with pytest.raises(AttributeError, match=f"Image.{method} is Beam's and not supported") as info:
+        getattr(Image(), method)
+    assert hint in str(info.value)
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        Image().nonsense  # noqa: B018
+
+
 def test_bad_python_packages_are_named():
     one_problem(with_transition(python_packages="requests"), "python_packages='requests'", "list")
 

@@ -48,6 +48,12 @@ class Image:
         """Beam's way to start from an existing image: ``Image.from_registry("nvcr.io/nvidia/pytorch:24.01-py3")``."""
         return cls(base_image=image, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        hint = _BEAM_IMAGE_METHODS.get(name)
+        if hint is None:
+            raise AttributeError(f"'Image' object has no attribute {name!r}")
+        raise AttributeError(f"Image.{name} is Beam's and not supported by petribus: {hint}")
+
     def __hash__(self) -> int:  # env_vars is a dict; an Image is still a value
         return hash((self.python_version, tuple(self.python_packages), tuple(self.commands), self.base_image,
                      tuple(sorted(self.env_vars.items())) if isinstance(self.env_vars, dict) else None))
@@ -56,6 +62,19 @@ class Image:
         # env_vars are build-time settings, not secrets, but keep reprs short and value-free anyway.
         return (f"Image(python_version={self.python_version!r}, python_packages={list(self.python_packages)!r}, "
                 f"commands={len(self.commands)}, base_image={self.base_image!r}, env_vars={sorted(self.env_vars)!r})")
+
+
+_BEAM_IMAGE_METHODS = {
+    "with_secrets": "name the secrets on the transition, secrets=['NAME'] (they are never baked into an image)",
+    "from_dockerfile": "build the image yourself and give its tag: image='my-image:1'",
+    "from_id": "give the image's tag: image='my-image:1'",
+    "add_local_path": "put the files in a volume, or bake them in with commands=[...]",
+    "micromamba": "install with python_packages=[...] or commands=[...]",
+    "add_micromamba_packages": "install with python_packages=[...] or commands=[...]",
+    "build_with_gpu": "images are built without a GPU; do GPU set-up at run time",
+    "with_docker": "docker inside a transition is not supported",
+    "add_python_version": "give python_version= to Image(...)",
+}
 
 
 @dataclass(frozen=True)
