@@ -268,3 +268,16 @@ async def test_an_async_firing_over_its_memory_fails_alone_and_its_shared_worker
     # The neighbour finished on the worker the gulp broke; that worker then left, and the next nap ran elsewhere.
     assert any("worker retired" in line and f"pid={pid}" in line for line in ex.lines), ex.lines[-5:]
     assert again.outputs[0].data["pid"] != pid
+
+
+async def test_python_packages_missing_from_a_process_sandbox_fail_the_firing_saying_which(
+    settings: Settings, nc: Any, executor: Callable[..., Any]
+) -> None:
+    await executor()
+    async with Stack(settings, [SANDBOX], parts=("scheduler",)), SessionLog(nc, "sandbox") as log:
+        needy = await log.add("Needy")
+        failed = (await log.until("transition_failed"))[0]
+        state = await log.state()
+    assert failed.final and "['petribus-no-such-package>=1']" in failed.error and "sandbox='container'" in failed.error
+    assert not log.of("transition_started")
+    assert [m.id for m in state.marking()["Needy"]] == [needy.id]

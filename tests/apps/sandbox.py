@@ -78,6 +78,10 @@ class Hook(BaseModel):
     fail: bool = False
 
 
+class Needy(BaseModel):
+    n: int = 0
+
+
 class Gulp(BaseModel):
     mib: int
 
@@ -89,7 +93,7 @@ class Nap(BaseModel):
 bot = Bot(
     name="sandbox",
     locations=[BotLocation(marker=m) for m in (Meal, Fed, Probe, Escape, Hoard, Seen, Refused, Sent, Spin, Note,
-                                               Notes, Late, Hook, Gulp, Nap)],
+                                               Notes, Late, Hook, Gulp, Nap, Needy)],
     volumes=[Volume(name="notebook", mount_path="./notebook")],
 )
 
@@ -199,3 +203,8 @@ async def nap(inputs):
     """An async def that waits, then says where it ran."""
     await asyncio.sleep(inputs[Nap][0].seconds)
     return {Fed: [Fed(mib=0, pid=os.getpid())]}
+
+
+@bot.transition(inputs={Needy: 1}, python_packages=["petribus-no-such-package>=1"])
+def needy(inputs):
+    """Needs a package this executor does not have."""

@@ -341,12 +341,27 @@ class FiringRunner:
 
     async def _profile(self, net: Net, t: TransitionDef) -> Profile:
         """The sandbox a firing of ``t`` runs in: its limits, its secrets, the bot's volumes, its image."""
-        kind = self.settings.sandbox or t.sandbox
+        # The executor's setting can only make isolation stronger: a transition that asked for a container
+        # (or gave an image) never runs as a plain process.
+        kind = "container" if "container" in (self.settings.sandbox, t.sandbox) else "process"
+        if kind == "process" and t.python_packages:
+            self._check_installed(t)
         env = await self._secret_env(t.secrets)
         volumes = self._volumes(net, kind)
         image = await self._image(t) if kind == "container" else None
         return profile_for(t, kind=kind, max_files=self.settings.sandbox_max_files, env=env, image=image,
                            volumes=volumes)
+
+    def _check_installed(self, t: TransitionDef) -> None:
+        """A process sandbox runs in the executor's own Python: the packages a transition names must be
+        installed there (a container installs them in its image)."""
+        missing = [name for name in t.python_packages if not _installed(name)]
+        if missing:
+            raise PetribusError(
+                f"transition {t.name!r} needs python_packages {missing}, which are not installed in this "
+                f"executor's environment; install them where the executor runs (pip install "
+                f"{' '.join(missing)}), or give it sandbox='container' to have them built into its image",
+                code="packages_missing")
 
     async def _secret_env(self, names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
         if not names:
@@ -515,6 +530,19 @@ def _known_effects(state: SessionState) -> frozenset[str]:
     """Ids of every side effect, question and file the log has: what a re-run need not append again."""
     return frozenset(state.effects).union(state.pending_requests, state.closed_requests, state.pending_files,
                                           state.files)
+
+
+def _installed(requirement: str) -> bool:
+    """Whether a distribution named by ``requirement`` ("requests", "numpy>=2", "pkg[extra]") is installed."""
+    import importlib.metadata
+    import re
+
+    name = re.split(r"[\s<>=!~;\[@]", requirement.strip(), maxsplit=1)[0]
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _queued_for(msg: Msg) -> float:
