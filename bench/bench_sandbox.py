@@ -8,7 +8,10 @@ Prints p50/p99 of:
   ``ready``: what the pool pays for a new process worker.
 - **container start (cold image)**: the first container of a launcher (engine connection, image check,
   leftover sweep) until its worker says ``ready``; one sample per launcher.
-- **container start**: a further container of the same launcher and image until ``ready``.
+- **container start**: a further container of the same launcher and image until ``ready``
+  (``container_warm=0``: no spare).
+- **container start, warm spare**: ``launch`` when a spare of the same profile is up
+  (``container_warm=1``), until ``ready``.
 - **no-op firing, warm container** and **no-op firing, forked worker**: one ``run`` of
   ``bench/noop_bot.py``'s ``noop`` to its ``done``, one at a time, on a worker that is already up.
 
@@ -96,14 +99,14 @@ async def contained(starts: int, firings: int, cold: int) -> tuple[list[float], 
     await ensure_image(None)  # made once per engine; not what a start costs
     cold_times, warm_times, fire = [], [], []
     for _ in range(cold):
-        launcher = ContainerLauncher(Settings(), [APP])
+        launcher = ContainerLauncher(Settings(container_warm=0), [APP])
         t = time.perf_counter()
         proc, fd = await launcher.launch(Profile(kind="container", transition="noop"), {"cpus": None})
         assert Ends(fd).recv()[0] == p.READY
         cold_times.append(time.perf_counter() - t)
         os.close(fd)
         await launcher.close()
-    launcher = ContainerLauncher(Settings(), [APP])
+    launcher = ContainerLauncher(Settings(container_warm=0), [APP])
     try:
         keep = None
         for i in range(starts + 1):
@@ -124,6 +127,24 @@ async def contained(starts: int, firings: int, cold: int) -> tuple[list[float], 
     return cold_times, warm_times, fire
 
 
+async def spares(starts: int) -> list[float]:
+    launcher = ContainerLauncher(Settings(container_warm=1), [APP])
+    times = []
+    try:
+        for i in range(starts + 1):
+            await launcher.warmed()
+            t = time.perf_counter()
+            proc, fd = await launcher.launch(Profile(kind="container", transition="noop"), {"cpus": None})
+            assert Ends(fd).recv()[0] == p.READY
+            if i:  # the first had no spare yet
+                times.append(time.perf_counter() - t)
+            os.close(fd)
+            proc.kill()
+    finally:
+        await launcher.close()
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--starts", type=int, default=20)
@@ -132,9 +153,11 @@ def main() -> None:
     args = parser.parse_args()
     fork_starts, fork_fire = forked(args.starts, args.firings)
     cold, warm, fire = asyncio.run(contained(args.starts, args.firings, args.cold))
+    spare = asyncio.run(spares(args.starts))
     print(f"fork start                       {pct(fork_starts)}")
     print(f"container start (new launcher)   {pct(cold)}")
     print(f"container start                  {pct(warm)}")
+    print(f"container start, warm spare      {pct(spare)}")
     print(f"no-op firing, forked worker      {pct(fork_fire)}")
     print(f"no-op firing, warm container     {pct(fire)}")
 

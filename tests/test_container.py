@@ -69,7 +69,7 @@ def built(engine: Any, base: str) -> str:
 
 @pytest.fixture
 async def launcher(engine: Any) -> AsyncIterator[ContainerLauncher]:
-    launcher = ContainerLauncher(Settings(), [APP])
+    launcher = ContainerLauncher(Settings(container_warm=0), [APP])
     yield launcher
     await launcher.close()
 
@@ -213,7 +213,7 @@ async def test_default_image_has_no_packages_of_its_own(launcher: ContainerLaunc
 
 
 async def test_close_removes_every_container_and_scratch_folder(engine: Any, base: str) -> None:
-    launcher = ContainerLauncher(Settings(), [APP])
+    launcher = ContainerLauncher(Settings(container_warm=0), [APP])
     workers = [await start(launcher, transition="look") for _ in range(2)]
     assert len(engine.api.containers(all=True, filters={"label": f"{LABEL}={launcher.owner}"})) == 2
 
@@ -233,6 +233,26 @@ async def test_a_dead_executors_containers_are_removed_by_the_next(engine: Any, 
     await start(launcher, transition="look")
 
     assert engine.api.containers(all=True, filters={"id": left.id}) == []
+
+
+async def test_a_warm_spare_of_the_same_profile_is_handed_out_ready(engine: Any, base: str) -> None:
+    launcher = ContainerLauncher(Settings(container_warm=1), [APP])
+    try:
+        first = await start(launcher, transition="look")
+        await launcher.warmed()
+        [spare] = [c for c in engine.api.containers(filters={"label": f"{LABEL}={launcher.owner}"})
+                   if c["Id"] != first.proc.id]
+
+        second = await start(launcher, transition="look")  # its ready was waiting in the socket
+        other = await start(launcher, transition="hog")  # another transition: never a spare of look's
+
+        assert second.proc.id == spare["Id"]
+        assert other.proc.id not in (first.proc.id, spare["Id"])
+        outcome = await second.fire(1, "look", "Probe", {"host_file": "/nonexistent", "address": "10.0.0.1:1"})
+        assert outcome.ok, outcome.error
+    finally:
+        await launcher.close()
+    assert engine.api.containers(all=True, filters={"label": f"{LABEL}={launcher.owner}"}) == []
 
 
 async def test_an_image_is_built_once_per_content(engine: Any, built: str) -> None:
