@@ -87,7 +87,7 @@ class Executor(Service):
         for pool in self.pools:
             await self._ensure_consumer(pool)
         self.workers = WorkerPool(self.apps, self.settings.workers,
-                                  concurrency=self.settings.worker_concurrency)
+                                  concurrency=self.settings.worker_concurrency, settings=self.settings)
         await self.workers.start()
         interactions = Interactions(events, FileStore(self.js, self.settings.max_file_bytes))
         extra = {"devices": self.devices} if "devices" in inspect.signature(FiringRunner).parameters else {}
