@@ -65,7 +65,8 @@ log = logs.get("petribus.executor.container")
 
 # What a booted container worker uses before its first firing (interpreter, petribus, pydantic, the
 # apps, the page cache of the files it read): measured with the engine's stats on this machine as
-# 41-44 MiB (Python 3.11, tests/apps/contained.py). mem_limit = memory= plus this.
+# 21-22 MiB (Python 3.11, tests/apps/contained.py, after a firing too); 64 leaves room for heavier apps'
+# imports. mem_limit = memory= plus this.
 INTERPRETER_MIB = 64
 PIDS_LIMIT = 1024
 BOOT_TIMEOUT_S = 60.0
