@@ -281,3 +281,20 @@ async def test_python_packages_missing_from_a_process_sandbox_fail_the_firing_sa
     assert failed.final and "['petribus-no-such-package>=1']" in failed.error and "sandbox='container'" in failed.error
     assert not log.of("transition_started")
     assert [m.id for m in state.marking()["Needy"]] == [needy.id]
+
+
+def test_a_runner_driven_outside_a_worker_never_limits_its_process() -> None:
+    """Only a worker process confines itself: a Runner (or Sandbox) used elsewhere leaves the process be."""
+    import resource
+
+    from petribus_executor.limits import Sandbox
+
+    before = (resource.getrlimit(resource.RLIMIT_DATA), resource.getrlimit(resource.RLIMIT_CPU), os.getcwd())
+    sandbox = Sandbox(None)
+    sandbox.limit_memory()
+    sandbox.begin_sync()
+    sandbox.arm_cpu(1.0)
+    sandbox.disarm_cpu()
+    sandbox.end_sync()
+    sandbox.exit()
+    assert (resource.getrlimit(resource.RLIMIT_DATA), resource.getrlimit(resource.RLIMIT_CPU), os.getcwd()) == before

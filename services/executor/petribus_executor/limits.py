@@ -57,6 +57,7 @@ class Sandbox:
         self.root = boot.get("root") or tempfile.mkdtemp(prefix="petribus-worker-")
         self.owns_root = not boot.get("root")
         self.passed = frozenset(boot.get("passed") or ())
+        self.confined = False  # limits, environment and folders applied to this process (``enter``)
         self.baseline_mib = 0.0
         self.data_limit_mib: float | None = None
         self.cpu_seconds: float | None = None  # the running def's allowance, while it runs
@@ -64,7 +65,10 @@ class Sandbox:
     # ------------------------------------------------------------ boot
 
     def enter(self) -> None:
-        """Apply the profile to this process (the apps are imported; the threads not started yet)."""
+        """Apply the profile to this process (the apps are imported; the threads not started yet).
+
+        Only a worker process does: a ``Runner`` driven in another process (a test) never limits it."""
+        self.confined = True
         threading.stack_size(THREAD_STACK_BYTES)
         env = self.profile.environment(dict(os.environ), self.passed)
         tmp = os.path.join(self.root, ".tmp")
@@ -83,6 +87,8 @@ class Sandbox:
 
     def limit_memory(self) -> None:
         """Cap the data segment at what the worker holds now plus ``memory=`` (after its threads started)."""
+        if not self.confined:
+            return
         self.baseline_mib = _status_mib("VmData")
         limit = self.baseline_mib + self.profile.memory_mib
         self.data_limit_mib = limit
@@ -105,6 +111,8 @@ class Sandbox:
         if not os.path.isdir(folder):
             os.makedirs(folder)
             self._link_volumes(folder)
+        if not self.confined:
+            return folder
         os.chdir(folder)
         os.environ["TMPDIR"] = folder
         tempfile.tempdir = folder
@@ -112,8 +120,9 @@ class Sandbox:
 
     def end_sync(self) -> None:
         """After a def run: back to the worker's folder; the run's folder is emptied if it left anything."""
-        os.chdir(self.root)
-        os.environ["TMPDIR"] = tempfile.tempdir = os.path.join(self.root, ".tmp")
+        if self.confined:
+            os.chdir(self.root)
+            os.environ["TMPDIR"] = tempfile.tempdir = os.path.join(self.root, ".tmp")
         folder = self.sync_dir
         try:
             left = set(os.listdir(folder))
@@ -139,7 +148,7 @@ class Sandbox:
     def arm_cpu(self, seconds: float | None) -> None:
         """Before a def run: allow it ``seconds`` more of CPU time (None: no bound)."""
         self.cpu_seconds = seconds
-        if seconds is None:
+        if seconds is None or not self.confined:
             return
         used = resource.getrusage(resource.RUSAGE_SELF)
         soft = math.ceil(used.ru_utime + used.ru_stime + seconds)
@@ -150,7 +159,7 @@ class Sandbox:
         resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
     def disarm_cpu(self) -> None:
-        if self.cpu_seconds is None:
+        if self.cpu_seconds is None or not self.confined:
             return
         self.cpu_seconds = None
         hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
