@@ -212,6 +212,22 @@ async def test_default_image_has_no_packages_of_its_own(launcher: ContainerLaunc
     assert got["connect_error"] == "ENETUNREACH"
 
 
+async def test_volumes_are_mounted_read_write_at_their_paths(launcher: ContainerLauncher, base: str,
+                                                            tmp_path: Path) -> None:
+    absolute, relative = tmp_path / "absolute", tmp_path / "relative"
+    absolute.mkdir()
+    relative.mkdir()
+    worker = await start(launcher, transition="note",
+                         volumes=((str(absolute), "/data"), (str(relative), "cache")))
+
+    at_absolute = await worker.fire(1, "note", "Note", {"path": "/data/a.txt", "text": "one"})
+    at_relative = await worker.fire(2, "note", "Note", {"path": "cache/b.txt", "text": "two"})
+
+    assert at_absolute.ok and at_relative.ok, (at_absolute.error, at_relative.error)
+    assert (absolute / "a.txt").read_text() == "one"
+    assert (relative / "b.txt").read_text() == "two"  # through the worker's link, to the host's folder
+
+
 async def test_close_removes_every_container_and_scratch_folder(engine: Any, base: str) -> None:
     launcher = ContainerLauncher(Settings(container_warm=0), [APP])
     workers = [await start(launcher, transition="look") for _ in range(2)]

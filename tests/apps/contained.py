@@ -33,6 +33,15 @@ class Seen(BaseModel):
     hostname: str
 
 
+class Note(BaseModel):
+    path: str  # where to write, relative to the run's folder or absolute
+    text: str
+
+
+class Noted(BaseModel):
+    path: str  # where it was written, symlinks resolved
+
+
 class Hog(BaseModel):
     mib: int
 
@@ -41,7 +50,7 @@ class Fed(BaseModel):
     mib: int
 
 
-bot = Bot(name="contained", locations=[BotLocation(marker=m) for m in (Probe, Seen, Hog, Fed)],
+bot = Bot(name="contained", locations=[BotLocation(marker=m) for m in (Probe, Seen, Note, Noted, Hog, Fed)],
           description="What a container sandbox shows its transitions.")
 
 
@@ -80,6 +89,14 @@ def look(inputs):
                 boot_file_left=os.path.exists("/petribus/boot.json"),
                 secret=os.environ.get(probe.secret_name, "") if probe.secret_name else "",
                 cwd=os.getcwd(), hostname=socket.gethostname())]}
+
+
+@bot.transition(inputs={Note: 1}, outputs=[Noted], sandbox="container")
+def note(inputs):
+    note = inputs[Note][0]
+    with open(note.path, "w") as f:
+        f.write(note.text)
+    return {Noted: [Noted(path=os.path.realpath(note.path))]}
 
 
 @bot.transition(inputs={Hog: 1}, outputs=[Fed], sandbox="container", memory=64)
