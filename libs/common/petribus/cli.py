@@ -495,6 +495,11 @@ def _configure_logs(settings: Settings, stream: TextIO) -> None:
                         force=True)
 
 
+from petribus.secrets_cli import secrets_app  # noqa: E402  (after app: its commands hang off it)
+
+app.add_typer(secrets_app, name="secrets")
+
+
 def main() -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):  # a terminal or pipe that can't encode 🤖 gets '?', not a crash

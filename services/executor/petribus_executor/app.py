@@ -180,10 +180,12 @@ class Executor(Service):
                 await self.reporter.stop()  # leaves the registry first: no scheduler counts on it now
             await super().stop(timeout)
         finally:
-            if getattr(self, "runner", None) is not None:
-                self.runner.close()
-            if self.workers is not None:
-                await self.workers.close()
+            try:
+                if getattr(self, "runner", None) is not None:
+                    await self.runner.aclose(min(2.0, timeout / 4))  # callbacks not yet delivered get a moment
+            finally:
+                if self.workers is not None:
+                    await self.workers.close()
 
 
 async def run(settings: Settings, apps: list[str], *, pool: str | None = None, pools: list[str] | None = None,
