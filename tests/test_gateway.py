@@ -358,7 +358,8 @@ async def test_rest_describes_bots_health_and_its_own_api(stack: Stack, http: ht
     assert {t["name"] for t in bot["transitions"]} == {"work", "join"}
 
     health = await http.get("/healthz")
-    assert health.status_code == 200 and health.json() == {"status": "ok", "nats": "connected"}
+    assert health.status_code == 200 and health.json() == {"status": "ok", "nats": "connected",
+                                                           "pools": "1 pools, 0 executors"}  # no executor here
 
     paths = (await http.get("/openapi.json")).json()["paths"]
     session = "/bots/{bot}/sessions/{session_id}"

@@ -167,3 +167,6 @@ class Appended(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     nats: Literal["connected", "reconnecting", "disconnected", "closed"]
+    pools: str | None = Field(default=None, description="Executor pools in one line (GET /pools has them in "
+                              "full), e.g. '2 pools, 1 executors; waiting with no executor: gpu (3)'; absent "
+                              "when the bus cannot say.")

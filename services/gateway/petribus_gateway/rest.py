@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Response
@@ -77,8 +78,23 @@ async def healthz(ctx: Ctx) -> JSONResponse:
     nc = ctx.nc
     state = ("connected" if nc.is_connected else "closed" if nc.is_closed
              else "reconnecting" if nc.is_reconnecting else "disconnected")
-    body = Health(status="ok" if state == "connected" else "unavailable", nats=state)  # type: ignore[arg-type]
-    return JSONResponse(body.model_dump(), status_code=200 if body.status == "ok" else 503)
+    body = Health(status="ok" if state == "connected" else "unavailable", nats=state,  # type: ignore[arg-type]
+                  pools=await _pools_line(ctx) if state == "connected" else None)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if body.status == "ok" else 503)
+
+
+async def _pools_line(ctx: Any) -> str | None:
+    """GET /pools in one line, if the bus answers within a second: a health check must answer anyway."""
+    from petribus.registry import Registry
+    from petribus_gateway.pools import overview, summary
+
+    js = ctx.events.js
+    try:
+        async with asyncio.timeout(1.0):
+            return summary(await overview(js, Registry(js, heartbeat_s=ctx.settings.registry_heartbeat_s,
+                                                       replicas=ctx.settings.replicas), ctx.nets))
+    except Exception:  # noqa: BLE001  (the pools line is extra; the health answer stands without it)
+        return None
 
 
 @router.get("/bots", response_model=list[BotInfo], tags=["bots"])
