@@ -231,6 +231,14 @@ class FiringRunner:
                          error_type="FiringExpired")
             await current.msg.ack()
             return
+        if t.gpu_count and t.gpu and self.devices is not None and self.devices.total and not (
+                {name.strip().upper() for name in t.gpu.split(",")} & self.devices.types):
+            # Pool gpu holds work for several GPU types (gpu=["A10G", "T4"]): this executor has none of
+            # them; leave it to one of the pool's executors that has.
+            self.log.warning("work wants GPU types this executor lacks; left for another", wants=t.gpu,
+                             has=sorted(self.devices.types))
+            await current.msg.nak(delay=5.0)
+            return
         try:
             profile = await self._profile(net, t)
         except PetribusError as exc:  # a secret not set, a volume that cannot be mounted, an image that fails
