@@ -126,7 +126,8 @@ async def _once(job: tuple[str, str, Callable[[Any], None]]) -> str:
     engine = os.environ.get("DOCKER_HOST", "")
     if (engine, tag) in _ready:
         return tag
-    lock = _locks.setdefault(tag, asyncio.Lock())
+    # Per event loop: an asyncio.Lock waited on in one loop cannot be waited on in another.
+    lock = _locks.setdefault(f"{id(asyncio.get_running_loop())}:{tag}", asyncio.Lock())
     async with lock:
         if (engine, tag) not in _ready:
             await asyncio.to_thread(_make_if_missing, tag, make)
