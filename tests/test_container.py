@@ -212,6 +212,16 @@ async def test_default_image_has_no_packages_of_its_own(launcher: ContainerLaunc
     assert got["connect_error"] == "ENETUNREACH"
 
 
+async def test_a_container_with_network_reaches_what_one_without_cannot(launcher: ContainerLauncher,
+                                                                       base: str, server: str) -> None:
+    probe = {"host_file": "/nonexistent", "address": server}
+    with_network = await start(launcher, transition="look", network=True)
+    without = await start(launcher, transition="look")
+
+    assert seen(await with_network.fire(1, "look", "Probe", probe))["connect_error"] == ""
+    assert seen(await without.fire(1, "look", "Probe", probe))["connect_error"] == "ENETUNREACH"
+
+
 async def test_volumes_are_mounted_read_write_at_their_paths(launcher: ContainerLauncher, base: str,
                                                             tmp_path: Path) -> None:
     absolute, relative = tmp_path / "absolute", tmp_path / "relative"
