@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -352,6 +354,8 @@ async def executor(settings: Settings, engine: Any, built: str) -> AsyncIterator
             engine.api.remove_container(c["Id"], force=True)
         except docker.errors.NotFound:
             pass  # went with its worker
+    for scratch in (Path(tempfile.gettempdir()) / "petribus-containers").glob(f"{ex.proc.pid}-*"):
+        shutil.rmtree(scratch)  # a killed executor cannot: the next launcher's sweep would
 
 
 async def test_a_container_transition_sees_its_image_not_the_host_nor_the_network(
