@@ -356,9 +356,14 @@ class ContainerLauncher:
     # ------------------------------------------------------------ engine calls (in threads)
 
     def _connect(self) -> None:
+        import docker
+
         self._client = client()
         self.waiter = client(timeout=None)
-        self._sweep()
+        try:
+            self._sweep()
+        except docker.errors.DockerException as exc:  # leftovers stay; the next launcher tries again
+            log.warning("could not remove dead executors' containers", error=str(exc))
 
     def _sweep(self) -> None:
         """Remove the containers and scratch folders of dead executors on this host."""
@@ -393,8 +398,12 @@ class ContainerLauncher:
             # volume at its host path, as for a process worker: mounted there.
             target = mount_path if mount_path.startswith("/") else str(host_dir)
             mounts.append(Mount(target, str(host_dir), type="bind", read_only=False))
+        try:
+            environment = self._env(profile, image)
+        except docker.errors.APIError as exc:
+            raise SandboxCrashed(f"the engine could not describe image {image}: {exc.explanation or exc}") from None
         options: dict[str, Any] = dict(
-            name=name, command=self._command(), detach=True, mounts=mounts, environment=self._env(profile, image),
+            name=name, command=self._command(), detach=True, mounts=mounts, environment=environment,
             working_dir=ROOT, user="0:0", read_only=True,
             tmpfs={"/tmp": "rw,nosuid,nodev,size=256m"},
             mem_limit=f"{profile.memory_mib + INTERPRETER_MIB}m",

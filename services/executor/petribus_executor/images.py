@@ -128,9 +128,15 @@ async def _once(job: tuple[str, str, Callable[[Any], None]]) -> str:
         return tag
     # Per event loop: an asyncio.Lock waited on in one loop cannot be waited on in another.
     lock = _locks.setdefault(f"{id(asyncio.get_running_loop())}:{tag}", asyncio.Lock())
+    import docker
+
     async with lock:
         if (engine, tag) not in _ready:
-            await asyncio.to_thread(_make_if_missing, tag, make)
+            try:
+                await asyncio.to_thread(_make_if_missing, tag, make)
+            except docker.errors.DockerException as exc:
+                raise PetribusError(f"the container engine failed while looking for or making image {tag}: "
+                                    f"{exc}", code="engine_error", retryable=True) from None
             _ready.add((engine, tag))
     return tag
 
