@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,28 +20,23 @@ from petribus_executor.sandbox import ENV_ALLOWED, Profile
 
 from .conftest import app
 from .harness import Stack
-from .test_executor import ExecutorProcess, SessionLog
+from .test_executor import ExecutorProcess, SessionLog, spawn_executor  # noqa: F401  (a fixture)
 
 SANDBOX = app("sandbox")
 LEAKY = "sk-must-never-reach-a-transition-4f1e"
 
 
 @pytest.fixture
-async def executor(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
+def executor(settings: Settings, spawn_executor: Callable[..., Any]) -> Callable[..., Any]:  # noqa: F811
     """Start an executor for the sandbox app with ``env`` added; it has a model key it must not hand on."""
-    started: list[ExecutorProcess] = []
 
     async def start(**env: str) -> ExecutorProcess:
-        ex = await ExecutorProcess.start(settings, [SANDBOX], "--workers", "3", OPENAI_API_KEY=LEAKY,
-                                         PETRIBUS_SANDBOX_MAX_FILES="64", **env)
-        started.append(ex)
+        ex = await spawn_executor(settings, [SANDBOX], OPENAI_API_KEY=LEAKY, PETRIBUS_SANDBOX_MAX_FILES="64", **env)
         async with asyncio.timeout(60):
             await ex.ready.wait()
         return ex
 
-    yield start
-    for ex in started:
-        await ex.kill()
+    return start
 
 
 async def test_a_firing_over_its_memory_fails_clearly_its_marker_returns_and_a_sibling_completes(

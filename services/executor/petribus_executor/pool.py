@@ -120,6 +120,7 @@ class Worker(Host):
         self.retired = False  # takes no more firings; stopped once the ones it has are done
         self.root: str | None = None  # its work folder, as the worker sees it (from ``ready``)
         self.host_root: str | None = getattr(proc, "host_root", None)  # the same folder on this machine
+        self.channel = "pipe" if profile.kind == "process" else "socket"  # what its messages come through
 
     def __repr__(self) -> str:
         return f"Worker(pid={self.pid}, load={self.load}{', sync' if self.exclusive else ''})"
@@ -411,7 +412,7 @@ class WorkerPool:
         except OSError:
             data = b""
         if not data:
-            self._lose(worker, "its pipe closed")
+            self._lose(worker, f"its {worker.channel} closed")
             return
         try:
             msgs = worker.frames.feed(data)
@@ -436,7 +437,7 @@ class WorkerPool:
         try:
             p.write(worker.fd, b"".join([p.frame(msg) for msg in msgs]))
         except OSError:
-            self._lose(worker, "its pipe broke")
+            self._lose(worker, f"its {worker.channel} broke")
 
     def _dispatch(self, worker: Worker, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
