@@ -142,6 +142,7 @@ class FiringRunner:
         self._secrets_ready: asyncio.Future[Any] | None = None
         self.callbacks = callbacks  # callbacks.Callbacks, made on the first transition with callback_url=
         self._images: dict[int, str] = {}  # container image tag per transition
+        self._missing_packages: dict[int, list[str]] = {}  # python_packages not installed, per transition
         self.nets = nets
         self.events = events
         self.workers = workers
@@ -363,7 +364,9 @@ class FiringRunner:
     def _check_installed(self, t: TransitionDef) -> None:
         """A process sandbox runs in the executor's own Python: the packages a transition names must be
         installed there (a container installs them in its image)."""
-        missing = [name for name in t.python_packages if not _installed(name)]
+        missing = self._missing_packages.get(id(t))
+        if missing is None:  # looked up once per transition: a search of sys.path costs milliseconds
+            missing = self._missing_packages[id(t)] = [name for name in t.python_packages if not _installed(name)]
         if missing:
             raise PetribusError(
                 f"transition {t.name!r} needs python_packages {missing}, which are not installed in this "
@@ -380,7 +383,13 @@ class FiringRunner:
 
                 store = SecretStore(self.events.nc, replicas=self.settings.replicas)
                 self._secrets_ready = asyncio.ensure_future(_started(store))
-            self.secrets = await asyncio.shield(self._secrets_ready)
+            ready = self._secrets_ready
+            try:
+                self.secrets = await asyncio.shield(ready)
+            except Exception:
+                if self._secrets_ready is ready:
+                    self._secrets_ready = None  # the bus was away: the next firing tries again
+                raise
         values = self.secrets.resolve(tuple(names))  # raises MissingSecret, naming every one not set
         return tuple(sorted(values.items()))
 
