@@ -293,3 +293,24 @@ def test_a_runner_driven_outside_a_worker_never_limits_its_process() -> None:
     sandbox.end_sync()
     sandbox.exit()
     assert (resource.getrlimit(resource.RLIMIT_DATA), resource.getrlimit(resource.RLIMIT_CPU), os.getcwd()) == before
+
+
+def test_a_worker_cannot_widen_where_files_may_be_sent_from() -> None:
+    """The folder a file call names is trusted only if it is the run's own: a worker that says "/" (or
+    another run's folder) gets no folder at all, and every path is then refused."""
+    from types import SimpleNamespace
+
+    from petribus.errors import PetribusError
+    from petribus_executor.interact import _inside
+    from petribus_executor.pool import WorkerPool
+
+    worker = SimpleNamespace(root="/tmp/petribus-worker-x", host_path=lambda path: path,
+                             profile=Profile(volumes=(("/srv/volumes/notes", "./notes"),)))
+    job = SimpleNamespace(id=7)
+    own = WorkerPool._files_payload(worker, job, {"dir": "/tmp/petribus-worker-x/run-7", "path": "a.txt"})
+    assert own["host_dir"] == "/tmp/petribus-worker-x/run-7" and own["allowed"] == ["/srv/volumes/notes"]
+    for claimed in ("/", "/tmp/petribus-worker-x", "/tmp/petribus-worker-x/run-8"):
+        payload = WorkerPool._files_payload(worker, job, {"dir": claimed, "path": "/etc/passwd"})
+        assert payload["host_dir"] is None
+        with pytest.raises(PetribusError, match="refused"):
+            _inside(payload["path"], "/etc/passwd", payload["host_dir"], ())

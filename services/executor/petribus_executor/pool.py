@@ -478,7 +478,7 @@ class WorkerPool:
                       timeout: float | None) -> None:
         try:
             if kind in ("send_file", "get_file") and isinstance(payload, dict):
-                payload = self._files_payload(worker, payload)
+                payload = self._files_payload(worker, job, payload)
             value = await job.on_call(kind, payload, timeout)
             if kind == "get_file" and isinstance(value, str):
                 value = worker.worker_path(value)
@@ -492,12 +492,16 @@ class WorkerPool:
             self._send(worker, reply)
 
     @staticmethod
-    def _files_payload(worker: Worker, payload: dict[str, Any]) -> dict[str, Any]:
+    def _files_payload(worker: Worker, job: _Job, payload: dict[str, Any]) -> dict[str, Any]:
         """A file call with the firing's folder and the bot's volumes as this machine sees them: a sent
-        file must lie inside one of them, and a received one is written to the firing's folder."""
+        file must lie inside one of them, and a received one is written to the firing's folder.
+
+        The folder the worker names is taken only if it is the one this run may have (``limits.py``:
+        ``run`` for a def run, ``run-<job>`` for an async one), never a folder it chose."""
         folder = payload.get("dir")
+        own = {os.path.join(worker.root, "run"), os.path.join(worker.root, f"run-{job.id}")} if worker.root else set()
         out = {k: v for k, v in payload.items() if k != "dir"}
-        out["host_dir"] = worker.host_path(folder) if isinstance(folder, str) else None
+        out["host_dir"] = worker.host_path(folder) if folder in own else None
         out["allowed"] = [d for d, _ in worker.profile.volumes]
         if isinstance(out.get("path"), str):
             out.setdefault("shown_path", out["path"])
