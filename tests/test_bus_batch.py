@@ -47,3 +47,22 @@ async def test_a_batch_is_one_session_and_at_most_the_server_limit(nc) -> None:
     with pytest.raises(ValueError):
         await log.append_batch(mixed, expected_last_seq=0, msg_ids=[e.id for e in mixed])
     assert (await nc.jetstream().stream_info(subjects.EVENTS_STREAM)).config.allow_atomic
+
+
+async def test_an_embedded_server_that_syncs_every_write_starts_and_stores(tmp_path) -> None:
+    """``PETRIBUS_SYNC_INTERVAL=always``: the server accepts its config and JetStream stores."""
+    from petribus import bus
+    from petribus.embedded import NatsServer
+
+    server = NatsServer(tmp_path / "nats", sync_interval="always").start()
+    try:
+        assert 'sync_interval: "always"' in (tmp_path / "nats" / "nats-server.conf").read_text()
+        nc = await bus.connect(server.url, name="test")
+        try:
+            await bus.ensure_streams(nc.jetstream())
+            seq = await EventLog(nc).append(MarkerAdded(bot="b", session_id="s", marker=Marker(location="A", data={})))
+            assert seq == 1
+        finally:
+            await nc.close()
+    finally:
+        server.stop()

@@ -71,7 +71,7 @@ class NatsServer:
     def start(self, timeout: float = 15.0) -> "NatsServer":
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._ports_dir = tempfile.mkdtemp(prefix="pb-nats-ports-")
-        sync = "sync_always: true" if self.sync_interval == "always" else f'sync_interval: "{self.sync_interval}"'
+        sync = f'sync_interval: "{self.sync_interval}"'  # "always" too: nats-server has no sync_always field
         conf = self.store_dir / "nats-server.conf"
         text = (
             f'listen: "{self.host}:{self.port}"\n'
