@@ -429,3 +429,25 @@ async def test_killed_executor_work_is_redelivered_and_completes_once(
     assert Counter(mid for f in of("transition_fired") for mid in f.consumed) == {item.id: 1}
     assert marking(state) == {"Done": [{"n": 1}]}
     assert not state.in_flight
+
+
+async def test_fresh_work_runs_without_reading_the_log_and_any_other_delivery_reads_it(
+    settings: Settings, nc: Any
+) -> None:
+    async with Stack(settings, [COUNTER], parts=("scheduler", "executor")) as stack, \
+            SessionLog(nc, "counter") as log:
+        runner = stack.services["executor"].runner
+        await log.add_many("Item", [{"n": n} for n in range(5)])
+        await log.until("transition_completed", count=5)
+        assert runner.fresh_runs == 5 and runner.folds.reads == 0  # the claim's own dispatch: no read
+        # The same work again (a rival scheduler, a lease check): first delivered, but not fresh.
+        fired = log.of("transition_fired")[0]
+        item = WorkItem(bot="counter", session_id=log.session_id, firing_id=fired.firing_id,
+                        transition="work", inputs=[], fired_seq=position(log, fired))
+        await nc.jetstream().publish(item.subject("cpu"), item.model_dump_json().encode(),
+                                     headers={"Nats-Msg-Id": item.msg_id("again")})
+        async with asyncio.timeout(30):
+            while runner.folds.reads == 0:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+    assert len(log.of("transition_started")) == 5  # it read the log, saw the firing ended, did not run it

@@ -22,6 +22,9 @@ class WorkItem(BaseModel):
     inputs: list[Marker] = Field(description="The consumed markers, in the transition's input order.")
     fired_seq: int = Field(description="Sequence of the transition_fired event that claimed the inputs.")
     trace: str | None = None
+    fresh: bool = Field(default=False, description="Sent by the scheduler that made the claim, right after it "
+                        "was durable: the firing's first and only first dispatch. Its first delivery needs no "
+                        "look at the log (the firing cannot have started or ended yet); any other needs one.")
 
     def msg_id(self, redispatch: str | None = None) -> str:
         """``work:<firing>`` for the first dispatch (however many schedulers send it, one lands);

@@ -31,7 +31,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from petribus.bus import EventLog
-from petribus.core import SessionState
+from petribus.core import Firing, SessionState
 from petribus.errors import PetribusError, SandboxCrashed, TransitionTimeout
 from petribus.events import (
     AgentMessage,
@@ -155,6 +155,7 @@ class FiringRunner:
         self.heartbeat_s = max(0.1, ack_wait_s / 3)
         self.log = log
         self._running: dict[str, Delivery] = {}
+        self.fresh_runs = 0  # first deliveries of fresh work, run without reading the log (for the tests)
         self._heartbeats: asyncio.Task[None] | None = None
 
     async def execute(self, msg: Msg) -> None:
@@ -201,11 +202,20 @@ class FiringRunner:
             await current.msg.term()
             self.log.error("work for an unknown transition terminated", bot=item.bot)
             return
-        # Whatever delivered it (first delivery or not), the log says whether the firing may run.
-        state = await self.folds.current(item.bot, item.session_id, since=item.fired_seq)
-        firing = state.in_flight.get(item.firing_id)
+        if item.fresh and (msg.metadata.num_delivered or 1) == 1:
+            # Sent by the scheduler that claimed it, right after the claim was durable, and delivered for
+            # the first time: the firing cannot have started or ended (a start needs a delivery; a lease
+            # sends a new item only when this one is gone). A read of the log would only say "claimed".
+            state: SessionState | None = None
+            firing: Firing | None = Firing(item.firing_id, item.transition, [], "claimed", item.fired_seq)
+            self.fresh_runs += 1
+        else:
+            # Any other delivery: the log says whether the firing may run.
+            state = await self.folds.current(item.bot, item.session_id, since=item.fired_seq)
+            firing = state.in_flight.get(item.firing_id)
         if firing is None or firing.status == "awaiting_confirmation":
-            why = "it already ended" if item.firing_id in state.finished else "the log has it in no runnable state"
+            why = ("it already ended" if state is not None and item.firing_id in state.finished
+                   else "the log has it in no runnable state")
             self.log.info("work for a firing that may not run; acked without running", why=why,
                           delivery=msg.metadata.num_delivered)
             await current.msg.ack()
@@ -253,7 +263,8 @@ class FiringRunner:
                 await current.msg.ack()
             return
         effects = Effects(item.firing_id, rerun=firing.status == "started",
-                          known=_known_effects(state) if firing.status == "started" else frozenset())
+                          known=_known_effects(state) if state is not None and firing.status == "started"
+                          else frozenset())
         outcome = await self._run_once(item, net, t, attempt, effects, profile)
         completed = self._completion(item, outcome) if outcome.ok else None
         if completed is not None and (too_big := self._too_big(completed)):

@@ -446,7 +446,7 @@ class Scheduler(Service):
             plan = plan[CLAIM_BATCH:]
             for firing in claimed:
                 if firing.status == "claimed":
-                    sent[firing.id] = await self._send_work(net, state, firing)
+                    sent[firing.id] = await self._send_work(net, state, firing, fresh=True)
         await self._dispatch(net, state, sent)
 
     async def _claim(self, net: Net, state: SessionState, plan: list[PlannedFiring]) -> list[Firing]:
@@ -554,9 +554,11 @@ class Scheduler(Service):
             self.dispatched.popitem(last=False)
 
     async def _send_work(self, net: Net, state: SessionState, f: Firing, *,
-                         redispatch: str | None = None) -> asyncio.Future:
+                         redispatch: str | None = None, fresh: bool = False) -> asyncio.Future:
+        """Send a firing's work item. ``fresh``: this process made the claim a moment ago and sends its
+        work for the first time (its executor may then skip reading the log on the first delivery)."""
         item = WorkItem(bot=net.bot, session_id=state.session_id, firing_id=f.id, transition=f.transition,
-                        inputs=[pm.marker for pm in f.consumed], fired_seq=f.fired_seq)
+                        inputs=[pm.marker for pm in f.consumed], fired_seq=f.fired_seq, fresh=fresh)
         pool = net.transition(f.transition).pool if net.has_transition(f.transition) else "cpu"
         payload = item.model_dump_json().encode()
         limit = self.events.nc.max_payload - ENVELOPE_BYTES
