@@ -30,14 +30,10 @@ import contextlib
 import json
 import os
 import platform
-import queue
-import re
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -49,15 +45,14 @@ import nats
 import websockets
 from nats.js.api import StorageType, StreamConfig
 
+import serving
 from bench_fanout import nats_version, petribus_source
 from petribus.embedded import find_binary
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 APP = f"{HERE / 'chain_bot.py'}:bot"
-PETRIBUS = str(Path(sys.executable).parent / "petribus")
 STEPS = 10
-START_S = 120.0
 PEERS = ("burr", "langgraph", "langgraph-async")
 PEER_PACKAGES = {"burr": "burr", "langgraph": "langgraph", "langgraph.checkpoint.sqlite": "langgraph-checkpoint-sqlite"}
 SYNC = {"1s": "1s", "always": "always"}
@@ -144,64 +139,21 @@ async def floor(sync: str, samples: int, tmp: Path) -> list[float]:
 # ---------------------------------------------------------------- petribus
 
 
-class Serve:
-    """``petribus serve`` in a subprocess; its stdout is read by a thread so every wait is bounded."""
+class Serve(serving.Serve):
+    """``petribus serve`` of the chain bot with its fsync setting, on its embedded server or ``nats_url``."""
 
     def __init__(self, data_dir: Path, sync: str, nats_url: str | None = None) -> None:
-        env = {**os.environ, "PETRIBUS_SYNC_INTERVAL": SYNC[sync], "PYTHONIOENCODING": "utf-8"}
-        data_dir.mkdir(parents=True, exist_ok=True)
         self.nats_log = data_dir / "data" / "nats" / "nats-server.log"
-        self.stderr_path = data_dir / "serve.stderr"
-        self.stderr = open(self.stderr_path, "wb")
-        external = ["--nats-url", nats_url] if nats_url else []
-        self.proc = subprocess.Popen(
-            [PETRIBUS, "serve", APP, "--no-chat", "--port", "0", "--data-dir", str(data_dir / "data"),
-             "--log-level", "warning", *external],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-            start_new_session=True,
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def ws_url(self) -> str | None:
-        """The gateway's WebSocket URL once serve prints it; None if serve exits or prints none in time."""
-        deadline = time.monotonic() + START_S
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            if m := re.search(r"WebSocket\s+(ws://\S+/ws)", line):
-                return m.group(1)
-        return None
+        super().__init__(APP, data_dir, env={"PETRIBUS_SYNC_INTERVAL": SYNC[sync]},
+                         args=["--nats-url", nats_url] if nats_url else [])
 
     def log_tail(self) -> str:
         """The last line of serve's log, and of its embedded nats-server's log if that says why it stopped."""
-        if not self.stderr.closed:
-            self.stderr.flush()
-        lines = self.stderr_path.read_text(errors="replace").strip().splitlines()
+        lines = self.log_lines()
         tail = lines[-1][:300] if lines else "(empty)"
         if self.nats_log.exists() and (nats_lines := self.nats_log.read_text(errors="replace").strip().splitlines()):
             tail += f"; nats-server: {nats_lines[-1][:300]}"
         return tail
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.stderr.close()
 
 
 @dataclass

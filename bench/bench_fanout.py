@@ -25,28 +25,24 @@ import datetime
 import json
 import os
 import platform
-import queue
 import re
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import websockets
 
+import serving
 from bench_core import tree_cpu
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 APP = f"{ROOT / 'examples' / 'fanout.py'}:bot"
-PETRIBUS = str(Path(sys.executable).parent / "petribus")
 PEERS = ("langgraph", "burr")
-START_S = 120.0
 
 
 @dataclass
@@ -80,62 +76,28 @@ class Results:
 # ---------------------------------------------------------------- petribus
 
 
-class Serve:
-    """``petribus serve`` in a subprocess; its stdout is read by a thread so every wait is bounded."""
+class Serve(serving.Serve):
+    """``petribus serve`` of the fan-out bot with ``FANOUT_N`` set."""
 
     def __init__(self, n: int, data_dir: Path) -> None:
-        env = {**os.environ, "FANOUT_N": str(n), "PYTHONIOENCODING": "utf-8"}
-        self.stderr = open(data_dir / "serve.stderr", "wb")
-        self.proc = subprocess.Popen(
-            [PETRIBUS, "serve", APP, "--no-chat", "--port", "0", "--data-dir", str(data_dir / "data"),
-             "--log-level", "warning"],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-            start_new_session=True,
-        )
-        self.stderr_path = data_dir / "serve.stderr"
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        super().__init__(APP, data_dir, env={"FANOUT_N": str(n)})
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def ws_url(self) -> str:
-        deadline = time.monotonic() + START_S
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            if m := re.search(r"WebSocket\s+(ws://\S+/ws)", line):
-                return m.group(1)
-        raise SystemExit("petribus serve printed no WebSocket URL:\n"
-                         + self.stderr_path.read_text(errors="replace")[-3000:])
+    def ws_url(self) -> str:  # type: ignore[override]
+        url = super().ws_url()
+        if url is None:
+            raise SystemExit("petribus serve printed no WebSocket URL:\n"
+                             + self.stderr_path.read_text(errors="replace")[-3000:])
+        return url
 
     def log_tail(self) -> str:
         """The server's last log line, cut to its event and error: enough to name the failure."""
-        self.stderr.flush()
-        lines = self.stderr_path.read_text(errors="replace").strip().splitlines()
+        lines = self.log_lines()
         if not lines:
             return "(empty)"
         fields = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', lines[-1]))
         if "event" in fields:
             return f"{fields['event']}: {fields.get('error', '')}".strip(": ")
         return lines[-1][:300]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.stderr.close()
 
 
 async def petribus_round(url: str, n: int, serve: Serve, idle_s: float, timeout: float) -> Round:
