@@ -214,6 +214,7 @@ class Publisher:
             return
         exc = answered.exception()
         if exc is None:
+            send.payload = b""  # answered: the heap need not hold the message until its deadline
             out.set_result(answered.result())
         elif is_unavailable(exc):
             self._resend(out, send.subject, send.payload, send.msg_id, send.timeout)
@@ -266,7 +267,7 @@ class Publisher:
 class _Send:
     """A message ``publish_soon`` sent and has not heard back about yet."""
 
-    __slots__ = ("msg_id", "out", "payload", "sent", "subject", "timeout")
+    __slots__ = ("msg_id", "out", "payload", "sent", "subject", "timeout")  # payload: dropped once answered
 
     def __init__(self, out: asyncio.Future[PubAck], sent: asyncio.Future[PubAck], subject: str, payload: bytes,
                  msg_id: str, timeout: float) -> None:
