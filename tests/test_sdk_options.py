@@ -10,7 +10,9 @@ import pytest
 from pydantic import BaseModel
 
 import petribus
-from petribus import Bot, BotLocation, Image, NetDefinitionError, TaskPolicy, Volume
+from petribus import Bot, BotLocation, Image, TaskPolicy, Volume
+
+from .test_sdk import one_problem, problems_of
 
 
 class A(BaseModel):
@@ -41,20 +43,6 @@ def with_transition(**options: Any) -> Bot:
 
 def built(**options: Any) -> petribus.net.TransitionDef:
     return with_transition(**options).net().transition("step")
-
-
-def problems_of(bot: Bot) -> list[str]:
-    with pytest.raises(NetDefinitionError) as info:
-        bot.net()
-    return info.value.problems
-
-
-def one_problem(bot: Bot, *needles: str) -> str:
-    problems = problems_of(bot)
-    assert len(problems) == 1, problems
-    for needle in needles:
-        assert needle in problems[0], (needle, problems[0])
-    return problems[0]
 
 
 # --- a Beam bot, as Beam's docs write it ---------------------------------------------------------
