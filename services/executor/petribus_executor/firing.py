@@ -142,7 +142,8 @@ class FiringRunner:
         self._secrets_ready: asyncio.Future[Any] | None = None
         self.callbacks = callbacks  # callbacks.Callbacks, made on the first transition with callback_url=
         self._images: dict[int, str] = {}  # container image tag per transition
-        self._missing_packages: dict[int, list[str]] = {}  # python_packages not installed, per transition
+        self._missing_packages: dict[int, list[str]] = {}
+        self._volume_dirs: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}  # per bot and sandbox kind  # python_packages not installed, per transition
         self.nets = nets
         self.events = events
         self.workers = workers
@@ -407,6 +408,12 @@ class FiringRunner:
     def _volumes(self, net: Net, kind: str) -> tuple[tuple[str, str], ...]:
         if not net.volumes:
             return ()
+        known = self._volume_dirs.get((net.bot, kind))
+        if known is None:  # once per bot: not a mkdir per firing
+            known = self._volume_dirs[(net.bot, kind)] = self._make_volumes(net, kind)
+        return known
+
+    def _make_volumes(self, net: Net, kind: str) -> tuple[tuple[str, str], ...]:
         base = self.settings.volumes_dir or self.settings.data_dir / "volumes"
         out = []
         for volume in net.volumes:
