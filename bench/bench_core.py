@@ -81,7 +81,7 @@ def start_services(url: str, workers: int, log_dir: Path) -> list[subprocess.Pop
     procs = []
     for cmd in (["scheduler"], ["executor", "--workers", str(workers)], ["llm"], ["gateway", "--port", "0"]):
         log = open(log_dir / f"{cmd[0]}.log", "wb")
-        procs.append(subprocess.Popen([sys.executable, "-m", "petribus.cli", cmd[0], APP, "--nats-url", url, *cmd[1:]],
+        procs.append(subprocess.Popen([sys.executable, "-m", "petribus_cli", cmd[0], APP, "--nats-url", url, *cmd[1:]],
                                       stdout=log, stderr=log, env=env, start_new_session=True))
     return procs
 

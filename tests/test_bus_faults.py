@@ -1,6 +1,6 @@
 """The bus itself fails mid-load: nats-server killed -9 and restarted, a cluster node killed, its leader killed.
 
-Scheduler and executor run as separate processes (``python -m petribus.cli ...``) while the test appends
+Scheduler and executor run as separate processes (``python -m petribus_cli ...``) while the test appends
 8 sessions x 25 tokens through the fault. Afterwards every token is ``Finished`` exactly once, every
 ``moved n`` was said exactly once, nothing is in flight, every marker was consumed once, and the services
 are still running. Each test also proves its fault happened (the killed node led the stream and another
@@ -64,7 +64,7 @@ class Services:
         for name, extra in (("scheduler", []), ("executor", ["--workers", "4"])):
             with open(self.log_file(name), "wb") as log:  # noqa: ASYNC230 - test set-up, once
                 self.procs[name] = subprocess.Popen(  # noqa: ASYNC220 - killed by group, polled
-                    [sys.executable, "-m", "petribus.cli", name, TOKENS, "--nats-url", self.url, *extra,
+                    [sys.executable, "-m", "petribus_cli", name, TOKENS, "--nats-url", self.url, *extra,
                      "--log-level", "info"],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                     env={**os.environ, **self.env},

@@ -374,7 +374,7 @@ def test_bad_invocations_exit_with_one_clear_message(tmp_path, args, rc, says):
 
 
 def test_petribus_has_the_secrets_commands() -> None:
-    done = subprocess.run([sys.executable, "-m", "petribus.cli", "secrets", "--help"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "petribus_cli", "secrets", "--help"], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert all(command in done.stdout for command in ("set", "list", "delete"))

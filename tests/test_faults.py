@@ -23,7 +23,7 @@ COUNTER = app("counter")
 
 def _scheduler(url: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "petribus.cli", "scheduler", COUNTER, "--nats-url", url, "--log-level", "warning"],
+        [sys.executable, "-m", "petribus_cli", "scheduler", COUNTER, "--nats-url", url, "--log-level", "warning"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "PETRIBUS_ACK_WAIT_S": "30"},
     )

@@ -164,7 +164,7 @@ async def test_the_executor_command_refuses_a_gpu_pool_without_gpus_and_says_wha
 ) -> None:
     env = {**os.environ, "PETRIBUS_GPUS": "0"}  # no GPU, even where nvidia-smi would find some
     for argv in ([sys.executable, "-m", "petribus_executor", "--nats-url", settings.nats_url, "--pool", "gpu", GPU],
-                 [sys.executable, "-m", "petribus.cli", "executor", GPU, "--nats-url", settings.nats_url,
+                 [sys.executable, "-m", "petribus_cli", "executor", GPU, "--nats-url", settings.nats_url,
                   "--pool", "cpu", "--pool", "gpu"]):
         proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.PIPE,

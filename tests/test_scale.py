@@ -31,7 +31,7 @@ async def service(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
 
     async def start(name: str, *args: str) -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "petribus.cli", name, FANOUT, "--nats-url", settings.nats_url, *args,
+            sys.executable, "-m", "petribus_cli", name, FANOUT, "--nats-url", settings.nats_url, *args,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PETRIBUS_LOG_LEVEL": "info"}, start_new_session=True,
         )

@@ -14,7 +14,7 @@ from petribus import bus
 from petribus.embedded import NatsServer
 from petribus.errors import PetribusError
 from petribus.secrets import ENV_PREFIX, MissingSecret, SecretStore, listing
-from petribus.secrets_cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NO_NATS, secrets_app
+from petribus_cli.secrets import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NO_NATS, secrets_app
 
 VALUE = "s3cr3t-Zq7vX-petribus-test-value"  # distinctive: any leak of it is found by a plain search
 

@@ -239,7 +239,7 @@ async def _stop_quietly(svc: Any) -> None:
     try:
         await svc.stop(timeout=STOP_TIMEOUT_S)
     except Exception as exc:  # shutting down anyway; say so in the log
-        logs.get("petribus.cli").warning("service did not stop cleanly", service=svc.name, error=repr(exc))
+        logs.get("petribus_cli").warning("service did not stop cleanly", service=svc.name, error=repr(exc))
 
 
 # ---------------------------------------------------------------- one service each
@@ -495,7 +495,7 @@ def _configure_logs(settings: Settings, stream: TextIO) -> None:
                         force=True)
 
 
-from petribus.secrets_cli import secrets_app  # noqa: E402  (after app: its commands hang off it)
+from petribus_cli.secrets import secrets_app  # noqa: E402  (after app: its commands hang off it)
 
 app.add_typer(secrets_app, name="secrets")
 

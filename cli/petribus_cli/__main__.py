@@ -1,0 +1,3 @@
+from petribus_cli.main import main
+
+main()
