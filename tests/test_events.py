@@ -34,7 +34,8 @@ SAMPLES: dict[str, ev._Event] = {
                                                    outputs=[_m("OrderStatus", message="cancelled")],
                                                    duration_ms=12.5),
     "transition_failed": ev.TransitionFailed(**COMMON, firing_id="f1", transition="cancel_order", error="boom",
-                                             error_type="ValueError", retryable=True, final=False, attempt=3),
+                                             error_type="ValueError", retryable=True, final=False, attempt=3,
+                                             traceback="Traceback ...\nValueError: boom", inputs=[_m()]),
     "confirm_transition": ev.ConfirmTransition(**COMMON, firing_id="f1", transition="cancel_order",
                                                description="Cancel?", markers=[_m()]),
     "accept_transition": ev.AcceptTransition(**COMMON, firing_id="f1"),
@@ -54,6 +55,12 @@ SAMPLES: dict[str, ev._Event] = {
                                        wait=False, timeout=30.0),
     "prompt_response": ev.PromptResponse(**COMMON, firing_id="f1", transition="t", text="",
                                          error="the model refused the key", code="llm_auth"),
+    "session_forked": ev.SessionForked(**COMMON, source_bot="order_bot", source_session="s0", source_seq=7,
+                                       markers=[_m()], chat=[ev.ForkedTurn(role="user", text="hi")],
+                                       memory=[{"k": 1}], in_flight=["f1"],
+                                       files=[ev.ForkedFile(file_id="file1", name="a.txt", size=3,
+                                                            content_type="text/plain", direction="input")]),
+    "halt_set": ev.HaltSet(**COMMON, before=["cancel_order"]),
 }
 
 

@@ -22,11 +22,13 @@ from petribus.events import (
     InputFileResponse,
     Marker,
     MarkerAdded,
+    HaltSet,
     MemoryUpdated,
     OutputFile,
     PromptRequest,
     RejectTransition,
     SessionCreated,
+    SessionForked,
     TransitionCompleted,
     TransitionFailed,
     TransitionFired,
@@ -113,6 +115,8 @@ class SessionState:
     files: dict[str, OutputFile | InputFileResponse] = field(default_factory=dict)  # stored, by file id
     effects: set[str] = field(default_factory=set)  # ids of the events firings appended as side effects
     events: int = 0
+    forked_from: tuple[str, str, int] | None = None  # (bot, session, seq) of a fork's source
+    halt_before: frozenset[str] = frozenset()  # transitions whose firings wait like confirm=True ones
     # Folded from after this sequence (0: the whole log). Such a state takes claims on trust: the markers
     # they consume were added before it began. It answers questions about firings claimed in it (has this
     # one ended? what did it say?), not about the marking; only the executor makes one.
@@ -144,6 +148,23 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
     match event:
         case SessionCreated():
             state.created = True
+        case SessionForked():
+            if not state.created:  # only as a session's first event: it describes where the session began
+                state.created = True
+                state.forked_from = (event.source_bot, event.source_session, event.source_seq)
+                for m in event.markers:
+                    _put(state, m, seq)
+                for i, turn in enumerate(event.chat):
+                    state.chat.append(ChatTurn(turn.role, turn.text, seq, f"{event.id}:{i}"))
+                state.memory.extend(event.memory)
+                for f in event.files:
+                    common = {"bot": event.bot, "session_id": event.session_id, "file_id": f.file_id,
+                              "name": f.name, "size": f.size, "content_type": f.content_type, "ts": event.ts,
+                              "id": f"{event.id}:{f.file_id}"}
+                    state.files[f.file_id] = (InputFileResponse(**common, stored_id=f.file_id)
+                                              if f.direction == "input" else OutputFile(**common))
+        case HaltSet():
+            state.halt_before = frozenset(event.before)
         case UserMessage():
             state.chat.append(ChatTurn("user", event.text, seq, event.id))
         case AgentMessage():

@@ -82,7 +82,7 @@ class AgentMessage(_Event):
 class MarkerAdded(_Event):
     type: Literal["marker_added"] = "marker_added"
     marker: Marker
-    source: Literal["user", "llm", "api", "fork"] = Field(default="user", description="Who added it.")
+    source: Literal["user", "llm", "api", "fork", "import"] = Field(default="user", description="Who added it.")
 
     def value(self) -> Any:
         return {"id": self.marker.id, "location": self.marker.location, "data": self.marker.data}
@@ -138,11 +138,21 @@ class TransitionFailed(_Event):
     attempt: int = 1
     retry_in_s: float | None = Field(default=None, description="Seconds until the next attempt starts (set "
                                      "when ``final`` is false: the retry waits with exponential back-off).")
+    traceback: str | None = Field(default=None, description="Where it failed: the run's traceback, bounded in "
+                                  "length, with secret values masked. None when there is no traceback (e.g. "
+                                  "the run was killed).")
+    inputs: list[Marker] = Field(default_factory=list, description="The markers the failed run consumed, as "
+                                 "they were: the state at the time of the error.")
 
     def value(self) -> Any:
-        value = {"transition": self.transition, "error": self.error, "final": self.final, "attempt": self.attempt}
+        value = {"transition": self.transition, "error": self.error, "error_type": self.error_type,
+                 "final": self.final, "attempt": self.attempt}
         if self.retry_in_s is not None:
             value["retry_in_s"] = self.retry_in_s
+        if self.traceback is not None:
+            value["traceback"] = self.traceback
+        if self.inputs:
+            value["inputs"] = [m.model_dump() for m in self.inputs]
         return value
 
 
@@ -312,6 +322,65 @@ class OutputFile(_Event):
                 "size": self.size, "url": self.url, "content_type": self.content_type}
 
 
+class ForkedTurn(BaseModel):
+    """A chat turn a fork carries over from its source session."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["user", "agent"]
+    text: str
+
+
+class ForkedFile(BaseModel):
+    """A file a fork carries over: its bytes are copied into the new session under the same ``file_id``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file_id: str
+    name: str
+    size: int
+    content_type: str | None = None
+    direction: Literal["input", "output"] = "output"
+
+
+class SessionForked(_Event):
+    """The first event of a forked session: the state of ``source_session`` as of ``source_seq``.
+
+    ``markers`` is the marking then, in FIFO order per location, with the markers of firings that were
+    in flight then put back (a fork re-decides them: nothing half-run is carried over). Markers that did
+    not fit in this event follow at once as ``marker_added`` events with ``source="fork"``, in the same
+    atomic batch. Chat, memory and files come along; the source session is never touched.
+    """
+
+    type: Literal["session_forked"] = "session_forked"
+    source_bot: str = Field(description="The bot of the session forked from.")
+    source_session: str = Field(description="The session forked from.")
+    source_seq: int = Field(description="The sequence in the source session whose state this fork starts from.")
+    markers: list[Marker] = Field(default_factory=list)
+    chat: list[ForkedTurn] = Field(default_factory=list)
+    memory: list[Any] = Field(default_factory=list)
+    files: list[ForkedFile] = Field(default_factory=list)
+    in_flight: list[str] = Field(default_factory=list, description="Firings that were in flight at "
+                                 "``source_seq`` and whose markers were put back.")
+
+    def value(self) -> Any:
+        return {"source_bot": self.source_bot, "source_session": self.source_session,
+                "source_seq": self.source_seq, "markers": len(self.markers), "in_flight": self.in_flight}
+
+
+class HaltSet(_Event):
+    """From now on, firings of ``before`` wait like ``confirm=True`` ones (a client's ``halt_before``).
+
+    Replaces the previous set; an empty list clears it. Firings claimed earlier are not affected.
+    """
+
+    type: Literal["halt_set"] = "halt_set"
+    before: list[str] = Field(default_factory=list, description="Transitions to hold before they run.")
+
+    def value(self) -> Any:
+        return self.before
+
+
 class ErrorEvent(_Event):
     """Something a user should know went wrong. Never carries a secret."""
 
@@ -329,7 +398,7 @@ EVENT_CLASSES: tuple[type[_Event], ...] = (
     SessionCreated, UserMessage, AgentMessage, MarkerAdded, TransitionFired, TransitionStarted,
     TransitionCompleted, TransitionFailed, ConfirmTransition, AcceptTransition, RejectTransition,
     ConfirmRequest, ConfirmResponse, MemoryUpdated, InputFileRequest, InputFileResponse, OutputFile,
-    ErrorEvent, PromptRequest, PromptResponse,
+    ErrorEvent, PromptRequest, PromptResponse, SessionForked, HaltSet,
 )
 Event = Annotated[Union[EVENT_CLASSES], Field(discriminator="type")]  # type: ignore[valid-type]
 

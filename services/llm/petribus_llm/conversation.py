@@ -28,6 +28,7 @@ from petribus.events import (
     MarkerAdded,
     PromptRequest,
     PromptResponse,
+    SessionForked,
     TransitionCompleted,
     TransitionFailed,
     UserMessage,
@@ -116,6 +117,14 @@ class Conversation:
             case TransitionCompleted() if self._public(event.transition):
                 shown = [_marker(m) for m in event.outputs if self._exposed(m.location)]
                 self._note(seq, f"{event.transition} finished" + (f" → {', '.join(shown)}" if shown else ""))
+            case SessionForked() if self.state.forked_from == (event.source_bot, event.source_session,
+                                                               event.source_seq):
+                # The source's conversation, in order, all before anything said in the fork itself.
+                for i, turn in enumerate(event.chat):
+                    role: Literal["user", "assistant"] = "user" if turn.role == "user" else "assistant"
+                    self.turns.append(Turn(role, turn.text, seq, seq + i / (len(event.chat) + 1)))
+                self._note(seq, f"this session continues session {event.source_session} as of its step "
+                                f"{event.source_seq}")
             case TransitionFailed() if event.final and self._public(event.transition):
                 self._note(seq, f"{event.transition} failed ({event.error}); its inputs went back")
             case _:

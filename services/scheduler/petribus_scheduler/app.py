@@ -453,7 +453,8 @@ class Scheduler(Service):
         """Append one ``transition_fired`` per planned firing, all at once, at the folded sequence."""
         fired = [TransitionFired(bot=net.bot, session_id=state.session_id, firing_id=new_id(),
                                  transition=p.transition, consumed=list(p.consumed),
-                                 confirm=net.transition(p.transition).confirm) for p in plan]
+                                 confirm=net.transition(p.transition).confirm
+                                 or p.transition in state.halt_before) for p in plan]
         seqs = await self.events.append_batch(fired, expected_last_seq=state.last_seq,
                                               msg_ids=[f"fire:{f.firing_id}" for f in fired])
         for seq, event in zip(seqs, fired):
