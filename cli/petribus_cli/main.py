@@ -495,9 +495,14 @@ def _configure_logs(settings: Settings, stream: TextIO) -> None:
                         force=True)
 
 
-from petribus_cli.secrets import secrets_app  # noqa: E402  (after app: its commands hang off it)
+# After app: their commands hang off it.
+from petribus_cli.replay import replay_app  # noqa: E402
+from petribus_cli.secrets import secrets_app  # noqa: E402
+from petribus_cli.sessions import sessions_app  # noqa: E402
 
 app.add_typer(secrets_app, name="secrets")
+app.add_typer(sessions_app, name="sessions")
+app.add_typer(replay_app, name="replay")
 
 
 def main() -> None:
