@@ -417,8 +417,9 @@ class EventLog:
         return [(await ack).seq for ack in sent]
 
     async def read(self, bot: str, session_id: str, after: int = 0, timeout: float = 5.0, *,
-                   at_least: int | None = None) -> list[tuple[int, Event]]:
-        """Every event of the session with a sequence greater than ``after``, in order.
+                   at_least: int | None = None, until: int | None = None) -> list[tuple[int, Event]]:
+        """Every event of the session with a sequence greater than ``after`` (and not greater than
+        ``until``, when given), in order.
 
         Direct gets may be answered by a replica that lags the stream leader. A read that decides on
         what it finds passes ``at_least=S`` (the sequence of an event it was delivered): if the replica
@@ -426,18 +427,24 @@ class EventLog:
         retried for up to ``outage_s``.
         """
         subject = subjects.events(bot, session_id)
-        out = await self._retry(f"reading {subject}", lambda _: self._read_direct(subject, after, timeout))
+        out = await self._retry(f"reading {subject}", lambda _: self._read_direct(subject, after, timeout, until))
+        if until is not None:
+            return out
         last = out[-1][0] if out else after
         if at_least is not None and last < at_least:
             out.extend(await self._retry(f"reading {subject} from its leader",
                                          lambda _: self._read_leader(subject, last, at_least, timeout)))
         return out
 
-    async def _read_direct(self, subject: str, after: int, timeout: float) -> list[tuple[int, Event]]:
+    async def _read_direct(self, subject: str, after: int, timeout: float,
+                           until: int | None = None) -> list[tuple[int, Event]]:
         out: list[tuple[int, Event]] = []
         start = after + 1
         while True:
             batch, pending = await self._direct_batch(subject, start, timeout)
+            if until is not None and batch and batch[-1][0] >= until:
+                out.extend(e for e in batch if e[0] <= until)
+                return out
             out.extend(batch)
             if not pending or not batch:
                 return out

@@ -9,7 +9,7 @@ hand-made log cannot make a marker be consumed twice or a count go negative.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from petribus.events import (
@@ -117,10 +117,29 @@ class SessionState:
     events: int = 0
     forked_from: tuple[str, str, int] | None = None  # (bot, session, seq) of a fork's source
     halt_before: frozenset[str] = frozenset()  # transitions whose firings wait like confirm=True ones
+    # When a list: every marker the fold puts into (+) or takes out of (-) a place is noted in it, in
+    # order. A timeline shows each step's change with it; the scheduler leaves it None and pays nothing.
+    journal: list[tuple[Literal["+", "-"], Marker]] | None = None
     # Folded from after this sequence (0: the whole log). Such a state takes claims on trust: the markers
     # they consume were added before it began. It answers questions about firings claimed in it (has this
     # one ended? what did it say?), not about the marking; only the executor makes one.
     after: int = 0
+
+    def copy(self) -> SessionState:
+        """An independent copy, for keeping as a snapshot while this one folds on (the markers and
+        events in it are immutable and shared; every container and firing is copied)."""
+        return replace(
+            self,
+            places={loc: dict(ms) for loc, ms in self.places.items()},
+            in_flight={fid: replace(f, consumed=list(f.consumed), started_attempts=set(f.started_attempts),
+                                    failed_attempts=set(f.failed_attempts))
+                       for fid, f in self.in_flight.items()},
+            finished=set(self.finished), seen_markers=set(self.seen_markers),
+            blocked={mid: set(ts) for mid, ts in self.blocked.items()}, chat=list(self.chat),
+            memory=list(self.memory), pending_requests=dict(self.pending_requests),
+            pending_files=dict(self.pending_files), closed_requests=set(self.closed_requests),
+            files=dict(self.files), effects=set(self.effects), journal=None,
+        )
 
     def marking(self) -> dict[str, list[Marker]]:
         """Location -> markers in FIFO order (locations with no markers are left out)."""
@@ -289,6 +308,8 @@ def _put(state: SessionState, marker: Marker, seq: int) -> None:
         return  # a duplicate publish of the same marker adds nothing
     state.seen_markers.add(marker.id)
     state.places.setdefault(marker.location, {})[marker.id] = PlacedMarker(marker, seq)
+    if state.journal is not None:
+        state.journal.append(("+", marker))
 
 
 def _fire(state: SessionState, event: TransitionFired, seq: int) -> None:
@@ -308,6 +329,8 @@ def _fire(state: SessionState, event: TransitionFired, seq: int) -> None:
             return  # a marker that is not (or no longer) there: the firing is void, nothing is consumed
     for loc, placed in found:
         del state.places[loc][placed.marker.id]
+        if state.journal is not None:
+            state.journal.append(("-", placed.marker))
     status: FiringStatus = "awaiting_confirmation" if event.confirm else "claimed"
     state.in_flight[event.firing_id] = Firing(
         event.firing_id, event.transition, [p for _, p in found], status, seq
@@ -321,6 +344,8 @@ def _give_back(state: SessionState, firing: Firing, *, block: bool = True) -> No
     state.finished.add(firing.id)
     for placed in firing.consumed:
         _reinsert(state.places.setdefault(placed.marker.location, {}), placed)
+        if state.journal is not None:
+            state.journal.append(("+", placed.marker))
         if block:
             state.blocked.setdefault(placed.marker.id, set()).add(firing.transition)
 

@@ -27,6 +27,7 @@ from petribus.files import FileStore
 from petribus.net import Net
 from petribus.outage import on_disconnect, on_reconnect
 from petribus.settings import Settings
+from petribus_gateway.timeline import Timeline
 
 # A session id is one subject token: no '.', and no '*' or '>' that would widen a read or a purge.
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -41,11 +42,13 @@ class GatewayContext:
     outage_s: float = 10.0  # how long a request waits for a lost connection to come back
     log: Any = field(init=False)
     files: FileStore = field(init=False)
+    timeline: Timeline = field(init=False)
     _connected: asyncio.Event = field(init=False)
 
     def __post_init__(self) -> None:
         self.log = logs.get("petribus.gateway")
         self.files = FileStore(self.events.js, self.settings.max_file_bytes)
+        self.timeline = Timeline(self.events)
         self._connected = asyncio.Event()
         if self.nc.is_connected:
             self._connected.set()

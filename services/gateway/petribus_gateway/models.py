@@ -170,3 +170,41 @@ class Health(BaseModel):
     pools: str | None = Field(default=None, description="Executor pools in one line (GET /pools has them in "
                               "full), e.g. '2 pools, 1 executors; waiting with no executor: gpu (3)'; absent "
                               "when the bus cannot say.")
+
+
+class HistoryStep(BaseModel):
+    """One event of the session and what it changed in the marking."""
+
+    seq: int
+    event: ClientEvent
+    added: list[Marker] = Field(default_factory=list, description="Markers it put into places (added, "
+                                "output, or given back by a failed or rejected firing).")
+    consumed: list[Marker] = Field(default_factory=list, description="Markers it took out of places (a claim).")
+
+
+class HistoryPage(BaseModel):
+    bot: str
+    session_id: str
+    last_seq: int = Field(description="The session's newest sequence now.")
+    steps: list[HistoryStep]
+    next: int | None = Field(default=None, description="Pass as ``after`` for the next page; null at the end.")
+
+
+class ForkRequest(BaseModel):
+    at: int = Field(ge=1, description="The sequence of the source session whose state the fork starts from.")
+    bot: str | None = Field(default=None, description="Fork onto this bot (default: the source's bot). Every "
+                            "marker must fit its net.")
+
+
+class ForkedInfo(BaseModel):
+    session_id: str = Field(description="The new session.")
+    bot: str
+    seq: int = Field(description="Sequence of its session_forked event.")
+    source_session: str
+    source_seq: int
+    replayed: bool = Field(default=False, description="True when this answers a retry (same Idempotency-Key).")
+
+
+class HaltRequest(BaseModel):
+    before: list[str] = Field(description="Transitions whose next firings wait for an accept, like confirm=True "
+                              "ones (a client's halt_before); [] clears it.")

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import JSONResponse
 
 from petribus import subjects
-from petribus.core import fold
+from petribus.bus import WrongLastSequence
+from petribus.core import SessionState, fold
 from petribus.errors import AlreadyAnswered, InvalidInput
-from petribus.events import InputFileResponse, _Event, to_client
+from petribus.events import Event, HaltSet, InputFileResponse, SessionForked, _Event, new_id, to_client
 from petribus.net import Net
+from petribus_gateway import fork as forking
 from petribus_gateway import idempotency, inputs
 from petribus_gateway.context import GatewayContext, bus_ready, check_session_id, context, unknown_session
 from petribus_gateway.models import (
@@ -24,7 +27,12 @@ from petribus_gateway.models import (
     ErrorBody,
     FileInfo,
     FiringInfo,
+    ForkedInfo,
+    ForkRequest,
+    HaltRequest,
     Health,
+    HistoryPage,
+    HistoryStep,
     LocationInfo,
     NewMarker,
     NewMessage,
@@ -61,6 +69,11 @@ IdempotencyKey = Annotated[str | None, Header(
     description="Names this request (1-128 printable ASCII characters, e.g. a uuid4). Send the same key "
                 "when you retry it: it lands once, and the retry gets the first answer back with the "
                 "header Idempotent-Replayed: true.")]
+
+AtSeq = Annotated[int | None, Query(ge=1, description="Answer as of this sequence of the session's log: the "
+                                   "events up to it and the state they fold to. Default: now.")]
+WithEvents = Annotated[bool, Query(description="false: leave the events out of the body (the state only).")]
+MAX_HISTORY = 1000
 
 router = APIRouter()
 
@@ -132,13 +145,34 @@ async def create_session(net: BotNet, ctx: Ctx) -> SessionCreatedInfo:
 
 @router.get("/bots/{bot}/sessions/{session_id}", response_model=SessionDetail,
             responses=ERRORS, tags=["sessions"], dependencies=[Depends(bus_ready)])
-async def get_session(net: BotNet, session_id: str, ctx: Ctx) -> SessionDetail:
-    """The session's events (as clients see them) and its current state, folded from them."""
+async def get_session(net: BotNet, session_id: str, ctx: Ctx, at: AtSeq = None, events: WithEvents = True
+                      ) -> SessionDetail:
+    """The session's events (as clients see them) and its state, folded from them: now, or as of ``at``."""
     check_session_id(session_id)
-    log = await ctx.events.read(net.bot, session_id)
-    if not log:
-        raise unknown_session(net.bot, session_id)
-    state = fold(log)
+    if at is None:
+        log = await ctx.events.read(net.bot, session_id)
+        if not log:
+            raise unknown_session(net.bot, session_id)
+        return _detail(net, session_id, fold(log), log if events else [])
+    state = await _state_at(ctx, net, session_id, at)
+    log = await ctx.events.read(net.bot, session_id, until=state.last_seq) if events else []
+    return _detail(net, session_id, state, log)
+
+
+async def _state_at(ctx: GatewayContext, net: Net, session_id: str, at: int) -> SessionState:
+    """The session's state as of ``at``: 404 for no such session, 422 for a sequence before its start."""
+    state = await ctx.timeline.state_at(net.bot, session_id, at)
+    if state.last_seq == 0:
+        first = (await ctx.timeline.state_at(net.bot, session_id, None)).last_seq
+        if first == 0:
+            raise unknown_session(net.bot, session_id)
+        first_seq = (await ctx.events.read(net.bot, session_id, until=first))[0][0]
+        raise InvalidInput(f"at={at} is before session {session_id}'s first event (seq {first_seq}); "
+                           f"ask for a sequence from {first_seq} on", code="invalid_seq")
+    return state
+
+
+def _detail(net: Net, session_id: str, state: SessionState, log: list[tuple[int, Event]]) -> SessionDetail:
     return SessionDetail(
         bot=net.bot, session_id=session_id, last_seq=state.last_seq,
         events=[ClientEvent.model_validate(to_client(ev, seq)) for seq, ev in log],
@@ -163,6 +197,79 @@ async def get_session(net: BotNet, session_id: str, ctx: Ctx) -> SessionDetail:
                         direction="input" if isinstance(f, InputFileResponse) else "output")
                for key, f in state.files.items()],
     )
+
+
+@router.get("/bots/{bot}/sessions/{session_id}/history", response_model=HistoryPage, responses=ERRORS,
+            tags=["time travel"], dependencies=[Depends(bus_ready)])
+async def history(net: BotNet, session_id: str, ctx: Ctx,
+                  after: Annotated[int, Query(ge=0, description="Steps after this sequence (0: from the "
+                                              "start).")] = 0,
+                  limit: Annotated[int, Query(ge=1, le=MAX_HISTORY, description="Steps per page.")] = 100,
+                  ) -> HistoryPage:
+    """The session's steps after ``after``: each event with the markers it added and consumed, so a
+    timeline can be scrubbed step by step. Each page folds from the gateway's nearest snapshot."""
+    check_session_id(session_id)
+    steps, last = await ctx.timeline.history(net.bot, session_id, after=after, limit=limit)
+    if last == 0:
+        raise unknown_session(net.bot, session_id)
+    more = bool(steps) and steps[-1].seq < last
+    return HistoryPage(
+        bot=net.bot, session_id=session_id, last_seq=last, next=steps[-1].seq if more else None,
+        steps=[HistoryStep(seq=s.seq, event=ClientEvent.model_validate(to_client(s.event, s.seq)),
+                           added=s.added, consumed=s.consumed) for s in steps])
+
+
+@router.post("/bots/{bot}/sessions/{session_id}/fork", response_model=ForkedInfo, status_code=201,
+             responses={**ERRORS, **KEYED}, tags=["time travel"], dependencies=[Depends(bus_ready)])
+async def fork_session(net: BotNet, session_id: str, body: ForkRequest, ctx: Ctx, response: Response,
+                       idempotency_key: IdempotencyKey = None) -> ForkedInfo:
+    """A new session that starts from this one's state at ``at`` (see docs/time-travel.md): the marking
+    (with the markers of firings in flight then put back), chat, memory and files. This session is
+    untouched. With ``bot``, the fork runs on another bot, if every marker fits its net."""
+    check_session_id(session_id)
+    target = ctx.net(body.bot) if body.bot is not None else net
+    source = await _state_at(ctx, net, session_id, body.at)
+    last = (await ctx.timeline.state_at(net.bot, session_id, None)).last_seq
+    if body.at > last:
+        raise InvalidInput(f"at={body.at} is past session {session_id}'s last event (seq {last}): a fork "
+                           f"starts from a step that happened; use at <= {last}", code="invalid_seq")
+    key = None if idempotency_key is None else idempotency.check_key(idempotency_key)
+    new_session = (new_id() if key is None
+                   else uuid.uuid5(idempotency.NAMESPACE, f"fork:{net.bot}:{session_id}:{key}").hex)
+    try:
+        seq = await forking.fork(ctx.events, ctx.files, target, source, body.at, new_session)
+    except WrongLastSequence:
+        # Only a keyed retry names a session that exists: answer it as the first time, if it is that fork.
+        first = (await ctx.events.read(target.bot, new_session))[:1] if key else []
+        forked = first[0][1] if first else None
+        if not (isinstance(forked, SessionForked) and forked.source_session == session_id
+                and forked.source_seq == body.at):
+            raise idempotency.IdempotencyKeyReused(
+                f"Idempotency-Key {key!r} already named another fork of session {session_id}; use a new key",
+                code="idempotency_key_reused") from None
+        response.headers[REPLAYED] = "true"
+        return ForkedInfo(session_id=new_session, bot=target.bot, seq=first[0][0], source_session=session_id,
+                          source_seq=body.at, replayed=True)
+    ctx.log.info("session forked", bot=net.bot, session_id=session_id, at=body.at, fork=new_session,
+                 fork_bot=target.bot)
+    return ForkedInfo(session_id=new_session, bot=target.bot, seq=seq, source_session=session_id,
+                      source_seq=body.at)
+
+
+@router.put("/bots/{bot}/sessions/{session_id}/halt", response_model=Appended, status_code=201,
+            responses=ERRORS, tags=["time travel"])
+async def set_halt(net: BotNet, session_id: str, body: HaltRequest, ctx: Ctx) -> Appended:
+    """Hold the next firings of these transitions before they run, as if they had ``confirm=True``: each
+    is claimed, announced with ``confirm_transition``, and runs once accepted. ``[]`` clears it."""
+    check_session_id(session_id)
+    unknown = sorted({t for t in body.before if not net.has_transition(t)})
+    if unknown:
+        raise InvalidInput(f"bot {net.bot!r} has no transition(s) {unknown}; it has "
+                           f"{[t.name for t in net.transitions]}", code="unknown_transition")
+    await ctx.require_session(net.bot, session_id)
+    event = HaltSet(bot=net.bot, session_id=session_id, before=list(dict.fromkeys(body.before)))
+    seq = await ctx.events.append(event)
+    return Appended(seq=seq, event=ClientEvent.model_validate(to_client(event, seq)))
 
 
 @router.post("/bots/{bot}/sessions/{session_id}/markers", response_model=Appended, status_code=201,
@@ -262,5 +369,6 @@ async def delete_session(net: BotNet, session_id: str, ctx: Ctx) -> Response:
     for key in fold(await ctx.events.read(net.bot, session_id)).files:
         await ctx.files.delete(net.bot, session_id, key)
     await ctx.events.delete(net.bot, session_id)
+    ctx.timeline.forget(net.bot, session_id)
     ctx.log.info("session deleted", bot=net.bot, session_id=session_id)
     return Response(status_code=204)

@@ -1,0 +1,230 @@
+"""Time travel over the real stack: the state at any sequence, the history's marking changes, forks
+(in the middle of a chain, with firings in flight, onto changed code, onto a net the markers do not
+fit) and halting before a transition."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+
+from petribus.bus import EventLog
+from petribus.core import fold
+from petribus.events import MarkerAdded, SessionForked, TransitionCompleted, TransitionFired, UserMessage
+
+from .conftest import APPS
+from .harness import Stack
+
+CHAIN = f"{APPS / 'chain.py'}:bot"
+CHAIN_V2 = f"{APPS / 'chain.py'}:v2"
+STRICT = f"{APPS / 'chain_strict.py'}:bot"
+STEPS = 5
+PARTS = ("scheduler", "executor", "gateway")
+
+
+async def _wait(log: EventLog, bot: str, session_id: str, done: Any, timeout: float = 60.0) -> list:
+    """The session's events once ``done(events)`` holds (woken by each appended event, not a timer)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            events = await log.read(bot, session_id)
+            if done(events):
+                return events
+            last = events[-1][0] if events else 0
+            await log.wait_for(bot, session_id, after=last, match=lambda ev: True, timeout=timeout)
+
+
+def _results(events: list) -> list[dict]:
+    return sorted((m.data for m in fold(events).marking().get("Result", [])), key=lambda d: d["n"])
+
+
+def _finished(count: int):
+    return lambda events: len(fold(events).marking().get("Result", [])) == count
+
+
+async def _chain_session(http: httpx.AsyncClient, log: EventLog, tasks: int) -> tuple[str, list]:
+    sid = (await http.post("/bots/chain/sessions")).json()["session_id"]
+    for n in range(tasks):
+        r = await http.post(f"/bots/chain/sessions/{sid}/markers", json={"location": "Task", "data": {"n": n}})
+        assert r.status_code == 201, r.text
+    return sid, await _wait(log, "chain", sid, _finished(tasks))
+
+
+@pytest.fixture
+async def stack(settings, nc):
+    async with Stack(settings, [CHAIN, CHAIN_V2, STRICT], parts=PARTS) as s:
+        yield s
+
+
+@pytest.fixture
+async def http(stack):
+    async with httpx.AsyncClient(base_url=stack.gateway.url, timeout=30.0) as client:
+        yield client
+
+
+async def test_state_at_every_seq_is_the_fold_of_that_prefix(stack, http, nc):
+    log = EventLog(nc)
+    sid, events = await _chain_session(http, log, tasks=3)
+    assert len(events) > 3 * (STEPS + 1) * 3  # fired, started, completed per step, at least
+    for i, (seq, _) in enumerate(events):
+        r = await http.get(f"/bots/chain/sessions/{sid}", params={"at": seq})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        expected = fold(events[: i + 1])
+        assert body["last_seq"] == seq
+        assert [e["metadata"]["seq"] for e in body["events"]] == [s for s, _ in events[: i + 1]]
+        assert body["marking"] == {loc: [m.model_dump() for m in ms] for loc, ms in expected.marking().items()}
+        assert [f["firing_id"] for f in body["in_flight"]] == list(expected.in_flight)
+    # Between two of the session's events, the state is that of the earlier one; without events, the same.
+    between = await http.get(f"/bots/chain/sessions/{sid}", params={"at": events[4][0], "events": "false"})
+    assert between.json()["events"] == [] and between.json()["last_seq"] == events[4][0]
+
+
+async def test_history_pages_carry_each_steps_marking_change(stack, http, nc):
+    log = EventLog(nc)
+    sid, events = await _chain_session(http, log, tasks=2)
+    steps, after = [], 0
+    while True:
+        page = (await http.get(f"/bots/chain/sessions/{sid}/history", params={"after": after, "limit": 7})).json()
+        steps.extend(page["steps"])
+        if page["next"] is None:
+            break
+        assert page["next"] == page["steps"][-1]["seq"]
+        after = page["next"]
+    assert [s["seq"] for s in steps] == [seq for seq, _ in events]
+    # Replaying the changes from nothing gives the marking after every step.
+    marking: dict[str, dict] = {}
+    for i, step in enumerate(steps):
+        for m in step["consumed"]:
+            assert m["id"] in marking, f"step {step['seq']} consumed a marker that was not there"
+            del marking[m["id"]]
+        for m in step["added"]:
+            marking[m["id"]] = m
+        expected = fold(events[: i + 1]).marking()
+        assert sorted(marking) == sorted(m.id for ms in expected.values() for m in ms)
+    claims = [s for s in steps if s["event"]["type"] == "transition_fired"]
+    assert claims and all(len(s["consumed"]) == 1 and not s["added"] for s in claims)
+
+
+async def test_fork_in_the_middle_of_a_chain_reaches_the_same_end(stack, http, nc):
+    log = EventLog(nc)
+    sid, events = await _chain_session(http, log, tasks=2)
+    completions = [seq for seq, ev in events if isinstance(ev, TransitionCompleted)]
+    at = completions[len(completions) // 2]
+    before = await log.read("chain", sid)
+    r = await http.post(f"/bots/chain/sessions/{sid}/fork", json={"at": at})
+    assert r.status_code == 201, r.text
+    fork = r.json()
+    assert fork["bot"] == "chain" and fork["source_session"] == sid and fork["source_seq"] == at
+    forked = await _wait(log, "chain", fork["session_id"], _finished(2))
+    first = forked[0][1]
+    assert isinstance(first, SessionForked) and forked[0][0] == fork["seq"]
+    assert (first.source_session, first.source_seq) == (sid, at)
+    assert _results(forked) == _results(events)
+    # It did only the rest of the work: fewer claims than the original, and none before the fork's start.
+    claims = [ev for _, ev in forked if isinstance(ev, TransitionFired)]
+    assert 0 < len(claims) < len([ev for _, ev in events if isinstance(ev, TransitionFired)])
+    assert await log.read("chain", sid) == before  # the source is untouched
+
+
+async def test_fork_puts_the_markers_of_firings_in_flight_back(stack, http, nc):
+    log = EventLog(nc)
+    sid, events = await _chain_session(http, log, tasks=1)
+    fired = [(seq, ev) for seq, ev in events if isinstance(ev, TransitionFired)][2]
+    at = fired[0]  # the claim landed; its run had not completed
+    state = (await http.get(f"/bots/chain/sessions/{sid}", params={"at": at, "events": "false"})).json()
+    assert [f["firing_id"] for f in state["in_flight"]] == [fired[1].firing_id]
+    consumed = state["in_flight"][0]["consumed"]
+    r = await http.post(f"/bots/chain/sessions/{sid}/fork", json={"at": at})
+    assert r.status_code == 201, r.text
+    forked = await _wait(log, "chain", r.json()["session_id"], _finished(1))
+    first = forked[0][1]
+    assert isinstance(first, SessionForked) and first.in_flight == [fired[1].firing_id]
+    assert [m.model_dump() for m in first.markers] == consumed  # the claimed marker came back
+    assert _results(forked) == _results(events)
+    refired = [ev for _, ev in forked if isinstance(ev, TransitionFired)][0]
+    assert refired.consumed == [consumed[0]["id"]] and refired.firing_id != fired[1].firing_id
+
+
+async def test_fork_onto_changed_code_runs_the_new_code(stack, http, nc):
+    log = EventLog(nc)
+    sid, events = await _chain_session(http, log, tasks=1)
+    completions = [seq for seq, ev in events if isinstance(ev, TransitionCompleted)]
+    at = completions[2]  # begin and two steps done on v1
+    r = await http.post(f"/bots/chain/sessions/{sid}/fork", json={"at": at, "bot": "chain_v2"})
+    assert r.status_code == 201, r.text
+    assert r.json()["bot"] == "chain_v2"
+    forked = await _wait(log, "chain_v2", r.json()["session_id"], _finished(1))
+    [result] = _results(forked)
+    assert result["trail"] == ["v1-1", "v1-2", "v1-3", "v2-4", "v2-5"]
+    [original] = _results(events)
+    assert original["trail"] == [f"v1-{i}" for i in range(1, STEPS + 1)]
+
+
+async def test_a_fork_that_does_not_fit_is_refused_whole(stack, http, nc):
+    log = EventLog(nc)
+    sid = (await http.post("/bots/chain/sessions")).json()["session_id"]
+    # Hold the chain before it advances, so the marking has several stages when forked.
+    assert (await http.put(f"/bots/chain/sessions/{sid}/halt", json={"before": ["advance"]})).status_code == 201
+    for n in range(3):
+        await http.post(f"/bots/chain/sessions/{sid}/markers", json={"location": "Task", "data": {"n": n}})
+    events = await _wait(log, "chain", sid, lambda evs: sum(ev.type == "confirm_transition" for _, ev in evs) == 3)
+    before = await log.sessions("chain_strict")
+    r = await http.post(f"/bots/chain/sessions/{sid}/fork", json={"at": events[-1][0], "bot": "chain_strict"})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["code"] == "fork_does_not_fit"
+    assert "3 of 3 marker(s) do not fit" in body["message"] and body["message"].count("owner") == 3
+    assert await log.sessions("chain_strict") == before  # nothing half-created
+
+
+async def test_fork_refuses_bad_sequences_and_replays_a_keyed_retry(stack, http, nc):
+    log = EventLog(nc)
+    sid, events = await _chain_session(http, log, tasks=1)
+    last = events[-1][0]
+    past = await http.post(f"/bots/chain/sessions/{sid}/fork", json={"at": last + 100})
+    assert past.status_code == 422 and past.json()["code"] == "invalid_seq" and str(last) in past.json()["message"]
+    early = await http.get(f"/bots/chain/sessions/{sid}", params={"at": events[0][0] - 1})
+    assert early.status_code == 422 and str(events[0][0]) in early.json()["message"]
+    missing = await http.post("/bots/chain/sessions/nope/fork", json={"at": 1})
+    assert missing.status_code == 404
+    headers = {"Idempotency-Key": "fork-once"}
+    one = await http.post(f"/bots/chain/sessions/{sid}/fork", json={"at": events[3][0]}, headers=headers)
+    two = await http.post(f"/bots/chain/sessions/{sid}/fork", json={"at": events[3][0]}, headers=headers)
+    assert one.status_code == two.status_code == 201
+    assert two.json()["session_id"] == one.json()["session_id"] and two.json()["replayed"] is True
+    other = await http.post(f"/bots/chain/sessions/{sid}/fork", json={"at": events[4][0]}, headers=headers)
+    assert other.status_code == 409
+
+
+async def test_fork_carries_chat_and_the_llm_sees_it(stack, http, nc):
+    log = EventLog(nc)
+    sid = (await http.post("/bots/chain/sessions")).json()["session_id"]
+    said = await http.post(f"/bots/chain/sessions/{sid}/messages", json={"text": "remember the blue one"})
+    at = said.json()["seq"]
+    r = await http.post(f"/bots/chain/sessions/{sid}/fork", json={"at": at})
+    detail = (await http.get(f"/bots/chain/sessions/{r.json()['session_id']}")).json()
+    assert [(t["role"], t["text"]) for t in detail["chat"]] == [("user", "remember the blue one")]
+    source = await log.read("chain", sid)
+    assert any(isinstance(ev, UserMessage) for _, ev in source)
+
+
+async def test_halt_before_holds_a_transition_until_accepted(stack, http, nc):
+    log = EventLog(nc)
+    sid = (await http.post("/bots/chain/sessions")).json()["session_id"]
+    bad = await http.put(f"/bots/chain/sessions/{sid}/halt", json={"before": ["advance", "nope"]})
+    assert bad.status_code == 422 and "nope" in bad.json()["message"]
+    assert (await http.put(f"/bots/chain/sessions/{sid}/halt", json={"before": ["advance"]})).status_code == 201
+    await http.post(f"/bots/chain/sessions/{sid}/markers", json={"location": "Task", "data": {"n": 7}})
+    events = await _wait(log, "chain", sid, lambda evs: any(ev.type == "confirm_transition" for _, ev in evs))
+    held = next(ev for _, ev in events if ev.type == "confirm_transition")
+    assert held.transition == "advance"
+    assert not any(isinstance(ev, TransitionCompleted) and ev.transition == "advance" for _, ev in events)
+    # Clear the halt, then accept the held firing: the chain runs to its end without stopping again.
+    assert (await http.put(f"/bots/chain/sessions/{sid}/halt", json={"before": []})).status_code == 201
+    r = await http.post(f"/bots/chain/sessions/{sid}/confirmations/{held.firing_id}", json={"accepted": True})
+    assert r.status_code == 201, r.text
+    events = await _wait(log, "chain", sid, _finished(1))
+    assert sum(ev.type == "confirm_transition" for _, ev in events) == 1
+    assert isinstance(next(ev for _, ev in events if isinstance(ev, MarkerAdded)), MarkerAdded)
