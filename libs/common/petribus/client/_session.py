@@ -1,0 +1,336 @@
+"""``Client`` (one gateway) and ``Session`` (one session of one bot): the calls a program makes.
+
+Writes go over REST with an ``Idempotency-Key`` (``_http``), so each returns the event it appended, or
+raises what went wrong, and a retry lands once. Events come over the WebSocket (``_stream``), resumed
+without gaps. ``Session.run`` is both: it notes where the log stands, then watches what follows for the
+transition it was told to stop at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal, Self
+from urllib.parse import quote
+
+from pydantic import BaseModel
+
+from petribus.client._errors import ClientError, RunFailed, from_answer
+from petribus.client._event import Event, decode
+from petribus.client._http import Rest, new_key
+from petribus.client._stream import EventStream
+from petribus.events import Marker
+
+CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class State:
+    """A session as of ``last_seq``: its marking and what is under way (``GET .../sessions/{id}``)."""
+
+    bot: str
+    session_id: str
+    last_seq: int
+    marking: dict[str, list[Marker]]
+    """Location -> the markers it holds, oldest first."""
+    in_flight: list[dict[str, Any]]
+    """Firings that took their inputs and have not ended: ``firing_id``, ``transition``, ``status``
+    (``awaiting_confirmation``, ``claimed``, ``started``), ``consumed``, ``fired_seq``, ``attempts``."""
+    pending_requests: list[dict[str, Any]]
+    """Questions (``confirm_request``) and file requests (``input_file_request``) not yet answered."""
+    events: list[Event] = field(repr=False)
+    chat: list[dict[str, Any]] = field(repr=False)
+    memory: list[Any] = field(repr=False)
+    files: list[dict[str, Any]] = field(repr=False)
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> State:
+        return cls(
+            bot=body["bot"], session_id=body["session_id"], last_seq=body["last_seq"],
+            marking={loc: [Marker.model_validate(m) for m in ms] for loc, ms in body["marking"].items()},
+            in_flight=body.get("in_flight", []), pending_requests=body.get("pending_requests", []),
+            events=[decode(e) for e in body.get("events", [])], chat=body.get("chat", []),
+            memory=body.get("memory", []), files=body.get("files", []), raw=body,
+        )
+
+    def counts(self) -> dict[str, int]:
+        """Location -> how many markers it holds (locations holding none are left out)."""
+        return {loc: len(ms) for loc, ms in self.marking.items() if ms}
+
+    def data(self, location: str) -> list[dict[str, Any]]:
+        """The data of the markers at ``location``, oldest first."""
+        return [m.data for m in self.marking.get(location, [])]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Where ``Session.run`` stopped: ``event`` is the ``transition_completed`` (``halted="after"``) or
+    the ``confirm_transition`` (``halted="before"``: continue with ``accept(result.task_id)``)."""
+
+    event: Event
+    halted: Literal["before", "after"]
+    session: Session = field(repr=False)
+
+    @property
+    def seq(self) -> int:
+        assert self.event.seq is not None
+        return self.event.seq
+
+    @property
+    def task_id(self) -> str | None:
+        return self.event.task_id
+
+    @property
+    def transition(self) -> str | None:
+        return self.event.transition
+
+    async def state(self) -> State:
+        """The session's state as of this event (later events left out)."""
+        return await self.session.state(at=self.seq)
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    """A file request answered: ``stored_id`` is where its bytes are (downloadable at ``url``)."""
+
+    file_id: str
+    stored_id: str
+    name: str
+    size: int
+    url: str
+    seq: int
+    replayed: bool = False
+
+
+class Client:
+    """The gateway at ``url`` (``http://host:port``; a ``ws://`` base works too).
+
+    ``token``, when given, goes out as ``Authorization: Bearer TOKEN`` on every request and WebSocket
+    (for a proxy in front of the gateway; the gateway itself does not check it). Use it as
+    ``async with Client(url) as client:``, or call ``aclose()``: that also closes the event streams
+    its sessions opened.
+    """
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None, *,
+                 timeout: float = 60.0) -> None:
+        base = url.rstrip("/")
+        self.http_base = base.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+        self.ws_base = self.http_base.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.rest = Rest(self.http_base, headers=self.headers, timeout=timeout)
+        self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for stream in list(self._streams):
+            await stream.close()
+        await self.rest.aclose()
+
+    def session(self, bot: str, session_id: str | None = None) -> Session:
+        """Session ``session_id`` of ``bot``; ``await`` it to start a new one when ``session_id`` is None."""
+        return Session(self, bot, session_id)
+
+    async def bots(self) -> list[dict[str, Any]]:
+        """Every bot the gateway serves: its exposed locations (with JSON schemas) and transitions."""
+        return list(await self.rest.call("GET", "/bots"))
+
+    async def sessions(self, bot: str) -> dict[str, int]:
+        """The bot's sessions still in the log -> the number of events each holds."""
+        body = await self.rest.call("GET", f"/bots/{quote(bot)}/sessions")
+        return {s["session_id"]: s["events"] for s in body["sessions"]}
+
+    def stream(self, bot: str, session_id: str | None = None, *, since: int | None = None,
+               deltas: bool = False, **options: Any) -> EventStream:
+        """An ``EventStream`` of the session (a new session when ``session_id`` is None)."""
+        stream = EventStream(self.ws_base, bot, session_id, since=since, headers=self.headers, deltas=deltas,
+                             **options)
+        self._streams.add(stream)
+        return stream
+
+
+class Session:
+    """One session of ``bot``. ``session_id`` is None until a new one is made (``await`` the session)."""
+
+    def __init__(self, client: Client, bot: str, session_id: str | None = None) -> None:
+        self.client = client
+        self.bot = bot
+        self.session_id = session_id
+
+    def __repr__(self) -> str:
+        return f"Session(bot={self.bot!r}, session_id={self.session_id!r})"
+
+    def __await__(self) -> Any:
+        return self._created().__await__()
+
+    async def _created(self) -> Session:
+        if self.session_id is None:
+            body = await self.client.rest.call("POST", f"/bots/{quote(self.bot)}/sessions")
+            self.session_id = body["session_id"]
+        return self
+
+    def _id(self) -> str:
+        if self.session_id is None:
+            raise ClientError("this session has no id yet: `await client.session(bot)` makes a new one",
+                              code="no_session")
+        return self.session_id
+
+    @property
+    def path(self) -> str:
+        return f"/bots/{quote(self.bot)}/sessions/{quote(self._id())}"
+
+    async def _appended(self, method: str, path: str, body: Any, key: str | None) -> Event:
+        answer = await self.client.rest.call(method, path, json=body, key=key or new_key())
+        return decode(answer["event"])
+
+    async def add(self, marker: BaseModel | str, data: dict[str, Any] | None = None, *,
+                  key: str | None = None) -> Event:
+        """Add a marker: a model instance (its class name is the location), or a location name and its data.
+
+        Returns the ``marker_added`` event; ``Invalid`` when the data does not validate. ``key`` is the
+        write's idempotency key (a new one by default): the same key adds it once.
+        """
+        if isinstance(marker, BaseModel):
+            if data is not None:
+                raise TypeError("add(model) takes the data from the model; pass add('Location', {...}) instead")
+            location, data = type(marker).__name__, marker.model_dump(mode="json")
+        else:
+            location, data = marker, data or {}
+        return await self._appended("POST", f"{self.path}/markers", {"location": location, "data": data}, key)
+
+    async def say(self, text: str, *, key: str | None = None) -> Event:
+        """Say ``text`` as the session's user; returns the ``user_message`` event."""
+        return await self._appended("POST", f"{self.path}/messages", {"text": text}, key)
+
+    async def accept(self, task_id: str, *, key: str | None = None) -> Event:
+        """Run a firing that waits for confirmation (the ``task_id`` of its ``confirm_transition``)."""
+        return await self._appended("POST", f"{self.path}/confirmations/{quote(task_id)}",
+                                    {"accepted": True}, key)
+
+    async def reject(self, task_id: str, reason: str | None = None, *, key: str | None = None) -> Event:
+        """Do not run it: its markers go back and are not offered to that transition again."""
+        body: dict[str, Any] = {"accepted": False}
+        if reason is not None:
+            body["reason"] = reason
+        return await self._appended("POST", f"{self.path}/confirmations/{quote(task_id)}", body, key)
+
+    async def answer(self, request_id: str, accepted: bool, *, key: str | None = None) -> Event:
+        """Answer a running transition's ``context.confirm`` (the ``request_id`` of its ``confirm_request``)."""
+        return await self._appended("POST", f"{self.path}/confirm_requests/{quote(request_id)}",
+                                    {"accepted": accepted}, key)
+
+    async def upload(self, file_id: str, path: str | Path, *, name: str | None = None,
+                     key: str | None = None) -> Uploaded:
+        """Answer the file request ``file_id`` (an ``input_file_request``) with the file at ``path``.
+
+        The file is streamed, never read whole; ``Invalid`` (code ``file_too_large``) when the gateway
+        takes fewer bytes, ``Conflict`` when the request no longer waits.
+        """
+        path = Path(path)
+        size = path.stat().st_size
+
+        @contextlib.contextmanager
+        def body() -> Iterator[AsyncIterator[bytes]]:
+            with open(path, "rb") as fh:
+                yield _chunks(fh)
+
+        answer = await self.client.rest.call(
+            "PUT", f"{self.path}/files/{quote(file_id)}", params={"name": name or path.name},
+            key=key or new_key(), content=body, headers={"content-length": str(size)})
+        return Uploaded(**answer)
+
+    async def download(self, file: str, target: str | Path) -> Path:
+        """Save one of the session's files (a file id, or the ``url`` of its event) at ``target``."""
+        url = file if file.startswith(("/", "http://", "https://")) else f"{self.path}/files/{quote(file)}"
+        target = Path(target)
+        async with self.client.rest.stream("GET", url) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")[:300]
+                raise from_answer(resp.status_code, None, f"GET {url}: HTTP {resp.status_code} {text}")
+            out = await asyncio.to_thread(open, target, "wb")
+            with out:
+                async for chunk in resp.aiter_bytes():
+                    out.write(chunk)
+        return target
+
+    def events(self, since: int | None = None, *, deltas: bool = False) -> EventStream:
+        """The session's events after ``since`` (from its start when None), as they land, for as long as
+        it is read. A dropped connection is resumed where it stopped: none missed, none repeated.
+
+        ``async with s.events() as stream: async for ev in stream: ...`` closes it when done.
+        """
+        return self.client.stream(self.bot, self._id(), since=since, deltas=deltas)
+
+    async def state(self, at: int | None = None) -> State:
+        """The session's state now, or as of sequence ``at`` (the last event at or before it)."""
+        return State.of(await self.client.rest.call("GET", self.path, params=None if at is None else {"at": at}))
+
+    async def fork(self, at: int, *, bot: str | None = None) -> Session:
+        """A new session that starts from this one's state as of sequence ``at`` (of ``bot``, this bot by
+        default). Firings in flight then are re-decided there; this session is not touched."""
+        body: dict[str, Any] = {"at": at}
+        if bot is not None:
+            body["bot"] = bot
+        made = await self.client.rest.call("POST", f"{self.path}/fork", json=body)
+        return Session(self.client, made.get("bot") or bot or self.bot, made["session_id"])
+
+    async def halt(self, before: Iterable[str], *, key: str | None = None) -> Event:
+        """Hold every new firing of ``before`` for ``accept``/``reject``, as if it were ``confirm=True``.
+
+        Replaces the set held before; ``halt([])`` clears it. Returns the ``halt_set`` event.
+        """
+        return await self._appended("PUT", f"{self.path}/halt", {"before": list(before)}, key)
+
+    async def delete(self) -> None:
+        """Delete the session's log and files, for good."""
+        await self.client.rest.call("DELETE", self.path)
+
+    async def run(self, *, halt_after: Iterable[str] = (), halt_before: Iterable[str] = (),
+                  timeout: float | None = None) -> RunResult:
+        """Let the session run until a named transition completes (``halt_after``) or is about to fire
+        (``halt_before``); return where it stopped.
+
+        Only what happens after the call counts: a transition that completed, or a firing held for
+        confirmation, before ``run`` noted the log's last sequence does not stop it.
+
+        ``halt_before`` sets the session's halt set to exactly those transitions (``halt``) and leaves it
+        set, like a breakpoint: the held firing waits for ``accept(result.task_id)`` or ``reject``, and so
+        does every later firing of them until ``halt([])``. ``halt_after`` alone leaves the halt set alone.
+
+        Raises ``RunFailed`` when a named transition fails for good (its final ``transition_failed``;
+        one that will be retried does not count), and ``TimeoutError`` after ``timeout`` seconds
+        (a session where nothing named happens would otherwise be watched forever).
+        """
+        after, before = set(halt_after), set(halt_before)
+        if not after and not before:
+            raise ValueError("run needs halt_after=[...] or halt_before=[...]: the transitions to stop at")
+        start = await self._last_seq()
+        if before:
+            await self.halt(sorted(before))
+        async with asyncio.timeout(timeout), self.events(since=start) as stream:
+            async for event in stream:
+                if event.type == "transition_completed" and event.transition in after:
+                    return RunResult(event, "after", self)
+                if event.type == "confirm_transition" and event.transition in before:
+                    return RunResult(event, "before", self)
+                if event.type == "transition_failed" and event.final and event.transition in after | before:
+                    raise RunFailed(event)
+        raise ClientError("the session's event stream ended before a named transition was reached",
+                          code="stream_ended")
+
+    async def _last_seq(self) -> int:
+        return int((await self.client.rest.call("GET", self.path))["last_seq"])
+
+
+async def _chunks(fh: IO[bytes]) -> AsyncIterator[bytes]:
+    while chunk := fh.read(CHUNK):
+        yield chunk
