@@ -47,6 +47,7 @@ from petribus.net import Net, TransitionDef
 from petribus.work import WorkItem
 from petribus_executor import protocol as p
 from petribus_executor.effects import Effects
+from petribus_executor.failures import fit_inputs, mask
 from petribus_executor.folds import SessionFolds
 from petribus_executor.interact import Interactions
 from petribus_executor.pool import WorkerPool
@@ -267,6 +268,8 @@ class FiringRunner:
                           known=_known_effects(state) if state is not None and firing.status == "started"
                           else frozenset())
         outcome = await self._run_once(item, net, t, attempt, effects, profile)
+        if not outcome.ok:
+            outcome = self._masked(outcome, profile)
         completed = self._completion(item, outcome) if outcome.ok else None
         if completed is not None and (too_big := self._too_big(completed)):
             outcome = p.Outcome(ok=False, error=too_big, error_type="TransitionOutputError", retryable=False,
@@ -283,14 +286,15 @@ class FiringRunner:
         self.log.warning("firing failed", attempt=attempt, final=final, error_type=outcome.error_type,
                          error=outcome.error, traceback=outcome.traceback or None)
         if final:
-            await self._fail(item, outcome.error, outcome.error_type, outcome.retryable, attempt)
+            await self._fail(item, outcome.error, outcome.error_type, outcome.retryable, attempt,
+                             traceback=outcome.traceback or None)
             self._notify(item, t, None, outcome.error, attempt, error_type=outcome.error_type)
             await current.msg.ack()
             return
         # The wait before the retry is JetStream's (a nak with a delay): no process has to live through it.
         delay = self.backoff(failures + 1)
         await self._fail(item, outcome.error, outcome.error_type, outcome.retryable, attempt, final=False,
-                         retry_in_s=delay)
+                         retry_in_s=delay, traceback=outcome.traceback or None)
         await current.msg.nak(delay=delay)
 
     async def _run_once(self, item: WorkItem, net: Net, t: TransitionDef, attempt: int,
@@ -513,14 +517,44 @@ class FiringRunner:
                 "context.send_file), or raise max_payload on the server")
 
     async def _fail(self, item: WorkItem, error: str, error_type: str, retryable: bool, attempt: int,
-                    *, final: bool = True, retry_in_s: float | None = None) -> None:
+                    *, final: bool = True, retry_in_s: float | None = None, traceback: str | None = None) -> None:
+        """Append a ``transition_failed`` with the run's traceback (if it has one) and the markers it
+        consumed, as many as fit in one message of the bus (``failures.py``)."""
+        def event(error: str, inputs: list[Marker]) -> TransitionFailed:
+            return TransitionFailed(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
+                                    transition=item.transition, error=error, error_type=error_type,
+                                    retryable=retryable, final=final, attempt=attempt, retry_in_s=retry_in_s,
+                                    traceback=traceback, inputs=inputs, cause=item.firing_id, trace=item.trace)
+
+        failed = event(error, item.inputs)
+        limit = self.events.nc.max_payload - ENVELOPE_BYTES
+        if item.inputs and len(encode(failed)) > limit:
+            note = (f" ({len(item.inputs):,} of {len(item.inputs):,} input markers are not in this event: they "
+                    "did not fit in one message of the bus; the transition_fired event names them all by id)")
+            room = limit - len(encode(event(error + note, [])))
+            kept, left_out = fit_inputs(item.inputs, room, lambda m: len(m.model_dump_json()))
+            while True:
+                note = (f" ({left_out:,} of {len(item.inputs):,} input markers are not in this event: they did "
+                        "not fit in one message of the bus; the transition_fired event names them all by id)")
+                failed = event(error + note, kept)
+                if not kept or len(encode(failed)) <= limit:
+                    break
+                kept, left_out = kept[:-1], left_out + 1
         await self.events.append(
-            TransitionFailed(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
-                             transition=item.transition, error=error, error_type=error_type,
-                             retryable=retryable, final=final, attempt=attempt, retry_in_s=retry_in_s,
-                             cause=item.firing_id, trace=item.trace),
-            msg_id=f"fail:{item.firing_id}" if final else f"fail:{item.firing_id}:{attempt}",
+            failed, msg_id=f"fail:{item.firing_id}" if final else f"fail:{item.firing_id}:{attempt}",
         )
+
+    def _masked(self, outcome: p.Outcome, profile: Profile) -> p.Outcome:
+        """A failed outcome with no secret value in its message or traceback: the profile's secrets (the
+        worker masked them already; what a worker says is not relied on) and the model key, if this
+        executor has it."""
+        hidden = [value for _, value in profile.env]
+        if self.settings.openai_api_key is not None:
+            hidden.append(self.settings.openai_api_key.get_secret_value())
+        if not hidden:
+            return outcome
+        return dataclasses.replace(outcome, error=mask(outcome.error, hidden),
+                                   traceback=mask(outcome.traceback, hidden))
 
     async def give_up(self, item: WorkItem, error: str, runs: int) -> None:
         """Fail a firing for good that no run finished (its markers go back to their places)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ from petribus.context import BotContext, Channel
 from petribus.errors import InvalidInput, PetribusError, TransitionOutputError
 from petribus.net import Net, TransitionDef
 from petribus_executor import protocol as p
+from petribus_executor.failures import describe, error_message
 
 
 def run_sync(nets: dict[str, Net], req: p.Request, channel: Channel) -> p.Outcome:
@@ -75,9 +75,9 @@ def cancelled(started: float = 0.0) -> p.Outcome:
 
 def _failed(exc: BaseException, started: float) -> p.Outcome:
     return p.Outcome(
-        ok=False, error=str(exc) or type(exc).__name__, error_type=type(exc).__name__,
+        ok=False, error=error_message(exc), error_type=type(exc).__name__,
         retryable=exc.retryable if isinstance(exc, PetribusError) else True,
-        traceback=traceback.format_exc(), duration_ms=(time.perf_counter() - started) * 1000,
+        traceback=describe(exc), duration_ms=(time.perf_counter() - started) * 1000,
     )
 
 

@@ -39,6 +39,7 @@ import tempfile
 import threading
 from typing import Any
 
+from petribus_executor import failures
 from petribus_executor import protocol as p
 from petribus_executor.sandbox import Profile, from_dict
 
@@ -69,6 +70,7 @@ class Sandbox:
 
         Only a worker process does: a ``Runner`` driven in another process (a test) never limits it."""
         self.confined = True
+        failures.hide(value for _, value in self.profile.env)  # its tracebacks show none of its secrets
         threading.stack_size(THREAD_STACK_BYTES)
         env = self.profile.environment(dict(os.environ), self.passed)
         tmp = os.path.join(self.root, ".tmp")

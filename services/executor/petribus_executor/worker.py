@@ -46,6 +46,7 @@ from petribus.errors import AlreadyAnswered, FileTooLarge, InvalidInput, Petribu
 from petribus.loader import load_bot
 from petribus.net import Net
 from petribus_executor import protocol as p
+from petribus_executor.failures import describe, error_message
 from petribus_executor.invoke import cancelled, run_async, run_sync
 from petribus_executor.limits import Sandbox
 
@@ -347,7 +348,8 @@ class Runner:
         if task.cancelled():  # before it began: run_async never saw the cancellation
             outcome = cancelled()
         elif (exc := task.exception()) is not None:
-            outcome = p.Outcome(ok=False, error=repr(exc), error_type=type(exc).__name__, retryable=True)
+            outcome = p.Outcome(ok=False, error=error_message(exc), error_type=type(exc).__name__, retryable=True,
+                                traceback=describe(exc))
         else:
             outcome = self.sandbox.explain(request, task.result())
         try:
