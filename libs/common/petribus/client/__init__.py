@@ -23,9 +23,9 @@ from petribus.client._errors import (
     Unavailable,
 )
 from petribus.client._event import Event
-from petribus.client._session import Client, RunResult, Session, State, Uploaded
+from petribus.client._session import Client, RunResult, Session, State, Step, Uploaded
 from petribus.client._stream import EventStream
 from petribus.client._sync import SyncClient, SyncSession
 
 __all__ = ["Client", "ClientError", "Conflict", "ConnectionLost", "Event", "EventStream", "Invalid", "NotFound",
-           "RunFailed", "RunResult", "Session", "State", "SyncClient", "SyncSession", "Unavailable", "Uploaded"]
+           "RunFailed", "RunResult", "Session", "State", "Step", "SyncClient", "SyncSession", "Unavailable", "Uploaded"]

@@ -95,6 +95,18 @@ class RunResult:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One step of a session's history: an event and what it changed in the marking."""
+
+    seq: int
+    event: Event
+    added: list[Marker]
+    """Markers it put into places (added, output, or given back by a failed or rejected firing)."""
+    consumed: list[Marker]
+    """Markers it took out of places (a firing's claim)."""
+
+
+@dataclass(frozen=True)
 class Uploaded:
     """A file request answered: ``stored_id`` is where its bytes are (downloadable at ``url``)."""
 
@@ -270,17 +282,35 @@ class Session:
         """
         return self.client.stream(self.bot, self._id(), since=since, deltas=deltas)
 
-    async def state(self, at: int | None = None) -> State:
-        """The session's state now, or as of sequence ``at`` (the last event at or before it)."""
-        return State.of(await self.client.rest.call("GET", self.path, params=None if at is None else {"at": at}))
+    async def state(self, at: int | None = None, *, events: bool = True) -> State:
+        """The session's state now, or as of sequence ``at`` (its ``last_seq`` is then the last event at
+        or before ``at``). ``events=False`` leaves the events out (a long session's are many)."""
+        params: dict[str, Any] = {} if events else {"events": "false"}
+        if at is not None:
+            params["at"] = at
+        return State.of(await self.client.rest.call("GET", self.path, params=params))
 
-    async def fork(self, at: int, *, bot: str | None = None) -> Session:
+    async def history(self, after: int = 0, *, page: int = 100) -> AsyncIterator[Step]:
+        """The session's steps after sequence ``after``, oldest first: each event with the markers it
+        added and consumed. Read in pages of ``page``; ends at the step that was last when it got there."""
+        while True:
+            body = await self.client.rest.call("GET", f"{self.path}/history",
+                                               params={"after": after, "limit": page})
+            for step in body["steps"]:
+                yield Step(seq=step["seq"], event=decode(step["event"]),
+                           added=[Marker.model_validate(m) for m in step.get("added", [])],
+                           consumed=[Marker.model_validate(m) for m in step.get("consumed", [])])
+            if body.get("next") is None:
+                return
+            after = body["next"]
+
+    async def fork(self, at: int, *, bot: str | None = None, key: str | None = None) -> Session:
         """A new session that starts from this one's state as of sequence ``at`` (of ``bot``, this bot by
         default). Firings in flight then are re-decided there; this session is not touched."""
         body: dict[str, Any] = {"at": at}
         if bot is not None:
             body["bot"] = bot
-        made = await self.client.rest.call("POST", f"{self.path}/fork", json=body)
+        made = await self.client.rest.call("POST", f"{self.path}/fork", json=body, key=key or new_key())
         return Session(self.client, made.get("bot") or bot or self.bot, made["session_id"])
 
     async def halt(self, before: Iterable[str], *, key: str | None = None) -> Event:
@@ -295,40 +325,47 @@ class Session:
         await self.client.rest.call("DELETE", self.path)
 
     async def run(self, *, halt_after: Iterable[str] = (), halt_before: Iterable[str] = (),
+                  add: Iterable[BaseModel | tuple[str, dict[str, Any]]] = (), since: int | None = None,
                   timeout: float | None = None) -> RunResult:
         """Let the session run until a named transition completes (``halt_after``) or is about to fire
-        (``halt_before``); return where it stopped.
+        (``halt_before``); return where it stopped, like Burr's ``Application.run``.
 
-        Only what happens after the call counts: a transition that completed, or a firing held for
-        confirmation, before ``run`` noted the log's last sequence does not stop it.
+        Only events after ``since`` count (default: the log's last sequence when ``run`` begins): a
+        transition that completed, or a firing held for confirmation, earlier does not stop it. ``add``
+        (models, or ``(location, data)`` pairs) is added once the run watches and the halt is set, so
+        what it sets off is never missed; or pass the ``seq`` of an earlier write as ``since``.
 
         ``halt_before`` sets the session's halt set to exactly those transitions (``halt``) and leaves it
         set, like a breakpoint: the held firing waits for ``accept(result.task_id)`` or ``reject``, and so
-        does every later firing of them until ``halt([])``. ``halt_after`` alone leaves the halt set alone.
+        does every later firing of them until ``halt([])``. A firing claimed before the halt was set
+        runs unheld. ``halt_after`` alone leaves the halt set as it is.
 
         Raises ``RunFailed`` when a named transition fails for good (its final ``transition_failed``;
-        one that will be retried does not count), and ``TimeoutError`` after ``timeout`` seconds
-        (a session where nothing named happens would otherwise be watched forever).
+        one that will be retried does not count), and ``TimeoutError`` after ``timeout`` seconds: a
+        session where nothing named happens would otherwise be watched forever.
         """
         after, before = set(halt_after), set(halt_before)
         if not after and not before:
             raise ValueError("run needs halt_after=[...] or halt_before=[...]: the transitions to stop at")
-        start = await self._last_seq()
-        if before:
-            await self.halt(sorted(before))
-        async with asyncio.timeout(timeout), self.events(since=start) as stream:
-            async for event in stream:
-                if event.type == "transition_completed" and event.transition in after:
-                    return RunResult(event, "after", self)
-                if event.type == "confirm_transition" and event.transition in before:
-                    return RunResult(event, "before", self)
-                if event.type == "transition_failed" and event.final and event.transition in after | before:
-                    raise RunFailed(event)
+        async with asyncio.timeout(timeout):
+            start = await self._last_seq() if since is None else since
+            if before:
+                await self.halt(sorted(before))
+            for marker in add:
+                await (self.add(marker) if isinstance(marker, BaseModel) else self.add(*marker))
+            async with self.events(since=start) as stream:
+                async for event in stream:
+                    if event.type == "transition_completed" and event.transition in after:
+                        return RunResult(event, "after", self)
+                    if event.type == "confirm_transition" and event.transition in before:
+                        return RunResult(event, "before", self)
+                    if event.type == "transition_failed" and event.final and event.transition in after | before:
+                        raise RunFailed(event)
         raise ClientError("the session's event stream ended before a named transition was reached",
                           code="stream_ended")
 
     async def _last_seq(self) -> int:
-        return int((await self.client.rest.call("GET", self.path))["last_seq"])
+        return (await self.state(events=False)).last_seq
 
 
 async def _chunks(fh: IO[bytes]) -> AsyncIterator[bytes]:

@@ -97,11 +97,11 @@ class SyncSession:
     def download(self, file: str, target: str | Path) -> Path:
         return self.owner.call(self.session.download(file, target))
 
-    def state(self, at: int | None = None) -> State:
-        return self.owner.call(self.session.state(at))
+    def state(self, at: int | None = None, *, events: bool = True) -> State:
+        return self.owner.call(self.session.state(at, events=events))
 
-    def fork(self, at: int, *, bot: str | None = None) -> SyncSession:
-        return SyncSession(self.owner, self.owner.call(self.session.fork(at, bot=bot)))
+    def fork(self, at: int, *, bot: str | None = None, key: str | None = None) -> SyncSession:
+        return SyncSession(self.owner, self.owner.call(self.session.fork(at, bot=bot, key=key)))
 
     def halt(self, before: Iterable[str], *, key: str | None = None) -> Event:
         return self.owner.call(self.session.halt(before, key=key))
@@ -110,9 +110,11 @@ class SyncSession:
         self.owner.call(self.session.delete())
 
     def run(self, *, halt_after: Iterable[str] = (), halt_before: Iterable[str] = (),
+            add: Iterable[BaseModel | tuple[str, dict[str, Any]]] = (), since: int | None = None,
             timeout: float | None = None) -> RunResult:
         """As ``Session.run``; the result's state is ``state(at=result.seq)`` here."""
-        return self.owner.call(self.session.run(halt_after=halt_after, halt_before=halt_before, timeout=timeout))
+        return self.owner.call(self.session.run(halt_after=halt_after, halt_before=halt_before, add=add,
+                                                since=since, timeout=timeout))
 
     def events(self, since: int | None = None, *, deltas: bool = False) -> Iterator[Event]:
         """The session's events after ``since``, blocking for each; closed when the loop over it ends."""
