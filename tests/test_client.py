@@ -260,7 +260,7 @@ async def test_state_at_a_sequence_and_a_fork_from_it(client):
 
 
 async def test_the_sync_client_runs_a_session_from_a_thread(stack):
-    def script(url: str) -> tuple[list[str], dict[str, int], str]:
+    def script(url: str) -> dict:
         with SyncClient(url) as sync:
             s = sync.session("client_chain")
             done = s.run(halt_after=["refund"], add=[("Order", {"id": 9})])
@@ -269,11 +269,14 @@ async def test_the_sync_client_runs_a_session_from_a_thread(stack):
                 kinds.append(event.type)
                 if event.seq == done.seq:
                     break
-            return kinds, s.state().counts(), done.transition
+            state = s.state()
+            return {"kinds": kinds, "counts": state.counts(), "transition": done.transition,
+                    "steps": [step.seq for step in s.history(page=2)], "seqs": [e.seq for e in state.events]}
 
-    kinds, counts, transition = await asyncio.to_thread(script, stack.gateway.url)
-    assert kinds[0] == "session_created" and kinds.count("transition_completed") == 3
-    assert counts == {"Refunded": 1} and transition == "refund"
+    ran = await asyncio.to_thread(script, stack.gateway.url)
+    assert ran["kinds"][0] == "session_created" and ran["kinds"].count("transition_completed") == 3
+    assert ran["counts"] == {"Refunded": 1} and ran["transition"] == "refund"
+    assert ran["steps"] == ran["seqs"]  # every page of two followed to the end
 
 
 def test_importing_petribus_or_its_client_imports_no_service():

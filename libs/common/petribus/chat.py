@@ -201,7 +201,7 @@ class Chat:
         if kind == "not_sent":
             self.show(f"[not sent] {text}", "bold red")
         else:
-            self.show(f"[{kind}] {text}", "dim")
+            self.show(f"[{kind}] {text}", "dim")  # reconnecting, resending, unreadable
 
     def _on_event(self, event: Event) -> None:
         try:

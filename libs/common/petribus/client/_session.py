@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, Self
@@ -290,7 +290,7 @@ class Session:
             params["at"] = at
         return State.of(await self.client.rest.call("GET", self.path, params=params))
 
-    async def history(self, after: int = 0, *, page: int = 100) -> AsyncIterator[Step]:
+    async def history(self, after: int = 0, *, page: int = 100) -> AsyncGenerator[Step, None]:
         """The session's steps after sequence ``after``, oldest first: each event with the markers it
         added and consumed. Read in pages of ``page``; ends at the step that was last when it got there."""
         while True:

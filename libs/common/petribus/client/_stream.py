@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -41,9 +42,13 @@ CLOSE_NOT_FOUND = 4404
 CLOSE_BAD_REQUEST = 4400
 DELTA = "agent_message_delta"
 
-NoticeKind = Literal["reconnecting", "resending", "not_sent"]
+NoticeKind = Literal["reconnecting", "resending", "not_sent", "unreadable"]
 Notice = Callable[[NoticeKind, str], None]
-"""Told what the stream does on its own (``reconnecting``, ``resending``, ``not_sent``), for a person."""
+"""Told what the stream does on its own (``reconnecting``, ``resending``, ``not_sent``) or skipped
+(``unreadable``: a frame that is not an event), for a person. Without one, these go to the
+``petribus.client`` logger."""
+
+log = logging.getLogger("petribus.client")
 
 
 class EventStream:
@@ -170,8 +175,8 @@ class EventStream:
         except ValueError:
             message = None
         if not isinstance(message, dict):
-            raise ClientError(f"the gateway sent something that is not an event: {str(raw)[:200]!r}",
-                              code="unreadable_event")
+            self._notice("unreadable", f"not an event: {str(raw)[:200]}")
+            return None
         event = decode(message)
         if event.type == DELTA:
             return event if self.deltas else None
@@ -249,6 +254,8 @@ class EventStream:
     def _notice(self, kind: NoticeKind, text: str) -> None:
         if self.on_notice is not None:
             self.on_notice(kind, text)
+        else:
+            log.warning("%s: %s", kind, text, extra={"bot": self.bot, "session_id": self.session_id})
 
 
 def error_of(event: Event) -> ClientError:

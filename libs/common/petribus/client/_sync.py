@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from pydantic import BaseModel
 
 from petribus.client._event import Event
-from petribus.client._session import Client, RunResult, Session, State, Uploaded
+from petribus.client._session import Client, RunResult, Session, State, Step, Uploaded
 
 T = TypeVar("T")
 
@@ -35,6 +35,18 @@ class SyncClient:
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the client's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def pull(self, items: AsyncIterator[T]) -> Iterator[T]:
+        """The items of an async iterator, each fetched on the client's loop."""
+
+        async def following() -> T:
+            return await anext(items)
+
+        while True:
+            try:
+                yield self.call(following())
+            except StopAsyncIteration:
+                return
 
     def __enter__(self) -> Self:
         return self
@@ -120,10 +132,14 @@ class SyncSession:
         """The session's events after ``since``, blocking for each; closed when the loop over it ends."""
         stream = self.session.events(since, deltas=deltas)
         try:
-            while True:
-                try:
-                    yield self.owner.call(stream.__anext__())
-                except StopAsyncIteration:
-                    return
+            yield from self.owner.pull(stream)
         finally:
             self.owner.call(stream.close())
+
+    def history(self, after: int = 0, *, page: int = 100) -> Iterator[Step]:
+        """As ``Session.history``, one step at a time."""
+        steps = self.session.history(after, page=page)
+        try:
+            yield from self.owner.pull(steps)
+        finally:
+            self.owner.call(steps.aclose())
