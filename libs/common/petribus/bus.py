@@ -21,7 +21,7 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import nats
@@ -436,6 +436,28 @@ class EventLog:
                                          lambda _: self._read_leader(subject, last, at_least, timeout)))
         return out
 
+    async def scan(self, bot: str, session_id: str, after: int = 0, until: int | None = None,
+                   timeout: float = 5.0) -> AsyncIterator[list[tuple[int, Event]]]:
+        """The session's events after ``after`` (up to ``until``), a batch of up to 1,000 at a time.
+
+        For folding a long log: only one batch of decoded events is alive at a time, so the garbage
+        collector is not made to walk the whole log again and again while it is read (a list of
+        100,000 events read first and folded after folds at a third of the speed).
+        """
+        subject = subjects.events(bot, session_id)
+        start = after + 1
+        while True:
+            batch, pending = await self._retry(f"reading {subject}",
+                                               lambda _: self._direct_batch(subject, start, timeout))
+            if until is not None and batch and batch[-1][0] >= until:
+                yield [e for e in batch if e[0] <= until]
+                return
+            if batch:
+                yield batch
+            if not pending or not batch:
+                return
+            start = batch[-1][0] + 1
+
     async def _read_direct(self, subject: str, after: int, timeout: float,
                            until: int | None = None) -> list[tuple[int, Event]]:
         out: list[tuple[int, Event]] = []
@@ -571,6 +593,13 @@ class EventLog:
             subjects.EVENTS_STREAM, subjects_filter=subjects.bot_events(bot)))
         found = info.state.subjects or {}
         return {subjects.parse_events(s)[1]: n for s, n in found.items()}
+
+    async def count(self, bot: str, session_id: str) -> int:
+        """How many events the session holds (0: none, or no such session)."""
+        subject = subjects.events(bot, session_id)
+        info = await self._retry(f"counting {subject}", lambda _: self.js.stream_info(
+            subjects.EVENTS_STREAM, subjects_filter=subject))
+        return (info.state.subjects or {}).get(subject, 0)
 
     async def delete(self, bot: str, session_id: str) -> None:
         await self.js.purge_stream(subjects.EVENTS_STREAM, subject=subjects.events(bot, session_id))

@@ -70,8 +70,10 @@ class Timeline:
         if at is None or at >= session.head.last_seq:
             return session.head.copy()
         state = session.nearest(at).copy()
-        for seq, event in await self._read(bot, session_id, state.last_seq, at):
-            apply(state, seq, event)
+        if at > state.last_seq:
+            async for batch in self.events.scan(bot, session_id, after=state.last_seq, until=at):
+                for seq, event in batch:
+                    apply(state, seq, event)
         return state
 
     async def history(self, bot: str, session_id: str, *, after: int, limit: int) -> tuple[list[Step], int]:
@@ -82,22 +84,18 @@ class Timeline:
         steps: list[Step] = []
         journal: list[tuple[str, Marker]] = []
         state.journal = journal
-        start = state.last_seq
-        while len(steps) < limit and start < session.head.last_seq:
-            until = min(session.head.last_seq, start + max(limit, MIN_EVERY))
-            read = await self._read(bot, session_id, start, until)
-            if not read:
-                break
-            for seq, event in read:
-                journal.clear()
-                apply(state, seq, event)
-                if seq > after:
-                    steps.append(Step(seq, event, [m for op, m in journal if op == "+"],
-                                      [m for op, m in journal if op == "-"]))
-                    if len(steps) == limit:
-                        break
-            start = read[-1][0]
-        return steps, session.head.last_seq
+        last = session.head.last_seq
+        if state.last_seq < last:
+            async for batch in self.events.scan(bot, session_id, after=state.last_seq, until=last):
+                for seq, event in batch:
+                    journal.clear()
+                    apply(state, seq, event)
+                    if seq > after:
+                        steps.append(Step(seq, event, [m for op, m in journal if op == "+"],
+                                          [m for op, m in journal if op == "-"]))
+                        if len(steps) == limit:
+                            return steps, last
+        return steps, last
 
     def forget(self, bot: str, session_id: str) -> None:
         self._cache.pop((bot, session_id), None)
@@ -114,16 +112,12 @@ class Timeline:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
         async with session.lock:
-            new = await self.events.read(bot, session_id, after=session.head.last_seq)
-            if not new and session.head.last_seq and await self.events.last_seq(bot, session_id) == 0:
-                self.forget(bot, session_id)  # deleted: start over if it is ever asked about again
-                session = _Session(head=SessionState(bot=bot, session_id=session_id))
-                session.keep()
-                return session
-            if new:
-                expected = session.head.events + len(new)
-                session.every = max(session.every, MIN_EVERY, -(-expected // SNAPSHOTS))
-                for seq, event in new:
+            before = session.head.last_seq
+            if before == 0:  # a first read: space the snapshots out by the length of the log
+                count = await self.events.count(bot, session_id)
+                session.every = max(MIN_EVERY, -(-count // SNAPSHOTS))
+            async for batch in self.events.scan(bot, session_id, after=before):
+                for seq, event in batch:
                     apply(session.head, seq, event)
                     session.since += 1
                     if session.since >= session.every:
@@ -131,7 +125,9 @@ class Timeline:
                 if len(session.snapshots) > 2 * SNAPSHOTS:  # a session that kept growing: thin them out
                     session.snapshots = session.snapshots[:1] + session.snapshots[2::2]
                     session.every *= 2
+            if session.head.last_seq == before and before and await self.events.last_seq(bot, session_id) == 0:
+                self.forget(bot, session_id)  # deleted: start over if it is ever asked about again
+                session = _Session(head=SessionState(bot=bot, session_id=session_id))
+                session.keep()
         return session
 
-    async def _read(self, bot: str, session_id: str, after: int, until: int) -> list[tuple[int, Event]]:
-        return await self.events.read(bot, session_id, after=after, until=until) if until > after else []
