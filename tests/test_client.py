@@ -153,6 +153,36 @@ async def test_events_resume_after_the_gateway_restarts_with_no_seq_missed_or_re
     assert [e.value["data"] for e in outage] == [{"id": 2}, {"id": 3}]
 
 
+async def test_a_write_refused_during_a_bus_outage_is_sent_again_with_its_key_and_lands_once(
+        settings, nats_server, nc):
+    from .test_gateway_outage import _restart, _stop
+
+    short = settings.model_copy(update={"bus_outage_s": 1.0})  # the gateway answers 503 a second into it
+    async with Stack(short, [CHAIN], parts=("gateway",)) as stack, Client(stack.gateway.url) as client:
+        s = await client.session("client_chain")
+        sent: list[tuple[str | None, int]] = []
+        refused = asyncio.Event()
+
+        async def record(resp) -> None:
+            sent.append((resp.request.headers.get("Idempotency-Key"), resp.status_code))
+            if resp.status_code == 503:
+                refused.set()
+
+        client.rest.http.event_hooks["response"].append(record)
+        await _stop(nats_server, stack)
+        try:
+            saying = asyncio.create_task(s.say("hello"))
+            await asyncio.wait_for(refused.wait(), 60)
+        finally:
+            _restart(nats_server)
+        said = await saying
+
+    keys, statuses = zip(*sent, strict=True)
+    assert statuses[0] == 503 and statuses[-1] == 201 and len(set(keys)) == 1 and keys[0]
+    _, log = await session_state(nc, "client_chain", s.session_id)
+    assert [(seq, ev.text) for seq, ev in log if ev.type == "user_message"] == [(said.seq, "hello")]
+
+
 async def test_people_answer_confirmations_questions_and_file_requests(client, nc, tmp_path):
     s = await client.session("hitl")
     source = tmp_path / "report.txt"
@@ -189,6 +219,8 @@ async def test_people_answer_confirmations_questions_and_file_requests(client, n
         await _until(stream, _completed("echo_file"))
 
     assert saved.read_bytes() == source.read_bytes()
+    with pytest.raises(NotFound):
+        await s.download("0" * 32, tmp_path / "nothing")
     state = await s.state()
     assert state.counts() == {"Cancelled": 1, "Closed": 1, "RefundDecision": 1, "Received": 1}
     assert state.data("RefundDecision") == [{"amount": 30, "approved": True}]

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from petribus.client._errors import Unavailable, from_answer
+from petribus.client._errors import ClientError, Unavailable, from_answer
 
 RETRIES = 5  # sends of one request after the first, while the gateway or its log is unavailable
 BACKOFF_S = 0.5  # times the attempt, when the gateway gives no Retry-After
@@ -68,12 +68,17 @@ class Rest:
                 failure, wait = _message(resp), _retry_after(resp, attempt)
                 continue
             if resp.status_code >= 400:
-                raise from_answer(resp.status_code, _code(resp), f"{method} {path}: {_message(resp)}")
+                raise refusal(method, path, resp)
             return None if resp.status_code == 204 or not resp.content else resp.json()
         raise Unavailable(f"{method} {path} failed {RETRIES + 1} times: {failure}")
 
     def stream(self, method: str, path: str) -> Any:
         return self.http.stream(method, path)
+
+
+def refusal(method: str, path: str, resp: httpx.Response) -> ClientError:
+    """A 4xx or 5xx answer (its body read) as the error to raise."""
+    return from_answer(resp.status_code, _code(resp), f"{method} {path}: {_message(resp)}")
 
 
 def _retry_after(resp: httpx.Response, attempt: int) -> float:

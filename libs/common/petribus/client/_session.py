@@ -12,16 +12,17 @@ import asyncio
 import contextlib
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any, Literal, Self
 from urllib.parse import quote
 
+import httpx
 from pydantic import BaseModel
 
-from petribus.client._errors import ClientError, RunFailed, from_answer
+from petribus.client._errors import ClientError, RunFailed, Unavailable
 from petribus.client._event import Event, decode
-from petribus.client._http import Rest, new_key
+from petribus.client._http import Rest, new_key, refusal
 from petribus.client._stream import EventStream
 from petribus.events import Marker
 
@@ -258,20 +259,23 @@ class Session:
         answer = await self.client.rest.call(
             "PUT", f"{self.path}/files/{quote(file_id)}", params={"name": name or path.name},
             key=key or new_key(), content=body, headers={"content-length": str(size)})
-        return Uploaded(**answer)
+        return Uploaded(**{f.name: answer[f.name] for f in fields(Uploaded) if f.name in answer})
 
     async def download(self, file: str, target: str | Path) -> Path:
         """Save one of the session's files (a file id, or the ``url`` of its event) at ``target``."""
         url = file if file.startswith(("/", "http://", "https://")) else f"{self.path}/files/{quote(file)}"
         target = Path(target)
-        async with self.client.rest.stream("GET", url) as resp:
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")[:300]
-                raise from_answer(resp.status_code, None, f"GET {url}: HTTP {resp.status_code} {text}")
-            out = await asyncio.to_thread(open, target, "wb")
-            with out:
-                async for chunk in resp.aiter_bytes():
-                    out.write(chunk)
+        try:
+            async with self.client.rest.stream("GET", url) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    raise refusal("GET", url, resp)
+                out = await asyncio.to_thread(open, target, "wb")
+                with out:
+                    async for chunk in resp.aiter_bytes():
+                        out.write(chunk)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"GET {url}: {type(exc).__name__}: {exc}; download it again", code="unreachable") from exc
         return target
 
     def events(self, since: int | None = None, *, deltas: bool = False) -> EventStream:
