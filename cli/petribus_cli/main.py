@@ -110,6 +110,12 @@ def serve(
     workers: WorkersOpt = None,
     worker_concurrency: ConcurrencyOpt = None,
     session: Annotated[str | None, typer.Option("--session", help="Resume this session in the chat.")] = None,
+    reload: Annotated[bool, typer.Option(
+        "--reload", help="Run the services anew when a .py file under the app's folder changes; sessions "
+        "and the chat stay (docs/debugging.md).")] = False,
+    lifeline: Annotated[bool, typer.Option(
+        "--lifeline", hidden=True, help="Run as the services of serve --reload: stop when stdin closes, "
+        "say 'ready' on stdout once serving.")] = False,
     log_level: LevelOpt = LogLevel.info,
     log_format: FormatOpt = LogFormat.console,
 ) -> None:
@@ -135,25 +141,30 @@ def serve(
                 settings = settings.model_copy(update={"nats_url": server.url})
             else:
                 asyncio.run(_probe(settings.nats_url))
-            return asyncio.run(_serve(settings, spec, net, chat=chat, session=session, embedded=embedded,
-                                      log_file=log_file))
+            if reload:
+                return asyncio.run(_serve_reloading(settings, spec, net, chat=chat, session=session,
+                                                    embedded=embedded, log_file=log_file))
+            return asyncio.run(_serve(settings, spec, net, chat=chat and not lifeline, session=session,
+                                      embedded=embedded, log_file=log_file, lifeline=lifeline))
 
     _run(body)
 
 
 async def _serve(settings: Settings, spec: str, net: Net, *, chat: bool, session: str | None, embedded: bool,
-                 log_file: Path | None) -> int:
+                 log_file: Path | None, lifeline: bool = False) -> int:
     from petribus_gateway.app import Gateway
     from petribus_llm.app import LLMService
     from petribus_scheduler.app import Scheduler
 
     from petribus.chat import Chat, stdin_lines
-    from petribus.child import ChildService
+    from petribus.child import ChildService, say_ready, watch_lifeline
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if lifeline:
+        watch_lifeline()  # after the handlers: the end of stdin is a SIGTERM, a graceful stop
     makers: list[Callable[[], Any]] = [
         # The executor in a process of its own: a core for it, not turns with the others (petribus.child).
         lambda: Scheduler(settings, [net]), lambda: ChildService("executor", "petribus_executor", [spec], settings),
@@ -174,7 +185,11 @@ async def _serve(settings: Settings, spec: str, net: Net, *, chat: bool, session
             services.append(svc)
         gateway = services[-1]
         ws_base = gateway.url.replace("http://", "ws://", 1)
-        _banner(settings, spec, net, gateway.url, ws_base, embedded=embedded, log_file=log_file, chat=chat)
+        if lifeline:
+            say_ready()
+            sys.stdout.buffer.flush()
+        else:
+            _banner(settings, spec, net, gateway.url, ws_base, embedded=embedded, log_file=log_file, chat=chat)
 
         waiting = [asyncio.create_task(svc.wait(), name=f"wait:{svc.name}") for svc in services]
         stopper = asyncio.create_task(stop.wait(), name="signal")
@@ -206,6 +221,72 @@ async def _serve(settings: Settings, spec: str, net: Net, *, chat: bool, session
             out.print("petribus stopped.")
 
 
+async def _serve_reloading(settings: Settings, spec: str, net: Net, *, chat: bool, session: str | None,
+                           embedded: bool, log_file: Path | None) -> int:
+    """``serve --reload``: NATS and the chat here, the services in a child run anew on change (reload.py)."""
+    from petribus.chat import Chat, stdin_lines
+    from petribus.child import settings_env
+    from petribus_cli.reload import Reloader
+
+    port = settings.port or _free_port(settings.host)  # fixed now, so that every child serves where the chat is
+    settings = settings.model_copy(update={"port": port})
+    argv = ["serve", spec, "--lifeline", "--no-chat", "--nats-url", settings.nats_url, "--host", settings.host,
+            "--port", str(port), "--log-level", settings.log_level, "--log-format", settings.log_format]
+    reloader = Reloader(spec, argv, {**os.environ, **settings_env(settings)}, say=_say)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiting: list[asyncio.Task[Any]] = []
+    talk: Chat | None = None
+    try:
+        await reloader.watch(stop)
+        if (why := await reloader.start()) is not None:
+            raise CliError(f"the services did not start: {why}")
+        http = f"http://{settings.host}:{port}"
+        ws_base = http.replace("http://", "ws://", 1)
+        _banner(settings, spec, net, http, ws_base, embedded=embedded, log_file=log_file, chat=chat,
+                reload=reloader.folder)
+        stopper = asyncio.create_task(stop.wait(), name="signal")
+        waiting = [stopper, asyncio.create_task(reloader.run(), name="reload")]
+        chat_task: asyncio.Task[Any] | None = None
+        if chat:
+            talk = Chat(ws_base, net.bot, session_id=session, console=out,
+                        download_dir=settings.data_dir / "downloads")
+            chat_task = asyncio.create_task(talk.run(stdin_lines()), name="chat")
+            waiting.append(chat_task)
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is chat_task:
+                _chat_ended(task)
+            elif task is not stopper:
+                task.result()  # the watcher failed: say why
+        return 0
+    finally:
+        stop.set()
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        if talk is not None and talk.session_id and talk.last_seq is not None:
+            out.print(f"Session {talk.session_id}. Resume it with: "
+                      f"petribus serve {spec} --session {talk.session_id}")
+        await reloader.close()
+        out.print("petribus stopped.")
+
+
+def _say(line: str) -> None:
+    out.print(Text(line))
+    out.file.flush()
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 def _chat_ended(task: asyncio.Task[Any]) -> None:
     """Raise the chat's failure as one message; a chat that was left normally is not an error."""
     from petribus.chat import ChatError
@@ -217,7 +298,7 @@ def _chat_ended(task: asyncio.Task[Any]) -> None:
 
 
 def _banner(settings: Settings, spec: str, net: Net, http: str, ws_base: str, *, embedded: bool,
-            log_file: Path | None, chat: bool) -> None:
+            log_file: Path | None, chat: bool, reload: Path | None = None) -> None:
     where = f"embedded, store in {settings.data_dir / 'nats'}" if embedded else "external"
     lines = [
         f"petribus is serving bot {net.bot!r}",
@@ -228,6 +309,8 @@ def _banner(settings: Settings, spec: str, net: Net, http: str, ws_base: str, *,
     ]
     if log_file is not None:
         lines.append(f"  logs       {log_file}")
+    if reload is not None:
+        lines.append(f"  reload     on every change to a .py file under {reload}")
     lines.append("Type a message, /add LOCATION {json}, /help, or /quit." if chat
                  else "Ctrl-C (SIGINT) or SIGTERM stops it.")
     for line in lines:
