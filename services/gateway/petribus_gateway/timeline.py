@@ -1,12 +1,16 @@
 """A session's past, fast: snapshots of its fold kept in memory, so that the state at any sequence and
 any page of its history cost a short fold from the nearest snapshot, never a fold from zero.
 
-The first question about a session reads its log once, folding it and keeping a copy of the state
-every ``every`` events (1,000, or more for a long session so that it keeps at most ``SNAPSHOTS``
-copies: memory stays bounded by about ``SNAPSHOTS`` states per session). Later questions read only
-the events between the nearest snapshot and the sequence asked for (at most ``every``), and what was
-appended since the last question. ``SESSIONS`` sessions are kept, least recently asked about dropped
-first. A deleted session is forgotten when its log is found empty.
+The first question about a session reads its log once, folding it batch by batch and keeping a copy
+of the state every ``every`` events (1,000, or more for a long session so that it keeps at most
+``SNAPSHOTS`` copies). Later questions read only the events between the nearest snapshot and the
+sequence asked for (at most ``every``), and what was appended since the last question.
+
+Memory: a copy of a state holds sets that grow with the log (every marker and firing ever seen, to
+ignore duplicates), so a snapshot's weight is counted as the entries of those sets, and the sessions
+least recently asked about are dropped while the cache holds more than ``BUDGET`` entries in all
+(about 100 MB) or more than ``SESSIONS`` sessions; the one being asked about is always kept. A
+deleted session is forgotten when its log is found empty.
 
 The log is the only truth: a snapshot is the fold of a prefix of it, and a prefix never changes.
 """
@@ -25,6 +29,7 @@ from petribus.events import Event, Marker
 SNAPSHOTS = 32
 MIN_EVERY = 1_000
 SESSIONS = 16
+BUDGET = 2_000_000  # set entries kept in snapshots, over all sessions (~50 bytes each)
 
 Key = tuple[str, str]
 
@@ -51,6 +56,10 @@ class _Session:
         self.snapshots.append(self.head.copy())
         self.since = 0
 
+    @property
+    def weight(self) -> int:
+        return sum(_weight(s) for s in self.snapshots) + _weight(self.head)
+
     def nearest(self, seq: int) -> SessionState:
         """The newest snapshot folded up to ``seq`` or before it."""
         i = bisect.bisect_right([s.last_seq for s in self.snapshots], seq) - 1
@@ -58,9 +67,10 @@ class _Session:
 
 
 class Timeline:
-    def __init__(self, events: EventLog, *, sessions: int = SESSIONS) -> None:
+    def __init__(self, events: EventLog, *, sessions: int = SESSIONS, budget: int = BUDGET) -> None:
         self.events = events
         self.sessions = sessions
+        self.budget = budget
         self._cache: OrderedDict[Key, _Session] = OrderedDict()
 
     async def state_at(self, bot: str, session_id: str, at: int | None = None) -> SessionState:
@@ -108,8 +118,6 @@ class Timeline:
             session = _Session(head=SessionState(bot=bot, session_id=session_id))
             session.keep()
             self._cache[key] = session
-            while len(self._cache) > self.sessions:
-                self._cache.popitem(last=False)
         self._cache.move_to_end(key)
         async with session.lock:
             before = session.head.last_seq
@@ -129,5 +137,18 @@ class Timeline:
                 self.forget(bot, session_id)  # deleted: start over if it is ever asked about again
                 session = _Session(head=SessionState(bot=bot, session_id=session_id))
                 session.keep()
+        self._trim()
         return session
+
+    def _trim(self) -> None:
+        """Drop the sessions least recently asked about while over the budget (never the newest)."""
+        total = sum(s.weight for s in self._cache.values())
+        while len(self._cache) > 1 and (total > self.budget or len(self._cache) > self.sessions):
+            _, dropped = self._cache.popitem(last=False)
+            total -= dropped.weight
+
+
+def _weight(state: SessionState) -> int:
+    return (len(state.seen_markers) + len(state.finished) + len(state.effects) + len(state.closed_requests)
+            + len(state.blocked))
 
