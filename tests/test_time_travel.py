@@ -228,3 +228,25 @@ async def test_halt_before_holds_a_transition_until_accepted(stack, http, nc):
     events = await _wait(log, "chain", sid, _finished(1))
     assert sum(ev.type == "confirm_transition" for _, ev in events) == 1
     assert isinstance(next(ev for _, ev in events if isinstance(ev, MarkerAdded)), MarkerAdded)
+
+
+async def test_fork_copies_the_sessions_files(settings, nc):
+    hitl = f"{APPS / 'hitl_bot.py'}:bot"
+    log = EventLog(nc)
+    async with Stack(settings, [hitl], parts=PARTS) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=30.0) as http:
+        sid = (await http.post("/bots/hitl/sessions")).json()["session_id"]
+        await http.post(f"/bots/hitl/sessions/{sid}/markers", json={"location": "Blob", "data": {"size": 3000}})
+        events = await _wait(log, "hitl", sid, lambda evs: any(ev.type == "output_file" for _, ev in evs))
+        at = next(seq for seq, ev in events if ev.type == "output_file")
+        r = await http.post(f"/bots/hitl/sessions/{sid}/fork", json={"at": at})
+        assert r.status_code == 201, r.text
+        fork = r.json()["session_id"]
+        [info] = (await http.get(f"/bots/hitl/sessions/{fork}")).json()["files"]
+        assert info["url"].startswith(f"/bots/hitl/sessions/{fork}/files/") and info["size"] == 3000
+        got = await http.get(info["url"])
+        assert got.status_code == 200 and got.content == b"x" * 3000
+        # The fork's copy is its own: deleting the source leaves it downloadable.
+        assert (await http.delete(f"/bots/hitl/sessions/{sid}")).status_code == 204
+        again = await http.get(info["url"])
+        assert again.status_code == 200 and again.content == b"x" * 3000
