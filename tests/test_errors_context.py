@@ -133,6 +133,17 @@ async def test_a_timed_out_firing_has_no_traceback_but_its_inputs(settings: Sett
     assert as_dicts(failed.inputs) == as_dicts([stall])
 
 
+async def test_a_firing_over_its_memory_limit_shows_where_it_allocated(settings: Settings, nc: Any) -> None:
+    async with Stack(settings, [ERRORS], parts=("scheduler", "executor")), SessionLog(nc, "errors_app") as log:
+        meal = await log.add("Meal", mib=512)
+        [failed] = await log.until("transition_failed", final=True)
+
+    assert failed.error_type == "MemoryLimitExceeded" and "memory=64 MiB" in failed.error
+    assert frames(failed.traceback) == [(str(SOURCE), line_of("block = bytearray("), "gulp")]
+    assert failed.traceback.rstrip().endswith("MemoryError")
+    assert as_dicts(failed.inputs) == as_dicts([meal])
+
+
 def test_masking_covers_a_secret_as_a_repr_shows_it_and_never_leaves_a_prefix() -> None:
     secret = "it's-a\\secret-" + "x" * 300
     failures.hide([secret])

@@ -33,13 +33,17 @@ class Stall(BaseModel):
     seconds: float
 
 
+class Meal(BaseModel):
+    mib: int
+
+
 class Done(BaseModel):
     ok: bool
 
 
 bot = Bot(
     name="errors_app",
-    locations=[BotLocation(marker=m) for m in (Order, AsyncOrder, Charge, Depth, Bulk, Stall, Done)],
+    locations=[BotLocation(marker=m) for m in (Order, AsyncOrder, Charge, Depth, Bulk, Stall, Meal, Done)],
     description="Transitions that fail, for the errors-with-context tests.",
 )
 
@@ -89,3 +93,9 @@ def digest_bulk(inputs):
 @bot.transition(inputs={Stall: 1}, outputs=[Done], timeout=1)
 def stall(inputs):
     time.sleep(inputs[Stall][0].seconds)  # past its timeout: the worker is killed, no traceback to be had
+
+
+@bot.transition(inputs={Meal: 1}, outputs=[Done], memory=64)
+def gulp(inputs):
+    block = bytearray(inputs[Meal][0].mib * 1024 * 1024)  # past memory=64: MemoryLimitExceeded, here
+    return {Done: [Done(ok=bool(block))]}
