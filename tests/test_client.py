@@ -110,6 +110,15 @@ async def test_an_unknown_session_is_not_found_by_rest_or_stream(client):
         await client.session("no_such_bot")
 
 
+async def test_closing_the_client_ends_the_streams_it_opened(stack):
+    async with Client(stack.gateway.url) as client:
+        s = await client.session("client_chain")
+        stream = s.events()  # left open, as a loop that breaks out early leaves it
+        assert (await anext(stream)).type == "session_created"
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
+
+
 async def test_events_resume_after_the_gateway_restarts_with_no_seq_missed_or_repeated(settings, nc):
     from petribus.loader import load_net
     from petribus_gateway.app import Gateway

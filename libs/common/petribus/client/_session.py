@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any, Literal, Self
@@ -136,7 +135,7 @@ class Client:
         self.ws_base = self.http_base.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.rest = Rest(self.http_base, headers=self.headers, timeout=timeout)
-        self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
+        self._streams: set[EventStream] = set()  # open ones: each leaves when it is closed
 
     async def __aenter__(self) -> Self:
         return self
@@ -166,7 +165,7 @@ class Client:
                deltas: bool = False, **options: Any) -> EventStream:
         """An ``EventStream`` of the session (a new session when ``session_id`` is None)."""
         stream = EventStream(self.ws_base, bot, session_id, since=since, headers=self.headers, deltas=deltas,
-                             **options)
+                             on_close=self._streams.discard, **options)
         self._streams.add(stream)
         return stream
 
@@ -182,7 +181,7 @@ class Session:
     def __repr__(self) -> str:
         return f"Session(bot={self.bot!r}, session_id={self.session_id!r})"
 
-    def __await__(self) -> Any:
+    def __await__(self) -> Generator[Any, None, Session]:
         return self._created().__await__()
 
     async def _created(self) -> Session:

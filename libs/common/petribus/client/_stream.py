@@ -61,7 +61,8 @@ class EventStream:
 
     def __init__(self, ws_base: str, bot: str, session_id: str | None = None, *, since: int | None = None,
                  headers: Mapping[str, str] | None = None, deltas: bool = False,
-                 on_notice: Notice | None = None) -> None:
+                 on_notice: Notice | None = None,
+                 on_close: Callable[[EventStream], None] | None = None) -> None:
         self.ws_base = ws_base.rstrip("/")
         self.bot = bot
         self.session_id = session_id
@@ -70,6 +71,7 @@ class EventStream:
         self.headers = dict(headers or {})
         self.deltas = deltas
         self.on_notice = on_notice
+        self._on_close = on_close
         # Messages sent and not yet seen in the log: request_id -> (message, sends after the first).
         self.unconfirmed: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
         self.errors: list[Event] = []  # the error events the gateway sent this stream
@@ -89,7 +91,7 @@ class EventStream:
                 params["since"] = self.last_seq
         return f"{self.ws_base}/bots/{self.bot}/ws" + (f"?{urlencode(params)}" if params else "")
 
-    def __aiter__(self) -> EventStream:
+    def __aiter__(self) -> Self:
         return self
 
     async def __aenter__(self) -> Self:
@@ -119,6 +121,8 @@ class EventStream:
     async def close(self) -> None:
         """Stop reading and sending; messages still unconfirmed are not sent again."""
         self._closing = True
+        if self._on_close is not None:
+            self._on_close(self)
         for task in list(self._resends):
             task.cancel()
         await asyncio.gather(*self._resends, return_exceptions=True)
