@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from petribus.client._errors import ClientError, RunFailed, Unavailable
 from petribus.client._event import Event, decode
 from petribus.client._http import Rest, new_key, refusal
-from petribus.client._stream import EventStream
+from petribus.client._stream import EventStream, Notice
 from petribus.events import Marker
 
 CHUNK = 256 * 1024
@@ -162,10 +162,11 @@ class Client:
         return {s["session_id"]: s["events"] for s in body["sessions"]}
 
     def stream(self, bot: str, session_id: str | None = None, *, since: int | None = None,
-               deltas: bool = False, **options: Any) -> EventStream:
-        """An ``EventStream`` of the session (a new session when ``session_id`` is None)."""
+               deltas: bool = False, on_notice: Notice | None = None) -> EventStream:
+        """An ``EventStream`` of the session (a new session when ``session_id`` is None); ``on_notice``
+        hears what it does on its own (reconnecting, resending), else the ``petribus.client`` logger."""
         stream = EventStream(self.ws_base, bot, session_id, since=since, headers=self.headers, deltas=deltas,
-                             on_close=self._streams.discard, **options)
+                             on_notice=on_notice, on_close=self._streams.discard)
         self._streams.add(stream)
         return stream
 
