@@ -23,7 +23,7 @@ has one, on the error message too: a container's worker or a message made from a
 the same way.
 
 **The inputs** are the markers the firing consumed (``WorkItem.inputs``). The event must fit in one
-message of the bus: when they do not, ``fit_inputs`` keeps the markers that fit, in order, and the
+message of the bus: when they do not, ``fitted`` keeps the markers that fit, in order, and the
 error message says how many were left out (the ``transition_fired`` event names them all).
 """
 
@@ -37,9 +37,9 @@ import traceback
 import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from petribus.events import Marker
+from petribus.events import Marker, _Event, encode
 
 MASK = "***"
 MAX_FRAMES = 30  # per exception: the first HEAD_FRAMES and the innermost rest
@@ -53,6 +53,8 @@ _INTERNAL = tuple(str(Path(m).resolve().parent) + os.sep for m in (
     __file__, sys.modules["petribus"].__file__ or "",
 ))
 _LIBRARY = tuple({str(Path(p).resolve()) + os.sep for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
+
+E = TypeVar("E", bound=_Event)
 
 _hidden: tuple[str, ...] = ()  # this worker's secret values (its profile's) in every form masked, longest first
 
@@ -104,16 +106,29 @@ def error_message(exc: BaseException) -> str:
     return bound(mask(text), MAX_ERROR_CHARS, keep_head=MAX_ERROR_CHARS - 512)
 
 
-def fit_inputs(inputs: list[Marker], room: int, size_of: Callable[[Marker], int]) -> tuple[list[Marker], int]:
-    """The markers of ``inputs`` that fit, in order, in ``room`` bytes (each taking ``size_of`` it plus a
-    separator); and how many were left out."""
+def fitted(make: Callable[[str, list[Marker]], E], error: str, inputs: list[Marker], limit: int) -> E:
+    """``make(error, inputs)``; if that event is over ``limit`` bytes, one with the first inputs that fit
+    (in order) and the error saying how many were left out."""
+    event = make(error, inputs)
+    if not inputs or len(encode(event)) <= limit:
+        return event
+    room = limit - len(encode(make(error + _left_out(len(inputs), len(inputs)), [])))
     kept: list[Marker] = []
     for marker in inputs:
-        size = size_of(marker) + 1
+        size = len(marker.model_dump_json()) + 1  # and a comma
         if size <= room:
             kept.append(marker)
             room -= size
-    return kept, len(inputs) - len(kept)
+    while True:  # the sizes were close, not exact (an event's encoding): make sure
+        event = make(error + _left_out(len(inputs) - len(kept), len(inputs)), kept)
+        if not kept or len(encode(event)) <= limit:
+            return event
+        kept.pop()
+
+
+def _left_out(n: int, of: int) -> str:
+    return (f" ({n:,} of {of:,} input markers are not in this event: they did not fit in one message of the "
+            "bus; the transition_fired event names them all by id)")
 
 
 # ---------------------------------------------------------------- formatting

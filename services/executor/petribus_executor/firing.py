@@ -47,7 +47,7 @@ from petribus.net import Net, TransitionDef
 from petribus.work import WorkItem
 from petribus_executor import protocol as p
 from petribus_executor.effects import Effects
-from petribus_executor.failures import fit_inputs, mask
+from petribus_executor.failures import fitted, mask
 from petribus_executor.folds import SessionFolds
 from petribus_executor.interact import Interactions
 from petribus_executor.pool import WorkerPool
@@ -526,20 +526,7 @@ class FiringRunner:
                                     retryable=retryable, final=final, attempt=attempt, retry_in_s=retry_in_s,
                                     traceback=traceback, inputs=inputs, cause=item.firing_id, trace=item.trace)
 
-        failed = event(error, item.inputs)
-        limit = self.events.nc.max_payload - ENVELOPE_BYTES
-        if item.inputs and len(encode(failed)) > limit:
-            note = (f" ({len(item.inputs):,} of {len(item.inputs):,} input markers are not in this event: they "
-                    "did not fit in one message of the bus; the transition_fired event names them all by id)")
-            room = limit - len(encode(event(error + note, [])))
-            kept, left_out = fit_inputs(item.inputs, room, lambda m: len(m.model_dump_json()))
-            while True:
-                note = (f" ({left_out:,} of {len(item.inputs):,} input markers are not in this event: they did "
-                        "not fit in one message of the bus; the transition_fired event names them all by id)")
-                failed = event(error + note, kept)
-                if not kept or len(encode(failed)) <= limit:
-                    break
-                kept, left_out = kept[:-1], left_out + 1
+        failed = fitted(event, error, item.inputs, self.events.nc.max_payload - ENVELOPE_BYTES)
         await self.events.append(
             failed, msg_id=f"fail:{item.firing_id}" if final else f"fail:{item.firing_id}:{attempt}",
         )
