@@ -469,3 +469,24 @@ def test_load_bot_with_missing_attribute_says_what_to_write():
 def test_load_bot_with_unimportable_module_names_it():
     with pytest.raises(AppLoadError, match="cannot import 'no_such_petribus_app'"):
         load_bot("no_such_petribus_app:bot")
+
+
+def test_two_app_files_with_one_name_are_two_modules(tmp_path):
+    """``a/bot.py`` and ``b/bot.py`` each get their own module (they once shared the first one's)."""
+    for folder, name in (("a", "alpha"), ("b", "beta")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "bot.py").write_text(
+            "from petribus import Bot\n"
+            f"bot = Bot(name={name!r}, locations=[], description='x')\n")
+    first, second = load_bot(f"{tmp_path / 'a' / 'bot.py'}:bot"), load_bot(f"{tmp_path / 'b' / 'bot.py'}:bot")
+    assert (first.name, second.name) == ("alpha", "beta")
+    assert load_bot(f"{tmp_path / 'a' / 'bot.py'}:bot") is first  # the same file is imported once
+
+
+def test_an_app_that_failed_to_import_is_imported_again(tmp_path):
+    app = tmp_path / "flaky_app.py"
+    app.write_text("raise RuntimeError('not yet')\n")
+    with pytest.raises(AppLoadError, match="not yet"):
+        load_bot(f"{app}:bot")
+    app.write_text("from petribus import Bot\nbot = Bot(name='flaky', locations=[], description='x')\n")
+    assert load_bot(f"{app}:bot").name == "flaky"

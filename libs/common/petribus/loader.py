@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -79,7 +80,7 @@ def load_bot(spec: str) -> Bot:
         if module_part.endswith(".py") or path.exists():
             if not path.is_file():
                 raise AppLoadError(f"app file {module_part!r} does not exist (from {spec!r})")
-            mod_name = f"petribus_app_{path.stem}"
+            mod_name = _module_name(path)
             if mod_name in sys.modules:
                 module = sys.modules[mod_name]
             else:
@@ -90,8 +91,12 @@ def load_bot(spec: str) -> Bot:
                 assert loader_spec and loader_spec.loader
                 module = importlib.util.module_from_spec(loader_spec)
                 sys.modules[mod_name] = module
-                with _noting_env():
-                    loader_spec.loader.exec_module(module)
+                try:
+                    with _noting_env():
+                        loader_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[mod_name]  # half run: the next load runs the file again
+                    raise
             stem = path.stem
         else:
             with _noting_env():
@@ -110,6 +115,18 @@ def load_bot(spec: str) -> Bot:
     if bot.name is None:
         bot.name = stem
     return bot
+
+
+def _module_name(path: Path) -> str:
+    """The module name an app file is imported under: ``petribus_app_<stem>``, unless another file of
+    that stem took it in this process (two apps named ``bot.py`` in different folders), then with a
+    digest of the file's path, so each file is its own module."""
+    resolved = path.resolve()
+    name = f"petribus_app_{path.stem}"
+    taken = sys.modules.get(name)
+    if taken is None or Path(getattr(taken, "__file__", "") or "").resolve() == resolved:
+        return name
+    return f"{name}_{hashlib.blake2s(str(resolved).encode(), digest_size=4).hexdigest()}"
 
 
 def load_net(spec: str) -> Net:
