@@ -41,6 +41,8 @@ MAX_DEBOUNCE_MS = 1600  # a reload starts at most this long after the first chan
 STOP_TIMEOUT_S = 15.0
 CHECK_TIMEOUT_S = 60.0
 TAIL_LINES = 20
+TAIL_LINE_BYTES = 4096  # of a line kept for the tail
+READ_SIZE = 1 << 16
 
 
 class Services:
@@ -68,18 +70,24 @@ class Services:
         try:
             line = await asyncio.wait_for(self.proc.stdout.readline(), START_TIMEOUT_S)
         except TimeoutError:
-            line = b""
+            await self.stop()
+            return f"the services did not start within {START_TIMEOUT_S:g}s; the log has what they did"
         if line.strip() != READY:
             await self.stop()
-            return self.why() or f"the services did not start within {START_TIMEOUT_S:g}s"
+            return self.why()
         self._tasks.append(asyncio.create_task(self._drain(self.proc.stdout)))
         self._tasks.append(asyncio.create_task(self._watch(forward)))
         return None
 
     def why(self) -> str:
-        """What the child said last that looks like a reason: its ``error:`` lines, else its last lines."""
-        errors = [line for line in self.tail if line.startswith("error: ")]
-        return "\n".join(errors or list(self.tail)[-5:])
+        """Why the child stopped, as it said it (its ``error:`` lines), else how it ended."""
+        errors = [line.removeprefix("error: ") for line in self.tail if line.startswith("error: ")]
+        if errors:
+            return "\n".join(errors)
+        code = self.proc.returncode if self.proc is not None else None
+        how = ("it did not start" if code is None else f"killed by signal {-code}" if code < 0
+               else f"exit status {code}")
+        return f"{how}; the log has the details"
 
     @property
     def running(self) -> bool:
@@ -114,13 +122,23 @@ class Services:
             self.on_exit(code)
 
     async def _forward(self, stream: asyncio.StreamReader) -> None:
-        """The child's log lines go where serve's go (the log file in chat mode); the last are kept."""
-        while line := await stream.readline():
-            text = line.decode(errors="replace").rstrip("\n")
-            self.tail.append(text)
+        """The child's log lines go where serve's go (the log file in chat mode); the last are kept.
+
+        Read in chunks, not lines: a line longer than the reader's limit must not stop the reading, or
+        the child would block on a full pipe."""
+        partial = b""
+        while chunk := await stream.read(READ_SIZE):
             with contextlib.suppress(OSError, ValueError):
-                sys.stderr.write(text + "\n")
                 sys.stderr.flush()
+                out = getattr(sys.stderr, "buffer", None)
+                if out is not None:
+                    out.write(chunk)
+                    out.flush()
+                else:
+                    sys.stderr.write(chunk.decode(errors="replace"))
+            *lines, partial = (partial + chunk).split(b"\n")
+            self.tail.extend(line.decode(errors="replace") for line in lines[-TAIL_LINES:])
+            partial = partial[-TAIL_LINE_BYTES:]
 
     @staticmethod
     async def _drain(stream: asyncio.StreamReader) -> None:
@@ -188,9 +206,9 @@ class Reloader:
             await self.services.stop()
 
     def _exited(self, code: int) -> None:
-        why = self.services.why() if self.services is not None else ""
-        self.say(f"the services exited (status {code}){': ' + why if why else ''}\n  they start again on the "
-                 f"next change to a .py file under {self.folder}")
+        why = self.services.why() if self.services is not None else f"exit status {code}"
+        self.say(f"the services stopped: {why}\n  they start again on the next change to a .py file under "
+                 f"{self.folder}")
 
 
 async def check(spec: str, env: dict[str, str]) -> str | None:
