@@ -130,3 +130,23 @@ async def test_chat_refuses_an_upload_larger_than_the_bot_accepts(settings, tmp_
         assert chat.file_requests  # still open: the user can send a smaller file
         typist.type("/quit")
         await running
+
+
+def test_a_failed_step_shows_its_type_where_it_raised_and_its_inputs():
+    from petribus.chat import render
+
+    traceback = ('Traceback (most recent call last):\n  File "/srv/app/invoice_bot.py", line 41, in parse_amount\n'
+                 '    value = float(invoice.amount)\n    invoice = Invoice(amount=\'1,200.50\')\n'
+                 "ValueError: could not convert string to float: '1,200.50'\n")
+    shown = render({"type": "transition_failed", "metadata": {"transition_name": "parse_amount"}, "value": {
+        "transition": "parse_amount", "error": "could not convert string to float: '1,200.50'",
+        "error_type": "ValueError", "final": True, "attempt": 1, "traceback": traceback,
+        "inputs": [{"id": "m1", "location": "Invoice", "data": {"amount": "1,200.50"}}]}})
+    assert shown.splitlines() == [
+        "[transition_failed] parse_amount: ValueError: could not convert string to float: '1,200.50'",
+        "    at invoice_bot.py:41 in parse_amount: value = float(invoice.amount)",
+        '    inputs: Invoice {"amount": "1,200.50"}',
+    ]
+    killed = render({"type": "transition_failed", "metadata": {}, "value": {
+        "transition": "t", "error": "the worker was killed", "final": False, "attempt": 1}})
+    assert killed == "[transition_failed] t: the worker was killed (attempt 1, will retry)"

@@ -72,7 +72,11 @@ def render(event: dict[str, Any]) -> str:
             return f"[transition_completed] {name}" + (f" → {outputs}" if outputs else "")
         case "transition_failed":
             retry = "" if value.get("final", True) else f" (attempt {value.get('attempt')}, will retry)"
-            return f"[transition_failed] {name}: {value.get('error')}{retry}"
+            kind_of = value.get("error_type")
+            line = f"[transition_failed] {name}: " + (f"{kind_of}: " if kind_of else "") + f"{value.get('error')}{retry}"
+            where = _last_frame(value.get("traceback"))
+            consumed = ", ".join(f"{m['location']} {_json(m['data'])}" for m in value.get("inputs", []))
+            return line + (f"\n    at {where}" if where else "") + (f"\n    inputs: {consumed}" if consumed else "")
         case "confirm_transition":
             markers = ", ".join(f"{m['location']} {_json(m['data'])}" for m in value.get("markers", []))
             return (f"[confirm_transition] {name}: {value.get('description') or 'waiting for confirmation'}"
@@ -95,6 +99,22 @@ def render(event: dict[str, Any]) -> str:
             return f"[error] {value.get('code')}: {value.get('message')}"
         case _:
             return f"[{kind}] {_json(value)}"
+
+
+def _last_frame(traceback: str | None) -> str | None:
+    """``file:line in function: code`` of a traceback's innermost frame (where it raised)."""
+    lines = (traceback or "").splitlines()
+    at = max((i for i, text in enumerate(lines) if text.startswith("  File ")), default=None)
+    if at is None:
+        return None
+    head = lines[at].strip()  # File "/path/app.py", line 41, in parse_amount
+    try:
+        path, rest = head[len('File "'):].split('", line ', 1)
+        number, function = rest.split(", in ", 1)
+    except ValueError:
+        return head
+    code = lines[at + 1].strip() if at + 1 < len(lines) and lines[at + 1].startswith("    ") else ""
+    return f"{Path(path).name}:{number} in {function}" + (f": {code}" if code else "")
 
 
 def _json(value: Any) -> str:
