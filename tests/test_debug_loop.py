@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 
 from petribus.bus import EventLog
+from petribus.client import SyncClient
 from petribus.events import TransitionFailed
 
 from .harness import Stack
@@ -55,10 +56,17 @@ async def test_fail_fix_fork(settings, nc, tmp_path):
     fixed.write_text(app.read_text().replace(BUG, FIX))
     async with Stack(settings, [f"{fixed}:bot"], parts=PARTS) as stack, \
             httpx.AsyncClient(base_url=stack.gateway.url, timeout=30.0) as http:
-        at = added.json()["seq"]  # the invoice was there; nothing had run yet
-        r = await http.post(f"/bots/invoices/sessions/{sid}/fork", json={"at": at})
-        assert r.status_code == 201, r.text
-        fork = r.json()["session_id"]
+        # As the README does it, with the sync client (in a thread: this loop serves the gateway).
+        def readme(url: str) -> tuple[str, int, dict]:
+            with SyncClient(url) as client:
+                failed = client.session("invoices", session_id=sid)
+                added = next(step for step in failed.history() if step.event.type == "marker_added")
+                fork = failed.fork(at=added.seq)
+                return fork.session_id, added.seq, fork.run(halt_after=["book"], since=0).event.value
+
+        fork, at, done = await asyncio.to_thread(readme, stack.gateway.url)
+        assert at == added.json()["seq"]  # the invoice was there; nothing had run yet
+        assert done["transition"] == "book"
         _, events = await _until(log, fork, lambda ev: ev.type == "transition_completed" and ev.transition == "book")
         said = [ev.text for _, ev in events if ev.type == "agent_message"]
         assert said == ["Booked 1200.50 for acme"]
