@@ -61,6 +61,8 @@ SAMPLES: dict[str, ev._Event] = {
                                        files=[ev.ForkedFile(file_id="file1", name="a.txt", size=3,
                                                             content_type="text/plain", direction="input")]),
     "halt_set": ev.HaltSet(**COMMON, before=["cancel_order"]),
+    "session_expired": ev.SessionExpired(**COMMON, idle_s=86400.5,
+                                         actor=ev.Actor(owner="alice", key_id="k1", address="10.0.0.7")),
 }
 
 

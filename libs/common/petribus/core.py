@@ -116,6 +116,7 @@ class SessionState:
     effects: set[str] = field(default_factory=set)  # ids of the events firings appended as side effects
     events: int = 0
     forked_from: tuple[str, str, int] | None = None  # (bot, session, seq) of a fork's source
+    owner: str | None = None  # the owner named by the actor of the session's first event (None: nobody's)
     halt_before: frozenset[str] = frozenset()  # transitions whose firings wait like confirm=True ones
     # When a list: every marker the fold puts into (+) or takes out of (-) a place is noted in it, in
     # order. A timeline shows each step's change with it; the scheduler leaves it None and pays nothing.
@@ -166,10 +167,13 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
     state.session_id = state.session_id or event.session_id
     match event:
         case SessionCreated():
-            state.created = True
+            if not state.created:
+                state.created = True
+                state.owner = event.actor.owner if event.actor is not None else None
         case SessionForked():
             if not state.created:  # only as a session's first event: it describes where the session began
                 state.created = True
+                state.owner = event.actor.owner if event.actor is not None else None
                 state.forked_from = (event.source_bot, event.source_session, event.source_seq)
                 for m in event.markers:
                     _put(state, m, seq)

@@ -32,6 +32,17 @@ class Marker(BaseModel):
     data: dict[str, Any] = Field(description="The marker's fields, as validated by its model.")
 
 
+class Actor(BaseModel):
+    """Who caused an event appended because of a request (audit): never a token or a secret."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    owner: str | None = Field(default=None, description="The owner of the API key used; None: no key (a "
+                              "public bot, or local development without keys).")
+    key_id: str | None = Field(default=None, description="The id of the API key used (not the token).")
+    address: str | None = Field(default=None, description="The client's address as the gateway saw it.")
+
+
 class _Event(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -43,6 +54,8 @@ class _Event(BaseModel):
     cause: str | None = Field(default=None, description="Id of the event or firing this one came from.")
     trace: str | None = Field(default=None, description="W3C traceparent of the work that made it.")
     request_id: str | None = Field(default=None, description="Correlates a request with its answer.")
+    actor: Actor | None = Field(default=None, description="Who caused it, when a client's request did; the "
+                                "actor of a session's first event owns the session.")
 
     # What a WebSocket client sees as ``value``; overridden per type.
     def value(self) -> Any:
@@ -381,6 +394,16 @@ class HaltSet(_Event):
         return self.before
 
 
+class SessionExpired(_Event):
+    """The session was idle for longer than the gateway keeps sessions: it is deleted right after this."""
+
+    type: Literal["session_expired"] = "session_expired"
+    idle_s: float = Field(description="Seconds since its previous event.")
+
+    def value(self) -> Any:
+        return {"idle_s": self.idle_s}
+
+
 class ErrorEvent(_Event):
     """Something a user should know went wrong. Never carries a secret."""
 
@@ -398,7 +421,7 @@ EVENT_CLASSES: tuple[type[_Event], ...] = (
     SessionCreated, UserMessage, AgentMessage, MarkerAdded, TransitionFired, TransitionStarted,
     TransitionCompleted, TransitionFailed, ConfirmTransition, AcceptTransition, RejectTransition,
     ConfirmRequest, ConfirmResponse, MemoryUpdated, InputFileRequest, InputFileResponse, OutputFile,
-    ErrorEvent, PromptRequest, PromptResponse, SessionForked, HaltSet,
+    ErrorEvent, PromptRequest, PromptResponse, SessionForked, HaltSet, SessionExpired,
 )
 Event = Annotated[Union[EVENT_CLASSES], Field(discriminator="type")]  # type: ignore[valid-type]
 
@@ -445,16 +468,15 @@ class AgentMessageDelta(BaseModel):
 def to_client(event: _Event, seq: int | None) -> dict[str, Any]:
     """The WebSocket shape: ``{"type", "value", "metadata": {...}}``."""
     firing_id, transition = event.firing()
-    return {
-        "type": event.type,  # type: ignore[attr-defined]
-        "value": event.value(),
-        "metadata": {
-            "session_id": event.session_id,
-            "request_id": event.request_id,
-            "task_id": firing_id,
-            "transition_name": transition,
-            "seq": seq,
-            "event_id": event.id,
-            "ts": event.ts,
-        },
+    metadata = {
+        "session_id": event.session_id,
+        "request_id": event.request_id,
+        "task_id": firing_id,
+        "transition_name": transition,
+        "seq": seq,
+        "event_id": event.id,
+        "ts": event.ts,
     }
+    if event.actor is not None:  # who caused it (audit): only clients who may see the session get it
+        metadata["actor"] = event.actor.model_dump()
+    return {"type": event.type, "value": event.value(), "metadata": metadata}  # type: ignore[attr-defined]

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from petribus.events import Marker
+from petribus.events import Actor, Marker
 
 
 class ErrorBody(BaseModel):
@@ -24,6 +24,8 @@ class EventMetadata(BaseModel):
     seq: int | None = Field(default=None, description="Position in the session's log (stream sequence).")
     event_id: str
     ts: float = Field(description="Unix time the event was made, in seconds.")
+    actor: Actor | None = Field(default=None, description="Who caused it (owner, key id, client address), "
+                                "for events a client's request appended.")
 
 
 class ClientEvent(BaseModel):
