@@ -18,6 +18,7 @@ from petribus_executor.firing import ENVELOPE_BYTES
 
 from .conftest import APPS, app
 from .harness import Stack
+from .test_container import base, engine  # noqa: F401  (fixtures: a container engine, its base image)
 from .test_executor import SessionLog
 
 ERRORS = app("errors_app")
@@ -168,3 +169,26 @@ def test_a_chain_of_exceptions_shows_each_with_its_link() -> None:
     except ValueError as exc:
         text = failures.describe(exc)
     assert text.index("KeyError: 'missing'") < text.index("direct cause") < text.index("ValueError: lookup failed")
+
+
+async def test_a_container_worker_shows_the_users_frame_with_its_secrets_masked(engine: Any, base: str) -> None:
+    from petribus_executor import protocol as p
+    from petribus_executor.container import ContainerLauncher
+
+    from .test_container import start
+
+    launcher = ContainerLauncher(Settings(container_warm=0), [ERRORS])
+    try:
+        worker = await start(launcher, transition="charge_card", env=(("ERRORS_TOKEN", TOKEN),),
+                             secret_names=("ERRORS_TOKEN",))
+        request = p.Request(bot="errors_app", session_id="s", firing_id="f", transition="charge_card", attempt=1,
+                            inputs=(p.InputMarker("m", "Charge", {"amount": 7}),))
+        p.write(worker.fd, p.frame((p.RUN, 1, request)))
+        done = await worker.recv()
+    finally:
+        await launcher.close()
+
+    outcome = done[2]
+    assert outcome.error_type == "PermissionError" and outcome.error == "the payment API refused Bearer *** for 7"
+    assert [fn for _, _, fn in frames(outcome.traceback)] == ["charge_card"]
+    assert "token = '***'" in outcome.traceback and TOKEN not in outcome.traceback
