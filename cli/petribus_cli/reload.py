@@ -247,8 +247,7 @@ def folder_of(spec: str) -> Path:
 
     found = importlib.util.find_spec(module.split(".")[0])
     if found is not None and found.origin:
-        origin = Path(found.origin)
-        return origin.parent if origin.name != "__init__.py" else origin.parent.parent
+        return Path(found.origin).resolve().parent  # a package's folder, or a module's
     return Path.cwd()
 
 

@@ -86,7 +86,7 @@ class Outcome:
     error: str = ""
     error_type: str = ""
     retryable: bool = False
-    traceback: str = field(default="", repr=False)
+    traceback: str = field(default="", repr=False)  # failures.describe: the user's frames, bounded, masked
     replace_worker: bool = False  # the run went over a limit: its worker may be in a bad state, retire it
 
 
