@@ -116,6 +116,16 @@ class Settings(BaseSettings):
         default=1024 * 1024,
         description="Largest WebSocket message a client may send; a larger one gets an error event.",
     )
+    allowed_origins: str = Field(
+        default="",
+        description="Browser origins (scheme://host[:port], comma-separated) besides the gateway's own that may "
+        "open a WebSocket or send POST/PUT/DELETE (docs/security.md). Requests without Origin pass.",
+    )
+    insecure: bool = Field(
+        default=False,
+        description="Let a gateway listen on a non-loopback address with no API key: anyone who reaches it "
+        "may read and drive every session of every authorized bot (docs/security.md).",
+    )
 
     # llm
     openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
