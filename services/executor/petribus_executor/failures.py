@@ -5,8 +5,8 @@ fork the session from before the failure once the code is fixed (docs/debugging.
 
 **The traceback** is made in the worker, where the exception and its frames are (``describe``):
 
-- Petribus's own frames on the way into the transition (the worker, ``invoke.py``) are left out: it
-  starts at the user's function. Frames the user's code calls into, petribus's included, stay. A
+- The frames on the way into the transition (the worker, ``invoke.py``, ``asyncio.run`` for a ``def``
+  that returns a coroutine) are left out: it starts at the user's function. Frames the user's code calls into, petribus's included, stay. A
   failure with no frame of the user's (a marker that no longer validates) keeps petribus's frames.
 - The user's frames show their local variables, each ``repr`` cut short (``reprlib``), so that a
   failure shows the values it failed on. Library and standard-library frames show none.
@@ -163,9 +163,9 @@ def _format_chain(exc: BaseException) -> list[str]:
 def _format_one(exc: BaseException) -> list[str]:
     frames = [(frame, lineno) for frame, lineno in traceback.walk_tb(exc.__traceback__)]
     start = 0
-    while start < len(frames) and _is_internal(frames[start][0].f_code.co_filename):
+    while start < len(frames) and not _is_users(frames[start][0].f_code.co_filename):
         start += 1
-    if start < len(frames):  # the way in to the user's function is petribus's, not theirs
+    if start < len(frames):  # the way in to the user's function (petribus's, asyncio's) is not theirs
         frames = frames[start:]
     lines: list[str] = []
     if frames:
