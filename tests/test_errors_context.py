@@ -68,6 +68,20 @@ async def test_an_async_def_that_raises_shows_its_frame_and_input(settings: Sett
     assert as_dicts(failed.inputs) == as_dicts([order])
 
 
+async def test_every_failed_attempt_of_a_retried_firing_has_its_traceback_and_inputs(
+    settings: Settings, nc: Any
+) -> None:
+    async with Stack(settings, [ERRORS], parts=("scheduler", "executor")), SessionLog(nc, "errors_app") as log:
+        coin = await log.add("Coin", side="edge")
+        await log.until("transition_failed", final=True)
+
+    attempts = log.of("transition_failed", transition="flip")
+    assert [(f.attempt, f.final) for f in attempts] == [(1, False), (2, True)]
+    for failed in attempts:
+        assert frames(failed.traceback) == [(str(SOURCE), line_of("landed on"), "flip")]
+        assert as_dicts(failed.inputs) == as_dicts([coin])
+
+
 async def test_a_secret_in_the_message_or_a_local_is_masked(
     settings: Settings, nc: Any, monkeypatch: Any, capfd: Any
 ) -> None:

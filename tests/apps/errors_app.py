@@ -37,13 +37,17 @@ class Meal(BaseModel):
     mib: int
 
 
+class Coin(BaseModel):
+    side: str
+
+
 class Done(BaseModel):
     ok: bool
 
 
 bot = Bot(
     name="errors_app",
-    locations=[BotLocation(marker=m) for m in (Order, AsyncOrder, Charge, Depth, Bulk, Stall, Meal, Done)],
+    locations=[BotLocation(marker=m) for m in (Order, AsyncOrder, Charge, Depth, Bulk, Stall, Meal, Coin, Done)],
     description="Transitions that fail, for the errors-with-context tests.",
 )
 
@@ -99,3 +103,8 @@ def stall(inputs):
 def gulp(inputs):
     block = bytearray(inputs[Meal][0].mib * 1024 * 1024)  # past memory=64: MemoryLimitExceeded, here
     return {Done: [Done(ok=bool(block))]}
+
+
+@bot.transition(inputs={Coin: 1}, outputs=[Done], retries=1)
+def flip(inputs):
+    raise RuntimeError(f"landed on {inputs[Coin][0].side}")  # every time: one retry, then for good
