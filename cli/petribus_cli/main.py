@@ -83,6 +83,9 @@ FormatOpt = Annotated[LogFormat, typer.Option(
     "--log-format", help="console (key=value) or json, one event a line.")]
 HostOpt = Annotated[str, typer.Option("--host", help="Gateway address to listen on.")]
 PortOpt = Annotated[int, typer.Option("--port", help="Gateway port (0 picks a free one).")]
+InsecureOpt = Annotated[bool, typer.Option(
+    "--insecure", help="Listen on a non-loopback --host with no API key (anyone who reaches it may use every "
+    "session; docs/security.md). Also $PETRIBUS_INSECURE.")]
 WorkersOpt = Annotated[int | None, typer.Option(
     "--workers", min=1, help="Executor worker processes; a sync (def) firing has one to itself "
     "(default 16, or $PETRIBUS_WORKERS).")]
@@ -100,6 +103,7 @@ def serve(
         metavar="APP", help="The bot: path/to/app.py:bot (name defaults to the file stem).")],
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8000,
+    insecure: InsecureOpt = False,
     nats_url: Annotated[str | None, typer.Option(
         "--nats-url", envvar="PETRIBUS_NATS_URL", show_envvar=True,
         help="Use this NATS server instead of starting an embedded one.")] = None,
@@ -122,7 +126,7 @@ def serve(
     """Run a bot: embedded NATS, scheduler, executor, LLM service and gateway, and a chat in the terminal."""
 
     def body() -> int:
-        settings = _settings(host=host, port=port, data_dir=data_dir, workers=workers,
+        settings = _settings(host=host, port=port, data_dir=data_dir, workers=workers, insecure=insecure or None,
                              worker_concurrency=worker_concurrency, nats_url=nats_url,
                              log_level=log_level.value, log_format=log_format.value)
         chat = not no_chat
@@ -372,7 +376,8 @@ def executor(
 
 @app.command()
 def gateway(apps: AppsArg, nats_url: NatsUrl = None, host: HostOpt = "127.0.0.1", port: PortOpt = 8000,
-            log_level: LevelOpt = LogLevel.info, log_format: FormatOpt = LogFormat.console) -> None:
+            insecure: InsecureOpt = False, log_level: LevelOpt = LogLevel.info,
+            log_format: FormatOpt = LogFormat.console) -> None:
     """Run a gateway: WebSocket sessions and the REST API."""
 
     async def start(settings: Settings, nets: list[Net], specs: list[str]) -> None:
@@ -380,8 +385,8 @@ def gateway(apps: AppsArg, nats_url: NatsUrl = None, host: HostOpt = "127.0.0.1"
 
         await run(settings, nets)
 
-    _service(start, apps, nats_url=nats_url, host=host, port=port, log_level=log_level.value,
-             log_format=log_format.value)
+    _service(start, apps, nats_url=nats_url, host=host, port=port, insecure=insecure or None,
+             log_level=log_level.value, log_format=log_format.value)
 
 
 @app.command()
