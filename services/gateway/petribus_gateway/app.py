@@ -17,10 +17,11 @@ from fastapi import FastAPI
 import petribus
 from petribus.bus import EventLog
 from petribus.errors import PetribusError
+from petribus.keys import KeyStore
 from petribus.net import Net
 from petribus.service import Service
 from petribus.settings import Settings
-from petribus_gateway import errors, files, pools, rest, ws
+from petribus_gateway import auth, errors, files, pools, rest, ws
 from petribus_gateway.context import GatewayContext
 
 DESCRIPTION = """\
@@ -58,8 +59,16 @@ answered id gets an `error` event. REST: `POST .../confirmations/{task_id}` and
 `POST .../confirm_requests/{request_id}` with `{"accepted": true|false}` (404 unknown, 409 answered).
 
 **Files.** `output_file` carries a `url` to GET; `input_file_request` an `upload_url` to PUT the bytes
-to (or POST multipart). The session id is the capability: anyone who has it can read the session and
-its files.
+to (or POST multipart).
+
+**API keys and owners** (docs/security.md). Send `Authorization: Bearer <token>` (a token from
+`petribus keys create`); a browser's WebSocket sends `{"type": "auth", "token": "..."}` as its first
+message instead. A bot that needs a key answers 401 without one (WebSocket: close code 4401). A session
+belongs to the owner of the key that started it: listings show your sessions (an admin key: all), and
+another owner's session is answered as one that does not exist (404; WebSocket 4404). Every event a
+request appended records who caused it in `metadata.actor` (owner, key id, address; never the token).
+A browser page from another origin than the gateway's own or `PETRIBUS_ALLOWED_ORIGINS` is refused
+(403; WebSocket close 1008).
 """
 
 GRACEFUL_SHUTDOWN_S = 5
@@ -82,6 +91,7 @@ def create_app(ctx: GatewayContext, *, on_ready: Callable[[], None] | None = Non
     app.include_router(pools.router)
     app.include_router(ws.router)
     errors.install(app)
+    app.add_middleware(auth.OriginCheck, allowed=auth.origins(ctx.settings))
     return app
 
 
@@ -102,6 +112,7 @@ class Gateway(Service):
         self.app: FastAPI | None = None
         self._server: _Server | None = None
         self._serving: asyncio.Task[None] | None = None
+        self.keys: KeyStore | None = None
 
     async def start(self) -> None:
         try:
@@ -112,9 +123,13 @@ class Gateway(Service):
 
     async def _start(self) -> None:
         nc = await self.connect()
+        self.keys = KeyStore(nc, replicas=self.settings.replicas)
+        await self.keys.start()
+        self._check_exposure(self.keys)
         ready = asyncio.Event()
         outage_s = min(self.settings.bus_outage_s, errors.REQUEST_OUTAGE_S)
-        ctx = GatewayContext(self.settings, self.nets, nc, EventLog(nc, outage_s=outage_s), outage_s=outage_s)
+        ctx = GatewayContext(self.settings, self.nets, nc, EventLog(nc, outage_s=outage_s), outage_s=outage_s,
+                             keys=self.keys)
         self.app = create_app(ctx, on_ready=ready.set)
         sock = _listen(self.settings.host, self.settings.port)
         self.url = f"http://{_url_host(self.settings.host)}:{sock.getsockname()[1]}"
@@ -133,7 +148,20 @@ class Gateway(Service):
             exc = self._serving.exception() if not self._serving.cancelled() else None
             raise exc or PetribusError(f"the gateway stopped while starting on {self.url}",
                                        code="gateway_start")
-        self.log.info("gateway listening", url=self.url, bots=sorted(self.nets))
+        self.log.info("gateway listening", url=self.url, bots=sorted(self.nets), keys_required=ctx.auth.required())
+
+    def _check_exposure(self, keys: KeyStore) -> None:
+        """Refuse to listen where other machines reach the gateway while no key exists: every session of
+        every bot would be open to whoever connects."""
+        host = self.settings.host
+        if auth.is_loopback(host) or self.settings.insecure or keys.any_live():
+            return
+        raise PetribusError(
+            f"refusing to listen on {host or 'every interface'}: that address is reachable from other machines "
+            "and no API key exists, so anyone who connects could read and drive every session. Make a key "
+            "first (petribus keys create --owner NAME --nats-url URL), listen on 127.0.0.1, or pass --insecure "
+            "(PETRIBUS_INSECURE=1) to run without keys on purpose (docs/security.md)",
+            code="gateway_insecure")
 
     async def _serve(self, sock: socket.socket) -> None:
         assert self._server is not None
@@ -150,6 +178,8 @@ class Gateway(Service):
             self._server.should_exit = True
         if self._serving is not None and not self._serving.done():
             await asyncio.wait({self._serving})
+        if self.keys is not None:
+            await self.keys.close()
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -22,11 +22,13 @@ from starlette.requests import HTTPConnection
 from petribus import logs
 from petribus.bus import EventLog
 from petribus.errors import BusUnavailable, InvalidInput, UnknownBot, UnknownSession
-from petribus.events import AgentMessage, SessionCreated, _Event, new_id
+from petribus.events import Actor, AgentMessage, SessionCreated, _Event, new_id
 from petribus.files import FileStore
+from petribus.keys import KeyStore
 from petribus.net import Net
 from petribus.outage import on_disconnect, on_reconnect
 from petribus.settings import Settings
+from petribus_gateway.auth import Auth, Caller
 from petribus_gateway.timeline import Timeline
 
 # A session id is one subject token: no '.', and no '*' or '>' that would widen a read or a purge.
@@ -40,7 +42,9 @@ class GatewayContext:
     nc: NATS
     events: EventLog
     outage_s: float = 10.0  # how long a request waits for a lost connection to come back
+    keys: KeyStore | None = None  # the API keys (None: this gateway knows of none)
     log: Any = field(init=False)
+    auth: Auth = field(init=False)
     files: FileStore = field(init=False)
     timeline: Timeline = field(init=False)
     _connected: asyncio.Event = field(init=False)
@@ -49,6 +53,7 @@ class GatewayContext:
         self.log = logs.get("petribus.gateway")
         self.files = FileStore(self.events.js, self.settings.max_file_bytes)
         self.timeline = Timeline(self.events)
+        self.auth = Auth(self.settings, self.keys)
         self._connected = asyncio.Event()
         if self.nc.is_connected:
             self._connected.set()
@@ -88,18 +93,29 @@ class GatewayContext:
             raise unknown_session(bot, session_id)
         return last
 
-    async def create_session(self, net: Net) -> tuple[str, int]:
-        """Start a session: ``session_created`` first, then the bot's welcome message if it has one."""
+    async def require_visible(self, net: Net, session_id: str, caller: Caller) -> None:
+        """``UnknownSession`` for a session that does not exist or that ``caller`` may not see: the same
+        answer, so that another owner's session ids cannot be told from ids that were never used."""
+        check_session_id(session_id)
+        await self.bus_ready()
+        exists, owner = await self.auth.owner_of(self.events.js, net.bot, session_id)
+        if not exists or not self.auth.may_see(caller, net, owner):
+            raise unknown_session(net.bot, session_id)
+
+    async def create_session(self, net: Net, actor: Actor | None = None) -> tuple[str, int]:
+        """Start a session: ``session_created`` (its ``actor`` owns the session) first, then the bot's
+        welcome message if it has one."""
         await self.bus_ready()
         session_id = new_id()
-        opening: list[_Event] = [SessionCreated(bot=net.bot, session_id=session_id)]
+        opening: list[_Event] = [SessionCreated(bot=net.bot, session_id=session_id, actor=actor)]
         ids = [f"session:{session_id}"]
         if net.welcome_message:
             opening.append(AgentMessage(bot=net.bot, session_id=session_id, text=net.welcome_message,
                                         cause=opening[0].id))
             ids.append(f"welcome:{session_id}")
         seqs = await self.events.append_many(opening, msg_ids=ids)
-        self.log.info("session created", bot=net.bot, session_id=session_id, seq=seqs[0])
+        self.log.info("session created", bot=net.bot, session_id=session_id, seq=seqs[0],
+                      owner=actor.owner if actor is not None else None)
         return session_id, seqs[0]
 
 

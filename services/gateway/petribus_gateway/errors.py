@@ -27,6 +27,7 @@ from petribus.errors import (
     UnknownSession,
 )
 from petribus.outage import is_unavailable
+from petribus_gateway.auth import Unauthorized
 from petribus_gateway.models import ErrorBody
 
 log = logs.get("petribus.gateway")
@@ -82,6 +83,8 @@ def unavailable_message(request: Request) -> str:
 
 
 def status_of(exc: PetribusError) -> int:
+    if isinstance(exc, Unauthorized):
+        return 401
     if isinstance(exc, (UnknownBot, UnknownSession, UnknownRequest)):
         return 404
     if isinstance(exc, (AlreadyAnswered, IdempotencyKeyReused)):
@@ -116,7 +119,9 @@ async def _petribus_error(request: Request, exc: Exception) -> JSONResponse:
     status = status_of(exc)
     if status >= 500:
         log.error("request failed", path=request.url.path, code=exc.code, error=exc.message)
-    return JSONResponse(ErrorBody(code=exc.code, message=exc.message).model_dump(), status_code=status)
+    headers = {"WWW-Authenticate": 'Bearer realm="petribus"'} if status == 401 else None
+    return JSONResponse(ErrorBody(code=exc.code, message=exc.message).model_dump(), status_code=status,
+                        headers=headers)
 
 
 async def _foreign_error(request: Request, exc: Exception) -> JSONResponse:

@@ -11,8 +11,8 @@ bytes are not read. Before a byte is read,
 the request must be pending and a declared ``Content-Length`` within ``PETRIBUS_MAX_FILE_BYTES``;
 while reading, the count is checked again (413).
 
-The session id is the capability: whoever knows it may read the session's files, as they may read its
-log. Session ids are random uuids; keep them as secret as the conversation.
+Who may read or upload: whoever may see the session (``auth.guard``, a dependency of every route here):
+another owner's session, or a bot the key may not use, is answered as one that does not exist (404).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from petribus.events import Event, InputFileResponse, new_id
 from petribus.files import FILE_ID_RE, content_type, header, safe_name, too_large
 from petribus.net import Net
 from petribus_gateway import idempotency, inputs
+from petribus_gateway.auth import Caller, CallerDep, guard
 from petribus_gateway.context import GatewayContext, bus_ready, check_session_id, context
 from petribus_gateway.models import ErrorBody, Uploaded
 
@@ -44,7 +45,7 @@ CHUNK = 64 * 1024
 SPOOL_IN_MEMORY = 1024 * 1024  # a larger file is spooled to a temporary file, not held in memory
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file in a multipart body
 
-router = APIRouter(tags=["files"])
+router = APIRouter(tags=["files"], dependencies=[Depends(guard)])
 
 
 def bot_net(bot: str, ctx: Ctx) -> Net:
@@ -106,7 +107,7 @@ def _chunks(spool: IO[bytes]) -> Iterator[bytes]:
 @router.put(FILE_PATH, status_code=201, response_model=Uploaded, responses=UPLOAD_ERRORS,
             openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}})
 async def upload_bytes(
-    net: BotNet, session_id: str, file_id: str, request: Request, ctx: Ctx, response: Response,
+    net: BotNet, session_id: str, file_id: str, request: Request, ctx: Ctx, response: Response, caller: CallerDep,
     name: Annotated[str | None, Query(max_length=255, description="The file's name.")] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Uploaded:
@@ -129,7 +130,8 @@ async def upload_bytes(
         spool.seek(0)
         kind = request.headers.get("content-type")
         return await _store(ctx, net, session_id, file_id, spool, name or file_id,  # type: ignore[arg-type]
-                            None if kind in (None, "application/x-www-form-urlencoded") else kind, key, response)
+                            None if kind in (None, "application/x-www-form-urlencoded") else kind, key, response,
+                            caller)
     finally:
         spool.close()
 
@@ -139,7 +141,7 @@ async def upload_bytes(
                  "type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}}},
                  "required": True}})
 async def upload_form(net: BotNet, session_id: str, file_id: str, request: Request, ctx: Ctx, response: Response,
-                      idempotency_key: IdempotencyKey = None) -> Uploaded:
+                      caller: CallerDep, idempotency_key: IdempotencyKey = None) -> Uploaded:
     """Answer a pending ``input_file_request`` with a multipart form holding one file part."""
     _check_ids(session_id, file_id)
     key = None if idempotency_key is None else idempotency.check_key(idempotency_key)
@@ -165,7 +167,7 @@ async def upload_form(net: BotNet, session_id: str, file_id: str, request: Reque
         if upload.size is not None and upload.size > limit:
             raise too_large(upload.size, limit, f"file {upload.filename!r}")
         return await _store(ctx, net, session_id, file_id, upload.file,  # type: ignore[arg-type]
-                            upload.filename or file_id, upload.content_type, key, response)
+                            upload.filename or file_id, upload.content_type, key, response, caller)
     finally:
         await form.close()
 
@@ -224,14 +226,15 @@ def _replayed(found: tuple[int, Event], response: Response) -> Uploaded:
 
 
 async def _store(ctx: GatewayContext, net: Net, session_id: str, file_id: str, data: BinaryIO,
-                 given_name: str, given_type: str | None, key: str | None, response: Response) -> Uploaded:
+                 given_name: str, given_type: str | None, key: str | None, response: Response,
+                 caller: Caller) -> Uploaded:
     name = safe_name(given_name, fallback=file_id)
     kind = content_type(name, given_type)
     stored_id = new_id()
     size = await ctx.files.put(net.bot, session_id, stored_id, data, name=name, content_type=kind)
     url = subjects.file_url(net.bot, session_id, stored_id)
     answer = InputFileResponse(bot=net.bot, session_id=session_id, file_id=file_id, name=name, size=size,
-                               content_type=kind, stored_id=stored_id, url=url)
+                               content_type=kind, stored_id=stored_id, url=url, actor=caller.actor())
     if key is not None:
         answer = idempotency.keyed(answer, key)
     try:

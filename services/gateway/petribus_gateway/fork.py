@@ -24,6 +24,7 @@ from petribus.bus import MAX_BATCH, EventLog
 from petribus.core import PlacedMarker, SessionState
 from petribus.errors import InvalidInput
 from petribus.events import (
+    Actor,
     ForkedFile,
     ForkedTurn,
     InputFileResponse,
@@ -86,13 +87,14 @@ def fit(net: Net, markers: list[Marker]) -> list[Marker]:
 
 
 def opening(net: Net, session_id: str, source: SessionState, at: int, markers: list[Marker],
-            in_flight: list[str], files: list[ForkedFile], max_payload: int) -> list[_Event]:
+            in_flight: list[str], files: list[ForkedFile], max_payload: int, actor: Actor | None = None
+            ) -> list[_Event]:
     """``session_forked`` with as many markers as fit in one message, then ``marker_added`` events for the
-    rest: at most ``MAX_BATCH`` events, one atomic batch."""
+    rest: at most ``MAX_BATCH`` events, one atomic batch. ``actor`` (who forked) owns the new session."""
     forked = SessionForked(
         bot=net.bot, session_id=session_id, source_bot=source.bot, source_session=source.session_id,
         source_seq=at, chat=[ForkedTurn(role=t.role, text=t.text) for t in source.chat],
-        memory=list(source.memory), files=files, in_flight=in_flight)
+        memory=list(source.memory), files=files, in_flight=in_flight, actor=actor)
     limit = max_payload - ENVELOPE_BYTES
     room = limit - len(encode(forked))
     if room < 0:
@@ -110,8 +112,8 @@ def opening(net: Net, session_id: str, source: SessionState, at: int, markers: l
         carried.append(m)
         room -= size
     events: list[_Event] = [forked.model_copy(update={"markers": carried})]
-    events.extend(MarkerAdded(bot=net.bot, session_id=session_id, marker=m, source="fork", cause=forked.id)
-                  for m in rest)
+    events.extend(MarkerAdded(bot=net.bot, session_id=session_id, marker=m, source="fork", cause=forked.id,
+                              actor=actor) for m in rest)
     if len(events) > MAX_BATCH:
         raise InvalidInput(
             f"forking at seq {at} takes {len(events)} events ({len(markers)} markers), over the {MAX_BATCH} one "
@@ -136,15 +138,15 @@ async def copy_files(store: FileStore, source: SessionState, bot: str, session_i
 
 
 async def fork(events: EventLog, store: FileStore, net: Net, source: SessionState, at: int,
-               session_id: str) -> int:
-    """Make the fork of ``source`` (the state at ``at``) as session ``session_id`` of ``net``: its first
-    seq. ``WrongLastSequence`` when that session exists already."""
+               session_id: str, actor: Actor | None = None) -> int:
+    """Make the fork of ``source`` (the state at ``at``) as session ``session_id`` of ``net``, owned by
+    ``actor``'s owner: its first seq. ``WrongLastSequence`` when that session exists already."""
     markers, in_flight = marking_with_in_flight(source)
     fitted = fit(net, markers)
     # Checked for size before any bytes are copied; copied before any event lands (the events name them).
-    opening(net, session_id, source, at, fitted, in_flight, [], events.nc.max_payload)
+    opening(net, session_id, source, at, fitted, in_flight, [], events.nc.max_payload, actor)
     files = await copy_files(store, source, net.bot, session_id)
-    batch = opening(net, session_id, source, at, fitted, in_flight, files, events.nc.max_payload)
+    batch = opening(net, session_id, source, at, fitted, in_flight, files, events.nc.max_payload, actor)
     seqs = await events.append_batch(batch, expected_last_seq=0,
                                      msg_ids=[f"fork:{session_id}:{i}" for i in range(len(batch))])
     return seqs[0]

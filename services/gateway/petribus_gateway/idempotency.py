@@ -61,7 +61,9 @@ def keyed(event: E, key: str) -> E:
 
 
 def _same_request(a: _Event, b: _Event) -> bool:
-    return a.model_dump(exclude={"ts"}) == b.model_dump(exclude={"ts"})
+    # Who sent it is not part of the request: a retry may come from another address (only callers who may
+    # use the session get here at all).
+    return a.model_dump(exclude={"ts", "actor"}) == b.model_dump(exclude={"ts", "actor"})
 
 
 async def append(events: EventLog, event: E, key: str) -> tuple[int, _Event, bool]:

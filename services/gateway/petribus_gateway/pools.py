@@ -24,9 +24,10 @@ from pydantic import BaseModel, Field
 from petribus import subjects
 from petribus.net import Net
 from petribus.registry import ExecutorInfo, Registry, is_gpu_pool, start_hint
+from petribus_gateway.auth import keyed
 from petribus_gateway.context import GatewayContext, bus_ready, context
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(keyed)])
 Ctx = Annotated[GatewayContext, Depends(context)]
 
 

@@ -17,6 +17,7 @@ from petribus.events import Event, HaltSet, InputFileResponse, SessionForked, _E
 from petribus.net import Net
 from petribus_gateway import fork as forking
 from petribus_gateway import idempotency, inputs
+from petribus_gateway.auth import CallerDep, guard
 from petribus_gateway.context import GatewayContext, bus_ready, check_session_id, context, unknown_session
 from petribus_gateway.models import (
     Answer,
@@ -46,7 +47,11 @@ from petribus_gateway.models import (
 
 Ctx = Annotated[GatewayContext, Depends(context)]
 Responses = dict[int | str, dict[str, Any]]
-NOT_FOUND: Responses = {404: {"model": ErrorBody, "description": "No such bot or session."}}
+NOT_FOUND: Responses = {
+    404: {"model": ErrorBody, "description": "No such bot or session (or not yours: the same answer)."},
+    401: {"model": ErrorBody, "description": "The bot needs an API key (Authorization: Bearer), or the one "
+          "sent is not valid."},
+}
 INVALID: Responses = {422: {"model": ErrorBody, "description": "Invalid input; nothing was appended."}}
 UNAVAILABLE: Responses = {503: {
     "model": ErrorBody, "headers": {"Retry-After": {"description": "Seconds to wait before retrying.",
@@ -75,7 +80,8 @@ AtSeq = Annotated[int | None, Query(ge=1, description="Answer as of this sequenc
 WithEvents = Annotated[bool, Query(description="false: leave the events out of the body (the state only).")]
 MAX_HISTORY = 1000
 
-router = APIRouter()
+# Every route is guarded: the caller's key, and the same 404 for what it may not see (auth.py).
+router = APIRouter(dependencies=[Depends(guard)])
 
 
 def bot_net(bot: str, ctx: Ctx) -> Net:
@@ -111,8 +117,9 @@ async def _pools_line(ctx: Any) -> str | None:
 
 
 @router.get("/bots", response_model=list[BotInfo], tags=["bots"])
-async def list_bots(ctx: Ctx) -> list[BotInfo]:
-    """Every bot this gateway serves, with its exposed locations (and their JSON schemas) and transitions."""
+async def list_bots(ctx: Ctx, caller: CallerDep) -> list[BotInfo]:
+    """Every bot this gateway serves to the caller, with its exposed locations (and their JSON schemas)
+    and transitions."""
     return [
         BotInfo(
             name=net.bot, description=net.description, model=net.model, welcome_message=net.welcome_message,
@@ -122,24 +129,30 @@ async def list_bots(ctx: Ctx) -> list[BotInfo]:
                                         outputs=list(t.outputs), confirm=t.confirm)
                          for t in net.transitions if t.expose],
         )
-        for net in ctx.nets.values()
+        for net in ctx.nets.values() if ctx.auth.may_use(caller, net)
     ]
 
 
 @router.get("/bots/{bot}/sessions", response_model=SessionList, responses=ERRORS, tags=["sessions"],
             dependencies=[Depends(bus_ready)])
-async def list_sessions(net: BotNet, ctx: Ctx) -> SessionList:
-    """The bot's sessions still in the log, with the number of events each holds."""
+async def list_sessions(net: BotNet, ctx: Ctx, caller: CallerDep) -> SessionList:
+    """The caller's sessions of the bot still in the log (an admin key: everyone's), with the number of
+    events each holds."""
     found = await ctx.events.sessions(net.bot)
-    return SessionList(bot=net.bot,
-                       sessions=[SessionSummary(session_id=s, events=n) for s, n in sorted(found.items())])
+    mine = []
+    for session_id, n in sorted(found.items()):
+        exists, owner = (True, None) if caller.admin else await ctx.auth.owner_of(ctx.events.js, net.bot, session_id)
+        if exists and ctx.auth.lists(caller, net, owner):
+            mine.append(SessionSummary(session_id=session_id, events=n))
+    return SessionList(bot=net.bot, sessions=mine)
 
 
 @router.post("/bots/{bot}/sessions", response_model=SessionCreatedInfo, status_code=201, responses=ERRORS,
              tags=["sessions"])
-async def create_session(net: BotNet, ctx: Ctx) -> SessionCreatedInfo:
-    """Start a session; connect to its WebSocket with ``?session_id=`` to follow it."""
-    session_id, seq = await ctx.create_session(net)
+async def create_session(net: BotNet, ctx: Ctx, caller: CallerDep) -> SessionCreatedInfo:
+    """Start a session, owned by the caller's key's owner; connect to its WebSocket with ``?session_id=``
+    to follow it."""
+    session_id, seq = await ctx.create_session(net, caller.actor())
     return SessionCreatedInfo(session_id=session_id, seq=seq)
 
 
@@ -222,12 +235,12 @@ async def history(net: BotNet, session_id: str, ctx: Ctx,
 @router.post("/bots/{bot}/sessions/{session_id}/fork", response_model=ForkedInfo, status_code=201,
              responses={**ERRORS, **KEYED}, tags=["time travel"], dependencies=[Depends(bus_ready)])
 async def fork_session(net: BotNet, session_id: str, body: ForkRequest, ctx: Ctx, response: Response,
-                       idempotency_key: IdempotencyKey = None) -> ForkedInfo:
+                       caller: CallerDep, idempotency_key: IdempotencyKey = None) -> ForkedInfo:
     """A new session that starts from this one's state at ``at`` (see docs/time-travel.md): the marking
     (with the markers of firings in flight then put back), chat, memory and files. This session is
     untouched. With ``bot``, the fork runs on another bot, if every marker fits its net."""
     check_session_id(session_id)
-    target = ctx.net(body.bot) if body.bot is not None else net
+    target = ctx.auth.net(ctx.nets, body.bot, caller) if body.bot is not None else net
     source = await _state_at(ctx, net, session_id, body.at)
     last = (await ctx.timeline.state_at(net.bot, session_id, None)).last_seq
     if body.at > last:
@@ -237,7 +250,7 @@ async def fork_session(net: BotNet, session_id: str, body: ForkRequest, ctx: Ctx
     new_session = (new_id() if key is None
                    else uuid.uuid5(idempotency.NAMESPACE, f"fork:{net.bot}:{session_id}:{key}").hex)
     try:
-        seq = await forking.fork(ctx.events, ctx.files, target, source, body.at, new_session)
+        seq = await forking.fork(ctx.events, ctx.files, target, source, body.at, new_session, caller.actor())
     except WrongLastSequence:
         # Only a keyed retry names a session that exists: answer it as the first time, if it is that fork.
         first = (await ctx.events.read(target.bot, new_session))[:1] if key else []
@@ -258,7 +271,7 @@ async def fork_session(net: BotNet, session_id: str, body: ForkRequest, ctx: Ctx
 
 @router.put("/bots/{bot}/sessions/{session_id}/halt", response_model=Appended, status_code=201,
             responses=ERRORS, tags=["time travel"])
-async def set_halt(net: BotNet, session_id: str, body: HaltRequest, ctx: Ctx) -> Appended:
+async def set_halt(net: BotNet, session_id: str, body: HaltRequest, ctx: Ctx, caller: CallerDep) -> Appended:
     """Hold the next firings of these transitions before they run, as if they had ``confirm=True``: each
     is claimed, announced with ``confirm_transition``, and runs once accepted. ``[]`` clears it."""
     check_session_id(session_id)
@@ -267,7 +280,8 @@ async def set_halt(net: BotNet, session_id: str, body: HaltRequest, ctx: Ctx) ->
         raise InvalidInput(f"bot {net.bot!r} has no transition(s) {unknown}; it has "
                            f"{[t.name for t in net.transitions]}", code="unknown_transition")
     await ctx.require_session(net.bot, session_id)
-    event = HaltSet(bot=net.bot, session_id=session_id, before=list(dict.fromkeys(body.before)))
+    event = HaltSet(bot=net.bot, session_id=session_id, before=list(dict.fromkeys(body.before)),
+                    actor=caller.actor())
     seq = await ctx.events.append(event)
     return Appended(seq=seq, event=ClientEvent.model_validate(to_client(event, seq)))
 
@@ -275,12 +289,12 @@ async def set_halt(net: BotNet, session_id: str, body: HaltRequest, ctx: Ctx) ->
 @router.post("/bots/{bot}/sessions/{session_id}/markers", response_model=Appended, status_code=201,
              responses={**ERRORS, **KEYED}, tags=["sessions"])
 async def add_marker(net: BotNet, session_id: str, body: NewMarker, ctx: Ctx, response: Response,
-                     idempotency_key: IdempotencyKey = None) -> Appended:
+                     caller: CallerDep, idempotency_key: IdempotencyKey = None) -> Appended:
     """Add a marker to an exposed location, validated by the location's model."""
     check_session_id(session_id)
     key = None if idempotency_key is None else idempotency.check_key(idempotency_key)
     event = inputs.marker_added(net, session_id, body.location, body.data, source="api",
-                                request_id=body.request_id)
+                                request_id=body.request_id).model_copy(update={"actor": caller.actor()})
     await ctx.require_session(net.bot, session_id)
     return await _append(ctx, event, key, response)
 
@@ -288,11 +302,12 @@ async def add_marker(net: BotNet, session_id: str, body: NewMarker, ctx: Ctx, re
 @router.post("/bots/{bot}/sessions/{session_id}/messages", response_model=Appended, status_code=201,
              responses={**ERRORS, **KEYED}, tags=["sessions"])
 async def add_message(net: BotNet, session_id: str, body: NewMessage, ctx: Ctx, response: Response,
-                      idempotency_key: IdempotencyKey = None) -> Appended:
+                      caller: CallerDep, idempotency_key: IdempotencyKey = None) -> Appended:
     """Say something in the session, as its user."""
     check_session_id(session_id)
     key = None if idempotency_key is None else idempotency.check_key(idempotency_key)
-    event = inputs.user_message(net, session_id, body.text, request_id=body.request_id)
+    event = inputs.user_message(net, session_id, body.text, request_id=body.request_id).model_copy(
+        update={"actor": caller.actor()})
     await ctx.require_session(net.bot, session_id)
     return await _append(ctx, event, key, response)
 
@@ -314,7 +329,8 @@ def _appended(seq: int, event: _Event, replayed: bool, response: Response) -> Ap
 @router.post("/bots/{bot}/sessions/{session_id}/confirmations/{task_id}", response_model=Appended,
              status_code=201, responses=ANSWER_ERRORS, tags=["confirmations"])
 async def answer_confirmation(net: BotNet, session_id: str, task_id: str, body: Answer, ctx: Ctx,
-                              response: Response, idempotency_key: IdempotencyKey = None) -> Appended:
+                              response: Response, caller: CallerDep, idempotency_key: IdempotencyKey = None
+                              ) -> Appended:
     """Accept (run it) or reject (its markers go back) a firing that waits for confirmation.
 
     ``task_id`` is the ``metadata.task_id`` of its ``confirm_transition`` event.
@@ -328,13 +344,14 @@ async def answer_confirmation(net: BotNet, session_id: str, task_id: str, body: 
     key = None if idempotency_key is None else idempotency.check_key(idempotency_key)
     event = inputs.task_answer(net, session_id, kind, value, inputs.snippet(task_id),
                                request_id=body.request_id)
-    return await _answer(ctx, net, session_id, event, key, response)
+    return await _answer(ctx, net, session_id, event.model_copy(update={"actor": caller.actor()}), key, response)
 
 
 @router.post("/bots/{bot}/sessions/{session_id}/confirm_requests/{request_id}", response_model=Appended,
              status_code=201, responses=ANSWER_ERRORS, tags=["confirmations"])
 async def answer_question(net: BotNet, session_id: str, request_id: str, body: Answer, ctx: Ctx,
-                          response: Response, idempotency_key: IdempotencyKey = None) -> Appended:
+                          response: Response, caller: CallerDep, idempotency_key: IdempotencyKey = None
+                          ) -> Appended:
     """Answer a running transition's ``context.confirm`` question (a ``confirm_request`` event)."""
     check_session_id(session_id)
     if body.reason is not None or body.request_id not in (None, request_id):
@@ -342,7 +359,7 @@ async def answer_question(net: BotNet, session_id: str, request_id: str, body: A
                            code="invalid_value")
     key = None if idempotency_key is None else idempotency.check_key(idempotency_key)
     event = inputs.confirm_response(net, session_id, body.accepted, "", request_id=request_id)
-    return await _answer(ctx, net, session_id, event, key, response)
+    return await _answer(ctx, net, session_id, event.model_copy(update={"actor": caller.actor()}), key, response)
 
 
 async def _answer(ctx: GatewayContext, net: Net, session_id: str, event: Any, key: str | None,
@@ -370,5 +387,6 @@ async def delete_session(net: BotNet, session_id: str, ctx: Ctx) -> Response:
         await ctx.files.delete(net.bot, session_id, key)
     await ctx.events.delete(net.bot, session_id)
     ctx.timeline.forget(net.bot, session_id)
+    ctx.auth.forget(net.bot, session_id)
     ctx.log.info("session deleted", bot=net.bot, session_id=session_id)
     return Response(status_code=204)

@@ -12,6 +12,12 @@ never enters the log and the connection stays open. So does one the bus could no
 failing over: code ``bus_unavailable``), echoing its ``request_id``; sent again with that same
 ``request_id``, it lands once (``idempotency``).
 
+Who may connect (``auth.py``): the ``Authorization: Bearer`` header, or, from a browser (which cannot set
+headers on a WebSocket), ``{"type": "auth", "token": ...}`` as the first message, awaited for
+``AUTH_DEADLINE_S`` only when the bot needs a key and no header came. A bot that needs a key and gets
+none is closed with 4401; another owner's session is closed with 4404, exactly like an unknown one.
+Every event a client's message appends records the caller as its ``actor``.
+
 Answers (accept/reject a confirmation, a confirm_response) are checked against a fold of the session
 that the connection keeps and brings up to date before each answer, and appended at the sequence they
 were checked at: an unknown or already answered id is refused, and of two clients answering at once
@@ -41,6 +47,15 @@ from petribus.events import ConfirmResponse, ErrorEvent, decode, to_client
 from petribus.net import Net
 from petribus.outage import on_reconnect, retry
 from petribus_gateway import deltas, errors, idempotency, inputs
+from petribus_gateway.auth import (
+    AUTH_DEADLINE_S,
+    CLOSE_UNAUTHORIZED,
+    Caller,
+    Unauthorized,
+    address,
+    auth_message,
+    bearer,
+)
 from petribus_gateway.context import GatewayContext, context
 
 CLOSE_NOT_FOUND = 4404
@@ -65,8 +80,13 @@ async def session_socket(
     await websocket.accept()
     asked = websocket.query_params.get("session_id") or ""
     try:
-        net = ctx.net(bot)
-        session_id, since = await _open(ctx, net, websocket.query_params)
+        caller = await _authenticate(ctx, websocket, bot)
+        net = ctx.auth.net(ctx.nets, bot, caller)
+        session_id, since = await _open(ctx, net, websocket.query_params, caller)
+    except Unauthorized as exc:
+        ctx.log.info("connection refused", bot=bot, reason=exc.code, address=address(websocket))
+        await _refuse(websocket, bot, asked, exc, CLOSE_UNAUTHORIZED)
+        return
     except (UnknownBot, UnknownSession) as exc:
         await _refuse(websocket, bot, asked, exc, CLOSE_NOT_FOUND)
         return
@@ -85,10 +105,36 @@ async def session_socket(
         await _refuse(websocket, bot, asked, PetribusError(message, code=bus.code),
                       CLOSE_TRY_AGAIN if unavailable else CLOSE_STREAM_LOST)
         return
-    await SessionSocket(ctx, websocket, net, session_id, since).run()
+    await SessionSocket(ctx, websocket, net, session_id, since, caller).run()
 
 
-async def _open(ctx: GatewayContext, net: Net, params: QueryParams) -> tuple[str, int]:
+async def _authenticate(ctx: GatewayContext, websocket: WebSocket, bot: str) -> Caller:
+    """The caller: from the Authorization header; else, where the bot needs a key, from the first message."""
+    token = bearer(websocket.headers.get("authorization"))
+    if token is not None:
+        return ctx.auth.caller(token, address(websocket))
+    net = ctx.nets.get(bot)
+    if net is None or not (net.authorized and ctx.auth.required()):
+        return Caller(None, address(websocket))
+    missing = Unauthorized(f"bot {bot!r} needs an API key: send 'Authorization: Bearer <token>', or "
+                           "{\"type\": \"auth\", \"token\": ...} as the first message within "
+                           f"{AUTH_DEADLINE_S:g} s")
+    try:
+        message = await asyncio.wait_for(websocket.receive(), AUTH_DEADLINE_S)
+    except TimeoutError:
+        raise missing from None
+    if message["type"] == "websocket.disconnect":
+        raise missing
+    try:
+        token = auth_message(inputs.frame_text(message, ctx.settings.gateway_max_message_bytes))
+    except InvalidInput:
+        token = None
+    if token is None:
+        raise missing
+    return ctx.auth.caller(token, address(websocket))
+
+
+async def _open(ctx: GatewayContext, net: Net, params: QueryParams, caller: Caller) -> tuple[str, int]:
     """(session id, since): a new session from 0, or an existing one from the client's ``since``."""
     session_id = params.get("session_id")
     raw_since = params.get("since")
@@ -105,9 +151,9 @@ async def _open(ctx: GatewayContext, net: Net, params: QueryParams) -> tuple[str
         if raw_since is not None:
             raise InvalidInput("since needs a session_id: pass the session_id it belongs to",
                                code="invalid_since")
-        session_id, _ = await ctx.create_session(net)
+        session_id, _ = await ctx.create_session(net, caller.actor())
         return session_id, 0
-    await ctx.require_session(net.bot, session_id)
+    await ctx.require_visible(net, session_id, caller)
     return session_id, since
 
 
@@ -130,8 +176,9 @@ class StreamGap(Exception):
 
 class SessionSocket:
     def __init__(self, ctx: GatewayContext, websocket: WebSocket, net: Net, session_id: str,
-                 since: int) -> None:
+                 since: int, caller: Caller | None = None) -> None:
         self.ctx = ctx
+        self.caller = caller or Caller(None, address(websocket))
         self.ws = websocket
         self.net = net
         self.session_id = session_id
@@ -281,9 +328,15 @@ class SessionSocket:
     async def _handle(self, message: Message) -> None:
         request_id = None
         try:
-            payload = inputs.parse(inputs.frame_text(message, self.max_bytes))
+            text = inputs.frame_text(message, self.max_bytes)
+            token = auth_message(text)
+            if token is not None:
+                await self._authenticated(token)
+                return
+            payload = inputs.parse(text)
             request_id = payload.get("request_id")
-            event = inputs.to_event(self.net, self.session_id, payload)
+            event = inputs.to_event(self.net, self.session_id, payload).model_copy(
+                update={"actor": self.caller.actor()})
         except InvalidInput as exc:
             self.log.info("client message refused", code=exc.code, error=exc.message)
             await self._error(exc.code, exc.message, request_id)
@@ -310,6 +363,23 @@ class SessionSocket:
             await self._error(bus.code, message, request_id)
             return
         self.log.debug("client event appended", type=payload["type"], seq=seq, replayed=replayed)
+
+    async def _authenticated(self, token: str) -> None:
+        """An auth message after the opening (a browser that always sends one, to a bot that did not need it):
+        a valid key becomes the actor of what follows; anything else is refused with an error event."""
+        try:
+            caller = self.ctx.auth.caller(token, self.caller.address)
+        except Unauthorized as exc:
+            await self._error(exc.code, exc.message, None)
+            return
+        if self.caller.principal is not None and caller.principal != self.caller.principal:
+            await self._error("unauthorized", "this connection already has a key; connect again to use another",
+                              None)
+            return
+        if caller.principal is not None and not caller.principal.may_use(self.net.bot):
+            await self._error("unauthorized", f"this key may not use bot {self.net.bot!r}", None)
+            return
+        self.caller = caller
 
     async def _append(self, event: Any, request_id: str | None) -> tuple[int, bool]:
         """Append a client's event, once per ``request_id`` (its idempotency key); (seq, replayed)."""

@@ -1,0 +1,291 @@
+"""API keys: who may call the gateway, as which owner, on which bots (docs/security.md).
+
+A token is ``pb_<key id>_<secret>``: the key id (16 hex digits) names the key in the log, in
+``petribus keys list`` and in events' ``actor``; the secret (32 random bytes, url-safe base64) is shown
+once, when the key is made, and never stored. The ``PB_KEYS`` bucket holds, under the key id, a
+:class:`KeyRecord`: the SHA-256 of the secret, the owner, the admin flag, the bots the key may use
+(none listed: every bot), when it was made and whether it was revoked. A secret of 256 random bits needs
+no salt or slow hash: nobody can guess one from its digest. Checking compares digests in constant time.
+
+A revoked key stays in the bucket (revoked, with its time) so that the key ids in old events still say
+whose they were; it never authenticates again.
+
+:class:`KeyStore` keeps the bucket in memory through a KV watch (pushed by the server, no polling), so
+checking a token is a dictionary look-up and a revoke takes effect as soon as the watch delivers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from petribus.errors import BusError, PetribusError
+from petribus.outage import default_budget, on_reconnect, retry
+
+KEYS_BUCKET = "PB_KEYS"
+PREFIX = "pb"
+OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+BOT_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+SECRET_BYTES = 32  # 256 bits
+
+log = structlog.get_logger("petribus.keys")
+
+
+class InvalidKey(PetribusError, ValueError):
+    """An owner, bot or key id that cannot be stored or named."""
+
+    code = "invalid_key"
+
+
+class KeyRecord(BaseModel):
+    """What the bucket holds for one key: never the token or its secret, only the secret's digest."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key_id: str
+    owner: str
+    admin: bool = False
+    bots: list[str] = Field(default_factory=list, description="Bots the key may use; empty: every bot.")
+    secret_sha256: str = Field(description="Hex SHA-256 of the token's secret part.")
+    created: float = Field(default_factory=time.time)
+    revoked: float | None = Field(default=None, description="When it was revoked (Unix time); None: live.")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a valid token speaks for."""
+
+    owner: str
+    key_id: str
+    admin: bool
+    bots: tuple[str, ...]
+
+    def may_use(self, bot: str) -> bool:
+        return not self.bots or bot in self.bots
+
+
+def check_owner(owner: str) -> str:
+    if not isinstance(owner, str) or not OWNER_RE.match(owner):
+        raise InvalidKey(f"owner {owner!r} is not a valid name: use 1-128 letters, digits, '_', '.', '@' or '-', "
+                         "starting with a letter or digit (e.g. alice or team-billing)")
+    return owner
+
+
+def check_key_id(key_id: str) -> str:
+    if not isinstance(key_id, str) or not KEY_ID_RE.match(key_id):
+        raise InvalidKey(f"{key_id!r} is not a key id; a key id is 16 hex digits, as `petribus keys list` shows")
+    return key_id
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_key(owner: str, *, admin: bool = False, bots: list[str] | tuple[str, ...] = ()) -> tuple[str, KeyRecord]:
+    """A fresh token and the record to store for it. The token exists only in the return value."""
+    check_owner(owner)
+    for bot in bots:
+        if not BOT_RE.match(bot):
+            raise InvalidKey(f"{bot!r} is not a bot name (letters, digits, '_' and '-')")
+    key_id = secrets.token_hex(8)
+    secret = secrets.token_urlsafe(SECRET_BYTES)
+    record = KeyRecord(key_id=key_id, owner=owner, admin=admin, bots=sorted(set(bots)), secret_sha256=digest(secret))
+    return f"{PREFIX}_{key_id}_{secret}", record
+
+
+def parse_token(token: str) -> tuple[str, str] | None:
+    """(key id, secret) of a well-formed token, else None."""
+    prefix, sep, rest = token.partition("_")
+    key_id, sep2, secret = rest.partition("_")
+    if prefix != PREFIX or not sep or not sep2 or not KEY_ID_RE.match(key_id) or not secret:
+        return None
+    return key_id, secret
+
+
+def verify(records: dict[str, KeyRecord], token: str) -> Principal | None:
+    """The principal ``token`` speaks for among ``records``; None for a malformed, unknown or revoked one."""
+    parsed = parse_token(token)
+    if parsed is None:
+        return None
+    key_id, secret = parsed
+    record = records.get(key_id)
+    if record is None:
+        return None
+    if not hmac.compare_digest(record.secret_sha256, digest(secret)) or record.revoked is not None:
+        return None
+    return Principal(owner=record.owner, key_id=record.key_id, admin=record.admin, bots=tuple(record.bots))
+
+
+# ---------------------------------------------------------------- the bucket
+
+
+async def bucket(js: JetStreamContext, *, replicas: int = 1) -> KeyValue:
+    """The keys bucket, made if it is not there yet (by whichever process comes first)."""
+    try:
+        return await js.key_value(KEYS_BUCKET)
+    except BucketNotFoundError:
+        pass
+    try:
+        return await js.create_key_value(KeyValueConfig(
+            bucket=KEYS_BUCKET, history=1, storage=StorageType.FILE, replicas=replicas,
+            description="petribus API keys: key id -> owner, flags and the digest of its secret",
+        ))
+    except Exception:  # another process made it first, with its own settings: use that one
+        return await js.key_value(KEYS_BUCKET)
+
+
+async def create(js: JetStreamContext, owner: str, *, admin: bool = False, bots: list[str] | tuple[str, ...] = (),
+                 replicas: int = 1) -> tuple[str, KeyRecord]:
+    """Make and store a key; the token is returned once and kept nowhere."""
+    token, record = new_key(owner, admin=admin, bots=bots)
+    kv = await bucket(js, replicas=replicas)
+    await kv.create(record.key_id, record.model_dump_json().encode())
+    return token, record
+
+
+async def listing(js: JetStreamContext) -> list[KeyRecord]:
+    """Every key (revoked ones too), oldest first."""
+    kv = await bucket(js)
+    watcher = await kv.watchall()
+    found: dict[str, KeyRecord] = {}
+    try:
+        while True:
+            entry = await watcher.updates(timeout=10.0)
+            if entry is None:  # the end of what is stored now
+                break
+            _apply(found, entry)
+    finally:
+        await watcher.stop()
+    return sorted(found.values(), key=lambda r: (r.created, r.key_id))
+
+
+async def revoke(js: JetStreamContext, key_id: str) -> KeyRecord | None:
+    """Mark a key revoked (it stays listed, for the audit trail); None when there is no such key."""
+    check_key_id(key_id)
+    kv = await bucket(js)
+    try:
+        entry = await kv.get(key_id)
+    except KeyNotFoundError:
+        return None
+    record = KeyRecord.model_validate_json(entry.value or b"")
+    if record.revoked is None:
+        record = record.model_copy(update={"revoked": time.time()})
+        await kv.update(key_id, record.model_dump_json().encode(), last=entry.revision)
+    return record
+
+
+def _apply(found: dict[str, KeyRecord], entry: KeyValue.Entry) -> None:
+    if entry.operation in (KV_DEL, KV_PURGE):
+        found.pop(entry.key, None)
+        return
+    try:
+        found[entry.key] = KeyRecord.model_validate_json(entry.value or b"")
+    except ValidationError:
+        log.error("ignoring an unreadable key record", key_id=entry.key)  # never authenticates
+        found.pop(entry.key, None)
+
+
+class KeyStore:
+    """The keys bucket mirrored in memory by a watch; ``authenticate`` is a look-up, never a request.
+
+    After each reconnect to NATS a fresh watch loads the bucket and replaces the old one (a watch the
+    server dropped while the connection was down would go quiet and keep a revoked key alive).
+    """
+
+    def __init__(self, nc: NATS, *, replicas: int = 1) -> None:
+        self._nc = nc
+        self._replicas = replicas
+        self._records: dict[str, KeyRecord] = {}
+        self._watch: tuple[KeyValue.KeyWatcher, asyncio.Task[None]] | None = None
+        self._changed = asyncio.Condition()
+        self._unhook: Callable[[], None] | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"KeyStore(bucket={KEYS_BUCKET!r}, keys={len(self._records)})"
+
+    async def start(self) -> None:
+        """Load the stored keys and keep them up to date. Returns once they are known."""
+        await self._rewatch()
+        self._unhook = on_reconnect(self._nc, self._renew)
+
+    async def _renew(self) -> None:
+        await retry(self._nc, "renewing the keys watch", lambda _: self._rewatch(), budget_s=default_budget())
+
+    async def _rewatch(self) -> None:
+        if self._closed:
+            return
+        kv = await bucket(self._nc.jetstream(), replicas=self._replicas)
+        watcher = await kv.watchall()
+        loaded = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._follow(watcher, loaded), name="keys-watch")
+        await asyncio.wait({loaded, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not loaded.done():
+            error = None if task.cancelled() else task.exception()
+            await _stop(watcher, task)
+            raise error or BusError("the keys watch ended before it had loaded the bucket")
+        if self._closed:
+            await _stop(watcher, task)
+            return
+        old, self._watch = self._watch, (watcher, task)
+        if old is not None:
+            await _stop(*old)
+            log.info("keys watch renewed", keys=len(self._records))
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher, loaded: asyncio.Future[None]) -> None:
+        records: dict[str, KeyRecord] = {}
+        async for entry in watcher:
+            if entry is None:  # the end of what was stored when the watch began
+                self._records = records
+                loaded.set_result(None)
+                continue
+            _apply(records, entry)
+            if loaded.done():
+                log.info("key changed", key_id=entry.key)
+                async with self._changed:
+                    self._changed.notify_all()
+
+    async def changed(self) -> None:
+        """Wait for the next change the watch delivers (for tests and tools)."""
+        async with self._changed:
+            await self._changed.wait()
+
+    def authenticate(self, token: str) -> Principal | None:
+        return verify(self._records, token)
+
+    def any_live(self) -> bool:
+        """Whether any key may still authenticate: then an authorized bot needs one."""
+        return any(r.revoked is None for r in self._records.values())
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._unhook is not None:
+            self._unhook()
+        if self._watch is not None:
+            await _stop(*self._watch)
+            self._watch = None
+        self._records = {}
+
+
+async def _stop(watcher: KeyValue.KeyWatcher, task: asyncio.Task[None]) -> None:
+    with contextlib.suppress(Exception):  # the connection may be closing already
+        await watcher.stop()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
