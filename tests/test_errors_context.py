@@ -206,3 +206,14 @@ async def test_a_container_worker_shows_the_users_frame_with_its_secrets_masked(
     assert outcome.error_type == "PermissionError" and outcome.error == "the payment API refused Bearer *** for 7"
     assert [fn for _, _, fn in frames(outcome.traceback)] == ["charge_card"]
     assert "token = '***'" in outcome.traceback and TOKEN not in outcome.traceback
+
+
+def test_variables_passed_into_the_sandbox_are_masked_too() -> None:
+    from petribus_executor import failures
+    from petribus_executor.limits import hidden_values
+
+    environ = {"DB_PASSWORD": "hunter2-is-long", "LANG": "C.UTF-8", "SHORT": "abc", "OTHER": "not-passed-value"}
+    hidden = hidden_values([("API_TOKEN", "tok-123456789")], environ, ["DB_PASSWORD", "SHORT", "LANG"])
+    assert sorted(hidden) == ["hunter2-is-long", "tok-123456789"]  # passed, and 8 characters or more
+    text = failures.mask("connect(password='hunter2-is-long') with tok-123456789; lang C; abc", hidden)
+    assert text == "connect(password='***') with ***; lang C; abc"

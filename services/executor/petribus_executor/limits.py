@@ -37,6 +37,7 @@ import shutil
 import signal
 import tempfile
 import threading
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from petribus_executor import failures
@@ -45,6 +46,7 @@ from petribus_executor.sandbox import Profile, from_dict
 
 MIB = 1024 * 1024
 THREAD_STACK_BYTES = 4 * MIB
+PASSED_MASKED_FROM = 8  # characters: shorter values of passed variables are not masked
 
 
 class CpuTimeExceeded(Exception):
@@ -70,7 +72,7 @@ class Sandbox:
 
         Only a worker process does: a ``Runner`` driven in another process (a test) never limits it."""
         self.confined = True
-        failures.hide(value for _, value in self.profile.env)  # its tracebacks show none of its secrets
+        failures.hide(hidden_values(self.profile.env, os.environ, self.passed))
         threading.stack_size(THREAD_STACK_BYTES)
         env = self.profile.environment(dict(os.environ), self.passed)
         tmp = os.path.join(self.root, ".tmp")
@@ -229,3 +231,13 @@ def _status_mib(field: str) -> float:
     except OSError:
         pass
     return 0.0
+
+
+def hidden_values(secrets: Iterable[tuple[str, str]], environ: Mapping[str, str],
+                  passed: Iterable[str]) -> list[str]:
+    """What a worker's tracebacks must never show: its secrets' values, and the values of the variables
+    passed into its sandbox (an operator passes credentials that way too), but not those shorter than
+    ``PASSED_MASKED_FROM`` characters, which would garble the text ("1", "en")."""
+    names = set(passed)
+    return [*(value for _, value in secrets),
+            *(v for n, v in environ.items() if n in names and len(v) >= PASSED_MASKED_FROM)]
