@@ -12,7 +12,8 @@ the request must be pending and a declared ``Content-Length`` within ``PETRIBUS_
 while reading, the count is checked again (413).
 
 Who may read or upload: whoever may see the session (``auth.guard``, a dependency of every route here):
-another owner's session, or a bot the key may not use, is answered as one that does not exist (404).
+another owner's session, or a bot the key may not use, is answered as one that does not exist (404; a
+download: as the file of a deleted session, ``unknown_file``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from starlette.types import Message, Receive
 from petribus import subjects
 from petribus.answers import to_file_request
 from petribus.core import fold
-from petribus.errors import AlreadyAnswered, InvalidInput, UnknownRequest
+from petribus.errors import AlreadyAnswered, InvalidInput, UnknownRequest, UnknownSession
 from petribus.events import Event, InputFileResponse, new_id
 from petribus.files import FILE_ID_RE, content_type, header, safe_name, too_large
 from petribus.net import Net
@@ -45,7 +46,7 @@ CHUNK = 64 * 1024
 SPOOL_IN_MEMORY = 1024 * 1024  # a larger file is spooled to a temporary file, not held in memory
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file in a multipart body
 
-router = APIRouter(tags=["files"], dependencies=[Depends(guard)])
+router = APIRouter(tags=["files"])
 
 
 def bot_net(bot: str, ctx: Ctx) -> Net:
@@ -75,15 +76,28 @@ IdempotencyKey = Annotated[str | None, Header(
                 "first upload's answer (replayed: true) instead of 409.")]
 
 
+def _no_file(bot: str, session_id: str, file_id: str) -> UnknownRequest:
+    return UnknownRequest(f"no file {file_id!r} in session {session_id!r} of bot {bot!r}; use the url of an "
+                          "output_file or input_file_response event", code="unknown_file")
+
+
+async def download_guard(request: Request) -> Caller:
+    """``guard``, answering a session the caller may not see as a download answers a deleted session's file."""
+    try:
+        return await guard(request)
+    except UnknownSession:
+        p = request.path_params
+        raise _no_file(p["bot"], p["session_id"], p["file_id"]) from None
+
+
 @router.get(FILE_PATH, responses={200: {"content": {"application/octet-stream": {}}}, **DOWNLOAD_ERRORS},
-            dependencies=[Depends(bus_ready)])
+            dependencies=[Depends(download_guard), Depends(bus_ready)])
 async def download(net: BotNet, session_id: str, file_id: str, ctx: Ctx) -> StreamingResponse:
     """The bytes of one of the session's files (its ``output_file`` or ``input_file_response`` URL)."""
     _check_ids(session_id, file_id)
     info = await ctx.files.info(net.bot, session_id, file_id)
     if info is None:
-        raise UnknownRequest(f"no file {file_id!r} in session {session_id!r} of bot {net.bot!r}; use the url "
-                             "of an output_file or input_file_response event", code="unknown_file")
+        raise _no_file(net.bot, session_id, file_id)
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
     try:
         await ctx.files.get_into(net.bot, session_id, file_id, spool)  # type: ignore[arg-type]
@@ -105,6 +119,7 @@ def _chunks(spool: IO[bytes]) -> Iterator[bytes]:
 
 
 @router.put(FILE_PATH, status_code=201, response_model=Uploaded, responses=UPLOAD_ERRORS,
+            dependencies=[Depends(guard)],
             openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}})
 async def upload_bytes(
     net: BotNet, session_id: str, file_id: str, request: Request, ctx: Ctx, response: Response, caller: CallerDep,
@@ -137,6 +152,7 @@ async def upload_bytes(
 
 
 @router.post(FILE_PATH, status_code=201, response_model=Uploaded, responses=UPLOAD_ERRORS,
+             dependencies=[Depends(guard)],
              openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {
                  "type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}}},
                  "required": True}})
