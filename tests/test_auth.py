@@ -377,3 +377,35 @@ async def test_a_loopback_gateway_with_no_keys_stays_open_for_local_development(
         assert [x["session_id"] for x in listed] == [made.json()["session_id"]]
         detail = (await http.get(f"/bots/counter/sessions/{made.json()['session_id']}")).json()
         assert detail["events"][0]["metadata"]["actor"] == {"owner": None, "key_id": None, "address": "127.0.0.1"}
+
+
+# --- the Python client -----------------------------------------------------------------------------
+
+
+async def test_the_python_client_sends_its_key_on_rest_and_websocket_and_names_a_refusal(
+    stack: Stack, tokens: Tokens, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from petribus.client import Client as PyClient
+    from petribus.client import Unauthorized
+
+    monkeypatch.delenv("PETRIBUS_API_KEY", raising=False)
+    async with PyClient(stack.gateway.url, tokens.alice) as client:
+        stream = client.stream("counter")
+        try:
+            async for event in stream:  # the WebSocket carries the key: the new session is alice's
+                assert event.type == "session_created"
+                break
+        finally:
+            await stream.close()
+        assert list(await client.sessions("counter")) == [stream.session_id]
+    async with PyClient(stack.gateway.url) as client:
+        with pytest.raises(Unauthorized):
+            await client.sessions("counter")
+        stream = client.stream("counter")
+        with pytest.raises(Unauthorized):
+            async for _ in stream:
+                pass
+        await stream.close()
+    monkeypatch.setenv("PETRIBUS_API_KEY", tokens.bob)  # the default, for the terminal chat and scripts
+    async with PyClient(stack.gateway.url) as client:
+        assert await client.sessions("counter") == {}

@@ -52,7 +52,7 @@ from petribus.settings import Settings
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CLOSE_POLICY = 1008  # RFC 6455 "Policy Violation": a foreign Origin
 CLOSE_UNAUTHORIZED = 4401
-AUTH_DEADLINE_S = 10.0  # how long a WebSocket that needs a key waits for its auth message
+AUTH_DEADLINE_S = 5.0  # how long a WebSocket that needs a key and sent no header waits for its auth message
 OWNER_CACHE = 100_000  # sessions whose owner is remembered (an owner never changes)
 
 log = logs.get("petribus.gateway")

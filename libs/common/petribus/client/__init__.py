@@ -20,6 +20,7 @@ from petribus.client._errors import (
     Invalid,
     NotFound,
     RunFailed,
+    Unauthorized,
     Unavailable,
 )
 from petribus.client._event import Event
@@ -28,4 +29,5 @@ from petribus.client._stream import EventStream
 from petribus.client._sync import SyncClient, SyncSession
 
 __all__ = ["Client", "ClientError", "Conflict", "ConnectionLost", "Event", "EventStream", "Invalid", "NotFound",
-           "RunFailed", "RunResult", "Session", "State", "Step", "SyncClient", "SyncSession", "Unavailable", "Uploaded"]
+           "RunFailed", "RunResult", "Session", "State", "Step", "SyncClient", "SyncSession", "Unauthorized", "Unavailable",
+           "Uploaded"]

@@ -2,7 +2,7 @@
 
 A gateway error body ``{"code", "message"}`` keeps its ``code`` and ``message``; the class says what to
 do: ``NotFound`` (wrong bot, session, task or file), ``Conflict`` (already answered, or a key reused),
-``Invalid`` (the input does not validate), ``Unavailable`` (the gateway or its log stayed unreachable
+``Invalid`` (the input does not validate), ``Unauthorized`` (no valid API key, or a foreign Origin), ``Unavailable`` (the gateway or its log stayed unreachable
 through every retry: try again later), ``ConnectionLost`` (an event stream could not be resumed).
 """
 
@@ -34,6 +34,12 @@ class Conflict(ClientError):
     """It no longer waits (answered, timed out, ended), or an idempotency key named another request."""
 
     code = "conflict"
+
+
+class Unauthorized(ClientError, PermissionError):
+    """No valid API key where one is needed (401, WebSocket 4401), or a page of a foreign origin (403, 1008)."""
+
+    code = "unauthorized"
 
 
 class Invalid(ClientError, ValueError):
@@ -75,6 +81,8 @@ def from_answer(status: int | None, code: str | None, message: str) -> ClientErr
         kind: type[ClientError] = NotFound
     elif status == 409 or code in ("already_answered", "idempotency_key_reused"):
         kind = Conflict
+    elif status in (401, 403) or code in ("unauthorized", "forbidden_origin"):
+        kind = Unauthorized
     elif status == 503 or code == "bus_unavailable":
         kind = Unavailable
     elif status in (400, 413, 422) or status is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -122,8 +123,8 @@ class Uploaded:
 class Client:
     """The gateway at ``url`` (``http://host:port``; a ``ws://`` base works too).
 
-    ``token``, when given, goes out as ``Authorization: Bearer TOKEN`` on every request and WebSocket
-    (for a proxy in front of the gateway; the gateway itself does not check it). Use it as
+    ``token`` (an API key from ``petribus keys create``; default: ``$PETRIBUS_API_KEY``, if set) goes out as
+    ``Authorization: Bearer TOKEN`` on every request and WebSocket (docs/security.md). Use it as
     ``async with Client(url) as client:``, or call ``aclose()``: that also closes the event streams
     its sessions opened.
     """
@@ -133,6 +134,7 @@ class Client:
         base = url.rstrip("/")
         self.http_base = base.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
         self.ws_base = self.http_base.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+        token = token if token is not None else os.environ.get("PETRIBUS_API_KEY")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.rest = Rest(self.http_base, headers=self.headers, timeout=timeout)
         self._streams: set[EventStream] = set()  # open ones: each leaves when it is closed

@@ -31,7 +31,7 @@ from urllib.parse import urlencode
 
 import websockets
 
-from petribus.client._errors import ClientError, ConnectionLost, Invalid, NotFound, from_answer
+from petribus.client._errors import ClientError, ConnectionLost, Invalid, NotFound, Unauthorized, from_answer
 from petribus.client._event import Event, decode
 
 RECONNECT_ATTEMPTS = 10
@@ -40,6 +40,8 @@ RESEND_BACKOFF_S = 0.5  # times the attempt: the gateway asks for about 2 s
 BUS_UNAVAILABLE = "bus_unavailable"
 CLOSE_NOT_FOUND = 4404
 CLOSE_BAD_REQUEST = 4400
+CLOSE_UNAUTHORIZED = 4401  # no valid API key: reconnecting will not help
+CLOSE_POLICY = 1008  # a foreign Origin
 DELTA = "agent_message_delta"
 
 NoticeKind = Literal["reconnecting", "resending", "not_sent", "unreadable"]
@@ -158,12 +160,13 @@ class EventStream:
             await ws.close()
         if self._closing:
             return
-        if close in (CLOSE_NOT_FOUND, CLOSE_BAD_REQUEST):
+        if close in (CLOSE_NOT_FOUND, CLOSE_BAD_REQUEST, CLOSE_UNAUTHORIZED, CLOSE_POLICY):
             error = self._last_error
             message = error.value.get("message") if error is not None and isinstance(error.value, dict) else None
             message = message or reason or f"the gateway refused the session (close code {close})"
             code = error.error_code if error is not None else None
-            raise (NotFound if close == CLOSE_NOT_FOUND else Invalid)(message, code=code)
+            kinds = {CLOSE_NOT_FOUND: NotFound, CLOSE_UNAUTHORIZED: Unauthorized, CLOSE_POLICY: Unauthorized}
+            raise kinds.get(close, Invalid)(message, code=code)
         self._attempt += 1
         if self.session_id is None or self._attempt > RECONNECT_ATTEMPTS:
             raise ConnectionLost(f"lost the connection to {self.ws_base}: {reason or close}"
