@@ -377,6 +377,14 @@ async def test_a_loopback_gateway_with_no_keys_stays_open_for_local_development(
         assert [x["session_id"] for x in listed] == [made.json()["session_id"]]
         detail = (await http.get(f"/bots/counter/sessions/{made.json()['session_id']}")).json()
         assert detail["events"][0]["metadata"]["actor"] == {"owner": None, "key_id": None, "address": "127.0.0.1"}
+        # A page of another site whose name now points at 127.0.0.1 (DNS rebinding) is its own "origin":
+        # a gateway without keys answers only requests addressed to loopback.
+        rebound = {"Host": "evil.example:8000", "Origin": "http://evil.example:8000"}
+        for method, path in (("GET", "/bots/counter/sessions"), ("POST", "/bots/counter/sessions")):
+            refused = await http.request(method, path, headers=rebound)
+            assert refused.status_code == 403 and refused.json()["code"] == "forbidden_host", refused.text
+        assert (await http.get("/bots", headers={"Host": "localhost:1"})).status_code == 200
+        assert (await http.get("/healthz", headers={"Host": "evil.example"})).status_code == 200
 
 
 # --- the Python client -----------------------------------------------------------------------------

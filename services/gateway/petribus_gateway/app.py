@@ -91,7 +91,9 @@ def create_app(ctx: GatewayContext, *, on_ready: Callable[[], None] | None = Non
     app.include_router(pools.router)
     app.include_router(ws.router)
     errors.install(app)
-    app.add_middleware(auth.OriginCheck, allowed=auth.origins(ctx.settings))
+    loopback_open = auth.is_loopback(ctx.settings.host)
+    app.add_middleware(auth.OriginCheck, allowed=auth.origins(ctx.settings),
+                       loopback_open=lambda: loopback_open and not ctx.auth.required())
     return app
 
 

@@ -24,6 +24,7 @@ others as bots that do not exist.
 from a page that is neither the gateway's own origin nor in ``PETRIBUS_ALLOWED_ORIGINS`` is refused
 (``OriginCheck``, around the whole app), so another site cannot drive a session through a visitor's
 browser. Requests without ``Origin`` (programs, curl) pass: they are not a browser acting for a page.
+A gateway running open on loopback also refuses a ``Host`` that is not loopback (DNS rebinding).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
@@ -253,32 +256,53 @@ class OriginCheck:
 
     HTTP gets 403 ``{"code": "forbidden_origin"}``; a WebSocket is accepted, sent that error and closed
     with 1008 (a close during the handshake reaches a client as a bare 403 with no reason).
+
+    While the gateway runs open on loopback (no keys: ``loopback_open()``), it also refuses any request
+    whose ``Host`` is not a loopback address or an allowed origin's host (``forbidden_host``): that is a
+    page on another site that had its name re-pointed at 127.0.0.1 (DNS rebinding), for which the
+    gateway's "own origin" would otherwise be the attacker's. ``/healthz`` is exempt (it tells nothing).
     """
 
-    def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, allowed: frozenset[str], loopback_open: Callable[[], bool]) -> None:
         self.app = app
         self.allowed = allowed
+        self.allowed_hosts = frozenset(urlsplit(o).netloc for o in allowed)
+        self.loopback_open = loopback_open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "websocket" or (kind == "http" and scope["method"] not in SAFE_METHODS):
+        if kind in ("http", "websocket"):
             headers = Headers(scope=scope)
+            host = headers.get("host", "").lower()
+            if (self.loopback_open() and scope.get("path") != "/healthz" and not _loopback_authority(host)
+                    and host not in self.allowed_hosts):
+                await self._refuse(scope, receive, send, "forbidden_host",
+                                   f"Host {host[:100]!r} is not this gateway's: a gateway without API keys answers "
+                                   "only requests to a loopback address (or PETRIBUS_ALLOWED_ORIGINS)")
+                return
             origin = headers.get("origin")
-            if origin is not None and not origin_allowed(origin, scope, headers, self.allowed):
-                await self._refuse(scope, receive, send, origin)
+            if ((kind == "websocket" or scope["method"] not in SAFE_METHODS) and origin is not None
+                    and not origin_allowed(origin, scope, headers, self.allowed)):
+                await self._refuse(scope, receive, send, "forbidden_origin",
+                                   f"Origin {origin[:100]!r} may not use this gateway: it is neither the gateway's "
+                                   "own origin nor in PETRIBUS_ALLOWED_ORIGINS")
                 return
         await self.app(scope, receive, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, origin: str) -> None:
-        message = (f"Origin {origin[:100]!r} may not use this gateway: it is neither the gateway's own origin "
-                   "nor in PETRIBUS_ALLOWED_ORIGINS")
-        log.warning("foreign origin refused", origin=origin[:100], path=scope.get("path"), kind=scope["type"])
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, code: str, message: str) -> None:
+        log.warning("request refused", code=code, path=scope.get("path"), kind=scope["type"])
         if scope["type"] == "http":
-            refusal = JSONResponse({"code": "forbidden_origin", "message": message}, status_code=403)
+            refusal = JSONResponse({"code": code, "message": message}, status_code=403)
             await refusal(scope, receive, send)
             return
         ws = WebSocket(scope, receive, send)
         await ws.accept()
-        error = ErrorEvent(bot="", session_id="", code="forbidden_origin", message=message)
+        error = ErrorEvent(bot="", session_id="", code=code, message=message)
         await ws.send_text(json.dumps(to_client(error, None)))
-        await ws.close(CLOSE_POLICY, "foreign Origin")
+        await ws.close(CLOSE_POLICY, "foreign Origin" if code == "forbidden_origin" else "foreign Host")
+
+
+def _loopback_authority(host: str) -> bool:
+    """Whether a ``Host`` header (``name[:port]``, ``[v6]:port``) names a loopback address."""
+    name = host.rpartition("]")[0].lstrip("[") if host.startswith("[") else host.partition(":")[0]
+    return is_loopback(name)
