@@ -19,9 +19,11 @@ import asyncio
 import base64
 import itertools
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import nats
@@ -33,6 +35,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     ObjectStoreConfig,
     PubAck,
     RetentionPolicy,
@@ -42,6 +45,7 @@ from nats.js.api import (
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from petribus import logs, nats_headers, subjects
+from petribus.bus_auth import ClientAuth
 from petribus.errors import BusError, BusTimeout, BusUnavailable
 from petribus.events import Event, _Event, decode, encode
 from petribus.outage import (
@@ -57,8 +61,10 @@ from petribus.outage import (
     on_reconnect,
     retry,
 )
+from petribus.settings import Settings
 
-__all__ = ["MAX_BATCH", "WRONG_LAST_SEQUENCE_CODES", "BusUnavailable", "EventLog", "Publisher", "WrongLastSequence",
+__all__ = ["MAX_BATCH", "WRONG_LAST_SEQUENCE_CODES", "BusUnavailable", "EventLog", "Publisher", "StreamLimits",
+           "WrongLastSequence",
            "connect", "ensure_event_consumer", "ensure_streams", "is_wrong_last_sequence", "on_disconnect",
            "on_reconnect"]
 
@@ -92,13 +98,21 @@ def _parse_headers(raw: bytes) -> dict[str, str]:
     return out
 
 
-async def connect(url: str, name: str, *, timeout: float = 10.0, reconnect: bool = True) -> NATS:
+async def connect(url: str, name: str, *, auth: ClientAuth | None = None, timeout: float = 10.0,
+                  reconnect: bool = True) -> NATS:
     """Connect, giving up after ``timeout`` seconds; once connected, reconnect forever.
+
+    ``auth`` is who to be (``petribus.bus_auth``); by default the admin credentials the environment
+    names (``PETRIBUS_NATS_*``), else those of a local ``petribus serve``'s data folder, else none: what
+    the command-line tools want. A service passes its role's.
 
     A service outlives a NATS restart, but one pointed at a wrong URL says so instead of hanging
     (nats-py keeps retrying the first connect too when reconnects are unbounded). ``reconnect=False``
     fails at the first refusal, for a command that only checks the server is there.
     """
+    if auth is None:
+        auth = ClientAuth.from_settings(Settings(), "admin", local_admin=True)
+    shown = redact_url(url)  # a URL may carry user:password; logs and messages never do
     servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: several seed URLs
     last_error: list[Exception] = []
     hooks = ConnectionHooks()  # on_reconnect / on_disconnect register here
@@ -107,8 +121,9 @@ async def connect(url: str, name: str, *, timeout: float = 10.0, reconnect: bool
         last_error[:] = [exc]
         if reconnect:  # otherwise the caller gets it, once, in the BusError
             # Once per outage at warning (with "nats connection back" when it ends), not once per try.
+            # A permissions violation is never quiet: this process did what its role may not.
             quiet = hooks.down_since is not None and time.monotonic() - hooks.down_since > 1.0
-            (log.debug if quiet else log.warning)("nats connection error", url=url, error=repr(exc))
+            (log.debug if quiet else log.warning)("nats connection error", url=shown, error=repr(exc))
 
     try:
         nc = await asyncio.wait_for(
@@ -116,6 +131,7 @@ async def connect(url: str, name: str, *, timeout: float = 10.0, reconnect: bool
                 servers, name=name, max_reconnect_attempts=-1 if reconnect else 1, reconnect_time_wait=0.5,
                 connect_timeout=2, allow_reconnect=reconnect, pending_size=64 * 1024 * 1024, error_cb=on_error,
                 reconnected_cb=hooks.fire_reconnected, disconnected_cb=hooks.fire_disconnected,
+                **auth.options(),  # type: ignore[arg-type]
             ),
             timeout,
         )
@@ -123,34 +139,74 @@ async def connect(url: str, name: str, *, timeout: float = 10.0, reconnect: bool
         return nc
     except Exception as exc:  # nats raises several unrelated types here, and wait_for a TimeoutError
         cause = last_error[0] if last_error else exc
+        if isinstance(cause, nats.errors.AuthorizationError) or "authorization violation" in str(cause).lower():
+            raise BusError(
+                f"NATS at {shown} refused {auth.describe()} (authorization violation): give this process the "
+                "credentials the server knows (PETRIBUS_NATS_AUTH_DIR, PETRIBUS_NATS_USER and "
+                "PETRIBUS_NATS_PASSWORD, or PETRIBUS_NATS_CREDS; docs/closed-bus.md)", code="nats_unauthorized",
+                retryable=False,
+            ) from cause
         raise BusError(
-            f"cannot connect to NATS at {url} within {timeout:g}s ({type(cause).__name__}: {cause}); "
+            f"cannot connect to NATS at {shown} within {timeout:g}s ({type(cause).__name__}: {cause}); "
             "is nats-server running there? Check --nats-url / PETRIBUS_NATS_URL"
         ) from cause
 
 
-async def ensure_streams(js: JetStreamContext, *, duplicate_window_s: float = 120.0, replicas: int = 1) -> None:
-    """Create (or update) PB_EVENTS, PB_WORK, PB_TIMERS and the PB_FILES object store.
+def redact_url(url: str) -> str:
+    """``url`` (comma-separated for a cluster) with any ``user:password@`` replaced by ``***@``."""
+    return ",".join(re.sub(r"^([a-z]+://)[^@/]*@", r"\1***@", u.strip()) for u in url.split(","))
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """How much the streams may hold (docs/limits.md). Every limit refuses what is new (``discard=new``):
+    an acknowledged event is never dropped to make room."""
+
+    events_max_bytes: int = -1
+    events_max_per_session: int = -1
+    work_max_bytes: int = -1
+    files_max_bytes: int = -1
+    deleted_ttl_s: float = 30 * 24 * 3600.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StreamLimits:
+        return cls(events_max_bytes=settings.events_max_bytes,
+                   events_max_per_session=settings.events_max_per_session,
+                   work_max_bytes=settings.work_max_bytes, files_max_bytes=settings.files_max_bytes,
+                   deleted_ttl_s=settings.deleted_ttl_s)
+
+
+async def ensure_streams(js: JetStreamContext, *, duplicate_window_s: float = 120.0, replicas: int = 1,
+                         limits: StreamLimits | None = None) -> None:
+    """Create (or update) PB_EVENTS, PB_WORK, PB_TIMERS, the PB_FILES object store and the PB_DELETED
+    bucket, with ``limits`` (default: ``PETRIBUS_*`` from the environment).
 
     Safe to call from every process at every start; a bus that is restarting or electing is waited for
     (``PETRIBUS_BUS_OUTAGE_S``).
     """
+    limits = limits or StreamLimits.from_settings(Settings())
     await retry(js._nc, "creating the streams",  # nats-py keeps the context's connection private
-                lambda _: _ensure_streams(js, duplicate_window_s, replicas), budget_s=default_budget())
+                lambda _: _ensure_streams(js, duplicate_window_s, replicas, limits), budget_s=default_budget())
 
 
-async def _ensure_streams(js: JetStreamContext, duplicate_window_s: float, replicas: int) -> None:
+async def _ensure_streams(js: JetStreamContext, duplicate_window_s: float, replicas: int,
+                          limits: StreamLimits) -> None:
+    per_session = limits.events_max_per_session
     configs = [
         StreamConfig(
             name=subjects.EVENTS_STREAM, subjects=[subjects.all_events()], storage=StorageType.FILE,
-            retention=RetentionPolicy.LIMITS, discard=DiscardPolicy.OLD, duplicate_window=duplicate_window_s,
+            # discard=new: a full log refuses appends (the writer sees an error) rather than dropping the
+            # oldest events of live sessions; per session too (discard_new_per_subject).
+            retention=RetentionPolicy.LIMITS, discard=DiscardPolicy.NEW, max_bytes=limits.events_max_bytes,
+            max_msgs_per_subject=per_session, discard_new_per_subject=per_session > 0,
+            duplicate_window=duplicate_window_s,
             allow_direct=True, allow_atomic=True, num_replicas=replicas,
             description="petribus session logs: one subject per session",
         ),
         StreamConfig(
             name=subjects.WORK_STREAM, subjects=[f"{subjects.WORK_PREFIX}.>"], storage=StorageType.FILE,
             retention=RetentionPolicy.WORK_QUEUE, duplicate_window=max(duplicate_window_s, 600.0),
-            num_replicas=replicas,
+            discard=DiscardPolicy.NEW, max_bytes=limits.work_max_bytes, num_replicas=replicas,
             description="petribus work commands: pb.work.<pool>.<bot>.<session>.<firing>, one per firing",
         ),
         StreamConfig(
@@ -178,11 +234,22 @@ async def _ensure_streams(js: JetStreamContext, duplicate_window_s: float, repli
             )
     try:
         await js.create_object_store(subjects.FILES_BUCKET, ObjectStoreConfig(
-            storage=StorageType.FILE, replicas=replicas,
+            storage=StorageType.FILE, replicas=replicas, max_bytes=limits.files_max_bytes,
             description="petribus files: what transitions send and users upload, per session",
         ))
-    except BadRequestError as exc:  # exists with other settings (replicas, limits): an operator's choice
+    except BadRequestError as exc:  # exists with other settings (replicas): an operator's choice, but the limit
         log.info("file store kept as configured", bucket=subjects.FILES_BUCKET, detail=str(exc))
+        files = await js.stream_info(f"OBJ_{subjects.FILES_BUCKET}")
+        if files.config.max_bytes != limits.files_max_bytes:
+            await js.update_stream(replace(files.config, max_bytes=limits.files_max_bytes,
+                                           discard=DiscardPolicy.NEW))
+    try:
+        await js.create_key_value(KeyValueConfig(
+            bucket=subjects.DELETED_BUCKET, history=1, ttl=limits.deleted_ttl_s, storage=StorageType.FILE,
+            replicas=replicas, description="petribus deleted sessions: a late append for one is refused",
+        ))
+    except BadRequestError as exc:  # exists with other settings: an operator's choice
+        log.info("deleted-sessions bucket kept as configured", bucket=subjects.DELETED_BUCKET, detail=str(exc))
 
 
 async def _seq_of(ack: asyncio.Future[PubAck]) -> int:

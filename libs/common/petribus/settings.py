@@ -26,6 +26,21 @@ class Settings(BaseSettings):
     )
     duplicate_window_s: float = Field(default=120.0, description="JetStream de-duplication window (Nats-Msg-Id).")
     replicas: int = Field(default=1, description="Stream replicas (3 on a 3-node cluster).")
+    # A closed bus (docs/closed-bus.md): who this process is to NATS, and TLS to it.
+    nats_user: str | None = Field(default=None, description="NATS user to connect as (with nats_password).")
+    nats_password: SecretStr | None = Field(default=None, description="Password of nats_user.")
+    nats_auth_dir: Path | None = Field(
+        default=None,
+        description="A folder of <role>.password files (as petribus serve and petribus credentials write them): "
+        "each service connects as its role's user (scheduler, executor, llm, gateway; admin for the CLI).",
+    )
+    nats_creds: Path | None = Field(default=None, description="A NATS .creds file (JWT and nkey seed), for "
+                                    "servers run with accounts; needs the nkeys package.")
+    nats_tls_ca: Path | None = Field(default=None, description="CA certificate that signed the NATS server's "
+                                     "(tls:// URLs); unset: the system's CAs.")
+    nats_tls_cert: Path | None = Field(default=None, description="Client certificate, for a server that "
+                                       "verifies clients (with nats_tls_key).")
+    nats_tls_key: Path | None = Field(default=None, description="Private key of nats_tls_cert.")
     bus_outage_s: float = Field(
         default=60.0, gt=0,
         description="How long an append or read keeps retrying while the bus is unavailable (nats-server "
@@ -58,6 +73,48 @@ class Settings(BaseSettings):
         description="Seconds a user has to accept or reject a confirm=True firing before it is rejected "
         "(reason 'timeout') and its markers go back; 0 waits for ever.",
     )
+
+    # bounded storage and lifetimes (docs/limits.md)
+    events_max_bytes: int = Field(
+        default=8 * 1024**3, description="Most bytes PB_EVENTS (every session's log) may hold; -1: no limit. "
+        "At the limit appends are refused (discard=new), never an older event dropped; new sessions are "
+        "refused earlier, at new_sessions_max_fill of it.")
+    events_max_per_session: int = Field(
+        default=1_000_000, description="Most events one session's log may hold; -1: no limit. At the limit "
+        "the session's appends are refused (an error), its older events are never dropped.")
+    work_max_bytes: int = Field(default=1024**3, description="Most bytes of work items PB_WORK may hold "
+                                "(-1: no limit); at the limit a claim's dispatch is refused and retried.")
+    files_max_bytes: int = Field(default=8 * 1024**3, description="Most bytes the PB_FILES object store may "
+                                 "hold (-1: no limit); at the limit a send_file or an upload is refused.")
+    new_sessions_max_fill: float = Field(
+        default=0.9, gt=0, le=1, description="New sessions are refused once PB_EVENTS holds this share of "
+        "events_max_bytes: the rest is kept for the sessions already live.")
+    session_ttl_s: float = Field(
+        default=30 * 24 * 3600.0, ge=0, description="A session with no event for this long gets "
+        "session_expired and is deleted like DELETE (0: sessions never expire).")
+    deleted_ttl_s: float = Field(
+        default=30 * 24 * 3600.0, gt=0, description="How long the record that a session was deleted is kept: "
+        "until then a late append for it (a firing still running) is refused and purged.")
+    max_sessions_per_owner: int = Field(
+        default=1000, ge=0, description="Sessions one owner (an API key's owner; without a key, one client "
+        "address) may hold at once; creating one more answers 429 session_quota (0: no quota).")
+    session_create_rate: float = Field(
+        default=1.0, ge=0, description="Sessions one client address may create per second, on average "
+        "(0: no limit); bursts of session_create_burst.")
+    session_create_burst: int = Field(default=20, ge=1, description="Sessions one address may create at once.")
+    ws_message_rate: float = Field(
+        default=50.0, ge=0, description="Messages per second one WebSocket connection may send, on average "
+        "(0: no limit); an excess message gets an error event (rate_limited) and is not processed.")
+    ws_message_burst: int = Field(default=100, ge=1, description="Messages a connection may send at once.")
+    key_request_rate: float = Field(
+        default=100.0, ge=0, description="Requests (REST, and WebSocket messages) per second per API key, or "
+        "per client address without a key (0: no limit); an excess answers 429 with Retry-After.")
+    key_request_burst: int = Field(default=200, ge=1, description="Requests one key may send at once.")
+    max_body_bytes: int = Field(
+        default=1024 * 1024, description="Largest JSON request body (REST) the gateway reads; a larger one "
+        "answers 413 before it is read whole (file uploads have max_file_bytes).")
+    max_json_depth: int = Field(default=64, ge=2, description="Deepest nesting of arrays and objects a JSON "
+                                "input may have (WebSocket and REST).")
 
     # files (context.send_file / get_file, the gateway's file routes)
     max_file_bytes: int = Field(

@@ -6,6 +6,7 @@ EVENTS_STREAM = "PB_EVENTS"
 WORK_STREAM = "PB_WORK"
 TIMERS_STREAM = "PB_TIMERS"
 FILES_BUCKET = "PB_FILES"  # a JetStream object store (its stream is OBJ_PB_FILES)
+DELETED_BUCKET = "PB_DELETED"  # a KV bucket: one tombstone per deleted session (petribus.deletion)
 EXECUTORS_BUCKET = "PB_EXECUTORS"  # a KV bucket: the live executors, their pools and devices (petribus.registry)
 EVENTS_PREFIX = "pb.ev"
 WORK_PREFIX = "pb.work"
@@ -15,6 +16,7 @@ TIMERS_PREFIX = "pb.timer"
 SCHEDULER_DURABLE = "scheduler"
 SCHEDULER_TIMERS_DURABLE = "scheduler-timers"
 SCHEDULER_LEASES_DURABLE = "scheduler-leases"
+SCHEDULER_IDLE_DURABLE = "scheduler-idle"
 LLM_DURABLE = "llm"
 
 
@@ -93,6 +95,20 @@ def lease(bot: str, session_id: str) -> str:
 
 def leases() -> str:
     return f"{TIMERS_PREFIX}.lease.>"
+
+
+def idle_check(bot: str, session_id: str) -> str:
+    """The scheduler's durable timer that expires a session idle for ``PETRIBUS_SESSION_TTL_S``."""
+    return f"{TIMERS_PREFIX}.idle.{bot}.{session_id}"
+
+
+def idle_checks() -> str:
+    return f"{TIMERS_PREFIX}.idle.>"
+
+
+def tombstone(bot: str, session_id: str) -> str:
+    """A deleted session's key in the ``PB_DELETED`` bucket."""
+    return f"{bot}.{session_id}"
 
 
 def file_object(bot: str, session_id: str, file_id: str) -> str:

@@ -32,8 +32,8 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 import petribus
 from petribus import subjects
-from petribus.bus import EventLog
 from petribus.consumer import PullConsumer
+from petribus.deletion import GuardedEventLog, Tombstones
 from petribus.errors import PetribusError
 from petribus.files import FileStore
 from petribus.loader import load_bot
@@ -83,7 +83,10 @@ class Executor(Service):
     async def start(self) -> None:
         nc = await self.connect()
         self.js = nc.jetstream()
-        events = EventLog(nc, self.js)
+        # Every append for a session goes through the tombstone check: a deleted session stays deleted.
+        self.tombstones = Tombstones(nc)
+        await self.tombstones.start()
+        events = GuardedEventLog(nc, self.js, tombstones=self.tombstones)
         for pool in self.pools:
             await self._ensure_consumer(pool)
         self.workers = WorkerPool(self.apps, self.settings.workers,
@@ -171,6 +174,8 @@ class Executor(Service):
                 task.cancel()  # each naks its work (another executor takes it now) and kills its worker
             if late:
                 await asyncio.wait(late)
+        if getattr(self, "tombstones", None) is not None:
+            await self.tombstones.close()
 
     async def stop(self, timeout: float = 10.0) -> None:
         # Leave a little of the timeout to hand back late firings and close the workers.

@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 
 from petribus.bus import EventLog
 from petribus.core import Firing, SessionState
+from petribus.deletion import SessionDeleted
 from petribus.errors import PetribusError, SandboxCrashed, TransitionTimeout
 from petribus.events import (
     AgentMessage,
@@ -158,6 +159,7 @@ class FiringRunner:
         self.log = log
         self._running: dict[str, Delivery] = {}
         self.fresh_runs = 0  # first deliveries of fresh work, run without reading the log (for the tests)
+        self.cancelled = 0  # firings whose session was deleted before their outcome was written
         self._heartbeats: asyncio.Task[None] | None = None
 
     async def execute(self, msg: Msg) -> None:
@@ -180,16 +182,30 @@ class FiringRunner:
             delivery = self._running[item.firing_id] = Delivery(msg)
             self._ensure_heartbeats()
             try:
+                if self._deleted(item):
+                    raise SessionDeleted(f"session {item.session_id!r} was deleted before its firing ran")
                 await self._execute(item, delivery)
             except asyncio.CancelledError:
                 await _quietly(delivery.msg.nak())  # stopping mid-firing: let another executor have it now
                 raise
             except Exception as exc:
+                if isinstance(exc, SessionDeleted) or self._deleted(item):
+                    # Deleted (DELETE, or expired) while the firing waited or ran: a cancelled firing. Its
+                    # work is done with; nothing more is appended (petribus.deletion).
+                    self.cancelled += 1
+                    self.log.info("firing cancelled: its session was deleted", error=repr(exc))
+                    await _quietly(delivery.msg.ack())
+                    return
                 # The outcome could not be written (the bus is down or refused it): try again later.
                 self.log.error("work item not finished; will be redelivered", error=repr(exc), exc_info=exc)
                 await _quietly(delivery.msg.nak(delay=1.0))
             finally:
                 del self._running[item.firing_id]
+
+    def _deleted(self, item: WorkItem) -> bool:
+        """Whether the item's session was deleted, as far as this executor's tombstone watch knows."""
+        tombstones = getattr(self.events, "tombstones", None)  # a GuardedEventLog (app.py) has them
+        return tombstones is not None and tombstones.deleted(item.bot, item.session_id)
 
     async def _execute(self, item: WorkItem, current: Delivery) -> None:
         msg = current.msg

@@ -50,12 +50,14 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
-from petribus import subjects
+from petribus import deletion, subjects
 from petribus.bus import MAX_BATCH, EventLog, WrongLastSequence, ensure_event_consumer, on_reconnect
 from petribus.consumer import PullConsumer
 from petribus.core import Firing, PlannedFiring, SessionState, apply, choose_firings, fold
+from petribus.deletion import SessionDeleted, Tombstones
 from petribus.errors import PetribusError
 from petribus.events import ConfirmTransition, ErrorEvent, TransitionFailed, TransitionFired, decode, new_id
+from petribus.files import FileStore
 from petribus.net import Net
 from petribus.registry import Registry
 from petribus.service import Service
@@ -63,6 +65,7 @@ from petribus.session_queues import SessionQueues
 from petribus.settings import Settings
 from petribus.work import WorkItem
 from petribus_scheduler.deadlines import ConfirmDeadline, Deadlines
+from petribus_scheduler.expiry import IdleChecks
 from petribus_scheduler.leases import Lease, Leases
 from petribus_scheduler.pools import MissingPools
 from petribus_scheduler.timers import retry_delay
@@ -72,6 +75,7 @@ Key = tuple[str, str]
 # concurrency slot) or make a firing ready to dispatch (accept). Other events need no decision.
 ENABLING = frozenset({"marker_added", "transition_completed", "transition_failed", "reject_transition",
                       "accept_transition"})
+OPENINGS = ("session_created", "session_forked")  # how a session's log begins (unless a test wrote it)
 IN_FLIGHT = ("claimed", "started")  # a firing whose work item is in PB_WORK (or should be)
 MAX_CONFLICT_RETRIES = 50
 CLAIM_BATCH = MAX_BATCH  # firings claimed by one atomic append: the most the server takes
@@ -143,6 +147,7 @@ class Scheduler(Service):
         self.log = self.log.bind(instance=self.instance)
         self._sweep_now = asyncio.Event()
         self.missing = MissingPools(self.log)
+        self.idle: IdleChecks | None = None  # expiry, when PETRIBUS_SESSION_TTL_S is set
         self.queues: SessionQueues[Delivered | LeaseCheck | Revalidate] = SessionQueues(
             self._serve, done=self._done, spawn=self.spawn, log=self.log)
 
@@ -167,6 +172,14 @@ class Scheduler(Service):
         self.leases = Leases(nc, self.log, self.renew, period_s=self.settings.work_lease_s,
                              ack_wait_s=self.ack_wait_s, **retry)
         await self.leases.start()
+        # Deleted sessions (petribus.deletion): their late events are acked, and purged again.
+        self.tombstones = Tombstones(nc)
+        await self.tombstones.start()
+        if self.settings.session_ttl_s > 0:
+            self.idle = IdleChecks(nc, self.events, FileStore(self.js, self.settings.max_file_bytes), self.log,
+                                   ttl_s=self.settings.session_ttl_s, ack_wait_s=self.ack_wait_s, **retry)
+            await self.idle.start()
+            self.spawn(self.idle.run(), "expiry")
         self.spawn(self._receive(), "receive")
         self.spawn(self.deadlines.run(), "deadlines")
         self.spawn(self.leases.run(), "leases")
@@ -206,6 +219,9 @@ class Scheduler(Service):
         await self.queues.idle()  # session tasks finish the events they hold; the rest is redelivered
         await self.deadlines.stop()  # after them: they may still arm deadlines
         await self.missing.stop()
+        if self.idle is not None:
+            await self.idle.stop()
+        await self.tombstones.close()
 
     async def _receive(self) -> None:
         while True:
@@ -237,10 +253,15 @@ class Scheduler(Service):
         batch = [i for i in items if isinstance(i, Delivered)]
         checks = [i for i in items if isinstance(i, LeaseCheck)]
         revalidate = next((i for i in items if isinstance(i, Revalidate)), None)
+        if self.tombstones.deleted(*key):
+            await self._deleted(key, batch, checks)
+            return
         try:
             if batch:
                 try:
                     await self._handle(key, batch)
+                except SessionDeleted:
+                    await self._deleted(key, batch, [])
                 except Exception as exc:
                     await self._park(key, batch, exc)
                 else:
@@ -263,6 +284,18 @@ class Scheduler(Service):
                 if not check.result.done():
                     check.result.set_exception(PetribusError("the session's lease was not checked",
                                                              code="lease_unchecked", retryable=True))
+
+    async def _deleted(self, key: Key, batch: list[Delivered], checks: list[LeaseCheck]) -> None:
+        """A deleted session's events are acked and not acted on; one that was delivered landed after the
+        deletion's purge (a firing or reply still on its way), so the subject is purged again."""
+        self._forget(key)
+        for check in checks:
+            if not check.result.done():
+                check.result.set_result(None)  # nothing in flight any more: the lease is done
+        if batch:
+            await deletion.purge_again(self.events, *key)
+        for msg, _ in batch:
+            await msg.ack()
 
     async def _revalidate(self, key: Key, reason: str) -> None:
         """Catch the cached session up and claim, dispatch and ask whatever it allows. Finding anything to
@@ -358,6 +391,8 @@ class Scheduler(Service):
             state = await self._rebuild(key, at_least=seq)
             await self._reach(key, state, seq)
             self.verified[key] = epoch
+            if self.idle is not None and state.last_seq:
+                await self.idle.watch(*key, state.last_seq)  # first fold here: the session's idle check
         elif seq <= state.last_seq:
             decide = False  # already folded (our own append, or read during a catch-up)
         elif self.verified.get(key, -1) < epoch:
@@ -381,7 +416,11 @@ class Scheduler(Service):
 
     async def _rebuild(self, key: Key, *, at_least: int | None = None) -> SessionState:
         self.stats["rebuilds"] += 1
-        state = fold(await self.events.read(*key, at_least=at_least))
+        log = await self.events.read(*key, at_least=at_least)
+        if log and log[0][1].type not in OPENINGS and await deletion.is_deleted(self.js, *key):
+            # Appended around a deletion, before this process's watch knew of it: still deleted.
+            raise SessionDeleted(f"session {key[1]} was deleted; its log holds only late events")
+        state = fold(log)
         state.bot, state.session_id = key
         self.sessions[key] = state
         while len(self.sessions) > self.cache_size:

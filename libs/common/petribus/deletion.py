@@ -1,0 +1,214 @@
+"""Deleting a session so that it stays deleted (docs/limits.md).
+
+A session is its subject in PB_EVENTS: purging the subject deletes it. But a firing still running, an LLM
+reply being written or a timer due may append to the subject after the purge, and the session would be
+back, with no ``session_created`` and no owner. So deletion is three steps, in this order:
+
+1. a **tombstone** for the session in the KV bucket ``PB_DELETED`` (kept ``PETRIBUS_DELETED_TTL_S``);
+2. its files, its work items in PB_WORK and its timers are removed;
+3. its subject is purged.
+
+Every process that appends for a session on its own (the executor) holds the bucket in memory through a
+KV watch (:class:`Tombstones`: pushed by the server, no polling) and refuses to append for a deleted
+session (:class:`GuardedEventLog` raises :class:`SessionDeleted`); the executor acks such a firing's work
+as cancelled. An append that still slips in (it was sent before the watch delivered the tombstone) is
+delivered to the scheduler like any event; the scheduler acks it and purges the subject again
+(:func:`purge_again`), so a deleted session never stays visible for longer than that round trip.
+
+Nothing here imports a service: the gateway's ``DELETE``, the scheduler's expiry and the executor all use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from petribus import logs, subjects
+from petribus.bus import EventLog
+from petribus.core import fold
+from petribus.errors import PetribusError
+from petribus.events import _Event
+from petribus.files import FileStore
+from petribus.outage import default_budget, on_reconnect, retry
+
+log = logs.get("petribus.deletion")
+
+
+class SessionDeleted(PetribusError, LookupError):
+    """The session was deleted (DELETE, or it expired): nothing more is appended for it."""
+
+    code = "session_deleted"
+
+
+async def bucket(js: JetStreamContext) -> KeyValue:
+    """The ``PB_DELETED`` bucket (``bus.ensure_streams`` creates it)."""
+    return await js.key_value(subjects.DELETED_BUCKET)
+
+
+async def delete_session(events: EventLog, files: FileStore, bot: str, session_id: str, *,
+                         reason: str = "deleted") -> None:
+    """Tombstone, then remove the session's files, work items and timers, then purge its log. Idempotent:
+    a retry after a failure half way does the rest."""
+    js = events.js
+    record = json.dumps({"at": time.time(), "reason": reason}).encode()
+    await (await bucket(js)).put(subjects.tombstone(bot, session_id), record)
+    for key in fold(await events.read(bot, session_id)).files:
+        await files.delete(bot, session_id, key)
+    for stream, subject in ((subjects.WORK_STREAM, subjects.session_work(bot, session_id)),
+                            (subjects.TIMERS_STREAM, subjects.lease(bot, session_id)),
+                            (subjects.TIMERS_STREAM, subjects.idle_check(bot, session_id))):
+        await js.purge_stream(stream, subject=subject)
+    await events.delete(bot, session_id)
+    log.info("session deleted", bot=bot, session_id=session_id, reason=reason)
+
+
+async def purge_again(events: EventLog, bot: str, session_id: str) -> None:
+    """Purge a deleted session's subject once more: something was appended after its deletion."""
+    await events.delete(bot, session_id)
+    log.warning("a deleted session was appended to; purged again", bot=bot, session_id=session_id)
+
+
+async def is_deleted(js: JetStreamContext, bot: str, session_id: str) -> bool:
+    """Ask the bucket (one request): for a process that keeps no :class:`Tombstones`."""
+    try:
+        entry = await (await bucket(js)).get(subjects.tombstone(bot, session_id))
+    except NotFoundError:  # KeyNotFoundError, and a deleted key
+        return False
+    return entry.operation not in (KV_DEL, KV_PURGE)
+
+
+class Tombstones:
+    """The deleted sessions, mirrored in memory by a KV watch: ``deleted()`` is a set look-up.
+
+    After each reconnect a fresh watch loads the bucket again (one the server dropped while the connection
+    was down would go quiet). A tombstone that expires (``PETRIBUS_DELETED_TTL_S``) is forgotten here only
+    at the next reload: keeping it longer refuses nothing a live session needs.
+    """
+
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+        self._deleted: set[str] = set()
+        self._watch: tuple[KeyValue.KeyWatcher, asyncio.Task[None]] | None = None
+        self._unhook: Callable[[], None] | None = None
+        self._closed = False
+        self._changed = asyncio.Condition()
+
+    def deleted(self, bot: str, session_id: str) -> bool:
+        return subjects.tombstone(bot, session_id) in self._deleted
+
+    async def start(self) -> None:
+        """Load the bucket and follow it; returns once what it held is known."""
+        await self._rewatch()
+        self._unhook = on_reconnect(self._nc, self._renew)
+
+    async def _renew(self) -> None:
+        await retry(self._nc, "renewing the deleted-sessions watch", lambda _: self._rewatch(),
+                    budget_s=default_budget())
+
+    async def _rewatch(self) -> None:
+        if self._closed:
+            return
+        watcher = await (await bucket(self._nc.jetstream())).watchall()
+        loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._follow(watcher, loaded), name="tombstones-watch")
+        await asyncio.wait({loaded, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not loaded.done():
+            error = None if task.cancelled() else task.exception()
+            await _stop(watcher, task)
+            raise error or PetribusError("the deleted-sessions watch ended before it had loaded the bucket",
+                                         code="bus_error", retryable=True)
+        old, self._watch = self._watch, (watcher, task)
+        if old is not None:
+            await _stop(*old)
+        if self._closed:
+            await self.close()
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher, loaded: asyncio.Future[None]) -> None:
+        found: set[str] = set()
+        async for entry in watcher:
+            if entry is None:  # the end of what the bucket held when the watch began
+                self._deleted = found
+                loaded.set_result(None)
+                continue
+            if entry.operation in (KV_DEL, KV_PURGE):
+                found.discard(entry.key)
+            else:
+                found.add(entry.key)
+            if loaded.done():
+                async with self._changed:
+                    self._changed.notify_all()
+
+    async def wait_deleted(self, bot: str, session_id: str, timeout: float) -> bool:
+        """Whether the session is (or becomes, within ``timeout``) known as deleted here."""
+        async def known() -> None:
+            async with self._changed:
+                await self._changed.wait_for(lambda: self.deleted(bot, session_id))
+
+        try:
+            await asyncio.wait_for(known(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._unhook is not None:
+            self._unhook()
+            self._unhook = None
+        if self._watch is not None:
+            await _stop(*self._watch)
+            self._watch = None
+
+
+class GuardedEventLog(EventLog):
+    """An ``EventLog`` that refuses to append for a session ``tombstones`` knows as deleted
+    (:class:`SessionDeleted`): what a process that appends on a session's behalf uses."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext | None = None, *, tombstones: Tombstones,
+                 outage_s: float | None = None) -> None:
+        super().__init__(nc, js, outage_s=outage_s)
+        self.tombstones = tombstones
+
+    def check(self, event: _Event) -> None:
+        if self.tombstones.deleted(event.bot, event.session_id):
+            raise SessionDeleted(f"session {event.session_id!r} of bot {event.bot!r} was deleted; "
+                                 f"its {event.type} is not appended")  # type: ignore[attr-defined]
+
+    async def append(self, event: _Event, **options) -> int:  # type: ignore[no-untyped-def, override]
+        self.check(event)
+        return await super().append(event, **options)
+
+    async def append_once(self, event: _Event, **options):  # type: ignore[no-untyped-def, override]
+        self.check(event)
+        return await super().append_once(event, **options)
+
+    async def append_batch(self, events: list[_Event], **options) -> list[int]:  # type: ignore[no-untyped-def, override]
+        for event in events[:1]:  # one session per batch
+            self.check(event)
+        return await super().append_batch(events, **options)
+
+    async def append_soon(self, event: _Event, **options):  # type: ignore[no-untyped-def, override]
+        self.check(event)
+        return await super().append_soon(event, **options)
+
+    async def append_many(self, events, **options) -> list[int]:  # type: ignore[no-untyped-def, override]
+        listed = list(events)
+        for event in listed:
+            self.check(event)
+        return await super().append_many(listed, **options)
+
+
+async def _stop(watcher: KeyValue.KeyWatcher, task: asyncio.Task[None]) -> None:
+    with contextlib.suppress(Exception):  # the connection may be closing already
+        await watcher.stop()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
