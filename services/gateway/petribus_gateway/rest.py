@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import JSONResponse
 
-from petribus import subjects
+from petribus import deletion, subjects
 from petribus.bus import WrongLastSequence
 from petribus.core import SessionState, fold
 from petribus.errors import AlreadyAnswered, InvalidInput
@@ -381,11 +381,10 @@ async def _answer(ctx: GatewayContext, net: Net, session_id: str, event: Any, ke
 @router.delete("/bots/{bot}/sessions/{session_id}", status_code=204, responses=ERRORS,
                tags=["sessions"])
 async def delete_session(net: BotNet, session_id: str, ctx: Ctx) -> Response:
-    """Delete the session's whole log and its files. It cannot be undone."""
+    """Delete the session's whole log and its files. It cannot be undone, and it sticks: what a firing
+    still running appends for it later is refused (docs/limits.md)."""
     await ctx.require_session(net.bot, session_id)
-    for key in fold(await ctx.events.read(net.bot, session_id)).files:
-        await ctx.files.delete(net.bot, session_id, key)
-    await ctx.events.delete(net.bot, session_id)
+    await deletion.delete_session(ctx.events, ctx.files, net.bot, session_id)
     ctx.timeline.forget(net.bot, session_id)
     ctx.auth.forget(net.bot, session_id)
     ctx.log.info("session deleted", bot=net.bot, session_id=session_id)
