@@ -47,6 +47,11 @@ MARKER_EXAMPLE = '{"type": "marker_added", "value": {"location": "<Location>", "
 CONFIRM_EXAMPLE = '{"type": "confirm_response", "value": {"request_id": "<id>", "accepted": true}}'
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MAX_REASON = 500
+# Bounds of any JSON a client sends (docs/limits.md); its size is bounded by the frame or body limit.
+MAX_DEPTH = 64
+MAX_MEMBERS = 10_000
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 def snippet(value: Any, limit: int = 80) -> str:
@@ -79,8 +84,29 @@ def frame_text(message: Message, max_bytes: int) -> str:
         ) from None
 
 
+def check_shape(text: str, what: str = "message") -> None:
+    """Refuse JSON nested deeper than ``MAX_DEPTH`` or with more than ``MAX_MEMBERS`` object members, before
+    it is parsed: the parser, and everything after it that walks the value, recurse. Counts the brackets
+    outside strings; a message with few brackets costs two ``str.count``."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH and text.count(":") <= MAX_MEMBERS:
+        return
+    bare = _STRINGS.sub("", text)
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(bare):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
+            raise InvalidInput(f"{what} nests arrays and objects deeper than {MAX_DEPTH} levels; send flatter "
+                               "data", code="too_deep")
+    members = bare.count(":")
+    if members > MAX_MEMBERS:
+        raise InvalidInput(f"{what} has {members} object members, more than the {MAX_MEMBERS} allowed; send "
+                           "less at once", code="too_many_members")
+
+
 def parse(text: str) -> dict[str, Any]:
     """One client message as a JSON object with a known shape (not yet checked against a net)."""
+    check_shape(text)
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
