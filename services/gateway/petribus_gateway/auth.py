@@ -98,11 +98,12 @@ def is_loopback(host: str) -> bool:
 
 
 def bearer(value: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer`` header value; "" for another scheme (refused as invalid)."""
+    """The token of an ``Authorization: Bearer`` header value; None for none or another scheme (a proxy's
+    Basic credentials are not ours to judge: such a request counts as one without a key)."""
     if value is None:
         return None
     scheme, _, token = value.strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
+    return token.strip() if scheme.lower() == "bearer" else None
 
 
 def auth_message(text: str) -> str | None:
