@@ -191,6 +191,12 @@ async def _ensure_streams(js: JetStreamContext, duplicate_window_s: float, repli
             num_replicas=replicas,
             description="petribus durable timers: a message per deadline, redelivered when it is due",
         ),
+        StreamConfig(
+            name=subjects.IDLE_STREAM, subjects=[f"{subjects.IDLE_PREFIX}.>"], storage=StorageType.FILE,
+            retention=RetentionPolicy.WORK_QUEUE, duplicate_window=max(duplicate_window_s, 600.0),
+            discard=DiscardPolicy.NEW, max_bytes=limits.work_max_bytes, num_replicas=replicas,
+            description="petribus session expiry: one timer per session, due when it would be idle too long",
+        ),
     ]
     for cfg in configs:
         try:

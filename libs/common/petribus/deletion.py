@@ -64,7 +64,7 @@ async def delete_session(events: EventLog, files: FileStore, bot: str, session_i
         await files.delete(bot, session_id, key)
     for stream, subject in ((subjects.WORK_STREAM, subjects.session_work(bot, session_id)),
                             (subjects.TIMERS_STREAM, subjects.lease(bot, session_id)),
-                            (subjects.TIMERS_STREAM, subjects.idle_check(bot, session_id))):
+                            (subjects.IDLE_STREAM, subjects.idle_check(bot, session_id))):
         await js.purge_stream(stream, subject=subject)
     await events.delete(bot, session_id)
     log.info("session deleted", bot=bot, session_id=session_id, reason=reason)

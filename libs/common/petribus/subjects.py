@@ -5,6 +5,7 @@ from __future__ import annotations
 EVENTS_STREAM = "PB_EVENTS"
 WORK_STREAM = "PB_WORK"
 TIMERS_STREAM = "PB_TIMERS"
+IDLE_STREAM = "PB_IDLE"  # one durable timer per session: its expiry (PETRIBUS_SESSION_TTL_S)
 FILES_BUCKET = "PB_FILES"  # a JetStream object store (its stream is OBJ_PB_FILES)
 DELETED_BUCKET = "PB_DELETED"  # a KV bucket: one tombstone per deleted session (petribus.deletion)
 EXECUTORS_BUCKET = "PB_EXECUTORS"  # a KV bucket: the live executors, their pools and devices (petribus.registry)
@@ -12,6 +13,7 @@ EVENTS_PREFIX = "pb.ev"
 WORK_PREFIX = "pb.work"
 DELTAS_PREFIX = "pb.delta"  # outside PB_EVENTS' subjects on purpose: deltas are not stored
 TIMERS_PREFIX = "pb.timer"
+IDLE_PREFIX = "pb.idle"
 
 SCHEDULER_DURABLE = "scheduler"
 SCHEDULER_TIMERS_DURABLE = "scheduler-timers"
@@ -99,11 +101,11 @@ def leases() -> str:
 
 def idle_check(bot: str, session_id: str) -> str:
     """The scheduler's durable timer that expires a session idle for ``PETRIBUS_SESSION_TTL_S``."""
-    return f"{TIMERS_PREFIX}.idle.{bot}.{session_id}"
+    return f"{IDLE_PREFIX}.{bot}.{session_id}"
 
 
 def idle_checks() -> str:
-    return f"{TIMERS_PREFIX}.idle.>"
+    return f"{IDLE_PREFIX}.>"
 
 
 def tombstone(bot: str, session_id: str) -> str:

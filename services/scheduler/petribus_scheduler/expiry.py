@@ -1,6 +1,6 @@
 """Expiry: a session with no event for ``PETRIBUS_SESSION_TTL_S`` gets ``session_expired`` and is deleted.
 
-Each session has a durable :class:`IdleCheck` timer on PB_TIMERS (``timers.py``), armed by the first
+Each session has a durable :class:`IdleCheck` timer on PB_IDLE (``timers.py``), armed by the first
 scheduler process that folds the session (Msg-Id ``idle:<bot>:<session>:<last seq>``, so processes
 arming at once land one). When it is due, whichever scheduler is alive looks at the session's last event
 (one request to the stream leader, which gives its time):
@@ -49,6 +49,7 @@ class IdleChecks(DurableTimers[IdleCheck]):
     model = IdleCheck
     durable = subjects.SCHEDULER_IDLE_DURABLE
     filter_subject = subjects.idle_checks()
+    stream = subjects.IDLE_STREAM  # not PB_TIMERS: one per session, for as long as the session lives
 
     def __init__(self, nc: NATS, events: EventLog, files: FileStore, log: Any, *, ttl_s: float,
                  ack_wait_s: float, retry_s: float = 1.0, retry_max_s: float = 60.0) -> None:

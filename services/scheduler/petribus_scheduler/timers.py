@@ -58,6 +58,7 @@ class DurableTimers(Generic[T]):
     model: ClassVar[type[Timer]]
     durable: ClassVar[str]
     filter_subject: ClassVar[str]
+    stream: ClassVar[str] = subjects.TIMERS_STREAM
 
     def __init__(self, nc: NATS, log: Any, *, ack_wait_s: float, retry_s: float = 1.0,
                  retry_max_s: float = 60.0) -> None:
@@ -73,14 +74,14 @@ class DurableTimers(Generic[T]):
 
     async def start(self) -> None:
         await self._ensure()
-        self.consumer = PullConsumer(self.nc, subjects.TIMERS_STREAM, self.durable, max_inflight=IN_FLIGHT,
+        self.consumer = PullConsumer(self.nc, self.stream, self.durable, max_inflight=IN_FLIGHT,
                                      ensure=self._ensure)
         await self.consumer.start()
 
     async def _ensure(self) -> None:
         """Create or update the durable (at start, and again if a fail-over lost it)."""
         await self.js.add_consumer(
-            subjects.TIMERS_STREAM,
+            self.stream,
             ConsumerConfig(
                 durable_name=self.durable, filter_subject=self.filter_subject,
                 ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait_s, max_deliver=-1,
