@@ -84,22 +84,20 @@ class Settings(BaseSettings):
         default=1000, ge=0, description="Sessions one owner (an API key's owner; without a key, one client "
         "address) may hold at once; creating one more answers 429 session_quota (0: no quota).")
     session_create_rate: float = Field(
-        default=1.0, ge=0, description="Sessions one client address may create per second, on average "
+        default=2.0, ge=0, description="Sessions one client address may create per second, on average "
         "(0: no limit); bursts of session_create_burst.")
-    session_create_burst: int = Field(default=20, ge=1, description="Sessions one address may create at once.")
+    session_create_burst: int = Field(default=100, ge=1, description="Sessions one address may create at once.")
     ws_message_rate: float = Field(
-        default=50.0, ge=0, description="Messages per second one WebSocket connection may send, on average "
+        default=100.0, ge=0, description="Messages per second one WebSocket connection may send, on average "
         "(0: no limit); an excess message gets an error event (rate_limited) and is not processed.")
-    ws_message_burst: int = Field(default=100, ge=1, description="Messages a connection may send at once.")
+    ws_message_burst: int = Field(default=1000, ge=1, description="Messages a connection may send at once.")
     key_request_rate: float = Field(
-        default=100.0, ge=0, description="Requests (REST, and WebSocket messages) per second per API key, or "
+        default=200.0, ge=0, description="Requests (REST, and WebSocket messages) per second per API key, or "
         "per client address without a key (0: no limit); an excess answers 429 with Retry-After.")
-    key_request_burst: int = Field(default=200, ge=1, description="Requests one key may send at once.")
+    key_request_burst: int = Field(default=2000, ge=1, description="Requests one key may send at once.")
     max_body_bytes: int = Field(
         default=1024 * 1024, description="Largest JSON request body (REST) the gateway reads; a larger one "
         "answers 413 before it is read whole (file uploads have max_file_bytes).")
-    max_json_depth: int = Field(default=64, ge=2, description="Deepest nesting of arrays and objects a JSON "
-                                "input may have (WebSocket and REST).")
 
     # files (context.send_file / get_file, the gateway's file routes)
     max_file_bytes: int = Field(

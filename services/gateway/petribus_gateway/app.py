@@ -21,7 +21,7 @@ from petribus.keys import KeyStore
 from petribus.net import Net
 from petribus.service import Service
 from petribus.settings import Settings
-from petribus_gateway import auth, errors, files, pools, rest, ws
+from petribus_gateway import auth, errors, files, limits, pools, rest, ws
 from petribus_gateway.context import GatewayContext
 
 DESCRIPTION = """\
@@ -92,6 +92,7 @@ def create_app(ctx: GatewayContext, *, on_ready: Callable[[], None] | None = Non
     app.include_router(ws.router)
     errors.install(app)
     loopback_open = auth.is_loopback(ctx.settings.host)
+    app.add_middleware(limits.Limits, ctx=ctx)  # sizes, rates, quotas (docs/limits.md); inside the Origin check
     app.add_middleware(auth.OriginCheck, allowed=auth.origins(ctx.settings),
                        loopback_open=lambda: loopback_open and not ctx.auth.required())
     return app
