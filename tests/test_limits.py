@@ -1,0 +1,150 @@
+"""Bounded input, rates, quotas and a full log: each answered with a clear error, never a dropped connection
+(docs/limits.md)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+
+from petribus import subjects
+from petribus.bus import EventLog
+from petribus.errors import BusError
+from petribus.events import UserMessage
+from petribus.settings import Settings
+
+from .conftest import app
+from .harness import Client, Stack
+
+COUNTER = app("counter")
+
+
+@pytest.fixture
+async def stack(settings: Settings) -> AsyncIterator[Stack]:
+    async with Stack(settings, [COUNTER], parts=("scheduler", "gateway")) as s:
+        yield s
+
+
+@pytest.fixture
+async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as client:
+        yield client
+
+
+async def _opened(stack: Stack) -> tuple[Client, str]:
+    client = await Client.connect(stack.ws_url("counter"))
+    created = await client.until("session_created")
+    return client, created["metadata"]["session_id"]
+
+
+async def test_deep_json_on_the_websocket_gets_an_error_and_the_connection_stays_open(stack: Stack) -> None:
+    client, sid = await _opened(stack)
+    await client.send("[" * 100_000)  # under the 1 MiB frame limit; json.loads alone would raise RecursionError
+    error = await client.until("error")
+    assert error["value"]["code"] == "too_deep"
+    await client.send({"type": "marker_added", "value": {"location": "Item", "data": {"n": 1}}})
+    added = await client.until("marker_added")  # the same connection still works
+    assert added["value"]["data"]["n"] == 1
+    await client.close()
+
+
+async def test_rest_bodies_over_the_limit_get_413_and_deep_ones_422(stack: Stack, http: httpx.AsyncClient) -> None:
+    sid = (await http.post("/bots/counter/sessions")).json()["session_id"]
+    url = f"/bots/counter/sessions/{sid}/markers"
+    big = b'{"location": "Item", "data": {"n": 1, "pad": "' + b"x" * (8 * 1024 * 1024) + b'"}}'
+    declared = await http.post(url, content=big, headers={"content-type": "application/json"})
+    assert declared.status_code == 413 and declared.json()["code"] == "body_too_large"
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted while read
+        for i in range(0, len(big), 65536):
+            yield big[i:i + 65536]
+
+    chunked = await http.post(url, content=chunks(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413
+    deep = await http.post(url, content=b"[" * 100_000, headers={"content-type": "application/json"})
+    assert deep.status_code == 422 and deep.json()["code"] == "too_deep"
+    broken = await http.post(url, content=b'{"location": "\xff"}', headers={"content-type": "application/json"})
+    assert broken.status_code == 422 and broken.json()["code"] == "invalid_utf8"
+    fine = await http.post(url, json={"location": "Item", "data": {"n": 2}})
+    assert fine.status_code == 201
+
+
+async def test_a_connection_over_its_message_rate_gets_errors_and_stays_open(settings: Settings) -> None:
+    slow = settings.model_copy(update={"ws_message_rate": 0.5, "ws_message_burst": 2})
+    async with Stack(slow, [COUNTER], parts=("scheduler", "gateway")) as stack:
+        client, sid = await _opened(stack)
+        for n in range(4):
+            await client.send({"type": "marker_added", "value": {"location": "Item", "data": {"n": n}}})
+        limited = [await client.until("error") for _ in range(2)]
+        assert {e["value"]["code"] for e in limited} == {"rate_limited"}
+        added = [e for e in client.events if e["type"] == "marker_added"]
+        while len(added) < 2:
+            added.append(await client.until("marker_added"))
+        assert [e["value"]["data"]["n"] for e in added] == [0, 1]  # the burst passed; the rest was refused
+        await client.send({"type": "user_message", "value": "still open?"})  # no token yet: refused again
+        assert (await client.until("error"))["value"]["code"] == "rate_limited"
+        await client.close()
+
+
+async def test_requests_over_the_callers_rate_get_429_with_retry_after(settings: Settings) -> None:
+    strict = settings.model_copy(update={"key_request_rate": 0.2, "key_request_burst": 3})
+    async with Stack(strict, [COUNTER], parts=("scheduler", "gateway")) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as http:
+        answers = [await http.get("/bots") for _ in range(4)]
+        assert [a.status_code for a in answers] == [200, 200, 200, 429]
+        assert answers[-1].json()["code"] == "rate_limited"
+        assert int(answers[-1].headers["Retry-After"]) >= 1
+
+
+async def test_an_owner_over_its_session_quota_is_refused_on_rest_and_websocket(settings: Settings) -> None:
+    small = settings.model_copy(update={"max_sessions_per_owner": 2})
+    async with Stack(small, [COUNTER], parts=("scheduler", "gateway")) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as http:
+        assert [(await http.post("/bots/counter/sessions")).status_code for _ in range(2)] == [201, 201]
+        third = await http.post("/bots/counter/sessions")
+        assert third.status_code == 429 and third.json()["code"] == "session_quota"
+        async with websockets.connect(stack.ws_url("counter")) as ws:
+            error = json.loads(await ws.recv())
+            assert error["value"]["code"] == "session_quota"
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4429
+        listed = (await http.get("/bots/counter/sessions")).json()["sessions"]
+        assert len(listed) == 2
+        # Deleting one makes room (after the count is read again).
+        await http.delete(f"/bots/counter/sessions/{listed[0]['session_id']}")
+        _limits(stack).counted_at = float("-inf")
+        assert (await http.post("/bots/counter/sessions")).status_code == 201
+
+
+def _limits(stack: Stack) -> Any:
+    layer = stack.gateway.app.middleware_stack
+    while layer is not None and type(layer).__name__ != "Limits":
+        layer = getattr(layer, "app", None)
+    assert layer is not None
+    return layer
+
+
+async def test_a_full_log_refuses_appends_and_new_sessions_and_keeps_every_event(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PETRIBUS_EVENTS_MAX_BYTES", str(256 * 1024))
+    async with Stack(settings, [COUNTER], parts=("scheduler", "gateway")) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as http:
+        sid = (await http.post("/bots/counter/sessions")).json()["session_id"]
+        log = EventLog(stack.gateway.nc, outage_s=1.0)
+        info = await log.js.stream_info(subjects.EVENTS_STREAM)
+        assert info.config.max_bytes == 256 * 1024 and info.config.discard == "new"
+        landed = 0
+        with pytest.raises(BusError):
+            for i in range(1000):
+                await log.append(UserMessage(bot="counter", session_id=sid, text=f"{i} " + "x" * 4000))
+                landed += 1
+        assert 0 < landed < 1000  # the limit was reached, and the append past it was refused
+        assert await log.count("counter", sid) == landed + 1  # nothing acknowledged was dropped
+        refused = await http.post("/bots/counter/sessions")
+        assert refused.status_code == 507 and refused.json()["code"] == "storage_full"
