@@ -222,12 +222,16 @@ async def test_a_revoked_key_is_refused_as_soon_as_the_gateway_hears_of_it(
 ) -> None:
     mine = await _session(http, tokens.alice)
     key_id = tokens.alice.split("_")[1]
+    listening = await websockets.connect(stack.ws_url("counter", session_id=mine), additional_headers=auth(tokens.alice))
+    assert json.loads(await asyncio.wait_for(listening.recv(), 20))["type"] == "session_created"
     changed = asyncio.create_task(stack.gateway.keys.changed())
     await asyncio.sleep(0)  # waiting before the change is made
     assert (await keys.revoke(nc.jetstream(), key_id)) is not None
     await asyncio.wait_for(changed, 10)
     refused = await http.get(f"/bots/counter/sessions/{mine}", headers=auth(tokens.alice))
     assert refused.status_code == 401 and refused.json()["code"] == "unauthorized"
+    _, reason = await _expect_closed(listening, 4401)  # a connection made with it stops listening too
+    assert "revoked" in reason
     # Still listed, revoked, so that its id in old events says whose it was.
     [record] = [r for r in await keys.listing(nc.jetstream()) if r.key_id == key_id]
     assert record.owner == "alice" and record.revoked is not None

@@ -247,6 +247,8 @@ class KeyStore:
         if old is not None:
             await _stop(*old)
             log.info("keys watch renewed", keys=len(self._records))
+            async with self._changed:  # a revoke made while the connection was down counts now
+                self._changed.notify_all()
 
     async def _follow(self, watcher: KeyValue.KeyWatcher, loaded: asyncio.Future[None]) -> None:
         records: dict[str, KeyRecord] = {}
@@ -268,6 +270,10 @@ class KeyStore:
 
     def authenticate(self, token: str) -> Principal | None:
         return verify(self._records, token)
+
+    def is_live(self, key_id: str) -> bool:
+        record = self._records.get(key_id)
+        return record is not None and record.revoked is None
 
     def any_live(self) -> bool:
         """Whether any key may still authenticate: then an authorized bot needs one."""

@@ -209,8 +209,9 @@ class SessionSocket:
         live = await deltas.follow(self.ctx.nc, self.net.bot, self.session_id, self.outbox, self.log)
         unhook = on_reconnect(self.ctx.nc, self._bus_back)
         pump = asyncio.create_task(self._pump(), name=f"ws:{self.session_id}:pump")
+        revoked = asyncio.create_task(self._key_revoked(), name=f"ws:{self.session_id}:key")
         tasks = [pump, asyncio.create_task(self._read(), name=f"ws:{self.session_id}:read"),
-                 asyncio.create_task(self._write(), name=f"ws:{self.session_id}:write")]
+                 asyncio.create_task(self._write(), name=f"ws:{self.session_id}:write"), revoked]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -227,6 +228,10 @@ class SessionSocket:
                 # The stream ended under a live client (NATS went away): tell it where to resume.
                 self.log.warning("event stream ended", error=repr(failure), last_seq=self.last_seq)
                 await self._close(CLOSE_STREAM_LOST, f"stream lost; reconnect with since={self.last_seq}")
+            elif task is revoked and failure is None:
+                self.log.info("key revoked: connection closed", key_id=self.caller.principal and
+                              self.caller.principal.key_id)
+                await self._close(CLOSE_UNAUTHORIZED, "the API key of this connection was revoked")
             elif failure is not None and not isinstance(failure, DISCONNECTED):
                 self.log.error("connection failed", error=repr(failure), exc_info=failure)
                 await self._close(CLOSE_STREAM_LOST, f"gateway error; reconnect with since={self.last_seq}")
@@ -363,6 +368,18 @@ class SessionSocket:
             await self._error(bus.code, message, request_id)
             return
         self.log.debug("client event appended", type=payload["type"], seq=seq, replayed=replayed)
+
+    async def _key_revoked(self) -> None:
+        """Return when the key this connection speaks with is revoked: it may not go on listening either."""
+        keys = self.ctx.keys
+        if keys is None:
+            await asyncio.Future()  # no keys, nothing to revoke: wait for the connection to end
+        assert keys is not None
+        while True:
+            principal = self.caller.principal
+            if principal is not None and not keys.is_live(principal.key_id):
+                return
+            await keys.changed()
 
     async def _authenticated(self, token: str) -> None:
         """An auth message after the opening (a browser that always sends one, to a bot that did not need it):
