@@ -270,6 +270,8 @@ async def test_every_event_a_request_appended_records_who_caused_it_and_never_th
     added = await http.post(f"/bots/counter/sessions/{mine}/markers", headers=auth(tokens.alice),
                             json={"location": "Left", "data": {"v": 1}})
     assert added.status_code == 201
+    halted = await http.put(f"/bots/counter/sessions/{mine}/halt", headers=auth(tokens.alice), json={"before": []})
+    assert halted.status_code == 201, halted.text
     async with websockets.connect(stack.ws_url("counter", session_id=mine), additional_headers=auth(tokens.alice)) as ws:
         client = Client(ws)
         await client.send({"type": "user_message", "value": "hello"})
@@ -280,7 +282,7 @@ async def test_every_event_a_request_appended_records_who_caused_it_and_never_th
     key_id = tokens.alice.split("_")[1]
     log = await EventLog(nc).read("counter", mine)
     caused = {ev.type: ev.actor for _, ev in log if ev.actor is not None}
-    assert set(caused) == {"session_created", "marker_added", "user_message"}
+    assert set(caused) == {"session_created", "marker_added", "halt_set", "user_message"}
     assert {(a.owner, a.key_id, a.address) for a in caused.values()} == {("alice", key_id, "127.0.0.1")}
     [(_, first)] = (await EventLog(nc).read("counter", forked.json()["session_id"]))[:1]
     assert first.type == "session_forked" and first.actor is not None and first.actor.owner == "root"
