@@ -37,8 +37,8 @@ Send `{"type": "user_message", "value": "..."}` or
 `{"type": "marker_added", "value": {"location": "UserName", "data": {"name": "alice"}}}` (optionally
 with a `request_id`). A message that does not validate gets an `error` event, to you only; nothing
 enters the log and the connection stays open. Close codes: 4404 unknown bot or session, 4400 bad
-query, 4401 no valid API key, 1008 a foreign Origin, 1011 event stream lost (reconnect with `since`), 1012 gateway restarting, 1013 the session log
-is unavailable (connect again shortly).
+query, 4401 no valid API key, 1008 a foreign Origin, 1011 event stream lost (reconnect with `since`),
+1012 gateway restarting, 1013 the session log is unavailable (connect again shortly).
 
 **Retrying safely.** While the session log (NATS) is unavailable (a restart, a cluster fail-over),
 REST answers 503 with `Retry-After` and `{"code": "bus_unavailable"}`, and a WebSocket message gets an
