@@ -47,7 +47,7 @@ from starlette.websockets import WebSocket
 
 from petribus import logs, subjects
 from petribus.errors import PetribusError, UnknownBot
-from petribus.events import Actor, ErrorEvent, decode, to_client
+from petribus.events import Actor, ErrorEvent, SessionCreated, SessionForked, decode, to_client
 from petribus.keys import KeyStore, Principal
 from petribus.net import Net
 from petribus.settings import Settings
@@ -193,7 +193,10 @@ class Auth:
         except NotFoundError:
             return False, None
         first = decode(msg.data or b"")
-        owner = first.actor.owner if first.actor is not None else None
+        # As the fold has it (core.apply): only a session_created or session_forked that opens a log names
+        # an owner, and the log never drops its first event (discard=new), so the owner never changes.
+        opens = isinstance(first, (SessionCreated, SessionForked))
+        owner = first.actor.owner if opens and first.actor is not None else None
         self._owners[key] = owner
         if len(self._owners) > OWNER_CACHE:
             self._owners.popitem(last=False)
