@@ -337,3 +337,42 @@ def test_command_refuses_a_tampered_file_naming_the_line(tmp_path):
 def test_command_refuses_a_bad_app():
     refused = cli(f"{APPS / 'no_such_app.py'}:bot", str(GOLDEN / "shop.jsonl"))
     assert refused.exit_code == 2 and "no_such_app.py" in refused.output
+
+
+# --- a busy session, recorded live ------------------------------------------------------------------
+
+
+async def test_a_session_recorded_with_two_schedulers_racing_replays_with_no_difference(settings, nc):
+    from petribus_scheduler.app import Scheduler
+
+    from .harness import Client, Stack, session_state
+
+    spec = RECORDED["shop"]
+    async with Stack(settings, [spec], parts=("scheduler", "executor", "gateway")) as stack:
+        rival = Scheduler(settings, stack.nets)
+        await rival.start()
+        try:
+            client = await Client.connect(stack.ws_url("shop"))
+            sid = (await client.recv())["value"]
+            for i in range(8):  # 40 items fanned out at once, boxed by three, shipped with the labels
+                await client.send({"type": "marker_added", "value": {"location": "Order", "data": {"id": i, "items": 5}}})
+                await client.send({"type": "marker_added", "value": {"location": "Label", "data": {"order": i}}})
+            done: dict[str, int] = {}
+
+            def settled(e: dict[str, Any]) -> bool:
+                if e["type"] == "transition_completed":
+                    name = e["metadata"]["transition_name"]
+                    done[name] = done.get(name, 0) + 1
+                return done == {"split": 8, "pack": 40, "box": 13, "ship": 8}
+
+            await client.until(settled, timeout=60)
+            await client.close()
+            state, log = await session_state(nc, "shop", sid)
+        finally:
+            await rival.stop(timeout=5)
+        conflicts = stack.services["scheduler"].stats["conflicts"] + rival.stats["conflicts"]
+
+    assert conflicts > 0  # the two schedulers did race for this session
+    assert len(state.places["Shipped"]) == 8 and len(state.places["Packed"]) == 1 and not state.in_flight
+    report = replay(load_net(spec), log)
+    assert report.differences == [] and report.firings == 8 + 40 + 13 + 8
