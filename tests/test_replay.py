@@ -376,3 +376,13 @@ async def test_a_session_recorded_with_two_schedulers_racing_replays_with_no_dif
     assert len(state.places["Shipped"]) == 8 and len(state.places["Packed"]) == 1 and not state.in_flight
     report = replay(load_net(spec), log)
     assert report.differences == [] and report.firings == 8 + 40 + 13 + 8
+
+
+def test_until_inside_a_run_is_no_difference_for_the_rest_of_that_decision():
+    log = Log()
+    items = [log.marker("Item", n=n) for n in range(2)]
+    first, _ = log.fire("work", items[0])
+    log.fire("work", items[1])
+
+    assert replay(net(WORK), log.events, until=first).ok
+    assert not replay(net(WORK), log.events[:first]).ok  # a log that really ends there lacks a firing

@@ -113,31 +113,24 @@ class _Replay:
     def run(self, log: list[tuple[int, _Event]], until: int | None) -> Report:
         i = 0
         while i < len(log) and (until is None or log[i][0] <= until):
-            if isinstance(log[i][1], TransitionFired):
-                end = i
-                while end < len(log) and isinstance(log[end][1], TransitionFired):
-                    end += 1
-                run = [(s, e) for s, e in log[i:end] if until is None or s <= until]
-                # A run cut by ``until`` still shows what its decision made: its tail forgives no extra.
-                self._decide(run, whole=[e for _, e in log[i:end]])  # type: ignore[misc]
-                for seq, event in run:
-                    self._fold(seq, event)
+            whole = _run_at(log, i)
+            if whole:
+                run = [(seq, fired) for seq, fired in whole if until is None or seq <= until]
+                # A run cut by ``until`` is still one decision: all of it says what the decision made.
+                self._decide(run, made={self._key(f.transition, f.consumed) for _, f in whole})
+                for seq, fired in run:
+                    self._fold(seq, fired)
                 i += len(run)
                 continue
             seq, event = log[i]
             self._check_markers(seq, event)
             self._fold(seq, event)
             i += 1
-        if self.deferred:
-            # Cut by ``until``: the decision's continuation may lie after it, in the next run.
-            later = next((j for j in range(i, len(log)) if isinstance(log[j][1], TransitionFired)), None)
-            made: set[FiringKey] = set()
-            while later is not None and later < len(log) and isinstance(log[later][1], TransitionFired):
-                fired = log[later][1]
-                made.add(self._key(fired.transition, tuple(fired.consumed)))  # type: ignore[attr-defined]
-                later += 1
-            self._report_extras([(s, p) for s, p in self.deferred if self._key(p.transition, p.consumed) not in made])
-            self.deferred = []
+        # The last decision point's extras, unless the next run (after ``until``, if it cut the log) makes them.
+        later = next((j for j in range(i, len(log)) if isinstance(log[j][1], TransitionFired)), None)
+        made = {self._key(f.transition, f.consumed) for _, f in _run_at(log, later)} if later is not None else set()
+        self._report_extras([(seq, p) for seq, p in self.deferred if self._key(p.transition, p.consumed) not in made])
+        self.deferred = []
         if until is None or not log or until >= log[-1][0]:
             self._at_end()
         self.report.differences.sort(key=lambda d: d.seq)
@@ -158,14 +151,14 @@ class _Replay:
         guard = (lambda name, picked: self._judge(name, picked)[0]) if self.guarded else None
         return choose_firings(self.shape, self.state, guard=guard)
 
-    def _decide(self, run: list[tuple[int, TransitionFired]], whole: list[TransitionFired]) -> None:
-        """Compare the recorded run (one decision) with the net's plan on the state just before it."""
+    def _decide(self, run: list[tuple[int, TransitionFired]], made: set[FiringKey]) -> None:
+        """Compare the recorded run (one decision, which made ``made``) with the net's plan on the state
+        just before it."""
         self.report.decisions += 1
         state = self.state
         first_seq = run[0][0]
         plan = self._plan()
         planned = {self._key(p.transition, p.consumed): p for p in plan}
-        made = {self._key(e.transition, tuple(e.consumed)) for e in whole}
         # Extras of the last decision point that this one makes were one decision split across two runs.
         self._report_extras([(s, p) for s, p in self.deferred
                              if self._key(p.transition, p.consumed) not in made])
@@ -327,6 +320,15 @@ class _Replay:
     def _add(self, seq: int, kind: DifferenceKind, transition: str | None, firing_id: str | None,
              marker_ids: Sequence[str], message: str) -> None:
         self.report.differences.append(Difference(seq, kind, message, transition, firing_id, tuple(marker_ids)))
+
+
+def _run_at(log: list[tuple[int, _Event]], i: int) -> list[tuple[int, TransitionFired]]:
+    """The run of consecutive ``transition_fired`` events that starts at ``log[i]`` (empty if none does)."""
+    run: list[tuple[int, TransitionFired]] = []
+    while i < len(log) and isinstance(event := log[i][1], TransitionFired):
+        run.append((log[i][0], event))
+        i += 1
+    return run
 
 
 def _counts(counts: Counter[str]) -> str:
