@@ -104,7 +104,7 @@ def import_command(
         _fail(f"session id {new[:140]!r} is not valid: use 1-128 letters, digits, '_' or '-'", EXIT_BAD_INPUT)
     if bot is not None and not NAME_RE.match(bot):
         _fail(f"bot name {bot[:140]!r} is not valid: a letter or '_', then letters, digits, '_' or '-'",
-                  EXIT_BAD_INPUT)
+              EXIT_BAD_INPUT)
     _run(nats_url, lambda nc: write_session(nc, export, session_id=new, bot=bot))
     typer.echo(new)
 
@@ -118,7 +118,7 @@ async def read_session(nc: Any, session_id: str, *, bot: str | None = None) -> S
     if not events:
         raise UnknownSession(f"session {session_id!r} of bot {bot!r} has no events: it never existed or was "
                              "deleted")
-    store = FileStore(js, max_bytes=2**63)
+    store = FileStore(js, max_bytes=2**63)  # the limit is for storing; this only reads
     files: list[ExportedFile] = []
     for file_id, f in fold(events).files.items():
         info = await store.info(bot, session_id, file_id)
@@ -141,7 +141,6 @@ async def write_session(nc: Any, export: SessionExport, *, session_id: str, bot:
     events in atomic batches. Refused before anything is written when the session exists or a file or
     event is too large for this deployment. If appending fails part way, what was written is removed.
     The new sequences."""
-
     js = nc.jetstream()
     log = EventLog(nc, js)
     bot = bot or export.bot
@@ -193,7 +192,6 @@ async def _undo(log: Any, store: Any, bot: str, session_id: str, files: list[Exp
 
 def _moved(event: Any, export: SessionExport, bot: str, session_id: str) -> Any:
     """``event`` as the new session's: its bot and session id, and file URLs that named the old session."""
-
     update: dict[str, Any] = {"bot": bot, "session_id": session_id}
     old = subjects.file_url(export.bot, export.session_id, "")
     for name in ("url", "upload_url"):
@@ -204,7 +202,7 @@ def _moved(event: Any, export: SessionExport, bot: str, session_id: str) -> Any:
 
 
 async def _bot_of(js: Any, session_id: str) -> str:
-
+    """The bot whose log holds ``session_id`` (session ids are unique in practice, but not by rule)."""
     info = await js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subjects.events("*", session_id))
     bots = sorted(subjects.parse_events(s)[0] for s in info.state.subjects or {})
     if not bots:
@@ -217,7 +215,6 @@ async def _bot_of(js: Any, session_id: str) -> str:
 
 def _run(nats_url: str | None, action: Callable[[Any], Awaitable[T]]) -> T:
     """Connect, do ``action(connection)``, close; each failure becomes one message and an exit code."""
-
     url = nats_url or Settings().nats_url
 
     async def main() -> T:
