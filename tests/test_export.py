@@ -170,6 +170,28 @@ async def test_import_refuses_a_file_over_the_limit_before_writing(nc):
     assert await EventLog(nc).last_seq("hitl", "too-big") == 0
 
 
+async def test_an_import_that_fails_part_way_removes_what_it_wrote(nc, monkeypatch):
+    events = [(1, SessionCreated(bot="b", session_id="s"))]
+    events += [(n, UserMessage(bot="b", session_id="s", text=f"m{n}")) for n in range(2, 1202)]
+    export = SessionExport("b", "s", "2026-11-29T00:00:00Z", events, [ExportedFile("f", "f.txt", "text/plain", b"x")])
+    real = EventLog.append_batch
+    batches: list[int] = []
+
+    async def meddling(self: EventLog, batch: list, **kwargs: Any) -> list[int]:
+        if batches:  # someone writes into the session between the import's first and second batch
+            await self.append(UserMessage(bot="b", session_id="half", text="me first"))
+        batches.append(len(batch))
+        return await real(self, batch, **kwargs)
+
+    monkeypatch.setattr(EventLog, "append_batch", meddling)
+    with pytest.raises(PetribusError, match="was written to while it was imported"):
+        await write_session(nc, export, session_id="half")
+
+    assert batches == [1000, 201]  # the first batch landed, the second was refused
+    assert await EventLog(nc).read("b", "half") == []
+    assert await FileStore(nc.jetstream(), 2**30).info("b", "half", "f") is None
+
+
 # --- the commands -----------------------------------------------------------------------------------
 
 
