@@ -29,7 +29,7 @@ from .harness import Client, Stack
 
 HITL = app("hitl_bot")
 MAX_MESSAGE = 2048
-EXAMPLES = 150  # batches of 30-60 messages: some 6,000 messages
+EXAMPLES = 170  # batches of 30-60 messages: some 6,800 messages
 CLIENT_TYPES = ["user_message", "marker_added", "accept_transition", "reject_transition", "confirm_response"]
 EXPOSED = {"Order": "id", "Ticket": "id", "Refund": "amount", "Upload": "description", "Blob": "size",
            "Question": "text"}
@@ -40,7 +40,7 @@ KEY = re.compile(r"[\x21-\x7e]{1,128}")  # what a request_id (an idempotency key
 EXPECTED_CODES = {
     "invalid_json", "not_an_object", "unknown_field", "unknown_type", "invalid_value", "invalid_input",
     "unknown_location", "invalid_utf8", "message_too_large", "unknown_task", "unknown_request",
-    "already_answered", "invalid_request_id",
+    "already_answered", "invalid_request_id", "too_deep", "too_many_members",
 }
 
 json_scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
@@ -96,6 +96,15 @@ messages = st.one_of(
     st.binary(max_size=60),  # binary frames: mostly not UTF-8
     st.integers(MAX_MESSAGE + 1, 3 * MAX_MESSAGE).map(  # a fine message, but too large
         lambda n: _frame({"type": "user_message", "value": "a" * n})),
+    # Hostile shapes (docs/limits.md): deep nesting, bare or inside a valid-looking message, huge strings,
+    # many keys, invalid UTF-8 inside otherwise valid JSON.
+    st.integers(65, 200_000).map(lambda n: "[" * n),
+    st.integers(65, 600).map(lambda n: _frame({"type": "marker_added", "value": {
+        "location": "Order", "data": {"id": 1, "x": json.loads("[" * n + "]" * n)}}})),
+    st.integers(MAX_MESSAGE // 2, MAX_MESSAGE * 40).map(lambda n: '{"type": "user_message", "value": "'
+                                                         + "\\u00e9" * (n // 6) + '", "x": 1}'),
+    st.integers(100, 400).map(lambda n: _frame({f"k{i}": i for i in range(n)})),
+    st.binary(max_size=40).map(lambda b: b'{"type": "user_message", "value": "' + b + b'\xff\xfe"}'),
 )
 
 
@@ -104,9 +113,9 @@ def _accepted_by_a_correct_gateway(frame: str | bytes) -> bool:
     try:
         text = frame.decode() if isinstance(frame, bytes) else frame
         obj = json.loads(text)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # too deep is refused too
         return False
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_MESSAGE or not isinstance(obj, dict):
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_MESSAGE or not isinstance(obj, dict) or _deep(obj):
         return False
     if set(obj) - {"type", "value", "request_id"}:
         return False
@@ -129,7 +138,9 @@ batches = st.lists(messages.filter(lambda f: not _accepted_by_a_correct_gateway(
 
 @pytest.fixture
 async def stack(settings: Settings) -> AsyncIterator[Stack]:
-    small = settings.model_copy(update={"gateway_max_message_bytes": MAX_MESSAGE})
+    # No rate limits: the fuzz sends as fast as it can (the limits have tests of their own).
+    small = settings.model_copy(update={"gateway_max_message_bytes": MAX_MESSAGE, "ws_message_rate": 0,
+                                        "key_request_rate": 0, "max_body_bytes": 4 * MAX_MESSAGE})
     async with Stack(small, [HITL], parts=("scheduler", "executor", "gateway")) as s:
         yield s
 
@@ -180,7 +191,7 @@ async def test_thousands_of_random_messages_are_refused_and_the_session_still_wo
     finally:
         await client.close()
 
-    assert sum(sent) >= 2000
+    assert sum(sent) >= 6500
     assert last["value"]["outputs"][0]["data"] == {"id": 2}
     events = await _strictly_decoded(nc, sid)
     kinds = {e.type for e in events}
@@ -202,3 +213,68 @@ async def _strictly_decoded(nc: Any, sid: str) -> list[Any]:
         return [decode((await sub.next_msg(timeout=10)).data) for _ in range(stored)]
     finally:
         await sub.unsubscribe()
+
+
+def _deep(value: Any, limit: int = 64) -> bool:
+    """Whether ``value`` nests arrays and objects deeper than ``limit`` (iterative: the value may be deep)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+REST_EXAMPLES = 130  # batches of 30-50 bodies: some 4,500 requests (with the WebSocket fuzz, over 10,000 inputs)
+bodies = st.one_of(
+    messages.map(lambda f: f.encode("utf-8", "surrogatepass") if isinstance(f, str) else f),
+    st.builds(lambda loc, data: json.dumps({"location": loc, "data": data}).encode(),
+              st.sampled_from(HIDDEN) | st.text(max_size=10), json_values),
+    st.builds(lambda text: json.dumps({"text": text}).encode(), json_values),
+    st.integers(4 * MAX_MESSAGE + 1, 16 * MAX_MESSAGE).map(lambda n: b'{"text": "' + b"a" * n + b'"}'),
+)
+
+
+async def test_thousands_of_random_rest_bodies_get_4xx_and_only_valid_events_enter_the_log(
+    stack: Stack, nc: Any
+) -> None:
+    import httpx
+
+    loop = asyncio.get_running_loop()
+    statuses: dict[int, int] = {}
+    async with httpx.AsyncClient(base_url=stack.gateway.url, timeout=30) as http:
+        sid = (await http.post("/bots/hitl/sessions")).json()["session_id"]
+        routes = [f"/bots/hitl/sessions/{sid}/markers", f"/bots/hitl/sessions/{sid}/messages"]
+
+        async def post_all(batch: list[bytes]) -> None:
+            for i, body in enumerate(batch):
+                answer = await http.post(routes[i % 2], content=body, headers={"content-type": "application/json"})
+                statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
+                assert answer.status_code < 500, (answer.status_code, answer.text, body[:200])
+                assert answer.status_code != 201 or _valid_rest(routes[i % 2], body), body[:200]
+
+        @hsettings(max_examples=REST_EXAMPLES, deadline=None, derandomize=True, database=None,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                          HealthCheck.data_too_large])
+        @given(batch=st.lists(bodies, min_size=30, max_size=50))
+        def refused(batch: list[bytes]) -> None:
+            asyncio.run_coroutine_threadsafe(post_all(batch), loop).result(120)
+
+        await asyncio.to_thread(refused)
+        assert (await http.get("/healthz")).status_code == 200
+
+    assert sum(statuses.values()) >= 4000
+    assert {413, 422} <= set(statuses), statuses  # the size and shape limits were really hit
+    events = await _strictly_decoded(nc, sid)  # every stored event decodes strictly
+    assert events[0].type == "session_created"
+    assert not [e for e in events if e.type == "error"]  # no service failed on what got through
+
+
+def _valid_rest(route: str, body: bytes) -> bool:
+    """A body the REST routes may accept: a plain text message, or a marker of an exposed location."""
+    obj = json.loads(body)
+    if route.endswith("/messages"):
+        return isinstance(obj.get("text"), str) and bool(obj["text"].strip())
+    return obj.get("location") in EXPOSED
