@@ -386,3 +386,38 @@ def test_until_inside_a_run_is_no_difference_for_the_rest_of_that_decision():
 
     assert replay(net(WORK), log.events, until=first).ok
     assert not replay(net(WORK), log.events[:first]).ok  # a log that really ends there lacks a firing
+
+
+def test_a_halt_set_makes_a_confirm_firing_expected():
+    from petribus.events import HaltSet
+
+    log = Log()
+    log.add(HaltSet(bot="b", session_id="s", before=["work"]))
+    log.fire("work", log.marker("Item", n=1), confirm=True)
+    assert replay(net(WORK), log.events).ok
+
+    unheld = Log()
+    seq, _ = unheld.fire("work", unheld.marker("Item", n=1), confirm=True)
+    [d] = replay(net(WORK), unheld.events).differences
+    assert (d.seq, d.kind) == (seq, "confirm_changed") and "run it without asking" in d.message
+
+
+def test_a_guard_that_raises_on_recorded_inputs_is_reported_with_its_error():
+    log = Log()
+    seq, _ = log.fire("work", log.marker("Item", n=0))
+
+    [d] = replay(net({**WORK, "when": lambda inputs: 1 / inputs[Item][0].n}), log.events).differences
+
+    assert (d.seq, d.kind) == (seq, "guard_false") and "raises ZeroDivisionError" in d.message
+
+
+def test_a_forks_markers_are_checked_against_the_net():
+    from petribus.events import SessionForked
+
+    fork = [(1, SessionForked(bot="b", session_id="s", source_bot="b", source_session="a", source_seq=9,
+                              markers=[Marker(location="Item", data={"n": 1}),
+                                       Marker(location="Item", data={"n": "one"})]))]
+
+    [d] = replay(net(), fork).differences  # no transitions: nothing would fire
+
+    assert (d.seq, d.kind) == (1, "invalid_marker") and "carried over by the fork" in d.message
