@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from petribus import subjects
 from petribus.bus import EventLog
@@ -61,13 +62,24 @@ async def test_a_session_deleted_while_its_firing_runs_stays_deleted(
     (tmp_path / "release").write_text("1")
 
     await _until(lambda: runner.cancelled == 1)  # its say and its outcome were refused, its work acked
-    assert (tmp_path / "finished").exists()  # the transition ran to its end after the deletion
+    assert (tmp_path / "sending").exists()  # the transition ran on after the deletion, as far as its file
     assert not runner._running
     assert await _count(nc, sid) == 0
     assert (await http.get(f"/bots/limits_slow/sessions/{sid}")).status_code == 404
     work = await nc.jetstream().stream_info(subjects.WORK_STREAM,
                                             subjects_filter=subjects.session_work("limits_slow", sid))
     assert not work.state.subjects
+    # The file it sent after the deletion was stored, then removed when its output_file was refused.
+    assert await _stored_files(nc, sid) == []
+
+
+async def _stored_files(nc: Any, sid: str) -> list[str]:
+    store = await nc.jetstream().object_store(subjects.FILES_BUCKET)
+    try:
+        listed = await store.list()
+    except NotFoundError:  # an empty store
+        return []
+    return [o.name for o in listed if o.name.startswith(f"limits_slow/{sid}/") and not o.deleted]
 
 
 async def test_an_append_that_slips_past_a_deletion_is_purged_again(

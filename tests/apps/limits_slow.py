@@ -27,5 +27,7 @@ def slow(context: BotContext, inputs):
     while not (folder / "release").exists():
         time.sleep(0.02)
     context.say("still running after the release")
-    (folder / "finished").write_text("1")
+    Path("made.txt").write_text("made after the session was deleted")  # in the run's own folder
+    (folder / "sending").write_text("1")
+    context.send_file("made.txt", "a file the deleted session must not keep")  # refused: the run ends here
     return {Went: [Went(folder=str(folder))]}

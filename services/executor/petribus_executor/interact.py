@@ -124,11 +124,18 @@ class Interactions:
         with open(path, "rb") as source:
             size = await self.files.put(item.bot, item.session_id, fid, source, name=name, content_type=kind)
         description = payload.get("description")
-        await append(OutputFile(id=fid, bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
-                                transition=item.transition, file_id=fid, name=name, size=size,
-                                description=None if description is None else str(description),
-                                url=subjects.file_url(item.bot, item.session_id, fid), content_type=kind,
-                                cause=item.firing_id, trace=item.trace), effect.key)
+        try:
+            await append(OutputFile(id=fid, bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
+                                    transition=item.transition, file_id=fid, name=name, size=size,
+                                    description=None if description is None else str(description),
+                                    url=subjects.file_url(item.bot, item.session_id, fid), content_type=kind,
+                                    cause=item.firing_id, trace=item.trace), effect.key)
+        except Exception:
+            tombstones = getattr(self.events, "tombstones", None)
+            if tombstones is not None and tombstones.deleted(item.bot, item.session_id):
+                # The session was deleted while the file was stored: its deletion could not know of it.
+                await self.files.delete(item.bot, item.session_id, fid)
+            raise
 
     def cleanup(self, firing_id: str) -> None:
         """Remove the firing's folder of received files: the run that used them is over."""
