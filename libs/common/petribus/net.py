@@ -97,6 +97,23 @@ class Net:
         except ValidationError as exc:
             raise InvalidInput(f"invalid {location}: {_describe(exc)}") from None
 
+    def judge(self, transition: str, picked: dict[str, list[Any]]) -> tuple[bool, str]:
+        """Whether ``transition``'s guard (``when=``) takes these markers (location -> markers with
+        ``.data``), and if not, why. Inputs that no longer validate, and a guard that raises, count as
+        false: a guard never stops the scheduler. The scheduler and the replay check both ask this."""
+        t = self.transition(transition)
+        if t.when is None:
+            return True, ""
+        try:
+            inputs = {self.locations[loc].model: [self.locations[loc].model.model_validate(m.data) for m in ms]
+                      for loc, ms in picked.items()}
+        except (KeyError, ValidationError) as exc:
+            return False, f"cannot be asked: its inputs do not validate ({type(exc).__name__})"
+        try:
+            return (True, "") if t.when(inputs) else (False, "returns false for them")
+        except Exception as exc:  # noqa: BLE001  (the guard is user code: raising means no)
+            return False, f"raises {type(exc).__name__}: {exc} (taken as false)"
+
     def shape(self) -> "NetShape":
         from petribus.core import NetShape, TransitionShape
 

@@ -39,7 +39,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import ValidationError
 
 from petribus.core import PlannedFiring, SessionState, apply, choose_firings
 from petribus.errors import InvalidInput
@@ -242,19 +241,8 @@ class _Replay:
         return add("not_chosen", "the net would not fire it here")
 
     def _judge(self, name: str, picked: dict[str, list[Marker]]) -> tuple[bool, str]:
-        """Whether the transition's guard takes these markers (as the scheduler calls it), and if not, why."""
-        t = self.net.transition(name)
-        if t.when is None:
-            return True, ""
-        try:
-            inputs = {self.net.locations[loc].model: [self.net.locations[loc].model.model_validate(m.data)
-                                                      for m in ms] for loc, ms in picked.items()}
-        except (KeyError, ValidationError) as exc:
-            return False, f"cannot be asked: its inputs do not validate ({type(exc).__name__})"
-        try:
-            return (True, "") if t.when(inputs) else (False, "returns false for them")
-        except Exception as exc:  # noqa: BLE001 - the scheduler takes a raising guard as false
-            return False, f"raises {type(exc).__name__}: {exc} (taken as false)"
+        """Whether the transition's guard takes these markers, as the scheduler asks it (``Net.judge``)."""
+        return self.net.judge(name, picked)
 
     # ------------------------------------------------------------------ markers
 

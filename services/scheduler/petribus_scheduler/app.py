@@ -677,16 +677,10 @@ class Scheduler(Service):
         return None
 
     def _guard(self, net: Net, transition: str, picked: dict) -> bool:
-        t = net.transition(transition)
-        if t.when is None:
-            return True
-        inputs = {net.locations[loc].model: [net.locations[loc].model.model_validate(m.data) for m in ms]
-                  for loc, ms in picked.items()}
-        try:
-            return bool(t.when(inputs))
-        except Exception as exc:
-            self.log.warning("guard raised; treating as false", transition=transition, error=repr(exc))
-            return False
+        ok, why = net.judge(transition, picked)
+        if not ok and why != "returns false for them":
+            self.log.warning("guard not passed", transition=transition, why=why)
+        return ok
 
 
 async def run(settings: Settings, nets: Iterable[Net]) -> None:
