@@ -55,6 +55,11 @@ UNAVAILABLE_ERR_CODES = frozenset({
     10176,  # JSAtomicPublishIncompleteBatchErr: part of a batch was lost (a restart): send it whole again
 })
 
+# JSStreamStoreFailedF with discard=new: "maximum bytes exceeded", "maximum messages per subject exceeded".
+# The server answers it with code 503, but it is an answer (the stream is full; docs/limits.md), not an
+# outage: waiting out the outage budget would only hold the writer back.
+STORE_FULL = 10077
+
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 2.0  # the longest pause between two tries: a bus that is back is used within this
 
@@ -67,7 +72,7 @@ def is_wrong_last_sequence(err_code: int | None, description: str | None = None)
 def is_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` means the bus is unavailable right now (worth retrying), not an answer."""
     if isinstance(exc, APIError):
-        return exc.code == 503 or exc.err_code in UNAVAILABLE_ERR_CODES
+        return (exc.code == 503 and exc.err_code != STORE_FULL) or exc.err_code in UNAVAILABLE_ERR_CODES
     return isinstance(exc, (
         TimeoutError,  # asyncio's, nats-py's and our BusTimeout
         nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError,
