@@ -70,10 +70,14 @@ async def delete_session(events: EventLog, files: FileStore, bot: str, session_i
     log.info("session deleted", bot=bot, session_id=session_id, reason=reason)
 
 
-async def purge_again(events: EventLog, bot: str, session_id: str) -> None:
-    """Purge a deleted session's subject once more: something was appended after its deletion."""
+async def purge_again(events: EventLog, bot: str, session_id: str) -> bool:
+    """Purge a deleted session's subject once more if something was appended after its deletion (events
+    delivered before the purge are gone already); whether there was."""
+    if not await events.count(bot, session_id):
+        return False
     await events.delete(bot, session_id)
     log.warning("a deleted session was appended to; purged again", bot=bot, session_id=session_id)
+    return True
 
 
 async def is_deleted(js: JetStreamContext, bot: str, session_id: str) -> bool:
