@@ -325,3 +325,21 @@ def test_importing_petribus_or_its_client_imports_no_service():
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('petribus_gateway', 'petribus_scheduler', "
             "'petribus_executor', 'petribus_llm', 'petribus_cli', 'nats', 'fastapi')); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
+
+
+async def test_run_halt_after_on_the_order_bot(settings, nc):
+    """The README's order bot, driven by the client: add alice, run until offer_refund completes."""
+    order_bot = f"{Path(__file__).parent.parent / 'examples' / 'order_bot.py'}:bot"
+
+    class UserName(BaseModel):
+        name: str
+
+    async with Stack(settings, [order_bot], parts=PARTS) as stack, Client(stack.gateway.url) as client:
+        s = await client.session("order_bot")
+        done = await s.run(halt_after=["offer_refund"], add=[UserName(name="alice")])
+        assert done.event.type == "transition_completed" and done.event.transition == "offer_refund"
+        state = await done.state()
+        assert {loc: [m.data for m in ms] for loc, ms in state.marking.items()} == {
+            "RefundStatus": [{"message": "refund_offered"}]}
+        said = [e.value for e in state.events if e.type == "agent_message"]
+        assert said == ["Order cancelled for alice", "A refund has been offered (order_cancelled for alice)"]
