@@ -42,7 +42,7 @@ async def _opened(stack: Stack) -> tuple[Client, str]:
 
 
 async def test_deep_json_on_the_websocket_gets_an_error_and_the_connection_stays_open(stack: Stack) -> None:
-    client, sid = await _opened(stack)
+    client, _ = await _opened(stack)
     await client.send("[" * 100_000)  # under the 1 MiB frame limit; json.loads alone would raise RecursionError
     error = await client.until("error")
     assert error["value"]["code"] == "too_deep"
@@ -76,7 +76,7 @@ async def test_rest_bodies_over_the_limit_get_413_and_deep_ones_422(stack: Stack
 async def test_a_connection_over_its_message_rate_gets_errors_and_stays_open(settings: Settings) -> None:
     slow = settings.model_copy(update={"ws_message_rate": 0.5, "ws_message_burst": 2})
     async with Stack(slow, [COUNTER], parts=("scheduler", "gateway")) as stack:
-        client, sid = await _opened(stack)
+        client, _ = await _opened(stack)
         for n in range(4):
             await client.send({"type": "marker_added", "value": {"location": "Item", "data": {"n": n}}})
         limited = [await client.until("error") for _ in range(2)]

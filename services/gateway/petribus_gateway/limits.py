@@ -71,7 +71,7 @@ class Refused(Exception):
 class Bucket:
     """A token bucket: ``rate`` tokens a second, at most ``burst`` saved up."""
 
-    __slots__ = ("rate", "burst", "tokens", "stamp")
+    __slots__ = ("burst", "rate", "stamp", "tokens")
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate, self.burst, self.tokens, self.stamp = rate, burst, float(burst), time.monotonic()
@@ -129,8 +129,7 @@ class Limits:
             return
         caller = self._caller(scope)
         try:
-            if caller is not None:
-                self._rate(caller)
+            self._rate(caller or Caller(None, _address(scope)))  # an invalid key counts as its address
             if _creates_session(scope):
                 await self._admit_session(caller or Caller(None, _address(scope)))
             if scope["type"] == "http" and scope["method"] in BODY_METHODS and not FILE_ROUTE.search(scope["path"]):
