@@ -149,3 +149,20 @@ async def test_a_full_log_refuses_appends_and_new_sessions_and_keeps_every_event
         _limits(stack)._storage = (float("-inf"), 0, -1)  # the log's usage is cached for a second
         refused = await http.post("/bots/counter/sessions")
         assert refused.status_code == 507 and refused.json()["code"] == "storage_full"
+
+
+async def test_the_session_quota_is_per_owner_of_the_api_key(settings: Settings, nc: Any) -> None:
+    from petribus import keys
+
+    alice = (await keys.create(nc.jetstream(), "alice"))[0]
+    bob = (await keys.create(nc.jetstream(), "bob"))[0]
+    small = settings.model_copy(update={"max_sessions_per_owner": 1})
+    async with Stack(small, [COUNTER], parts=("scheduler", "gateway")) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as http:
+        def as_(token: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {token}"}
+
+        assert (await http.post("/bots/counter/sessions", headers=as_(alice))).status_code == 201
+        again = await http.post("/bots/counter/sessions", headers=as_(alice))
+        assert again.status_code == 429 and "owner 'alice'" in again.json()["message"]
+        assert (await http.post("/bots/counter/sessions", headers=as_(bob))).status_code == 201
