@@ -139,3 +139,19 @@ async def test_a_session_with_events_does_not_expire_before_it_is_idle(settings:
             await log.append(UserMessage(bot="limits_slow", session_id=sid, text=f"still here {i}"))
         assert (await http.get(f"/bots/limits_slow/sessions/{sid}")).status_code == 200
         assert stack.services["scheduler"].idle.expired == 0
+
+
+async def test_sessions_older_than_expiry_get_an_idle_check_when_it_is_first_turned_on(
+    settings: Settings, nc: Any
+) -> None:
+    log = EventLog(nc)
+    # A session from before expiry existed: nothing ever armed a timer for it.
+    await log.append(UserMessage(bot="limits_slow", session_id="ancient", text="hello"))
+    short = settings.model_copy(update={"session_ttl_s": 1.0})
+    async with Stack(short, [SLOW], parts=("scheduler",)) as stack:
+        async def gone() -> None:
+            while await _count(nc, "ancient"):
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(gone(), 30)
+        assert stack.services["scheduler"].idle.expired == 1

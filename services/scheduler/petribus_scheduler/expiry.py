@@ -14,8 +14,9 @@ arming at once land one). When it is due, whichever scheduler is alive looks at 
 
 Nothing polls: the wait is JetStream's (a nak with the time left), and survives any restart. Bound: a
 session is deleted at most one TTL plus the timers consumer's ack wait after its last event, while a
-scheduler runs. A session that no scheduler process has folded since the TTL was turned on has no
-timer until its next event.
+scheduler runs. When expiry first runs on a bus (its durable consumer does not exist yet), every session
+already in the log is given a check due one TTL later; a session created while expiry was turned off
+again afterwards has none until its next event.
 """
 
 from __future__ import annotations
@@ -59,6 +60,28 @@ class IdleChecks(DurableTimers[IdleCheck]):
         self.ttl_s = ttl_s
         self.expired = 0  # sessions this process expired (for the tests)
 
+    async def start(self) -> None:
+        try:
+            await self.js.consumer_info(self.stream, self.durable)
+            first = False
+        except NotFoundError:
+            first = True  # no scheduler ran expiry on this bus yet: the sessions already there have no timer
+        await super().start()
+        if first:
+            await self._arm_existing()
+
+    async def _arm_existing(self) -> None:
+        """Arm an idle check, due one TTL from now, for every session in the log (once per bus: when expiry is
+        first turned on). Schedulers starting together arm each session once (same Msg-Id)."""
+        info = await self.js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subjects.all_events())
+        due = time.time() + self.ttl_s
+        sent = [await self.arm(IdleCheck(bot=bot, session_id=sid, seq=0, due=due))
+                for bot, sid in (subjects.parse_events(s) for s in (info.state.subjects or {}))]
+        for ack in sent:
+            await ack
+        if sent:
+            self.log.info("expiry turned on: existing sessions given an idle check", sessions=len(sent))
+
     async def watch(self, bot: str, session_id: str, seq: int) -> None:
         """Arm the session's idle check, keyed by its last folded event ``seq`` (due one TTL from now)."""
         await (await self.arm(IdleCheck(bot=bot, session_id=session_id, seq=seq, due=time.time() + self.ttl_s)))
@@ -73,19 +96,21 @@ class IdleChecks(DurableTimers[IdleCheck]):
         now = time.time()
         idle = now - last.time.timestamp()
         if b'"session_expired"' in (last.data or b"") and decode(last.data or b"").type == "session_expired":
-            idle = self.ttl_s  # expired before, and the deletion did not finish: finish it
-        elif idle < self.ttl_s:
+            # Expired already (by another check, or by one that died before the deletion): finish it.
+            await deletion.delete_session(self.events, self.files, timer.bot, timer.session_id, reason="expired")
+            return None
+        if idle < self.ttl_s:
             await (await self.arm(IdleCheck(bot=timer.bot, session_id=timer.session_id, seq=last.seq,
                                             due=last.time.timestamp() + self.ttl_s)))
             return None
-        else:
-            expired = SessionExpired(bot=timer.bot, session_id=timer.session_id, idle_s=round(idle, 3))
-            try:
-                await self.events.append(expired, expected_last_seq=last.seq,
-                                         msg_id=f"expired:{timer.bot}:{timer.session_id}")
-            except WrongLastSequence:
-                return now  # an event landed meanwhile: look again at once
+        expired = SessionExpired(bot=timer.bot, session_id=timer.session_id, idle_s=round(idle, 3))
+        try:
+            landed = await self.events.append_once(expired, expected_last_seq=last.seq,
+                                                   msg_id=f"expired:{timer.bot}:{timer.session_id}")
+        except WrongLastSequence:
+            return now  # an event landed meanwhile (perhaps another check's session_expired): look again
         await deletion.delete_session(self.events, self.files, timer.bot, timer.session_id, reason="expired")
-        self.expired += 1
-        self.log.info("session expired", bot=timer.bot, session_id=timer.session_id, idle_s=round(idle, 1))
+        if landed is not None:
+            self.expired += 1
+            self.log.info("session expired", bot=timer.bot, session_id=timer.session_id, idle_s=round(idle, 1))
         return None
