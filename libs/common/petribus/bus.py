@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -44,6 +46,7 @@ from nats.js.api import (
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from petribus import logs, nats_headers, subjects
+from petribus.bus_auth import ClientAuth
 from petribus.errors import BusError, BusTimeout, BusUnavailable
 from petribus.events import Event, _Event, decode, encode
 from petribus.outage import (
@@ -96,13 +99,21 @@ def _parse_headers(raw: bytes) -> dict[str, str]:
     return out
 
 
-async def connect(url: str, name: str, *, timeout: float = 10.0, reconnect: bool = True) -> NATS:
+async def connect(url: str, name: str, *, auth: ClientAuth | None = None, timeout: float = 10.0,
+                  reconnect: bool = True) -> NATS:
     """Connect, giving up after ``timeout`` seconds; once connected, reconnect forever.
+
+    ``auth`` is who to be (``petribus.bus_auth``); by default the admin credentials the environment
+    names (``PETRIBUS_NATS_*``), else those of a local ``petribus serve``'s data folder, else none: what
+    the command-line tools want. A service passes its role's.
 
     A service outlives a NATS restart, but one pointed at a wrong URL says so instead of hanging
     (nats-py keeps retrying the first connect too when reconnects are unbounded). ``reconnect=False``
     fails at the first refusal, for a command that only checks the server is there.
     """
+    if auth is None:
+        auth = ClientAuth.from_settings(Settings(), "admin", local_admin=True)
+    shown = redact_url(url)  # a URL may carry user:password; logs and messages never do
     servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: several seed URLs
     last_error: list[Exception] = []
     hooks = ConnectionHooks()  # on_reconnect / on_disconnect register here
@@ -111,15 +122,18 @@ async def connect(url: str, name: str, *, timeout: float = 10.0, reconnect: bool
         last_error[:] = [exc]
         if reconnect:  # otherwise the caller gets it, once, in the BusError
             # Once per outage at warning (with "nats connection back" when it ends), not once per try.
+            # A permissions violation is never quiet: this process did what its role may not.
             quiet = hooks.down_since is not None and time.monotonic() - hooks.down_since > 1.0
-            (log.debug if quiet else log.warning)("nats connection error", url=url, error=repr(exc))
+            (log.debug if quiet else log.warning)("nats connection error", url=shown, error=repr(exc))
 
+    nc = NATS()
     try:
-        nc = await asyncio.wait_for(
-            nats.connect(
+        await asyncio.wait_for(
+            nc.connect(
                 servers, name=name, max_reconnect_attempts=-1 if reconnect else 1, reconnect_time_wait=0.5,
                 connect_timeout=2, allow_reconnect=reconnect, pending_size=64 * 1024 * 1024, error_cb=on_error,
                 reconnected_cb=hooks.fire_reconnected, disconnected_cb=hooks.fire_disconnected,
+                **auth.options(),  # type: ignore[arg-type]
             ),
             timeout,
         )
@@ -127,10 +141,24 @@ async def connect(url: str, name: str, *, timeout: float = 10.0, reconnect: bool
         return nc
     except Exception as exc:  # nats raises several unrelated types here, and wait_for a TimeoutError
         cause = last_error[0] if last_error else exc
+        with contextlib.suppress(Exception):  # a refused client still holds its socket
+            await nc.close()
+        if isinstance(cause, nats.errors.AuthorizationError) or "authorization violation" in str(cause).lower():
+            raise BusError(
+                f"NATS at {shown} refused {auth.describe()} (authorization violation): give this process the "
+                "credentials the server knows (PETRIBUS_NATS_AUTH_DIR, PETRIBUS_NATS_USER and "
+                "PETRIBUS_NATS_PASSWORD, or PETRIBUS_NATS_CREDS; docs/closed-bus.md)", code="nats_unauthorized",
+                retryable=False,
+            ) from cause
         raise BusError(
-            f"cannot connect to NATS at {url} within {timeout:g}s ({type(cause).__name__}: {cause}); "
+            f"cannot connect to NATS at {shown} within {timeout:g}s ({type(cause).__name__}: {cause}); "
             "is nats-server running there? Check --nats-url / PETRIBUS_NATS_URL"
         ) from cause
+
+
+def redact_url(url: str) -> str:
+    """``url`` (comma-separated for a cluster) with any ``user:password@`` replaced by ``***@``."""
+    return ",".join(re.sub(r"^([a-z]+://)[^@/]*@", r"\1***@", u.strip()) for u in url.split(","))
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from petribus.bus_auth import Credentials
 from petribus.errors import PetribusError
 
 
@@ -48,12 +49,17 @@ class NatsServer:
 
     ``server_name`` and ``cluster_name``/``cluster_port``/``routes`` make it one node of a cluster
     (see :class:`NatsCluster`); ``http_port`` opens the monitoring endpoint (``/jsz``).
+
+    ``auth`` closes it (``petribus.bus_auth``): only the users of those credentials get in, each with
+    its role's permissions; the config file that holds them is the owner's alone. Without it the
+    server takes anyone, as a test's server does.
     """
 
     def __init__(self, store_dir: str | Path, *, port: int = -1, host: str = "127.0.0.1",
                  sync_interval: str = "1s", log_file: str | Path | None = None,
                  server_name: str | None = None, cluster_name: str | None = None, cluster_port: int | None = None,
-                 routes: Sequence[str] = (), http_port: int | None = None) -> None:
+                 routes: Sequence[str] = (), http_port: int | None = None,
+                 auth: Credentials | None = None) -> None:
         self.store_dir = Path(store_dir)
         self.port = port
         self.server_name = server_name
@@ -61,6 +67,7 @@ class NatsServer:
         self.cluster_port = cluster_port
         self.routes = list(routes)
         self.http_port = http_port
+        self.auth = auth
         self.host = host
         self.sync_interval = sync_interval
         self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
@@ -86,7 +93,12 @@ class NatsServer:
             routes = ", ".join(f'"{r}"' for r in self.routes)
             text += (f'cluster {{\n  name: "{self.cluster_name}"\n  listen: "{self.host}:{self.cluster_port}"\n'
                      f'  routes: [{routes}]\n}}\n')
-        conf.write_text(text)
+        if self.auth is not None:
+            text += self.auth.server_block()
+        conf.unlink(missing_ok=True)  # written anew, and only its owner may read one that holds passwords
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if self.auth is not None else 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
         log = open(self.log_file, "ab")
         self.proc = subprocess.Popen([find_binary(), "-c", str(conf)], stdout=log, stderr=log,
                                      stdin=subprocess.DEVNULL, start_new_session=True)

@@ -15,6 +15,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from petribus import bus, logs
+from petribus.bus_auth import ClientAuth
 from petribus.settings import Settings
 
 
@@ -30,7 +31,9 @@ class Service:
         self._failed: BaseException | None = None
 
     async def connect(self) -> NATS:
-        self.nc = await bus.connect(self.settings.nats_url, name=f"petribus-{self.name}")
+        # As the user of this service's role: on a closed bus the server refuses what the role never does.
+        auth = ClientAuth.from_settings(self.settings, self.name)
+        self.nc = await bus.connect(self.settings.nats_url, name=f"petribus-{self.name}", auth=auth)
         await bus.ensure_streams(self.nc.jetstream(), duplicate_window_s=self.settings.duplicate_window_s,
                                  replicas=self.settings.replicas)
         return self.nc

@@ -26,6 +26,21 @@ class Settings(BaseSettings):
     )
     duplicate_window_s: float = Field(default=120.0, description="JetStream de-duplication window (Nats-Msg-Id).")
     replicas: int = Field(default=1, description="Stream replicas (3 on a 3-node cluster).")
+    # A closed bus (docs/closed-bus.md): who this process is to NATS, and TLS to it.
+    nats_user: str | None = Field(default=None, description="NATS user to connect as (with nats_password).")
+    nats_password: SecretStr | None = Field(default=None, description="Password of nats_user.")
+    nats_auth_dir: Path | None = Field(
+        default=None,
+        description="A folder of <role>.password files (as petribus serve and petribus credentials write them): "
+        "each service connects as its role's user (scheduler, executor, llm, gateway; admin for the CLI).",
+    )
+    nats_creds: Path | None = Field(default=None, description="A NATS .creds file (JWT and nkey seed), for "
+                                    "servers run with accounts; needs the nkeys package.")
+    nats_tls_ca: Path | None = Field(default=None, description="CA certificate that signed the NATS server's "
+                                     "(tls:// URLs); unset: the system's CAs.")
+    nats_tls_cert: Path | None = Field(default=None, description="Client certificate, for a server that "
+                                       "verifies clients (with nats_tls_key).")
+    nats_tls_key: Path | None = Field(default=None, description="Private key of nats_tls_cert.")
     bus_outage_s: float = Field(
         default=60.0, gt=0,
         description="How long an append or read keeps retrying while the bus is unavailable (nats-server "
