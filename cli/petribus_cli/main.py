@@ -6,6 +6,10 @@ gateway in this process, and opens a chat in the terminal (``--no-chat`` runs he
 SIGTERM). ``scheduler``, ``executor``, ``gateway`` and ``llm`` each run one service against a NATS
 server, so more of any of them can join a running deployment.
 
+The embedded server is a closed bus (docs/closed-bus.md): a NATS user per service role, with passwords
+made on the first start under ``DATA_DIR/nats/auth`` and kept after; each service connects as its own,
+and the other commands find the admin's there. ``credentials`` makes the same for a production server.
+
 Services live in their own packages; they are imported only when a command runs them, so importing
 ``petribus`` never pulls a service in.
 
@@ -136,15 +140,22 @@ def serve(
             spec = _absolute(app_spec)
             embedded = nats_url is None
             if embedded:
+                from petribus.bus_auth import Credentials, local_auth_dir
                 from petribus.embedded import NatsServer
 
                 stack.enter_context(_exclusive(settings.data_dir / "nats"))
-                server = NatsServer(settings.data_dir / "nats", port=-1, sync_interval=settings.sync_interval)
+                # A closed bus: a user per service, passwords made on the first start and kept after.
+                credentials = Credentials.load_or_create(local_auth_dir(settings.data_dir))
+                server = NatsServer(settings.data_dir / "nats", port=-1, sync_interval=settings.sync_interval,
+                                    auth=credentials)
                 server.start()
                 stack.callback(server.stop)  # runs before the store's lock is let go
-                settings = settings.model_copy(update={"nats_url": server.url})
+                settings = settings.model_copy(update={"nats_url": server.url, "nats_auth_dir": credentials.folder})
+                # As admin, before the services (which may create the streams but not change them): a
+                # stream whose settings changed since the last start is brought to the new ones.
+                asyncio.run(_prepare_streams(settings))
             else:
-                asyncio.run(_probe(settings.nats_url))
+                asyncio.run(_probe(settings))
             if reload:
                 return asyncio.run(_serve_reloading(settings, spec, net, chat=chat, session=session,
                                                     embedded=embedded, log_file=log_file))
@@ -303,14 +314,21 @@ def _chat_ended(task: asyncio.Task[Any]) -> None:
 
 def _banner(settings: Settings, spec: str, net: Net, http: str, ws_base: str, *, embedded: bool,
             log_file: Path | None, chat: bool, reload: Path | None = None) -> None:
+    from petribus.bus import redact_url
+
     where = f"embedded, store in {settings.data_dir / 'nats'}" if embedded else "external"
+    url = redact_url(settings.nats_url)
+    # Where the passwords are, never what they are.
+    join = f"PETRIBUS_NATS_AUTH_DIR={settings.nats_auth_dir} " if embedded and settings.nats_auth_dir else ""
     lines = [
         f"petribus is serving bot {net.bot!r}",
         f"  WebSocket  {ws_base}/bots/{net.bot}/ws",
         f"  REST API   {http}/docs",
-        f"  NATS       {settings.nats_url} ({where})",
-        f"  more executors can join: petribus executor {spec} --nats-url {settings.nats_url}",
+        f"  NATS       {url} ({where})",
     ]
+    if join:
+        lines.append(f"  NATS users {settings.nats_auth_dir} (a password per service; docs/closed-bus.md)")
+    lines.append(f"  more executors can join: {join}petribus executor {spec} --nats-url {url}")
     if log_file is not None:
         lines.append(f"  logs       {log_file}")
     if reload is not None:
@@ -342,7 +360,7 @@ def scheduler(apps: AppsArg, nats_url: NatsUrl = None, log_level: LevelOpt = Log
 
         await run(settings, nets)
 
-    _service(start, apps, nats_url=nats_url, log_level=log_level.value, log_format=log_format.value)
+    _service(start, apps, "scheduler", nats_url=nats_url, log_level=log_level.value, log_format=log_format.value)
 
 
 @app.command()
@@ -370,7 +388,7 @@ def executor(
             raise CliError(exc.message, EXIT_BAD_APP) from None
         await svc.run()
 
-    _service(start, apps, nats_url=nats_url, gpus=gpus, workers=workers,
+    _service(start, apps, "executor", nats_url=nats_url, gpus=gpus, workers=workers,
              worker_concurrency=worker_concurrency, log_level=log_level.value, log_format=log_format.value)
 
 
@@ -385,7 +403,7 @@ def gateway(apps: AppsArg, nats_url: NatsUrl = None, host: HostOpt = "127.0.0.1"
 
         await run(settings, nets)
 
-    _service(start, apps, nats_url=nats_url, host=host, port=port, insecure=insecure or None,
+    _service(start, apps, "gateway", nats_url=nats_url, host=host, port=port, insecure=insecure or None,
              log_level=log_level.value, log_format=log_format.value)
 
 
@@ -399,17 +417,42 @@ def llm(apps: AppsArg, nats_url: NatsUrl = None, log_level: LevelOpt = LogLevel.
 
         await run(settings, nets)
 
-    _service(start, apps, nats_url=nats_url, log_level=log_level.value, log_format=log_format.value)
+    _service(start, apps, "llm", nats_url=nats_url, log_level=log_level.value, log_format=log_format.value)
 
 
 def _service(start: Callable[[Settings, list[Net], list[str]], Coroutine[Any, Any, None]], specs: list[str],
-             **overrides: Any) -> None:
+             role: str, **overrides: Any) -> None:
     def body() -> int:
         settings = _settings(**overrides)
         with _logging(settings, None):
             nets = _load(specs)
-            asyncio.run(_probe(settings.nats_url))
+            asyncio.run(_probe(settings, role))
             asyncio.run(start(settings, nets, [_absolute(s) for s in specs]))
+        return 0
+
+    _run(body)
+
+
+@app.command()
+def credentials(
+    folder: Annotated[Path, typer.Argument(help="Where to write them (made 0700 if missing).")],
+) -> None:
+    """Make a NATS password per service role and the nats-server users that check them (docs/closed-bus.md).
+
+    Writes FOLDER/<role>.password (0600) for admin, scheduler, executor, llm and gateway, once: an existing
+    one is kept. Writes FOLDER/users.conf anew: the authorization block to include in a production
+    nats-server config. Give each service its own password file only (PETRIBUS_NATS_AUTH_DIR).
+    """
+
+    def body() -> int:
+        from petribus.bus_auth import Credentials
+
+        try:
+            made = Credentials.load_or_create(folder)
+            block = made.write_server_block()
+        except OSError as exc:
+            raise CliError(f"cannot write the credentials in {folder} ({exc}); pass a writable folder.") from None
+        out.print(Text(f"passwords in {made.folder} (one <role>.password each); nats-server users in {block}"))
         return 0
 
     _run(body)
@@ -508,13 +551,23 @@ def _absolute(spec: str) -> str:
     return f"{module}:{attr}"
 
 
-async def _probe(url: str) -> None:
-    """Fail fast, with a message and no retries, when NATS (with JetStream) is not there."""
+async def _probe(settings: Settings, role: str = "admin") -> None:
+    """Fail fast, with a message and no retries, when NATS (with JetStream) is not there or refuses the
+    credentials of ``role``."""
     from petribus import bus
+    from petribus.bus_auth import ClientAuth
 
+    url = bus.redact_url(settings.nats_url)
     try:
-        nc = await bus.connect(url, "petribus-cli-probe", timeout=PROBE_TIMEOUT_S * 3, reconnect=False)
+        auth = ClientAuth.from_settings(settings, role, local_admin=True)
+    except BusError as exc:  # a credentials folder without this role's password
+        raise CliError(exc.message, EXIT_NO_NATS) from None
+    try:
+        nc = await bus.connect(settings.nats_url, "petribus-cli-probe", auth=auth, timeout=PROBE_TIMEOUT_S * 3,
+                               reconnect=False)
     except BusError as exc:
+        if exc.code == "nats_unauthorized":
+            raise CliError(exc.message, EXIT_NO_NATS) from None
         cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
         raise CliError(f"cannot reach NATS at {url} ({_describe(cause)}). Start nats-server with JetStream "
                        "there (nats-server -js), fix --nats-url, or run serve without --nats-url to use an "
@@ -524,6 +577,20 @@ async def _probe(url: str) -> None:
     except Exception as exc:
         raise CliError(f"NATS at {url} has no JetStream ({_describe(exc)}); start nats-server with -js.",
                        EXIT_NO_NATS) from None
+    finally:
+        await nc.close()
+
+
+async def _prepare_streams(settings: Settings) -> None:
+    """Create the streams, or bring them to these settings, as admin."""
+    from petribus import bus
+    from petribus.bus_auth import ClientAuth
+
+    nc = await bus.connect(settings.nats_url, "petribus-serve", auth=ClientAuth.from_settings(settings),
+                           reconnect=False)
+    try:
+        await bus.ensure_streams(nc.jetstream(), duplicate_window_s=settings.duplicate_window_s,
+                                 replicas=settings.replicas)
     finally:
         await nc.close()
 
