@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import nats
 import pytest
 from nats.aio.client import Client as NATS
@@ -334,3 +335,41 @@ async def _run(*argv: str) -> tuple[int, str]:
                                                 stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode or 0, out.decode()
+
+
+async def test_files_secrets_pools_and_deletion_work_on_a_closed_bus(closed_settings, closed_server, admin) -> None:
+    """The paths that touch more than the log: an upload read by a transition and a file it sends back
+    (object store, gateway and executor), a secret read from its bucket (executor only), GET /pools (the
+    registry and the work stream) and DELETE (tombstone and purges)."""
+    from petribus import secrets as transition_secrets
+
+    from .conftest import app
+
+    await transition_secrets.put(admin.jetstream(), "ERRORS_TOKEN", "tok-" + "x" * 16)
+    parts = ("scheduler", "executor", "gateway")
+    async with Stack(closed_settings, [app("hitl_bot"), app("errors_app")], parts=parts) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=30) as http:
+        client = await Client.connect(stack.ws_url("hitl"))
+        session_id = (await client.until("session_created"))["value"]
+        await client.send({"type": "marker_added", "value": {"location": "Upload", "data": {"description": "r"}}})
+        request = (await client.until("input_file_request"))["value"]
+        assert (await http.put(request["upload_url"], content=b"receipt")).status_code == 201
+        sent = await client.until("output_file")
+        await client.close()
+        assert (await http.get(sent["value"]["url"])).content == b"receipt"
+
+        charge = await Client.connect(stack.ws_url("errors_app"))
+        await charge.until("session_created")
+        await charge.send({"type": "marker_added", "value": {"location": "Charge", "data": {"amount": 1}}})
+        failed = await charge.until("transition_failed")
+        await charge.close()
+        # The transition got its secret (else the firing fails with MissingSecret before it runs).
+        assert failed["value"]["error_type"] == "PermissionError", failed
+
+        pools = await http.get("/pools")
+        assert pools.status_code == 200 and "cpu" in {p["name"] for p in pools.json()["pools"]}, pools.text
+        assert (await http.delete(f"/bots/hitl/sessions/{session_id}")).status_code == 204
+        assert (await http.get(sent["value"]["url"])).status_code == 404
+
+    assert await bus.EventLog(admin).count("hitl", session_id) == 0
+    assert _violations(closed_server) == [], "a service did something its role may not"

@@ -97,7 +97,7 @@ def _kv_write(bucket: str) -> tuple[str, ...]:
 # existing stream with the same settings changes nothing; only admin may update or delete one), the
 # session logs and the deleted sessions read, and events appended.
 _SERVICE = (
-    f"{API}.INFO",
+    f"{API}.INFO", f"{API}.STREAM.NAMES",  # the stream of a subject (nats-py asks before a subscription)
     *(f"{API}.STREAM.CREATE.{s}" for s in (EVENTS, WORK, TIMERS, IDLE, FILES)),
     *_read_stream(EVENTS), *_kv_read(subjects.DELETED_BUCKET),
     f"{subjects.EVENTS_PREFIX}.>",
@@ -154,7 +154,7 @@ class Credentials:
         self._passwords = passwords
 
     @classmethod
-    def load_or_create(cls, folder: str | Path) -> "Credentials":
+    def load_or_create(cls, folder: str | Path) -> Credentials:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         folder.chmod(0o700)
@@ -213,7 +213,7 @@ class ClientAuth:
     inbox: str = "_INBOX"
 
     @classmethod
-    def from_settings(cls, settings: Settings, role: str = "admin", *, local_admin: bool = False) -> "ClientAuth":
+    def from_settings(cls, settings: Settings, role: str = "admin", *, local_admin: bool = False) -> ClientAuth:
         """The credentials of ``role`` from the settings: a .creds file (``PETRIBUS_NATS_CREDS``), else a
         user and password (``PETRIBUS_NATS_USER``/``_PASSWORD``), else the role's file in a credentials
         folder (``PETRIBUS_NATS_AUTH_DIR``); else none. ``local_admin`` (the command-line tools) also
