@@ -286,6 +286,12 @@ async def test_serve_makes_credentials_on_first_start_and_reuses_them(petribus, 
                            reconnect=False)
     await nc.jetstream().stream_info(subjects.EVENTS_STREAM)
     await nc.close()
+    env = {"PETRIBUS_DATA_DIR": str(data)}
+    code, said = await _run(PETRIBUS, "keys", "list", "--nats-url", nats_url, env=env)
+    assert code == 0, said
+    # A service needs its own role's password: it is refused, and says so, without one.
+    code, said = await _run(PETRIBUS, "executor", ORDER_BOT, "--nats-url", nats_url, env=env)
+    assert code == 3 and "refused no credentials (authorization violation)" in said, said
     assert first.stop() == 0, first.output()
     assert not any(p in first.output() for p in passwords.values()), "a password was printed"
 
@@ -330,9 +336,11 @@ async def test_the_credentials_command_makes_users_a_nats_server_config_can_incl
         await server.wait()
 
 
-async def _run(*argv: str) -> tuple[int, str]:
+async def _run(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    import os
+
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
+                                                stderr=asyncio.subprocess.STDOUT, env={**os.environ, **(env or {})})
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode or 0, out.decode()
 
@@ -372,4 +380,31 @@ async def test_files_secrets_pools_and_deletion_work_on_a_closed_bus(closed_sett
         assert (await http.get(sent["value"]["url"])).status_code == 404
 
     assert await bus.EventLog(admin).count("hitl", session_id) == 0
+    assert _violations(closed_server) == [], "a service did something its role may not"
+
+
+async def test_the_llm_service_answers_and_streams_its_reply_on_a_closed_bus(closed_settings, closed_server) -> None:
+    """The LLM service's own paths: its durable over the log, a marker its tool call adds, and the reply's
+    pieces on pb.delta, which the gateway alone may read."""
+    from pydantic import SecretStr
+
+    from .conftest import app
+    from .scripted_llm import ScriptedLLM, call, say
+
+    async with ScriptedLLM(key="sk-closed-bus-test") as llm:
+        llm.when("cancel alice", call("UserName", name="alice"), say("Asked to cancel alice's order."))
+        settings = closed_settings.model_copy(update={"openai_api_key": SecretStr("sk-closed-bus-test"),
+                                                      "openai_base_url": llm.base_url})
+        async with Stack(settings, [app("llm_orders")]) as stack:
+            client = await Client.connect(stack.ws_url("llm_orders"))
+            await client.until("session_created")
+            await client.send({"type": "user_message", "value": "cancel alice", "request_id": "r1"})
+            reply = await client.until(lambda e: e["type"] == "agent_message" and e["metadata"]["request_id"] == "r1")
+            await client.until(lambda e: e["type"] == "transition_completed"
+                               and e["metadata"]["transition_name"] == "cancel_order")
+            await client.close()
+
+    pieces = [e["value"] for e in client.events if e["type"] == "agent_message_delta"
+              and e["metadata"]["event_id"] == reply["metadata"]["event_id"]]
+    assert pieces and "".join(pieces) == reply["value"]
     assert _violations(closed_server) == [], "a service did something its role may not"
