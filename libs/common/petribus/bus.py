@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client as NATS
@@ -514,8 +514,9 @@ class EventLog:
         return out
 
     async def scan(self, bot: str, session_id: str, after: int = 0, until: int | None = None,
-                   timeout: float = 5.0) -> AsyncIterator[list[tuple[int, Event]]]:
-        """The session's events after ``after`` (up to ``until``), a batch of up to 1,000 at a time.
+                   timeout: float = 5.0, *, raw: bool = False) -> AsyncIterator[list[tuple[int, Any]]]:
+        """The session's events after ``after`` (up to ``until``), a batch of up to 1,000 at a time;
+        ``raw``: as the bytes stored, not decoded.
 
         For folding a long log: only one batch of decoded events is alive at a time, so the garbage
         collector is not made to walk the whole log again and again while it is read (a list of
@@ -525,7 +526,7 @@ class EventLog:
         start = after + 1
         while True:
             batch, pending = await self._retry(f"reading {subject}",
-                                               lambda _: self._direct_batch(subject, start, timeout))
+                                               lambda _: self._direct_batch(subject, start, timeout, raw=raw))
             if until is not None and batch and batch[-1][0] >= until:
                 yield [e for e in batch if e[0] <= until]
                 return
@@ -583,7 +584,8 @@ class EventLog:
         headers = _parse_headers(base64.b64decode(message["hdrs"])) if message.get("hdrs") else {}
         return int(message["seq"]), headers, decode(base64.b64decode(message.get("data") or ""))
 
-    async def _direct_batch(self, subject: str, start: int, timeout: float) -> tuple[list[tuple[int, Event]], int]:
+    async def _direct_batch(self, subject: str, start: int, timeout: float, *,
+                            raw: bool = False) -> tuple[list[tuple[int, Any]], int]:
         inbox, replies = await self._reply_to()
         try:
             req = json.dumps({"seq": start, "next_by_subj": subject, "batch": READ_BATCH}).encode()
@@ -608,7 +610,7 @@ class EventLog:
                     raise BusError(f"reading {subject} failed: status {status} {hdrs.get('Description', '')}")
                 seq = int(hdrs["Nats-Sequence"])
                 try:
-                    out.append((seq, decode(msg.data)))
+                    out.append((seq, msg.data if raw else decode(msg.data)))
                 except ValueError:
                     # Only EventLog writes here and it validates; a foreign payload is skipped, loudly.
                     log.error("skipping undecodable event", subject=subject, seq=seq)

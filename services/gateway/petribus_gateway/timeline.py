@@ -1,16 +1,19 @@
-"""A session's past, fast: snapshots of its fold kept in memory, so that the state at any sequence and
-any page of its history cost a short fold from the nearest snapshot, never a fold from zero.
+"""A session's past, fast: its log's bytes and snapshots of its fold kept in memory, so that the state
+at any sequence and any page of its history cost a short fold from the nearest snapshot, never a fold
+from zero and never a read of the log.
 
-The first question about a session reads its log once, folding it batch by batch and keeping a copy
-of the state every ``every`` events (1,000, or more for a long session so that it keeps at most
-``SNAPSHOTS`` copies). Later questions read only the events between the nearest snapshot and the
-sequence asked for (at most ``every``), and what was appended since the last question.
+The first question about a session reads its log once (batch by batch) and keeps each event's bytes
+as stored, folding them as they come and keeping a copy of the state every ``every`` events (1,000, or
+more for a long session so that it keeps at most ``SNAPSHOTS`` copies). Later questions decode and fold
+only the stored events between the nearest snapshot and the sequence asked for (at most ``every``),
+after reading what was appended since the last question. Bytes, unlike decoded events, cost the
+garbage collector nothing: it never walks them.
 
 Memory: a copy of a state holds sets that grow with the log (every marker and firing ever seen, to
-ignore duplicates), so a snapshot's weight is counted as the entries of those sets, and the sessions
-least recently asked about are dropped while the cache holds more than ``BUDGET`` entries in all
-(about 100 MB) or more than ``SESSIONS`` sessions; the one being asked about is always kept. A
-deleted session is forgotten when its log is found empty.
+ignore duplicates); a session's weight is about ``ENTRY_BYTES`` per entry of those sets in its
+snapshots plus its stored bytes. Sessions least recently asked about are dropped while the cache
+weighs more than ``BUDGET_BYTES`` in all or holds more than ``SESSIONS`` sessions; the one being asked
+about is always kept. A deleted session is forgotten when its log is found empty.
 
 The log is the only truth: a snapshot is the fold of a prefix of it, and a prefix never changes.
 """
@@ -24,12 +27,14 @@ from dataclasses import dataclass, field
 
 from petribus.bus import EventLog
 from petribus.core import SessionState, apply
-from petribus.events import Event, Marker
+from petribus.events import Event, Marker, decode
 
 SNAPSHOTS = 32
 MIN_EVERY = 1_000
 SESSIONS = 16
-BUDGET = 2_000_000  # set entries kept in snapshots, over all sessions (~50 bytes each)
+BUDGET_BYTES = 256 * 1024 * 1024
+ENTRY_BYTES = 60  # a set entry in a snapshot: its slot and its share of the table
+EVENT_BYTES = 40  # per stored event besides its payload: the bytes object's header and list slots
 
 Key = tuple[str, str]
 
@@ -47,6 +52,9 @@ class Step:
 @dataclass
 class _Session:
     head: SessionState  # folded up to the newest event read
+    seqs: list[int] = field(default_factory=list)  # every event's sequence, ascending
+    payloads: list[bytes] = field(default_factory=list)  # and its bytes as stored
+    stored: int = 0  # bytes in payloads
     snapshots: list[SessionState] = field(default_factory=list)  # ascending last_seq; the first is empty
     since: int = 0  # events folded into head since the newest snapshot
     every: int = MIN_EVERY
@@ -58,16 +66,22 @@ class _Session:
 
     @property
     def weight(self) -> int:
-        return sum(_weight(s) for s in self.snapshots) + _weight(self.head)
+        entries = sum(_entries(s) for s in self.snapshots) + _entries(self.head)
+        return entries * ENTRY_BYTES + self.stored + len(self.payloads) * EVENT_BYTES
 
     def nearest(self, seq: int) -> SessionState:
         """The newest snapshot folded up to ``seq`` or before it."""
         i = bisect.bisect_right([s.last_seq for s in self.snapshots], seq) - 1
         return self.snapshots[max(i, 0)]
 
+    def stored_after(self, state: SessionState, until: int) -> range:
+        """Indices into ``payloads`` of the events after ``state`` (a snapshot: it folded the first
+        ``state.events`` of them) up to sequence ``until``."""
+        return range(state.events, bisect.bisect_right(self.seqs, until))
+
 
 class Timeline:
-    def __init__(self, events: EventLog, *, sessions: int = SESSIONS, budget: int = BUDGET) -> None:
+    def __init__(self, events: EventLog, *, sessions: int = SESSIONS, budget: int = BUDGET_BYTES) -> None:
         self.events = events
         self.sessions = sessions
         self.budget = budget
@@ -80,10 +94,8 @@ class Timeline:
         if at is None or at >= session.head.last_seq:
             return session.head.copy()
         state = session.nearest(at).copy()
-        if at > state.last_seq:
-            async for batch in self.events.scan(bot, session_id, after=state.last_seq, until=at):
-                for seq, event in batch:
-                    apply(state, seq, event)
+        for i in session.stored_after(state, at):
+            apply(state, session.seqs[i], decode(session.payloads[i]))
         return state
 
     async def history(self, bot: str, session_id: str, *, after: int, limit: int) -> tuple[list[Step], int]:
@@ -91,27 +103,25 @@ class Timeline:
         marking; and the session's last sequence."""
         session = await self._session(bot, session_id)
         state = session.nearest(after).copy()
-        steps: list[Step] = []
         journal: list[tuple[str, Marker]] = []
         state.journal = journal
-        last = session.head.last_seq
-        if state.last_seq < last:
-            async for batch in self.events.scan(bot, session_id, after=state.last_seq, until=last):
-                for seq, event in batch:
-                    journal.clear()
-                    apply(state, seq, event)
-                    if seq > after:
-                        steps.append(Step(seq, event, [m for op, m in journal if op == "+"],
-                                          [m for op, m in journal if op == "-"]))
-                        if len(steps) == limit:
-                            return steps, last
-        return steps, last
+        steps: list[Step] = []
+        for i in session.stored_after(state, session.head.last_seq):
+            seq, event = session.seqs[i], decode(session.payloads[i])
+            journal.clear()
+            apply(state, seq, event)
+            if seq > after:
+                steps.append(Step(seq, event, [m for op, m in journal if op == "+"],
+                                  [m for op, m in journal if op == "-"]))
+                if len(steps) == limit:
+                    break
+        return steps, session.head.last_seq
 
     def forget(self, bot: str, session_id: str) -> None:
         self._cache.pop((bot, session_id), None)
 
     async def _session(self, bot: str, session_id: str) -> _Session:
-        """The session's snapshots, caught up with its log."""
+        """The session's stored log and snapshots, caught up with its log."""
         key = (bot, session_id)
         session = self._cache.get(key)
         if session is None:
@@ -124,9 +134,12 @@ class Timeline:
             if before == 0:  # a first read: space the snapshots out by the length of the log
                 count = await self.events.count(bot, session_id)
                 session.every = max(MIN_EVERY, -(-count // SNAPSHOTS))
-            async for batch in self.events.scan(bot, session_id, after=before):
-                for seq, event in batch:
-                    apply(session.head, seq, event)
+            async for batch in self.events.scan(bot, session_id, after=before, raw=True):
+                for seq, payload in batch:
+                    apply(session.head, seq, decode(payload))
+                    session.seqs.append(seq)
+                    session.payloads.append(payload)
+                    session.stored += len(payload)
                     session.since += 1
                     if session.since >= session.every:
                         session.keep()
@@ -148,7 +161,6 @@ class Timeline:
             total -= dropped.weight
 
 
-def _weight(state: SessionState) -> int:
+def _entries(state: SessionState) -> int:
     return (len(state.seen_markers) + len(state.finished) + len(state.effects) + len(state.closed_requests)
             + len(state.blocked))
-

@@ -467,26 +467,33 @@ class Scheduler(Service):
         net = self.nets[key[0]]
         # Only nets with a ``when=`` pay for guard calls (and for the guard's wider candidate search).
         guard = (lambda t, picked: self._guard(net, t, picked)) if key[0] in self.guarded else None
-        sent: dict[str, asyncio.Future] = {}
         conflicts = 0
-        plan = choose_firings(self.shapes[key[0]], state, guard=guard)
-        while plan:
-            try:
-                claimed = await self._claim(net, state, plan[:CLAIM_BATCH])
-            except WrongLastSequence:
-                self.stats["conflicts"] += 1
-                conflicts += 1
-                if conflicts >= MAX_CONFLICT_RETRIES:
-                    raise ClaimContention(f"session {key[1]}: still conflicting after {conflicts} re-folds; "
-                                          "it is tried again shortly") from None
-                await self._catch_up(key, state)
-                plan = choose_firings(self.shapes[key[0]], state, guard=guard)
-                continue
-            plan = plan[CLAIM_BATCH:]
-            for firing in claimed:
-                if firing.status == "claimed":
-                    sent[firing.id] = await self._send_work(net, state, firing, fresh=True)
-        await self._dispatch(net, state, sent)
+        while True:
+            sent: dict[str, asyncio.Future] = {}
+            plan = choose_firings(self.shapes[key[0]], state, guard=guard)
+            while plan:
+                try:
+                    claimed = await self._claim(net, state, plan[:CLAIM_BATCH])
+                except WrongLastSequence:
+                    self.stats["conflicts"] += 1
+                    conflicts += 1
+                    if conflicts >= MAX_CONFLICT_RETRIES:
+                        raise ClaimContention(f"session {key[1]}: still conflicting after {conflicts} "
+                                              "re-folds; it is tried again shortly") from None
+                    await self._catch_up(key, state)
+                    plan = choose_firings(self.shapes[key[0]], state, guard=guard)
+                    continue
+                plan = plan[CLAIM_BATCH:]
+                for firing in claimed:
+                    if firing.status == "claimed":
+                        sent[firing.id] = await self._send_work(net, state, firing, fresh=True)
+            catchups = self.stats["catchups"]
+            await self._dispatch(net, state, sent)
+            if self.stats["catchups"] == catchups:
+                return
+            # Asking about a confirmation caught up with events others appended meanwhile: delivered
+            # later, they look folded already and nothing else would decide on them (a stalled session,
+            # found only by the next lease or sweep). Decide on them now.
 
     async def _claim(self, net: Net, state: SessionState, plan: list[PlannedFiring]) -> list[Firing]:
         """Append one ``transition_fired`` per planned firing, all at once, at the folded sequence."""
