@@ -12,6 +12,10 @@ The order of effects is what makes a firing land exactly once in the log:
    redelivery of a firing the log already finished is acked without running it again. A redelivery
    of a firing still running here (its heartbeats lapsed) is adopted by that run, not run twice.
 
+A firing whose session is deleted (``DELETE``, or expired) before its outcome is written is cancelled:
+the executor's log refuses every append for a deleted session (``petribus.deletion.GuardedEventLog``), and
+the work is acked with nothing more appended.
+
 ``attempt`` counts runs of the firing across deliveries and retries: with ``retries=r``, delivery ``d``
 runs attempts ``(d-1)*(r+1)+1`` onwards, so it equals the delivery count when ``r`` is 0 and no two runs
 share a ``start:`` Msg-Id.

@@ -30,6 +30,12 @@ Msg-Id and expected sequence made from the log position, so retries at the same 
 repeat it), and every other session keeps flowing. A failure of the bus itself is retried the same way
 but not reported in the session: it is not the session's fault.
 
+Deleted sessions stay deleted (``petribus.deletion``): the scheduler follows the ``PB_DELETED`` bucket
+through a KV watch and acks a deleted session's events without acting on them; one delivered after the
+deletion was appended after its purge (a firing or a reply still on its way), so the subject is purged
+again. Idle sessions expire (``expiry.py``, ``PETRIBUS_SESSION_TTL_S``): each has a durable idle check,
+armed by the first process that folds it.
+
 Cache coherence when several schedulers share the consumer: each process tracks the consumer
 sequence it was delivered. While it is contiguous, every event went through this process and the
 cached states are exact. A gap (another process got some events) or a redelivery of an event this
@@ -293,7 +299,13 @@ class Scheduler(Service):
             if not check.result.done():
                 check.result.set_result(None)  # nothing in flight any more: the lease is done
         if batch:
-            await deletion.purge_again(self.events, *key)
+            try:
+                await deletion.purge_again(self.events, *key)
+            except Exception as exc:  # the bus is down: the events come back, and the purge is tried again
+                self.log.warning("could not purge a deleted session again", session_id=key[1], error=repr(exc))
+                for msg, _ in batch:
+                    await msg.nak(delay=1.0)
+                return
         for msg, _ in batch:
             await msg.ack()
 
