@@ -213,7 +213,11 @@ class Limits:
     async def _check_storage(self) -> None:
         read_at, held, most = self._storage
         if time.monotonic() - read_at > STORAGE_S:
-            info = await self.ctx.events.js.stream_info(subjects.EVENTS_STREAM)
+            try:
+                info = await self.ctx.events.js.stream_info(subjects.EVENTS_STREAM)
+            except Exception as exc:  # noqa: BLE001  (the bus is down: the request itself will say so)
+                self.ctx.log.warning("could not read the session log's size; not checked", error=repr(exc))
+                return
             held, most = info.state.bytes, info.config.max_bytes or -1
             self._storage = (time.monotonic(), held, most)
         if most > 0 and held >= self.settings.new_sessions_max_fill * most:
