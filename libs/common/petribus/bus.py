@@ -170,7 +170,7 @@ class StreamLimits:
     events_max_per_session: int = -1
     work_max_bytes: int = -1
     files_max_bytes: int = -1
-    deleted_ttl_s: float = 30 * 24 * 3600.0
+    deleted_ttl_s: float = 7 * 24 * 3600.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StreamLimits:

@@ -93,8 +93,9 @@ class Settings(BaseSettings):
         default=30 * 24 * 3600.0, ge=0, description="A session with no event for this long gets "
         "session_expired and is deleted like DELETE (0: sessions never expire).")
     deleted_ttl_s: float = Field(
-        default=30 * 24 * 3600.0, gt=0, description="How long the record that a session was deleted is kept: "
-        "until then a late append for it (a firing still running) is refused and purged.")
+        default=7 * 24 * 3600.0, gt=0, description="How long the record that a session was deleted is kept: "
+        "until then a late append for it (a firing still running) is refused and purged. Executors and "
+        "schedulers hold these records in memory (some 150 bytes each).")
     max_sessions_per_owner: int = Field(
         default=1000, ge=0, description="Sessions one owner (an API key's owner; without a key, one client "
         "address) may hold at once; creating one more answers 429 session_quota (0: no quota).")
