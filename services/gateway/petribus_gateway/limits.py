@@ -178,7 +178,12 @@ class Limits:
         who = _owner_name(caller.owner, caller.address)
         async with self._count_lock:
             if time.monotonic() - self.counted_at > COUNT_S:
-                self.counts = await self._count()
+                try:
+                    self.counts = await self._count()
+                except Exception as exc:  # noqa: BLE001  (the bus is down: the creation itself will say so)
+                    self.ctx.log.warning("could not count the owner's sessions; quota not checked",
+                                         error=repr(exc))
+                    return
                 self.counted_at = time.monotonic()
             held = self.counts.get(who, 0)
             if held >= quota:
