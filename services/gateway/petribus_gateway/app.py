@@ -21,7 +21,7 @@ from petribus.keys import KeyStore
 from petribus.net import Net
 from petribus.service import Service
 from petribus.settings import Settings
-from petribus_gateway import auth, errors, files, limits, pools, rest, ws
+from petribus_gateway import auth, docs, errors, files, limits, pools, rest, ws
 from petribus_gateway.context import GatewayContext
 
 DESCRIPTION = """\
@@ -84,12 +84,13 @@ def create_app(ctx: GatewayContext, *, on_ready: Callable[[], None] | None = Non
         yield
 
     app = FastAPI(title="petribus gateway", version=petribus.__version__, description=DESCRIPTION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)  # docs.install serves them offline
     app.state.gateway = ctx
     app.include_router(rest.router)
     app.include_router(files.router)
     app.include_router(pools.router)
     app.include_router(ws.router)
+    docs.install(app)
     errors.install(app)
     loopback_open = auth.is_loopback(ctx.settings.host)
     app.add_middleware(limits.Limits, ctx=ctx)  # sizes, rates, quotas (docs/limits.md); inside the Origin check
