@@ -157,8 +157,11 @@ def test_events_get_unique_ids_and_a_timestamp():
 def test_to_client_shape(type_):
     event = SAMPLES[type_]
     shown = to_client(event, seq=42)
-    assert set(shown) == {"type", "value", "metadata"}
+    assert set(shown) == {"type", "value", "metadata", "pair_id"}  # Beam's BotEvent fields
     assert shown["type"] == type_
+    paired = {"confirm_request": "r1", "confirm_response": "r1", "input_file_request": "file1",
+              "input_file_response": "file1"}
+    assert shown["pair_id"] == paired.get(type_, "")
     meta = shown["metadata"]
     assert {"session_id", "request_id", "task_id", "transition_name", "seq"} <= set(meta)
     assert (meta["session_id"], meta["request_id"], meta["seq"]) == ("s1", "r1", 42)

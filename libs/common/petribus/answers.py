@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from petribus.bus import EventLog, WrongLastSequence
 from petribus.core import SessionState, apply, fold
-from petribus.errors import AlreadyAnswered, BusError, UnknownRequest
+from petribus.errors import AlreadyAnswered, BusError, InvalidInput, UnknownRequest
 from petribus.events import (
     AcceptTransition,
     ConfirmResponse,
@@ -63,6 +63,9 @@ def to_confirmation(answer: AcceptTransition | RejectTransition) -> Decide:
     def decide(state: SessionState) -> _Event:
         task = answer.firing_id
         f = state.in_flight.get(task)
+        if f is not None and answer.transition is not None and answer.transition != f.transition:
+            raise InvalidInput(f"task {task!r} is a firing of {f.transition!r}, not of {answer.transition!r} "
+                               "(metadata.transition_name); nothing was changed", code="invalid_value")
         if f is not None and f.status == "awaiting_confirmation":
             return answer.model_copy(update={"transition": f.transition, "cause": answer.cause or task})
         if f is not None:

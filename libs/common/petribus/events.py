@@ -479,4 +479,15 @@ def to_client(event: _Event, seq: int | None) -> dict[str, Any]:
     }
     if event.actor is not None:  # who caused it (audit): only clients who may see the session get it
         metadata["actor"] = event.actor.model_dump()
-    return {"type": event.type, "value": event.value(), "metadata": metadata}  # type: ignore[attr-defined]
+    return {"type": event.type, "value": event.value(), "metadata": metadata,  # type: ignore[attr-defined]
+            "pair_id": pair_id(event)}
+
+
+def pair_id(event: _Event) -> str:
+    """Beam's ``pair_id``: what pairs a question with its answer (a ``confirm_request`` or
+    ``input_file_request`` and its response: the request id, or the file id), else empty, as Beam sends it."""
+    if isinstance(event, (ConfirmRequest, ConfirmResponse)):
+        return event.request_id or ""
+    if isinstance(event, (InputFileRequest, InputFileResponse)):
+        return event.file_id
+    return ""

@@ -41,7 +41,9 @@ from petribus_gateway import idempotency
 
 CLIENT_TYPES = ("user_message", "marker_added", "accept_transition", "reject_transition", "confirm_response")
 ANSWERS = (AcceptTransition, RejectTransition, ConfirmResponse)
-ALLOWED_KEYS = {"type", "value", "request_id"}
+ALLOWED_KEYS = {"type", "value", "request_id", "metadata", "pair_id"}
+# What a Beam client puts in ``metadata`` (beta9's bot gateway reads these), all optional.
+BEAM_METADATA = {"task_id", "transition_name", "session_id", "request_id"}
 EXAMPLE = '{"type": "user_message", "value": "hello"}'
 MARKER_EXAMPLE = '{"type": "marker_added", "value": {"location": "<Location>", "data": {...}}}'
 CONFIRM_EXAMPLE = '{"type": "confirm_response", "value": {"request_id": "<id>", "accepted": true}}'
@@ -141,6 +143,31 @@ def parse(text: str) -> dict[str, Any]:
         )
     if request_id is not None:
         idempotency.check_key(request_id, "request_id")  # it names the message: a resend lands once
+    return _beam_shape(payload)
+
+
+def _beam_shape(payload: dict[str, Any]) -> dict[str, Any]:
+    """Check the fields a Beam client sends the way Beam's gateway reads them (``metadata`` with
+    ``task_id``, ``transition_name``, ``session_id``, ``request_id``; a top-level ``pair_id``), and take
+    ``metadata.request_id`` as the message's ``request_id``."""
+    metadata = payload.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(isinstance(v, str | None) for v in metadata.values()):
+            raise InvalidInput(f"metadata must be an object of strings, got {_kind(metadata)} {snippet(metadata)}",
+                               code="invalid_value")
+        extra = sorted(set(metadata) - BEAM_METADATA)
+        if extra:
+            raise InvalidInput(f"metadata has unknown field(s) {extra}; it may have {sorted(BEAM_METADATA)}",
+                               code="unknown_field")
+        inner = metadata.get("request_id") or None
+        if inner is not None:
+            if payload.get("request_id") not in (None, inner):
+                raise InvalidInput("the message names two different request ids (request_id and "
+                                   "metadata.request_id); send one", code="invalid_value")
+            payload = {**payload, "request_id": idempotency.check_key(inner, "request_id")}
+    pair_id = payload.get("pair_id")
+    if pair_id is not None and pair_id != "":
+        check_id(pair_id, "pair_id")
     return payload
 
 
@@ -148,12 +175,31 @@ def to_event(net: Net, session_id: str, payload: dict[str, Any]) -> _Event:
     """The event a parsed client message asks for, validated against ``net`` (answers: in shape only)."""
     value = payload.get("value")
     request_id = payload.get("request_id")
+    metadata = payload.get("metadata") or {}
     got = _described(payload)
     kind = payload["type"]
+    if metadata.get("session_id") not in (None, "", session_id):
+        raise InvalidInput(f"metadata.session_id {snippet(metadata['session_id'])} is not this connection's "
+                           f"session ({session_id}); send it on that session's connection", code="invalid_value")
     if kind in ("accept_transition", "reject_transition"):
-        return task_answer(net, session_id, kind, value, got, request_id=request_id)
+        task = metadata.get("task_id") or None
+        if task is not None:  # Beam's form: the task in metadata, the value empty or the same task
+            if value not in (None, "", task) and not (isinstance(value, dict) and value.get("task_id") == task):
+                raise InvalidInput(f"{kind!r} names two different tasks (metadata.task_id {snippet(task)} and "
+                                   f"value {got}); send one", code="invalid_value")
+            if value in (None, ""):
+                value = task
+        return task_answer(net, session_id, kind, value, got, request_id=request_id,
+                           transition=metadata.get("transition_name") or None)
     if kind == "confirm_response":
+        pair_id = payload.get("pair_id") or None
+        if pair_id is not None:  # Beam's form: the question's pair_id, the answer "true" or "false"
+            answer = {"true": True, "false": False}.get(value.strip().lower()) if isinstance(value, str) else value
+            return confirm_response(net, session_id, {"request_id": pair_id, "accepted": answer}, got)
         return confirm_response(net, session_id, value, got, request_id=request_id)
+    if payload.get("pair_id"):
+        raise InvalidInput(f"pair_id goes with a confirm_response only (the pair_id of the confirm_request "
+                           f"it answers), not with {kind!r}", code="invalid_value")
     if kind == "user_message":
         if not isinstance(value, str):
             raise InvalidInput(f"'user_message' needs a string value, got {got}; send {EXAMPLE}",
@@ -171,7 +217,7 @@ def to_event(net: Net, session_id: str, payload: dict[str, Any]) -> _Event:
 
 
 def task_answer(net: Net, session_id: str, kind: str, value: Any, got: str, *,
-                request_id: str | None = None) -> AcceptTransition | RejectTransition:
+                request_id: str | None = None, transition: str | None = None) -> AcceptTransition | RejectTransition:
     """``accept_transition`` / ``reject_transition``: a task id, or ``{"task_id": ..., "reason": ...}``."""
     reason = None
     if isinstance(value, dict):
@@ -188,9 +234,10 @@ def task_answer(net: Net, session_id: str, kind: str, value: Any, got: str, *,
         raise InvalidInput(f"a reject reason must be a non-empty string of at most {MAX_REASON} characters, "
                            f"got {snippet(reason)}", code="invalid_value")
     if kind == "accept_transition":
-        return AcceptTransition(bot=net.bot, session_id=session_id, firing_id=task, request_id=request_id)
+        return AcceptTransition(bot=net.bot, session_id=session_id, firing_id=task, request_id=request_id,
+                                transition=transition)
     return RejectTransition(bot=net.bot, session_id=session_id, firing_id=task, reason=reason or "rejected",
-                            request_id=request_id)
+                            request_id=request_id, transition=transition)
 
 
 def confirm_response(net: Net, session_id: str, value: Any, got: str, *,

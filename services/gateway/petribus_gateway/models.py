@@ -34,6 +34,9 @@ class ClientEvent(BaseModel):
     type: str = Field(description="Event type, e.g. session_created, marker_added, transition_completed.")
     value: Any = Field(default=None, description="The event's content; its shape depends on the type.")
     metadata: EventMetadata
+    pair_id: str = Field(default="", description="Pairs a question with its answer, as Beam's pair_id: the "
+                         "request id of a confirm_request and its confirm_response, the file id of an "
+                         "input_file_request and its response; empty for other events.")
 
 
 class LocationInfo(BaseModel):
