@@ -112,6 +112,10 @@ async def test_chat_says_when_there_is_nothing_to_answer_or_upload(settings, tmp
         await screen.shows("[nothing to answer]")
         typist.type("/upload /etc/hostname")
         await screen.shows("[nothing to upload]")
+        typist.type("/help")  # this chat's own commands, then the bot's description (from the LLM service)
+        await screen.shows("/upload PATH sends the file")
+        await screen.shows("/quit (or Ctrl-D) leaves")
+        await screen.shows("Commands: /add LOCATION {json}, /help.")
         typist.type("/quit")
         await running
 

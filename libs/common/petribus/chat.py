@@ -35,6 +35,9 @@ from petribus.client import Client, ClientError, Event, Session
 from petribus.client._stream import NoticeKind
 
 QUIT = ("/quit", "/exit", "/q")
+CHAT_HELP = ("In this chat: y / n (or /yes, /no [TASK or REQUEST id]) answers the oldest open question; "
+             "/upload PATH sends the file a transition asked for; /quit (or Ctrl-D) leaves. The bot's own "
+             "commands follow.")
 YES = ("y", "yes", "/y", "/yes", "/accept")
 NO = ("n", "no", "/n", "/no", "/reject")
 STYLES = {
@@ -326,6 +329,8 @@ class Chat:
             elif word.lower() == "/upload":
                 await self._upload(rest.strip())
             else:
+                if word.lower() in ("/help", "/?"):  # the bot describes itself; this chat adds its own commands
+                    self.show(CHAT_HELP, "dim")
                 await self._send({"type": "user_message", "value": text})
 
     async def _send(self, payload: dict[str, Any]) -> None:
