@@ -17,6 +17,7 @@ from pydantic import BaseModel, SecretStr
 
 from petribus import resources
 from petribus.errors import NetDefinitionError
+from petribus.graph import FORMATS, Picture, render
 from petribus.net import LocationDef, Net, TransitionDef
 from petribus.resources import Image, TaskPolicy, Volume
 
@@ -187,6 +188,14 @@ class Bot:
             return self._net
         self._net = _build_net(self, bot_name)
         return self._net
+
+    def visualize(self, format: str = "svg", marking: dict[str, int] | None = None) -> Picture:
+        """The net as a picture (``petribus.graph``): in a notebook it shows itself (an SVG, or a Mermaid
+        chart); ``str()`` is its text. ``format`` is svg, mermaid, dot or json; ``marking`` (location ->
+        number of markers) is drawn in the places."""
+        if format not in FORMATS:
+            raise ValueError(f"unknown format {format!r}; the formats are {', '.join(FORMATS)}")
+        return Picture(render(self.net(), format, marking), format)  # type: ignore[arg-type]
 
 
 def _build_net(bot: Bot, bot_name: str | None) -> Net:
