@@ -436,3 +436,19 @@ async def test_a_client_too_slow_for_its_session_is_told_where_to_resume_and_los
         assert [e["metadata"]["seq"] for e in again.events] == await _log_seqs(nc, session_id, after=since)
     finally:
         await again.close()
+
+
+def test_close_reasons_are_whole_and_fit_the_frame():
+    from petribus_gateway.ws import CLOSE_REASON_BYTES, _reason
+
+    long_clause = "unknown session " + "x" * 120 + " of bot 'hitl': it never existed"
+    cases = {
+        "unknown bot 'nobot'; this gateway serves ['a', 'b', 'c'] (see GET /bots) " + "y" * 100: "unknown bot 'nobot'",
+        "short and complete": "short and complete",
+        long_clause + "; list sessions with GET /bots/hitl/sessions": "unknown_session; the error event before this "
+                                                                       "close says why",
+    }
+    for message, reason in cases.items():
+        assert _reason(message, "unknown_session") == reason
+        assert len(reason.encode()) <= CLOSE_REASON_BYTES
+    assert _reason("é" * 200) == "closed; the error event before this close says why"  # no code: still whole

@@ -161,13 +161,22 @@ async def _refuse(websocket: WebSocket, bot: str, session_id: str, exc: Petribus
     error = ErrorEvent(bot=bot, session_id=session_id, code=exc.code, message=exc.message)
     with contextlib.suppress(*DISCONNECTED):  # a client that already left needs no answer
         await websocket.send_text(json.dumps(to_client(error, None)))
-        await websocket.close(code, _reason(exc.message))
+        await websocket.close(code, _reason(exc.message, exc.code))
 
 
-def _reason(message: str) -> str:
-    """A close reason: at most 123 bytes of UTF-8, as the protocol allows."""
-    raw = message.encode()[:123]
-    return raw.decode("utf-8", "ignore")
+CLOSE_REASON_BYTES = 123  # the most a close frame's reason may hold
+
+
+def _reason(message: str, code: str | None = None) -> str:
+    """A close reason a client can show as it is: the whole message if it fits in the protocol's 123 bytes,
+    else its first clause, else its code. Never a message cut mid-word (the error event sent just before
+    the close carries the whole message)."""
+    clause = message.split(";", 1)[0].strip()
+    fallback = f"{code or 'closed'}; the error event before this close says why"
+    for text in (message, clause, fallback, code or "closed"):
+        if len(text.encode()) <= CLOSE_REASON_BYTES:
+            return text
+    return "closed"
 
 
 class StreamGap(Exception):
