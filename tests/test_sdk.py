@@ -490,3 +490,11 @@ def test_an_app_that_failed_to_import_is_imported_again(tmp_path):
         load_bot(f"{app}:bot")
     app.write_text("from petribus import Bot\nbot = Bot(name='flaky', locations=[], description='x')\n")
     assert load_bot(f"{app}:bot").name == "flaky"
+
+
+def test_a_file_that_is_not_python_is_named_as_such(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# not an app\n")
+    with pytest.raises(AppLoadError, match="is not a Python module") as info:
+        load_bot(f"{readme}:bot")
+    assert "README.md" in str(info.value) and "app.py:bot" in str(info.value)

@@ -80,6 +80,9 @@ def load_bot(spec: str) -> Bot:
         if module_part.endswith(".py") or path.exists():
             if not path.is_file():
                 raise AppLoadError(f"app file {module_part!r} does not exist (from {spec!r})")
+            if path.suffix != ".py":
+                raise AppLoadError(f"{module_part!r} is not a Python module (from {spec!r}): name the .py file "
+                                   "that defines the bot, as path/to/app.py:bot")
             mod_name = _module_name(path)
             if mod_name in sys.modules:
                 module = sys.modules[mod_name]
