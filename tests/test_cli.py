@@ -378,3 +378,19 @@ def test_petribus_has_the_secrets_commands() -> None:
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert all(command in done.stdout for command in ("set", "list", "delete"))
+
+
+def test_version_and_out_of_range_ports():
+    from importlib.metadata import version
+
+    from typer.testing import CliRunner
+
+    from petribus_cli.main import app as cli
+
+    shown = CliRunner().invoke(cli, ["--version"])
+    assert shown.exit_code == 0 and shown.output.strip() == f"petribus {version('petribus')}"
+    for how in (["serve", "examples/order_bot.py:bot", "--port", "99999"], ["gateway", "examples/order_bot.py:bot"]):
+        env = {"PETRIBUS_PORT": "70000"} if "--port" not in how else {}
+        refused = CliRunner().invoke(cli, how, env=env)
+        assert refused.exit_code == 2, refused.output  # refused before anything starts, not a silent other port
+        assert "65535" in refused.output and "--port" in refused.output

@@ -52,6 +52,20 @@ app = typer.Typer(
     name="petribus", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Run AI agents as Petri nets on NATS JetStream.",
 )
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        from importlib.metadata import version
+
+        print(f"petribus {version('petribus')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print petribus's version and exit.")] = False) -> None:
+    """Run AI agents as Petri nets on NATS JetStream."""
 out = Console(soft_wrap=True, markup=False, emoji=False, highlight=False)
 err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)
 
@@ -85,8 +99,10 @@ NatsUrl = Annotated[str | None, typer.Option(
 LevelOpt = Annotated[LogLevel, typer.Option("--log-level", help="Least severe log event to write.")]
 FormatOpt = Annotated[LogFormat, typer.Option(
     "--log-format", help="console (key=value) or json, one event a line.")]
-HostOpt = Annotated[str, typer.Option("--host", help="Gateway address to listen on.")]
-PortOpt = Annotated[int, typer.Option("--port", help="Gateway port (0 picks a free one).")]
+HostOpt = Annotated[str, typer.Option("--host", envvar="PETRIBUS_HOST", show_envvar=True,
+                                      help="Gateway address to listen on.")]
+PortOpt = Annotated[int, typer.Option("--port", envvar="PETRIBUS_PORT", show_envvar=True, min=0, max=65535,
+                                      help="Gateway port (0 picks a free one).")]
 InsecureOpt = Annotated[bool, typer.Option(
     "--insecure", help="Listen on a non-loopback --host with no API key (anyone who reaches it may use every "
     "session; docs/security.md). Also $PETRIBUS_INSECURE.")]
