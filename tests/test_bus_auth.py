@@ -408,3 +408,36 @@ async def test_the_llm_service_answers_and_streams_its_reply_on_a_closed_bus(clo
               and e["metadata"]["event_id"] == reply["metadata"]["event_id"]]
     assert pieces and "".join(pieces) == reply["value"]
     assert _violations(closed_server) == [], "a service did something its role may not"
+
+
+async def test_tls_with_the_servers_ca_connects_and_without_it_is_refused(tmp_path, credentials) -> None:
+    ca, cert, key = tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server-key.pem"
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for argv in (("req", "-x509", *ec, "-keyout", str(tmp_path / "ca-key.pem"), "-out", str(ca), "-days", "1",
+                  "-subj", "/CN=petribus test CA"),
+                 ("req", *ec, "-keyout", str(key), "-out", str(tmp_path / "server.csr"), "-subj", "/CN=127.0.0.1"),
+                 ("x509", "-req", "-in", str(tmp_path / "server.csr"), "-CA", str(ca), "-CAkey",
+                  str(tmp_path / "ca-key.pem"), "-CAcreateserial", "-out", str(cert), "-days", "1",
+                  "-extfile", str(tmp_path / "san.ext"))):
+        code, said = await _run("openssl", *argv)
+        assert code == 0, said
+    credentials.write_server_block()
+    [port] = free_ports(1)
+    conf = tmp_path / "nats.conf"
+    conf.write_text(f'listen: "127.0.0.1:{port}"\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+                    f'include "auth/users.conf"\ntls {{ cert_file: "{cert}", key_file: "{key}" }}\n')
+    server = await asyncio.create_subprocess_exec(find_binary(), "-c", str(conf), stdout=asyncio.subprocess.DEVNULL,
+                                                  stderr=asyncio.subprocess.DEVNULL)
+    url = f"tls://127.0.0.1:{port}"
+    try:
+        settings = Settings(nats_url=url, nats_auth_dir=credentials.folder, nats_tls_ca=ca)
+        nc = await bus.connect(url, "test-llm", auth=ClientAuth.from_settings(settings, "llm"), timeout=30)
+        assert nc.connected_url is not None and nc.connected_url.scheme == "tls"
+        await nc.close()
+        untrusted = ClientAuth.from_settings(settings.model_copy(update={"nats_tls_ca": None}), "llm")
+        with pytest.raises(BusError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            await bus.connect(url, "test-llm", auth=untrusted, reconnect=False)
+    finally:
+        server.terminate()
+        await server.wait()

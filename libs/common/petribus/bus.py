@@ -141,8 +141,9 @@ async def connect(url: str, name: str, *, auth: ClientAuth | None = None, timeou
         return nc
     except Exception as exc:  # nats raises several unrelated types here, and wait_for a TimeoutError
         cause = last_error[0] if last_error else exc
-        with contextlib.suppress(Exception):  # a refused client still holds its socket
-            await nc.close()
+        # A refused client still holds its socket; a client stuck in a TLS handshake may never close.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 1.0)
         if isinstance(cause, nats.errors.AuthorizationError) or "authorization violation" in str(cause).lower():
             raise BusError(
                 f"NATS at {shown} refused {auth.describe()} (authorization violation): give this process the "
