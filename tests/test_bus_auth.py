@@ -441,3 +441,20 @@ async def test_tls_with_the_servers_ca_connects_and_without_it_is_refused(tmp_pa
     finally:
         server.terminate()
         await server.wait()
+
+
+async def test_the_streams_command_prepares_the_streams_as_admin_and_only_as_admin(closed_server, credentials,
+                                                                                  tmp_path) -> None:
+    anonymous = {"PETRIBUS_DATA_DIR": str(tmp_path / "empty")}  # no local serve's password to find there
+    code, said = await _run(PETRIBUS, "streams", "--nats-url", closed_server.url, env=anonymous)
+    assert code == 3 and "refused no credentials (authorization violation)" in said, said
+
+    code, said = await _run(PETRIBUS, "streams", "--nats-url", closed_server.url,
+                            env={**anonymous, "PETRIBUS_NATS_AUTH_DIR": str(credentials.folder)})
+    assert code == 0, said
+    nc = await bus.connect(closed_server.url, "test-admin", auth=ClientAuth(user="admin",
+                                                                         password=credentials.password("admin")))
+    try:
+        assert {subjects.EVENTS_STREAM, subjects.WORK_STREAM, subjects.TIMERS_STREAM} <= await _streams(nc)
+    finally:
+        await nc.close()

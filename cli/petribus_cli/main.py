@@ -474,6 +474,26 @@ def credentials(
     _run(body)
 
 
+@app.command()
+def streams(nats_url: NatsUrl = None) -> None:
+    """Create the streams and buckets, or bring them to the current settings (replicas, limits), as admin.
+
+    Services create what is missing but may not change a stream on a closed bus (docs/closed-bus.md): run
+    this after an upgrade or a change of PETRIBUS_REPLICAS or the limits. serve does it at every start.
+    """
+
+    def body() -> int:
+        settings = _settings(nats_url=nats_url)
+        asyncio.run(_probe(settings))
+        asyncio.run(_prepare_streams(settings))
+        from petribus.bus import redact_url
+
+        out.print(Text(f"streams ready at {redact_url(settings.nats_url)}"))
+        return 0
+
+    _run(body)
+
+
 # ---------------------------------------------------------------- shared
 
 
@@ -602,8 +622,8 @@ async def _prepare_streams(settings: Settings) -> None:
     from petribus import bus
     from petribus.bus_auth import ClientAuth
 
-    nc = await bus.connect(settings.nats_url, "petribus-serve", auth=ClientAuth.from_settings(settings),
-                           reconnect=False)
+    auth = ClientAuth.from_settings(settings, local_admin=True)
+    nc = await bus.connect(settings.nats_url, "petribus-streams", auth=auth, reconnect=False)
     try:
         await bus.ensure_streams(nc.jetstream(), duplicate_window_s=settings.duplicate_window_s,
                                  replicas=settings.replicas)
