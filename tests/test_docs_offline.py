@@ -32,9 +32,9 @@ class _Assets(HTMLParser):
 
 @pytest.fixture
 async def http(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async with Stack(settings, [app("counter")], parts=("gateway",)) as stack:
-        async with httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as client:
-            yield client
+    async with (Stack(settings, [app("counter")], parts=("gateway",)) as stack,
+                httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as client):
+        yield client
 
 
 @pytest.mark.parametrize("page, needs", [("/docs", {".js", ".css"}), ("/redoc", {".js"})])

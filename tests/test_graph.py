@@ -67,9 +67,9 @@ def test_mermaid_holds_every_place_transition_and_arc_with_its_count(net: Net) -
     lines = text.splitlines()
     assert lines[0] == "flowchart LR"
 
-    places = dict(re.findall(r'^\s+(\w+)\(\("([^"<]+)', text, re.M))
-    boxes = dict(re.findall(r'^\s+(\w+)\["([^"<]+)', text, re.M))
-    arcs = {(a, b, int(n or 1)) for a, n, b in re.findall(r"^\s+(\w+) -->(?:\|(\d+)\|)? (\w+)$", text, re.M)}
+    places = dict(re.findall(r'^\s+(\w+)\(\("([^"<]+)', text, re.MULTILINE))
+    boxes = dict(re.findall(r'^\s+(\w+)\["([^"<]+)', text, re.MULTILINE))
+    arcs = {(a, b, int(n or 1)) for a, n, b in re.findall(r"^\s+(\w+) -->(?:\|(\d+)\|)? (\w+)$", text, re.MULTILINE)}
     names = places | boxes
 
     assert sorted(places.values()) == sorted(net.locations)
@@ -83,8 +83,8 @@ def test_dot_holds_every_place_transition_and_arc_with_its_count(net: Net) -> No
     assert text.startswith(f'digraph "{net.bot}" {{') and text.rstrip().endswith("}")
 
     nodes = {nid: (shape, label.split("\\n")[0])
-             for nid, shape, label in re.findall(r'^\s+(\w+) \[shape="(\w+)", label="([^"]*)"', text, re.M)}
-    arcs = {(a, b, int(n or 1)) for a, b, n in re.findall(r'^\s+(\w+) -> (\w+)(?: \[label="(\d+)"\])?;$', text, re.M)}
+             for nid, shape, label in re.findall(r'^\s+(\w+) \[shape="(\w+)", label="([^"]*)"', text, re.MULTILINE)}
+    arcs = {(a, b, int(n or 1)) for a, b, n in re.findall(r'^\s+(\w+) -> (\w+)(?: \[label="(\d+)"\])?;$', text, re.MULTILINE)}
 
     assert sorted(label for shape, label in nodes.values() if shape == "circle") == sorted(net.locations)
     assert sorted(label for shape, label in nodes.values() if shape == "box") == sorted(t.name for t in net.transitions)
@@ -110,8 +110,8 @@ def test_unexposed_nodes_and_transition_options_are_shown() -> None:
     net = generated_net()
     text = render(net, "mermaid")
     hidden = {loc for loc, d in net.locations.items() if not d.expose}
-    [classes] = re.findall(r"^\s+class ([\w,]+) hidden$", text, re.M)
-    ids = dict(re.findall(r'^\s+(\w+)\(\("([^"<]+)', text, re.M))
+    [classes] = re.findall(r"^\s+class ([\w,]+) hidden$", text, re.MULTILINE)
+    ids = dict(re.findall(r'^\s+(\w+)\(\("([^"<]+)', text, re.MULTILINE))
     assert {ids[i] for i in classes.split(",")} == hidden
     assert '["t_0<br/>confirm · max 4"]' in text
 
@@ -172,6 +172,23 @@ def test_every_svg_arc_runs_from_its_source_border_to_its_target_border(net: Net
         assert _on_border(shapes[p.get("data-target")], *points[-1]), p.attrib
     counts = sorted(int(t.text) for t in root.iter(f"{SVG}text") if t.get("class") == "count")
     assert counts == sorted(n for t in net.transitions for _, n in t.inputs if n > 1)
+
+
+def test_json_is_the_svgs_layout_for_a_browser_to_draw(net: Net) -> None:
+    laid = json.loads(render(net, "json"))
+    shapes = _shapes(ET.fromstring(render(net, "svg")))
+
+    nodes = {n["id"]: n for n in laid["nodes"]}
+    assert {(n["kind"], n["name"]) for n in laid["nodes"]} == (
+        {("place", loc) for loc in net.locations} | {("transition", t.name) for t in net.transitions})
+    for nid, (kind, x, y, hw, hh) in shapes.items():
+        n = nodes[nid]
+        assert n["kind"] == kind and (n["x"], n["y"]) == pytest.approx((x, y), abs=0.2)
+        assert (n["width"], n["height"]) == pytest.approx((2 * hw, 2 * hh), abs=0.3)
+    names = {n["id"]: n["name"] for n in laid["nodes"]}
+    assert {(names[e["source"]], names[e["target"]], e["count"]) for e in laid["edges"]} == expected_arcs(net)
+    for e in laid["edges"]:
+        assert _on_border(shapes[e["source"]], *e["points"][0]) and _on_border(shapes[e["target"]], *e["points"][-1])
 
 
 def test_places_and_transitions_alternate_in_columns_left_to_right() -> None:

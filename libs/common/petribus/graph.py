@@ -16,6 +16,7 @@ arc polylines) for a browser to draw.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -345,7 +346,7 @@ def _order_columns(layers: list[list[str]], chains: list[list[str]]) -> None:
     left: dict[str, list[str]] = {n: [] for col in layers for n in col}
     right: dict[str, list[str]] = {n: [] for col in layers for n in col}
     for chain in chains:
-        for u, v in zip(chain, chain[1:]):
+        for u, v in itertools.pairwise(chain):
             right[u].append(v)
             left[v].append(u)
     best = [list(col) for col in layers]
@@ -382,7 +383,7 @@ def _place(nodes: dict[str, Node], layers: list[list[str]], chains: list[list[st
     neighbours' heights. Returns the drawing's width and height."""
     neighbours: dict[str, list[str]] = {n: [] for col in layers for n in col}
     for chain in chains:
-        for u, v in zip(chain, chain[1:]):
+        for u, v in itertools.pairwise(chain):
             neighbours[u].append(v)
             neighbours[v].append(u)
 
@@ -441,11 +442,11 @@ def svg(lay: Layout, marking: dict[str, int] | None = None) -> str:
     marking = marking or {}
     info = {n.id: n for n in (*lay.graph.places, *lay.graph.transitions)}
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{lay.width:.0f}" height="{lay.height:.0f}" '
-        f'viewBox="0 0 {lay.width:.1f} {lay.height:.1f}" font-family="monospace" font-size="12">',
+        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{lay.width:.0f}" height="{lay.height:.0f}" '
+         f'viewBox="0 0 {lay.width:.1f} {lay.height:.1f}" font-family="monospace" font-size="12">'),
         f"<title>{escape(lay.graph.bot)}</title>",
-        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="8" markerHeight="8" '
-        'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#444"/></marker></defs>',
+        ('<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="8" markerHeight="8" '
+         'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#444"/></marker></defs>'),
         '<rect width="100%" height="100%" fill="white"/>',
     ]
     for e in lay.edges:
