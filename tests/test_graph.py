@@ -296,3 +296,14 @@ def test_visualize_shows_in_a_notebook() -> None:
     assert chart._repr_markdown_() == f"```mermaid\n{chart}```\n" and chart._repr_svg_() is None
     with pytest.raises(ValueError, match="formats are mermaid, dot, svg, json"):
         bot.visualize(format="png")
+
+
+def test_visualize_draws_a_bot_made_in_a_notebook_before_it_has_a_name() -> None:
+    class Note(BaseModel):
+        text: str
+
+    bot = Bot(locations=[BotLocation(marker=Note)])
+    bot.transition(lambda inputs: {}, name="read", inputs={Note: 1})
+
+    assert ET.fromstring(bot.visualize()._repr_svg_()).findtext(f"{SVG}title") == "bot"
+    assert bot.name is None

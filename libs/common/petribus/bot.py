@@ -192,10 +192,11 @@ class Bot:
     def visualize(self, format: str = "svg", marking: dict[str, int] | None = None) -> Picture:
         """The net as a picture (``petribus.graph``): in a notebook it shows itself (an SVG, or a Mermaid
         chart); ``str()`` is its text. ``format`` is svg, mermaid, dot or json; ``marking`` (location ->
-        number of markers) is drawn in the places."""
+        number of markers) is drawn in the places. A bot with no name yet (one made in a notebook) is
+        drawn as ``bot``."""
         if format not in FORMATS:
             raise ValueError(f"unknown format {format!r}; the formats are {', '.join(FORMATS)}")
-        return Picture(render(self.net(), format, marking), format)  # type: ignore[arg-type]
+        return Picture(render(self.net(self.name or "bot"), format, marking), format)  # type: ignore[arg-type]
 
 
 def _build_net(bot: Bot, bot_name: str | None) -> Net:
