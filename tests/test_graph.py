@@ -236,12 +236,16 @@ def test_a_place_that_is_input_and_output_of_one_transition_gets_two_separate_ar
         n: int
 
     bot = Bot(name="loop", locations=[BotLocation(marker=Count)])
-    bot.transition(lambda inputs: {}, name="tick", inputs={Count: 2}, outputs=[Count])
+    bot.transition(lambda inputs: {}, name="tick_with_a_long_name_and_options", inputs={Count: 2},
+                   outputs=[Count], confirm=True, concurrency=2)
     lay = layout(graph_of(bot.net()))
 
     there, back = sorted(lay.edges, key=lambda e: e.back)
     assert (there.arc.source, back.arc.source) == ("p0", "t0") and back.back
     assert there.points[1] != back.points[1]  # bowed apart, not drawn on top of each other
+    place, box = lay.nodes["p0"], lay.nodes["t0"]
+    for e in lay.edges:  # the bend lies between the two, outside both
+        assert place.x + place.width / 2 < e.points[1][0] < box.x - box.width / 2
 
 
 # --- the command and the notebook ---------------------------------------------------------------------

@@ -267,9 +267,10 @@ def layout(g: Graph) -> Layout:
         path = list(reversed(chain)) if back else chain
         pts = [(nodes[n].x, nodes[n].y) for n in path]
         if len(path) == 2 and _twin(arc, g.arcs):  # a place both input and output: bow the two apart
-            (x0, y0), (x1, y1) = pts
-            bow = 14.0 if back else -14.0
-            pts.insert(1, ((x0 + x1) / 2, (y0 + y1) / 2 + bow))
+            a, b = nodes[path[0]], nodes[path[1]]
+            side = 1 if b.x > a.x else -1  # the bend sits in the gap between the two, not inside either
+            x = (a.x + side * a.width / 2 + b.x - side * b.width / 2) / 2
+            pts.insert(1, (x, (a.y + b.y) / 2 + (14.0 if back else -14.0)))
         pts[0] = _border(nodes[path[0]], pts[1])
         pts[-1] = _border(nodes[path[-1]], pts[-2])
         edges.append(Edge(arc, pts, back))
