@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import SecretStr
 
@@ -544,3 +545,33 @@ def test_a_long_conversation_keeps_the_newest_turns_within_the_budget() -> None:
     # With room for everything, nothing is dropped.
     everything = prompt.messages(net, conv, ask, budget=10**7)
     assert len(everything) == len(history) + 2 and "Earlier conversation" not in everything[0]["content"]
+
+
+async def test_a_bots_own_api_key_and_base_url_are_used_and_never_shown(
+    settings: Settings, nc: Any, captured: io.StringIO, monkeypatch: Any
+) -> None:
+    """Beam apps pass ``Bot(api_key=..., base_url=...)``: that bot's calls go there with that key, though
+    the environment names no model endpoint at all, and the key appears in no event, log or API answer."""
+    own_key = "sk-own-bot-key-0123456789SECRET"
+    async with ScriptedLLM(key=own_key) as own:
+        own.when("hello", say("Hi from the bot's own endpoint."))
+        monkeypatch.setenv("BOT_OWN_KEY", own_key)
+        monkeypatch.setenv("BOT_OWN_URL", own.base_url)
+        assert settings.openai_api_key is None and not settings.openai_base_url
+        async with Stack(settings, [app("llm_own_key")]) as stack:
+            client = await Client.connect(stack.ws_url("own_key"))
+            try:
+                session_id = (await client.recv())["value"]
+                await client.send({"type": "user_message", "value": "hello", "request_id": "r1"})
+                reply = await client.until(lambda e: e["type"] == "agent_message"
+                                           and e["metadata"]["request_id"] == "r1")
+            finally:
+                await client.close()
+            async with httpx.AsyncClient(base_url=stack.gateway.url) as http:
+                shown = (await http.get("/bots")).text + (await http.get(f"/bots/own_key/sessions/{session_id}")).text
+    assert reply["value"] == "Hi from the bot's own endpoint."
+    [request] = own.requests
+    assert request.headers["authorization"] == f"Bearer {own_key}" and request.status == 200
+    stored = "\n".join(e.model_dump_json() for _, e in await EventLog(nc).read("own_key", session_id))
+    for where in (stored, shown, captured.getvalue(), repr(load_net(app("llm_own_key")))):
+        assert own_key not in where and own_key[:12] not in where

@@ -79,8 +79,10 @@ class _Recorded:
 class Bot:
     """A bot: typed locations holding markers, and transitions that fire when their inputs are present.
 
-    ``api_key`` is accepted for Beam compatibility but is better left to the environment
-    (``OPENAI_API_KEY``); it is kept as a secret and never logged or sent to a client. ``volumes`` are
+    ``api_key`` and ``base_url`` (Beam's) are this bot's model endpoint, used for its model calls over
+    the environment's ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL``; the key is kept as a secret and never
+    logged or sent to a client (reading it from the environment in the app keeps it out of the code).
+    ``volumes`` are
     :class:`~petribus.Volume` folders mounted into every transition. Other keywords (Beam's ``disks``, a
     typo) are refused by ``Bot.net()``, naming each.
     """
@@ -310,6 +312,7 @@ def _build_net(bot: Bot, bot_name: str | None) -> Net:
     return Net(
         bot=bot_name, description=bot.description, model=bot.model, welcome_message=bot.welcome_message,
         authorized=bot.authorized, locations=locations, transitions=tuple(transitions), volumes=volumes,
+        api_key=bot.api_key, base_url=bot.base_url,
     )
 
 

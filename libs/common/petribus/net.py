@@ -64,6 +64,10 @@ class Net:
     welcome_message: str | None = None
     authorized: bool = True
     volumes: tuple[Any, ...] = ()  # ``petribus.Volume``s mounted into every transition of the bot
+    # The bot's own model endpoint (Beam's Bot(api_key=...)), over the environment's: a SecretStr, never
+    # shown (not in repr, not in GET /bots, not in logs).
+    api_key: Any = field(default=None, repr=False, compare=False)
+    base_url: str | None = None
     _by_name: dict[str, TransitionDef] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -95,10 +95,12 @@ class OpenAIResponder:
     def __init__(self, settings: Settings, net: Net, *, backoff_s: float = BACKOFF_S,
                  max_backoff_s: float = MAX_BACKOFF_S) -> None:
         self.model = settings.llm_model or net.model or ""
-        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+        secret = net.api_key or settings.openai_api_key  # the bot's own endpoint first (Beam's Bot(api_key=))
+        key = secret.get_secret_value() if secret else None
+        base_url = net.base_url or settings.openai_base_url
         self._secrets = (key,) if key else ()
-        self.where = endpoint(settings.openai_base_url)
-        self.client = AsyncOpenAI(api_key=key or NO_KEY, base_url=settings.openai_base_url or None,
+        self.where = endpoint(base_url)
+        self.client = AsyncOpenAI(api_key=key or NO_KEY, base_url=base_url or None,
                                   max_retries=0, timeout=settings.llm_timeout_s)
         self.tools = tools.for_net(net)
         self.budget = settings.llm_context_chars

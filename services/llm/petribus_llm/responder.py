@@ -95,8 +95,10 @@ class OfflineResponder:
 
 
 def responder_for(settings: Settings, net: Net) -> Responder:
-    """The OpenAI-compatible responder when a key or a base URL is set (and a model named); else offline."""
-    if settings.openai_api_key is None and not settings.openai_base_url:
+    """The OpenAI-compatible responder when a key or a base URL is set, the bot's own (``Bot(api_key=,
+    base_url=)``) or the environment's, and a model named; else offline."""
+    if net.api_key is None and not net.base_url and settings.openai_api_key is None \
+            and not settings.openai_base_url:
         return OfflineResponder()
     if not (settings.llm_model or net.model):
         logs.get("petribus.llm").warning(
