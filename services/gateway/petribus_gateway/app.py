@@ -21,7 +21,7 @@ from petribus.keys import KeyStore
 from petribus.net import Net
 from petribus.service import Service
 from petribus.settings import Settings
-from petribus_gateway import auth, docs, errors, files, limits, pools, rest, ws
+from petribus_gateway import auth, docs, errors, files, limits, pools, rest, ui, ws
 from petribus_gateway.context import GatewayContext
 
 DESCRIPTION = """\
@@ -90,6 +90,7 @@ def create_app(ctx: GatewayContext, *, on_ready: Callable[[], None] | None = Non
     app.include_router(files.router)
     app.include_router(pools.router)
     app.include_router(ws.router)
+    ui.install(app)  # the dashboard: / and /ui/ (docs/dashboard.md)
     docs.install(app)
     errors.install(app)
     loopback_open = auth.is_loopback(ctx.settings.host)

@@ -1,0 +1,169 @@
+"""The web dashboard: one page at ``/`` and its assets under ``/ui/``, every byte shipped in this package
+(``dashboard/``: plain ES modules, CSS and SVG drawn at run time; no build step, no CDN), and the two
+questions the REST API did not answer: the whole net (``GET /bots/{bot}/net``, unexposed places and
+transitions included, to draw it) and the caller's sessions newest first with their status
+(``GET /bots/{bot}/recent``). Everything else the page does goes through the public API, with the same
+key and owner rules as any client (docs/dashboard.md).
+
+The page itself holds no data, so it is served to anyone; its Content-Security-Policy allows scripts,
+styles, images and connections from this origin only (``connect-src`` names this host's ``ws://`` and
+``wss://`` for the session stream), and no framing.
+
+A session's status is a fold of its log up to its last event, so it is remembered by (bot, session,
+last sequence): a prefix of a log never changes, and a session nobody touched since the last listing
+costs one read of its last event.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from nats.js.errors import NotFoundError
+from pydantic import BaseModel, Field
+
+from petribus import subjects
+from petribus.core import SessionState
+from petribus.events import TransitionFailed, decode
+from petribus.net import Net
+from petribus_gateway import rest
+from petribus_gateway.auth import CallerDep, guard
+from petribus_gateway.context import GatewayContext, bus_ready, context
+
+DASHBOARD = Path(__file__).parent / "dashboard"
+STATUS_MEMO = 10_000  # (bot, session, last seq) -> status answers remembered
+HOST_RE = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+
+Ctx = Annotated[GatewayContext, Depends(context)]
+Status = Literal["idle", "running", "waiting", "failed"]
+
+
+class PlaceInfo(BaseModel):
+    name: str = Field(description="The location (its marker model's class name).")
+    description: str | None = None
+    exposed: bool = Field(description="Whether clients may add markers here.")
+
+
+class NetTransition(BaseModel):
+    name: str
+    description: str | None = None
+    inputs: dict[str, int] = Field(description="Place -> markers one firing consumes.")
+    outputs: list[str] = Field(description="Places its outputs may go to.")
+    confirm: bool
+    exposed: bool
+
+
+class NetInfo(BaseModel):
+    """The bot's whole net: every place and transition, exposed or not (what the dashboard draws)."""
+
+    bot: str
+    places: list[PlaceInfo]
+    transitions: list[NetTransition]
+
+
+class RecentSession(BaseModel):
+    session_id: str
+    events: int = Field(description="Number of events in the session's log.")
+    last_seq: int = Field(description="Sequence of its newest event: larger is more recent.")
+    updated: float = Field(description="Unix time of its newest event.")
+    status: Status = Field(description="waiting: a confirmation, question or file waits for a person; running: "
+                           "a firing is in flight; failed: its newest event is a firing that failed for good; "
+                           "idle: none of these.")
+    forked_from: str | None = Field(default=None, description="The session it was forked from, if any.")
+
+
+class RecentList(BaseModel):
+    bot: str
+    sessions: list[RecentSession] = Field(description="Most recently active first.")
+    more: int = Field(description="The caller's sessions left out past ``limit``.")
+
+
+_statuses: OrderedDict[tuple[str, str, int], tuple[Status, str | None]] = OrderedDict()
+
+page = APIRouter(include_in_schema=False)
+api = APIRouter(dependencies=[Depends(guard)], tags=["dashboard"])
+
+
+@page.get("/")
+async def index(request: Request) -> FileResponse:
+    """The dashboard's page (static: it reads everything through the API with the visitor's key)."""
+    host = request.headers.get("host", "")
+    ws = f" ws://{host} wss://{host}" if HOST_RE.match(host) else ""
+    policy = (f"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+              f"connect-src 'self'{ws}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return FileResponse(DASHBOARD / "index.html", media_type="text/html", headers={
+        "Content-Security-Policy": policy, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer"})
+
+
+@api.get("/bots/{bot}/net", response_model=NetInfo, responses=rest.NOT_FOUND)
+async def net_info(net: rest.BotNet) -> NetInfo:
+    """Every place and transition of the bot, for drawing its net (``GET /bots`` lists the exposed ones)."""
+    return NetInfo(
+        bot=net.bot,
+        places=[PlaceInfo(name=loc.name, description=loc.description, exposed=loc.expose)
+                for loc in net.locations.values()],
+        transitions=[NetTransition(name=t.name, description=t.description, inputs=dict(t.inputs),
+                                   outputs=list(t.outputs), confirm=t.confirm, exposed=t.expose)
+                     for t in net.transitions])
+
+
+@api.get("/bots/{bot}/recent", response_model=RecentList, responses=rest.ERRORS,
+         dependencies=[Depends(bus_ready)])
+async def recent(net: rest.BotNet, ctx: Ctx, caller: CallerDep,
+                 limit: Annotated[int, Query(ge=1, le=200, description="Sessions to answer.")] = 50,
+                 ) -> RecentList:
+    """The caller's sessions of the bot (as ``GET /bots/{bot}/sessions`` lists them), most recently active
+    first, each with its status."""
+    listed = (await rest.list_sessions(net, ctx, caller)).sessions
+    newest: list[tuple[int, float, str, int]] = []
+    for s in listed:
+        try:
+            msg = await ctx.events.js.get_last_msg(subjects.EVENTS_STREAM, subjects.events(net.bot, s.session_id))
+        except NotFoundError:
+            continue  # deleted since it was listed
+        newest.append((int(msg.seq or 0), decode(msg.data or b"").ts, s.session_id, s.events))
+    newest.sort(reverse=True)
+    out = []
+    for last_seq, updated, session_id, count in newest[:limit]:
+        status, forked_from = await _status(ctx, net, session_id, last_seq)
+        out.append(RecentSession(session_id=session_id, events=count, last_seq=last_seq, updated=updated,
+                                 status=status, forked_from=forked_from))
+    return RecentList(bot=net.bot, sessions=out, more=max(0, len(newest) - limit))
+
+
+async def _status(ctx: GatewayContext, net: Net, session_id: str, last_seq: int) -> tuple[Status, str | None]:
+    key = (net.bot, session_id, last_seq)
+    found = _statuses.get(key)
+    if found is None:
+        state = await ctx.timeline.state_at(net.bot, session_id, last_seq)
+        last = await ctx.events.read(net.bot, session_id, after=state.last_seq - 1) if state.last_seq else []
+        found = (status_of(state, last[-1][1] if last else None),
+                 state.forked_from[1] if state.forked_from else None)
+        _statuses[key] = found
+        if len(_statuses) > STATUS_MEMO:
+            _statuses.popitem(last=False)
+    return found
+
+
+def status_of(state: SessionState, last_event: object) -> Status:
+    """A session's status from its state and its newest event."""
+    if state.pending_requests or state.pending_files or state.awaiting_confirmation():
+        return "waiting"
+    if state.in_flight:
+        return "running"
+    if isinstance(last_event, TransitionFailed) and last_event.final:
+        return "failed"
+    return "idle"
+
+
+def install(app: FastAPI) -> None:
+    """Serve the dashboard from ``app``: the page, its API routes and the assets."""
+    app.include_router(page)
+    app.include_router(api)
+    app.mount("/ui", StaticFiles(directory=DASHBOARD), name="ui")

@@ -1,0 +1,216 @@
+"""The web dashboard, driven in a real headless Chromium (Debian's, through playwright) against the real
+stack: every test opens the page the gateway serves and acts as a person would.
+
+Chromium comes from ``scripts/browser`` (``scripts/test`` runs it); without it these tests fail with the
+reason, they are never skipped. Each step's screenshot goes to ``$PETRIBUS_TEST_ARTIFACTS/dashboard/``
+(default ``test-artifacts/`` at the repository root) so a reviewer can look at them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from petribus.bus import EventLog
+from petribus.events import MarkerAdded, new_id
+from petribus.events import Marker as EventMarker
+from petribus.settings import Settings
+from tests.conftest import app
+from tests.harness import Stack
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(os.environ.get("PETRIBUS_TEST_ARTIFACTS") or REPO / "test-artifacts") / "dashboard"
+WAIT_MS = 30_000
+MAX_ROWS = 120  # timeline rows the DOM may hold at once, whatever the session's length
+
+try:
+    from playwright.async_api import Browser, Page, async_playwright, expect
+    expect.set_options(timeout=WAIT_MS)
+except ImportError:  # reported by the browser fixture, as a failure
+    async_playwright = None  # type: ignore[assignment]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if os.environ.get("PETRIBUS_BROWSER_ERROR"):
+        pytest.fail(f"no browser for the dashboard tests: {os.environ['PETRIBUS_BROWSER_ERROR']}")
+    exe = os.environ.get("PETRIBUS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:  # not run through scripts/test: install it the same way
+        run = subprocess.run([str(REPO / "scripts" / "browser")], capture_output=True, text=True)
+        if run.returncode != 0:
+            pytest.fail(f"scripts/browser could not provide a Chromium for the dashboard tests:\n{run.stderr}")
+        exe = run.stdout.strip().removeprefix("export PETRIBUS_CHROMIUM=")
+    if async_playwright is None:
+        pytest.fail("the playwright package is missing: install the test extras (pip install -e '.[test]')")
+    async with async_playwright() as pw:
+        launched = await pw.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu",
+                                                                          "--disable-dev-shm-usage"])
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@dataclass
+class Tab:
+    """A page of the dashboard, with what it logged and asked for, and a screenshot per step."""
+
+    page: Page
+    name: str
+    origin: str
+    problems: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+
+    async def shot(self, step: str) -> None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        await self.page.screenshot(path=str(ARTIFACTS / f"{self.name}--{step}.png"), full_page=True)
+
+    def assert_clean(self) -> None:
+        assert self.problems == [], self.problems  # no script error, no failed request
+        assert self.foreign == [], self.foreign  # nothing fetched from anywhere but the gateway
+
+
+async def open_tab(browser: Browser, origin: str, name: str) -> Tab:
+    context = await browser.new_context(viewport={"width": 1400, "height": 1100})
+    page = await context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    tab = Tab(page, name, origin)
+
+    def problem(text: str) -> None:
+        print(f"[{name}] {text}")  # shown with a failure's captured output
+        tab.problems.append(text)
+
+    page.on("pageerror", lambda exc: problem(f"page error: {exc}"))
+    page.on("console", lambda msg: problem(f"console: {msg.text}") if msg.type == "error" else None)
+    ws_origin = origin.replace("http://", "ws://")
+    page.on("request", lambda req: None if req.url.startswith((origin, ws_origin, "blob:", "data:"))
+            else tab.foreign.append(req.url))
+    return tab
+
+
+@pytest.fixture
+def artifacts(request: pytest.FixtureRequest) -> str:
+    return str(request.node.name).removeprefix("test_")
+
+
+def session_of(url: str) -> str:
+    found = re.search(r"#/bots/[^/]+/sessions/([^/?]+)", url)
+    assert found, url
+    return found.group(1)
+
+
+async def new_session(http: httpx.AsyncClient, bot: str) -> str:
+    made = await http.post(f"/bots/{bot}/sessions")
+    assert made.status_code == 201, made.text
+    return str(made.json()["session_id"])
+
+
+async def add_marker(http: httpx.AsyncClient, bot: str, session_id: str, location: str, data: dict[str, Any]) -> int:
+    added = await http.post(f"/bots/{bot}/sessions/{session_id}/markers", json={"location": location, "data": data})
+    assert added.status_code == 201, added.text
+    return int(added.json()["seq"])
+
+
+# --- the whole flow -----------------------------------------------------------------------------------
+
+
+async def test_full_flow_chat_marker_confirmation_graph_and_fork(settings: Settings, browser: Browser,
+                                                                 artifacts: str) -> None:
+    async with Stack(settings, [app("hitl_bot")]) as stack:
+        tab = await open_tab(browser, stack.gateway.url, artifacts)
+        page = tab.page
+        await page.goto(stack.gateway.url + "/")
+        bot = page.locator('section.bot[data-bot="hitl"]')
+        await expect(bot).to_be_visible()
+        await tab.shot("01-home")
+
+        # Open: a new session, its net drawn whole.
+        await bot.locator('[data-action="new-session"]').click()
+        await expect(page.locator("#net [data-transition]")).to_have_count(len(stack.nets[0].transitions))
+        await expect(page.locator("#net [data-place]")).to_have_count(len(stack.nets[0].locations))
+        session_id = session_of(page.url)
+        await expect(page.locator("#stream-state")).to_have_text("live")
+        await tab.shot("02-session")
+
+        # Chat: the message shows, and the (offline) model answers.
+        await page.fill("#chat-input", "hello there")
+        await page.click("#chat-form button")
+        await expect(page.locator('.msg[data-role="user"]')).to_have_text("hello there")
+        await expect(page.locator('.msg[data-role="agent"]').first).to_be_visible()
+        await tab.shot("03-chat")
+
+        # Add a marker: the confirm=True transition claims it and waits, lit as such, with Accept offered.
+        await page.select_option("#marker-location", "Order")
+        await page.fill("#marker-data", '{"id": 7}')
+        await page.click("#marker-form button")
+        cancel = page.locator('#net [data-transition="cancel"]')
+        await expect(cancel).to_have_attribute("data-state", "awaiting")
+        await expect(page.locator("#session-status [data-status]")).to_have_attribute("data-status", "waiting")
+        confirmation = page.locator('.pending.confirmation[data-transition="cancel"]')
+        await expect(confirmation).to_contain_text('"id": 7')
+        await tab.shot("04-confirmation-waits")
+
+        # Accept: the firing runs and the graph follows: Order empties, Cancelled gets the marker.
+        await confirmation.locator("button.accept").click()
+        await expect(page.locator('#net [data-place="Cancelled"]')).to_have_attribute("data-count", "1")
+        await expect(page.locator('#net [data-place="Order"]')).to_have_attribute("data-count", "0")
+        await expect(cancel).to_have_attribute("data-state", "idle")
+        await tab.shot("05-accepted")
+
+        # A transition lights up while a firing of it runs: refund asks its question mid-run.
+        await page.select_option("#marker-location", "Refund")
+        await page.fill("#marker-data", '{"amount": 5}')
+        await page.click("#marker-form button")
+        refund = page.locator('#net [data-transition="refund"]')
+        await expect(refund).to_have_attribute("data-state", "firing")
+        question = page.locator('.pending.question[data-transition="refund"]')
+        await expect(question).to_contain_text("Refund 5 EUR?")
+        await tab.shot("06-running-with-question")
+        await question.locator("button.accept").click()
+        await expect(page.locator('#net [data-place="RefundDecision"]')).to_have_attribute("data-count", "1")
+        await expect(refund).to_have_attribute("data-state", "idle")
+
+        # Markers are inspectable as JSON.
+        await page.click('#net [data-place="RefundDecision"]')
+        await expect(page.locator('#inspector .place-markers[data-place="RefundDecision"]')).to_contain_text(
+            '"approved": true')
+        await tab.shot("07-markers-inspected")
+
+        # Timeline: choosing the Order's marker_added shows the state then; fork here opens the fork.
+        await expect(page.locator("#timeline")).to_have_attribute("data-loaded", "true")
+        row = page.locator('.tl-row[data-type="marker_added"]').first
+        seq = await row.get_attribute("data-seq")
+        await row.click()
+        await expect(page.locator("#view-mode")).to_have_text(f"as of seq {seq}")
+        await expect(page.locator('#net [data-place="Order"]')).to_have_attribute("data-count", "1")
+        await expect(page.locator('#net [data-place="Cancelled"]')).to_have_attribute("data-count", "0")
+        await tab.shot("08-timeline-past-state")
+        await page.click("#fork-here")
+        await expect(page).not_to_have_url(re.compile(session_id))
+        fork_id = session_of(page.url)
+        await expect(page.locator("#forked-from a")).to_have_attribute("href", re.compile(f"{session_id}$"))
+        await expect(page.locator("#forked-from")).to_contain_text(f"at seq {seq}")
+        # The fork starts from that step: the Order marker is back, and cancel asks again there.
+        await expect(page.locator('#net [data-transition="cancel"]')).to_have_attribute("data-state", "awaiting")
+        await expect(page.locator('#net [data-place="Cancelled"]')).to_have_attribute("data-count", "0")
+        await tab.shot("09-fork-opened")
+
+        # Home lists both sessions, newest first, with their status.
+        await page.goto(stack.gateway.url + "/#/")
+        rows = page.locator('section.bot[data-bot="hitl"] tr.session-row')
+        await expect(rows).to_have_count(2)
+        await expect(rows.nth(0)).to_have_attribute("data-session", fork_id)
+        await expect(rows.nth(0)).to_have_attribute("data-status", "waiting")
+        await expect(rows.nth(1)).to_have_attribute("data-session", session_id)
+        await expect(rows.nth(1)).to_have_attribute("data-status", "idle")
+        await tab.shot("10-home-with-statuses")
+        tab.assert_clean()
