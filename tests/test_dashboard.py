@@ -21,11 +21,11 @@ import httpx
 import pytest
 
 from petribus.bus import EventLog
-from petribus.events import MarkerAdded, new_id
-from petribus.events import Marker as EventMarker
+from petribus.events import Marker, MarkerAdded
 from petribus.settings import Settings
-from tests.conftest import app
-from tests.harness import Stack
+
+from .conftest import app
+from .harness import Stack
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("PETRIBUS_TEST_ARTIFACTS") or REPO / "test-artifacts") / "dashboard"
@@ -213,4 +213,157 @@ async def test_full_flow_chat_marker_confirmation_graph_and_fork(settings: Setti
         await expect(rows.nth(1)).to_have_attribute("data-session", session_id)
         await expect(rows.nth(1)).to_have_attribute("data-status", "idle")
         await tab.shot("10-home-with-statuses")
+        tab.assert_clean()
+
+
+# --- scale ---------------------------------------------------------------------------------------------
+
+
+BIG = app("dashboard_big")
+LONG = 10_000
+
+
+async def test_timeline_of_10000_events_stays_small_in_the_dom_and_shows_a_late_state(
+    settings: Settings, browser: Browser, nc: Any, artifacts: str
+) -> None:
+    async with Stack(settings, [BIG], parts=("gateway",)) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=30) as http:
+        session_id = await new_session(http, "dashboard_big")
+        log = EventLog(nc)
+        seqs: list[int] = []
+        for start in range(0, LONG, 1000):  # nothing runs (gateway only): the markers stay in Step0
+            seqs += await log.append_many([
+                MarkerAdded(bot="dashboard_big", session_id=session_id, source="api",
+                            marker=Marker(location="Step0", data={"n": i})) for i in range(start, start + 1000)])
+        late = seqs[-10]  # the 9,991st marker
+
+        tab = await open_tab(browser, stack.gateway.url, artifacts)
+        page = tab.page
+        await page.goto(f"{stack.gateway.url}/#/bots/dashboard_big/sessions/{session_id}")
+        timeline = page.locator("#timeline")
+        await expect(timeline).to_have_attribute("data-loaded", "true", timeout=120_000)
+        await expect(page.locator("#timeline-count")).to_have_text(f"{LONG + 1} events")
+        await expect(page.locator('#net [data-place="Step0"]')).to_have_attribute("data-count", str(LONG))
+        assert 0 < await page.locator(".tl-row").count() <= MAX_ROWS
+        await tab.shot("01-loaded")
+
+        # Scrolled to the end, the DOM still holds a window of rows: the last ones.
+        await timeline.evaluate("el => { el.scrollTop = el.scrollHeight; }")
+        await expect(page.locator(f'.tl-row[data-seq="{seqs[-1]}"]')).to_be_visible()
+        assert await page.locator(".tl-row").count() <= MAX_ROWS
+
+        # Choosing a late event shows the state at it.
+        await page.fill("#jump-seq", str(late))
+        await page.click("#jump-form button")
+        await expect(page.locator("#view-mode")).to_have_text(f"as of seq {late}")
+        await expect(page.locator('#net [data-place="Step0"]')).to_have_attribute("data-count", str(LONG - 9))
+        await expect(page.locator(f'.tl-row.selected[data-seq="{late}"]')).to_be_visible()
+        await expect(page.locator(f'#inspector .step[data-seq="{late}"]')).to_contain_text('"n": 9990')
+        assert await page.locator(".tl-row").count() <= MAX_ROWS
+        await tab.shot("02-late-state")
+
+        # ... and an early one, scrolled back to.
+        await page.fill("#jump-seq", str(seqs[4]))
+        await page.click("#jump-form button")
+        await expect(page.locator('#net [data-place="Step0"]')).to_have_attribute("data-count", "5")
+        await expect(page.locator(f'.tl-row.selected[data-seq="{seqs[4]}"]')).to_be_visible()
+        assert await page.locator(".tl-row").count() <= MAX_ROWS
+        await tab.shot("03-early-state")
+        tab.assert_clean()
+
+
+async def test_a_net_of_50_transitions_draws_every_transition_place_and_arc(
+    settings: Settings, browser: Browser, artifacts: str
+) -> None:
+    async with Stack(settings, [BIG], parts=("gateway",)) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=30) as http:
+        net = stack.nets[0]
+        session_id = await new_session(http, "dashboard_big")
+        await add_marker(http, "dashboard_big", session_id, "Step4", {"n": 1})
+        tab = await open_tab(browser, stack.gateway.url, artifacts)
+        page = tab.page
+        await page.goto(f"{stack.gateway.url}/#/bots/dashboard_big/sessions/{session_id}")
+        await expect(page.locator("#net [data-transition]")).to_have_count(50)
+        await expect(page.locator("#net [data-place]")).to_have_count(51)
+        arcs = sum(len(t.inputs) + len(t.outputs) for t in net.transitions)
+        await expect(page.locator("#net .arc")).to_have_count(arcs)
+        await expect(page.locator('#net [data-place="Step4"]')).to_have_attribute("data-count", "1")
+        # Joins show their count on the arc; each node has its own room (no two boxes overlap).
+        joins = [t for t in net.transitions if max(dict(t.inputs).values()) == 2]
+        await expect(page.locator("#net .arc.input[data-count='2'] .arc-count")).to_have_count(len(joins))
+        boxes = await page.eval_on_selector_all(
+            "#net [data-transition] rect, #net [data-place] circle",
+            "els => els.map(e => { const b = e.getBBox(); return [b.x, b.y, b.width, b.height]; })")
+        assert len(boxes) == 101
+        for i, (x, y, w, h) in enumerate(boxes):
+            for x2, y2, w2, h2 in boxes[i + 1:]:
+                assert x + w <= x2 or x2 + w2 <= x or y + h <= y2 or y2 + h2 <= y, (x, y, x2, y2)
+        names = set(await page.eval_on_selector_all("#net [data-transition]",
+                                                    "els => els.map(e => e.dataset.transition)"))
+        assert names == {t.name for t in net.transitions}
+        await tab.shot("01-net")
+        await page.locator(".graph-panel").screenshot(path=str(ARTIFACTS / f"{tab.name}--02-net-panel.png"))
+        tab.assert_clean()
+
+
+# --- errors, forks -------------------------------------------------------------------------------------
+
+
+async def test_a_failure_shows_its_traceback_and_the_inputs_of_the_failed_firing(
+    settings: Settings, browser: Browser, artifacts: str
+) -> None:
+    async with Stack(settings, [app("errors_app")], parts=("scheduler", "executor", "gateway")) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=30) as http:
+        session_id = await new_session(http, "errors_app")
+        tab = await open_tab(browser, stack.gateway.url, artifacts)
+        page = tab.page
+        await page.goto(f"{stack.gateway.url}/#/bots/errors_app/sessions/{session_id}")
+        await expect(page.locator("#stream-state")).to_have_text("live")
+        await add_marker(http, "errors_app", session_id, "AsyncOrder", {"item": "anvil", "qty": 1})
+
+        failure = page.locator("#errors .failure")
+        await expect(failure).to_have_count(1)
+        await expect(failure.locator(".error-type")).to_have_text("LookupError")
+        await expect(failure.locator(".error-message")).to_contain_text("no warehouse has 'anvil'")
+        await expect(failure.locator(".traceback")).to_contain_text("ship_async")
+        await expect(failure.locator(".inputs")).to_contain_text('"item": "anvil"')
+        await expect(page.locator("#session-status [data-status]")).to_have_attribute("data-status", "failed")
+        await expect(page.locator('#net [data-place="AsyncOrder"]')).to_have_attribute("data-count", "1")
+        await tab.shot("01-failure")
+
+        # The failed event in the timeline shows the same, and the home page lists the session as failed.
+        await page.locator('.tl-row[data-type="transition_failed"]').click()
+        await expect(page.locator("#inspector .failure .traceback")).to_contain_text("LookupError")
+        await tab.shot("02-failure-in-timeline")
+        await page.goto(stack.gateway.url + "/#/")
+        await expect(page.locator(f'tr.session-row[data-session="{session_id}"]')).to_have_attribute(
+            "data-status", "failed")
+        await tab.shot("03-home-failed")
+        tab.assert_clean()
+
+
+async def test_fork_here_creates_the_fork_at_the_chosen_step_and_opens_it(
+    settings: Settings, browser: Browser, artifacts: str
+) -> None:
+    async with Stack(settings, [BIG], parts=("gateway",)) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=30) as http:
+        source = await new_session(http, "dashboard_big")
+        seqs = [await add_marker(http, "dashboard_big", source, "Step0", {"n": n}) for n in range(3)]
+        tab = await open_tab(browser, stack.gateway.url, artifacts)
+        page = tab.page
+        await page.goto(f"{stack.gateway.url}/#/bots/dashboard_big/sessions/{source}")
+        await page.locator(f'.tl-row[data-seq="{seqs[1]}"]').click()
+        await expect(page.locator('#net [data-place="Step0"]')).to_have_attribute("data-count", "2")
+        await page.click("#fork-here")
+
+        await expect(page).not_to_have_url(re.compile(source))
+        fork = session_of(page.url)
+        await expect(page.locator("#view-mode")).to_have_text("live")
+        await expect(page.locator('#net [data-place="Step0"]')).to_have_attribute("data-count", "2")
+        await expect(page.locator('.tl-row[data-type="session_forked"]')).to_have_count(1)
+        await tab.shot("01-fork")
+        forked = (await http.get(f"/bots/dashboard_big/sessions/{fork}?events=false")).json()
+        assert [m["data"]["n"] for m in forked["marking"]["Step0"]] == [0, 1]
+        source_now = (await http.get(f"/bots/dashboard_big/sessions/{source}?events=false")).json()
+        assert len(source_now["marking"]["Step0"]) == 3  # the source is untouched
         tab.assert_clean()

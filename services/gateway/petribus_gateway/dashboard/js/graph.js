@@ -12,9 +12,13 @@ const MARGIN = 40;
 const R = 22;
 const BOX_H = 30;
 const SWEEPS = 8;
+const BAND_GAP = 50;
 
-/** Positions for `net` ({places, transitions}): {nodes: Map(id -> node), arcs, width, height}. */
-export function layout(net) {
+/**
+ * Positions for `net` ({places, transitions}): {nodes: Map(id -> node), arcs, width, height}; `opts.columns`:
+ * the most columns side by side before the layout wraps into another band below.
+ */
+export function layout(net, opts = {}) {
   const nodes = new Map();
   for (const p of net.places) nodes.set(`p:${p.name}`, { id: `p:${p.name}`, kind: 'place', name: p.name, info: p });
   for (const t of net.transitions) {
@@ -93,19 +97,27 @@ export function layout(net) {
       col.forEach((k, i) => pos.set(k, i / Math.max(1, col.length - 1)));
     }
   }
-  const tall = Math.max(1, ...columns.map((c) => c.length));
-  const height = MARGIN * 2 + tall * ROW_H;
-  columns.forEach((col, c) => {
-    const top = MARGIN + ((tall - col.length) * ROW_H) / 2 + ROW_H / 2;
-    col.forEach((k, i) => {
-      const n = nodes.get(k);
-      n.x = MARGIN + R + c * COL_W;
-      n.y = top + i * ROW_H;
-      n.w = n.kind === 'place' ? 2 * R : Math.min(COL_W - 30, Math.max(70, short(n.name, 20).length * 7.5 + 16));
+  // Long nets wrap: at most `perBand` columns side by side, the next ones in a band below.
+  const perBand = Math.max(2, opts.columns || columns.length || 1);
+  let top = MARGIN;
+  let width = 0;
+  for (let b = 0; b * perBand < columns.length; b++) {
+    const band = columns.slice(b * perBand, (b + 1) * perBand);
+    const tall = Math.max(1, ...band.map((c) => c.length));
+    band.forEach((col, i) => {
+      const y0 = top + ((tall - col.length) * ROW_H) / 2 + ROW_H / 2;
+      col.forEach((k, j) => {
+        const n = nodes.get(k);
+        n.band = b;
+        n.x = MARGIN + R + i * COL_W;
+        n.y = y0 + j * ROW_H;
+        n.w = n.kind === 'place' ? 2 * R : Math.min(COL_W - 30, Math.max(70, short(n.name, 20).length * 7.5 + 16));
+      });
     });
-  });
-  const width = MARGIN * 2 + 2 * R + Math.max(0, columns.length - 1) * COL_W + 60;
-  return { nodes, arcs, width, height };
+    width = Math.max(width, MARGIN * 2 + 2 * R + (band.length - 1) * COL_W + 60);
+    top += tall * ROW_H + BAND_GAP;
+  }
+  return { nodes, arcs, width, height: top - BAND_GAP + MARGIN };
 }
 
 function edgePoint(n, other) {
@@ -138,20 +150,23 @@ export function draw(svg, lay, { onPlace, onTransition }) {
   svg.append(arcLayer, nodeLayer);
   for (const a of lay.arcs) {
     const from = lay.nodes.get(a.from), to = lay.nodes.get(a.to);
-    const forward = to.x > from.x + 10;
-    const p = forward ? edgePoint(from, to) : bottom(from);
-    const q = forward ? edgePoint(to, from) : bottom(to);
+    const sameBand = from.band === to.band;
+    const forward = sameBand && to.x > from.x + 10;
+    const p = forward || !sameBand ? edgePoint(from, { x: from.x + 1, y: from.y }) : bottom(from);
+    const q = forward || !sameBand ? edgePoint(to, { x: to.x - 1, y: to.y }) : bottom(to);
     const dip = Math.max(p.y, q.y) + ROW_H * 0.5;
     const mx = (p.x + q.x) / 2;
-    const d = forward ? `M${p.x},${p.y} C${mx},${p.y} ${mx},${q.y} ${q.x},${q.y}`
-      : `M${p.x},${p.y} C${p.x},${dip} ${q.x},${dip} ${q.x},${q.y}`;
+    let d;
+    if (forward) d = `M${p.x},${p.y} C${mx},${p.y} ${mx},${q.y} ${q.x},${q.y}`;
+    else if (sameBand) d = `M${p.x},${p.y} C${p.x},${dip} ${q.x},${dip} ${q.x},${q.y}`;
+    else d = `M${p.x},${p.y} C${p.x + 90},${p.y} ${q.x - 90},${q.y} ${q.x},${q.y}`;  // into another band
     const g = s('g', { class: `arc ${a.input ? 'input' : 'output'}${a.back ? ' back' : ''}`,
       'data-from': from.name, 'data-to': to.name, 'data-count': a.count ?? '' });
     g.append(s('path', { d, 'marker-end': 'url(#arrow)' }));
     g.append(s('title', {}, `${from.name} → ${to.name}${a.count ? ` (${a.count} per firing)` : ''}`));
     if (a.count && a.count > 1) {
       const lx = mx;
-      const ly = forward ? (p.y + q.y) / 2 - 6 : dip - 4;
+      const ly = sameBand && !forward ? dip - 4 : (p.y + q.y) / 2 - 6;
       g.append(s('text', { x: lx, y: ly, class: 'arc-count' }, String(a.count)));
     }
     arcLayer.append(g);
@@ -187,6 +202,10 @@ export function draw(svg, lay, { onPlace, onTransition }) {
   }
   let selected = null;
   return {
+    zoom(z) {
+      svg.setAttribute('width', Math.round(lay.width * z));
+      svg.setAttribute('height', Math.round(lay.height * z));
+    },
     update(state) {
       const marking = (state && state.marking) || {};
       for (const [name, p] of places) {

@@ -62,7 +62,10 @@ export async function openSession(main, bot, id) {
     h('div.session-grid',
       h('section.panel.graph-panel',
         h('div.panel-head', h('h3', 'Net'),
-          h('span.legend', h('span.key-firing', 'running'), h('span.key-awaiting', 'awaits confirmation'))),
+          h('span.legend', h('span.key-firing', 'running'), h('span.key-awaiting', 'awaits confirmation')),
+          h('span.row.zoom', h('button', { type: 'button', title: 'Zoom out', onclick: () => zoom(zoomed / 1.25) }, '−'),
+            h('button', { type: 'button', title: 'Actual size', onclick: () => zoom(1) }, '1:1'),
+            h('button', { type: 'button', title: 'Zoom in', onclick: () => zoom(zoomed * 1.25) }, '+'))),
         graphScroll),
       h('section.panel.side',
         h('h3', 'Waiting for you'), pendingEl,
@@ -81,8 +84,10 @@ export async function openSession(main, bot, id) {
       h('section.panel.inspector-panel', h('h3', 'Inspector'), inspector))));
 
   // ------------------------------------------------------------------ graph
-  const lay = layout(net);
+  const lay = layout(net, { columns: Math.floor((graphScroll.clientWidth - 100) / 170) + 1 });
   const graph = draw(svg, lay, { onPlace: inspectPlace });
+  let zoomed = 1;
+  const zoom = (z) => { zoomed = Math.min(3, Math.max(0.2, z)); graph.zoom(zoomed); };
   const shown = () => (S.at === null ? S.live : S.past) || S.live;
 
   function renderState() {
