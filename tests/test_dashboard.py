@@ -8,6 +8,7 @@ reason, they are never skipped. Each step's screenshot goes to ``$PETRIBUS_TEST_
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -19,7 +20,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from petribus.bus import EventLog
 from petribus.events import Marker, MarkerAdded
 from petribus.settings import Settings
@@ -39,16 +39,22 @@ except ImportError:  # reported by the browser fixture, as a failure
     async_playwright = None  # type: ignore[assignment]
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
+def chromium() -> str:
+    """Debian's Chromium: scripts/test says where (or why not); run on its own, scripts/browser installs it."""
     if os.environ.get("PETRIBUS_BROWSER_ERROR"):
         pytest.fail(f"no browser for the dashboard tests: {os.environ['PETRIBUS_BROWSER_ERROR']}")
     exe = os.environ.get("PETRIBUS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:  # not run through scripts/test: install it the same way
-        run = subprocess.run([str(REPO / "scripts" / "browser")], capture_output=True, text=True)
-        if run.returncode != 0:
-            pytest.fail(f"scripts/browser could not provide a Chromium for the dashboard tests:\n{run.stderr}")
-        exe = run.stdout.strip().removeprefix("export PETRIBUS_CHROMIUM=")
+    if exe is not None:
+        return exe
+    run = subprocess.run([str(REPO / "scripts" / "browser")], capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        pytest.fail(f"scripts/browser could not provide a Chromium for the dashboard tests:\n{run.stderr}")
+    return run.stdout.strip().removeprefix("export PETRIBUS_CHROMIUM=")
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    exe = await asyncio.to_thread(chromium)
     if async_playwright is None:
         pytest.fail("the playwright package is missing: install the test extras (pip install -e '.[test]')")
     async with async_playwright() as pw:
@@ -138,7 +144,7 @@ async def test_full_flow_chat_marker_confirmation_graph_and_fork(settings: Setti
         await expect(page.locator("#net [data-transition]")).to_have_count(len(stack.nets[0].transitions))
         await expect(page.locator("#net [data-place]")).to_have_count(len(stack.nets[0].locations))
         session_id = session_of(page.url)
-        await expect(page.locator("#stream-state")).to_have_text("live")
+        await expect(page.locator("#stream-state")).to_have_text("connected")
         await tab.shot("02-session")
 
         # Chat: the message shows, and the (offline) model answers.
@@ -318,7 +324,7 @@ async def test_a_failure_shows_its_traceback_and_the_inputs_of_the_failed_firing
         tab = await open_tab(browser, stack.gateway.url, artifacts)
         page = tab.page
         await page.goto(f"{stack.gateway.url}/#/bots/errors_app/sessions/{session_id}")
-        await expect(page.locator("#stream-state")).to_have_text("live")
+        await expect(page.locator("#stream-state")).to_have_text("connected")
         await add_marker(http, "errors_app", session_id, "AsyncOrder", {"item": "anvil", "qty": 1})
 
         failure = page.locator("#errors .failure")

@@ -1,8 +1,8 @@
 """The web dashboard: one page at ``/`` and its assets under ``/ui/``, every byte shipped in this package
 (``dashboard/``: plain ES modules, CSS and SVG drawn at run time; no build step, no CDN), and the two
-questions the REST API did not answer: the whole net (``GET /bots/{bot}/net``, unexposed places and
-transitions included, to draw it) and the caller's sessions newest first with their status
-(``GET /bots/{bot}/recent``). Everything else the page does goes through the public API, with the same
+questions the REST API did not answer: the whole net laid out for drawing (``GET /bots/{bot}/net``, by
+``petribus.graph``, unexposed places and transitions included) and the caller's sessions newest first
+with their status (``GET /bots/{bot}/recent``). Everything else the page does goes through the public API, with the same
 key and owner rules as any client (docs/dashboard.md).
 
 The page itself holds no data, so it is served to anyone; its Content-Security-Policy allows scripts,
@@ -19,18 +19,18 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from nats.js.errors import NotFoundError
-from pydantic import BaseModel, Field
-
-from petribus import subjects
+from petribus import graph, subjects
 from petribus.core import SessionState
 from petribus.events import TransitionFailed, decode
 from petribus.net import Net
+from pydantic import BaseModel, Field
+
 from petribus_gateway import rest
 from petribus_gateway.auth import CallerDep, guard
 from petribus_gateway.context import GatewayContext, bus_ready, context
@@ -41,29 +41,6 @@ HOST_RE = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5}
 
 Ctx = Annotated[GatewayContext, Depends(context)]
 Status = Literal["idle", "running", "waiting", "failed"]
-
-
-class PlaceInfo(BaseModel):
-    name: str = Field(description="The location (its marker model's class name).")
-    description: str | None = None
-    exposed: bool = Field(description="Whether clients may add markers here.")
-
-
-class NetTransition(BaseModel):
-    name: str
-    description: str | None = None
-    inputs: dict[str, int] = Field(description="Place -> markers one firing consumes.")
-    outputs: list[str] = Field(description="Places its outputs may go to.")
-    confirm: bool
-    exposed: bool
-
-
-class NetInfo(BaseModel):
-    """The bot's whole net: every place and transition, exposed or not (what the dashboard draws)."""
-
-    bot: str
-    places: list[PlaceInfo]
-    transitions: list[NetTransition]
 
 
 class RecentSession(BaseModel):
@@ -101,16 +78,12 @@ async def index(request: Request) -> FileResponse:
         "Referrer-Policy": "no-referrer"})
 
 
-@api.get("/bots/{bot}/net", response_model=NetInfo, responses=rest.NOT_FOUND)
-async def net_info(net: rest.BotNet) -> NetInfo:
-    """Every place and transition of the bot, for drawing its net (``GET /bots`` lists the exposed ones)."""
-    return NetInfo(
-        bot=net.bot,
-        places=[PlaceInfo(name=loc.name, description=loc.description, exposed=loc.expose)
-                for loc in net.locations.values()],
-        transitions=[NetTransition(name=t.name, description=t.description, inputs=dict(t.inputs),
-                                   outputs=list(t.outputs), confirm=t.confirm, exposed=t.expose)
-                     for t in net.transitions])
+@api.get("/bots/{bot}/net", responses=rest.NOT_FOUND)
+async def net_layout(net: rest.BotNet) -> dict[str, Any]:
+    """The bot's whole net laid out for drawing: every place and transition, exposed or not, with its box,
+    and every arc with its points and count (``petribus.graph``'s ``json`` form, as ``petribus graph APP
+    --format json`` writes it). ``GET /bots`` lists only the exposed ones."""
+    return graph.layout(graph.graph_of(net)).to_json()
 
 
 @api.get("/bots/{bot}/recent", response_model=RecentList, responses=rest.ERRORS,

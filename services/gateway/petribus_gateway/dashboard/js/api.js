@@ -66,7 +66,7 @@ export function follow(bot, id, since, onEvent, onState) {
       const t = token();
       if (t) ws.send(JSON.stringify({ type: 'auth', token: t }));
       retry = 500;
-      onState('live');
+      onState('connected');
     };
     ws.onmessage = (m) => {
       const ev = JSON.parse(m.data);

@@ -8,7 +8,7 @@
 
 import { api, download, enc, follow, get, post, sessionPath } from './api.js';
 import { fill, h, json, short, time } from './dom.js';
-import { draw, layout } from './graph.js';
+import { draw } from './graph.js';
 import { failed, go, notice, statusBadge } from './shell.js';
 import { Timeline, summary } from './timeline.js';
 
@@ -65,6 +65,7 @@ export async function openSession(main, bot, id) {
           h('span.legend', h('span.key-firing', 'running'), h('span.key-awaiting', 'awaits confirmation')),
           h('span.row.zoom', h('button', { type: 'button', title: 'Zoom out', onclick: () => zoom(zoomed / 1.25) }, '−'),
             h('button', { type: 'button', title: 'Actual size', onclick: () => zoom(1) }, '1:1'),
+            h('button', { type: 'button', title: 'The whole net in view', onclick: () => fit() }, 'Fit'),
             h('button', { type: 'button', title: 'Zoom in', onclick: () => zoom(zoomed * 1.25) }, '+'))),
         graphScroll),
       h('section.panel.side',
@@ -84,9 +85,9 @@ export async function openSession(main, bot, id) {
       h('section.panel.inspector-panel', h('h3', 'Inspector'), inspector))));
 
   // ------------------------------------------------------------------ graph
-  const lay = layout(net, { columns: Math.floor((graphScroll.clientWidth - 100) / 170) + 1 });
-  const graph = draw(svg, lay, { onPlace: inspectPlace });
+  const graph = draw(svg, net, { onPlace: inspectPlace });
   let zoomed = 1;
+  const fit = () => zoom(Math.min(1, (graphScroll.clientWidth - 4) / net.width));
   const zoom = (z) => { zoomed = Math.min(3, Math.max(0.2, z)); graph.zoom(zoomed); };
   const shown = () => (S.at === null ? S.live : S.past) || S.live;
 
