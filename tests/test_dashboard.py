@@ -114,6 +114,13 @@ def session_of(url: str) -> str:
     return found.group(1)
 
 
+async def opened(page: Page, other_than: str = "") -> str:
+    """The id of the session the page shows, once it has moved to one (other than ``other_than``)."""
+    await page.wait_for_url(lambda url: re.search(r"#/bots/[^/]+/sessions/", url) is not None
+                            and (not other_than or other_than not in url))
+    return session_of(page.url)
+
+
 async def new_session(http: httpx.AsyncClient, bot: str) -> str:
     made = await http.post(f"/bots/{bot}/sessions")
     assert made.status_code == 201, made.text
@@ -141,9 +148,9 @@ async def test_full_flow_chat_marker_confirmation_graph_and_fork(settings: Setti
 
         # Open: a new session, its net drawn whole.
         await bot.locator('[data-action="new-session"]').click()
+        session_id = await opened(page)
         await expect(page.locator("#net [data-transition]")).to_have_count(len(stack.nets[0].transitions))
         await expect(page.locator("#net [data-place]")).to_have_count(len(stack.nets[0].locations))
-        session_id = session_of(page.url)
         await expect(page.locator("#stream-state")).to_have_text("connected")
         await tab.shot("02-session")
 
@@ -201,8 +208,7 @@ async def test_full_flow_chat_marker_confirmation_graph_and_fork(settings: Setti
         await expect(page.locator('#net [data-place="Cancelled"]')).to_have_attribute("data-count", "0")
         await tab.shot("08-timeline-past-state")
         await page.click("#fork-here")
-        await expect(page).not_to_have_url(re.compile(session_id))
-        fork_id = session_of(page.url)
+        fork_id = await opened(page, other_than=session_id)
         await expect(page.locator("#forked-from a")).to_have_attribute("href", re.compile(f"{session_id}$"))
         await expect(page.locator("#forked-from")).to_contain_text(f"at seq {seq}")
         # The fork starts from that step: the Order marker is back, and cancel asks again there.
@@ -361,9 +367,7 @@ async def test_fork_here_creates_the_fork_at_the_chosen_step_and_opens_it(
         await page.locator(f'.tl-row[data-seq="{seqs[1]}"]').click()
         await expect(page.locator('#net [data-place="Step0"]')).to_have_attribute("data-count", "2")
         await page.click("#fork-here")
-
-        await expect(page).not_to_have_url(re.compile(source))
-        fork = session_of(page.url)
+        fork = await opened(page, other_than=source)
         await expect(page.locator("#view-mode")).to_have_text("live")
         await expect(page.locator('#net [data-place="Step0"]')).to_have_attribute("data-count", "2")
         await expect(page.locator('.tl-row[data-type="session_forked"]')).to_have_count(1)
@@ -373,3 +377,106 @@ async def test_fork_here_creates_the_fork_at_the_chosen_step_and_opens_it(
         source_now = (await http.get(f"/bots/dashboard_big/sessions/{source}?events=false")).json()
         assert len(source_now["marking"]["Step0"]) == 3  # the source is untouched
         tab.assert_clean()
+
+
+# --- files, keys, the page itself ----------------------------------------------------------------------
+
+
+async def test_a_file_asked_for_is_uploaded_and_the_file_sent_back_downloads(
+    settings: Settings, browser: Browser, artifacts: str
+) -> None:
+    async with Stack(settings, [app("hitl_bot")], parts=("scheduler", "executor", "gateway")) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=30) as http:
+        session_id = await new_session(http, "hitl")
+        tab = await open_tab(browser, stack.gateway.url, artifacts)
+        page = tab.page
+        await page.goto(f"{stack.gateway.url}/#/bots/hitl/sessions/{session_id}")
+        await expect(page.locator("#stream-state")).to_have_text("connected")
+        await add_marker(http, "hitl", session_id, "Upload", {"description": "your notes, please"})
+
+        request = page.locator(".pending.file-request")
+        await expect(request).to_contain_text("your notes, please")
+        content = b"line one\nline two\n"
+        await request.locator("input[type=file]").set_input_files(
+            files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": content}])
+        await tab.shot("01-file-asked")
+        await request.locator("button.upload").click()
+
+        files = page.locator("#files li")
+        await expect(files).to_have_count(2)  # the upload, and the file echo_file sends back
+        await expect(page.locator('#net [data-place="Received"]')).to_have_attribute("data-count", "1")
+        await tab.shot("02-files")
+        sent = (await http.get(f"/bots/hitl/sessions/{session_id}?events=false")).json()["files"]
+        back = next(f for f in sent if f["direction"] == "output")
+        async with page.expect_download() as downloading:
+            await page.locator(f'#files li[data-file="{back["file_id"]}"] button.download').click()
+        download = await downloading.value
+        assert download.suggested_filename == back["name"]
+        assert Path(await download.path()).read_bytes() == content
+        tab.assert_clean()
+
+
+async def test_with_keys_the_page_asks_for_one_and_shows_only_the_keys_owners_sessions(
+    settings: Settings, browser: Browser, nc: Any, artifacts: str
+) -> None:
+    from petribus import keys
+
+    alice = (await keys.create(nc.jetstream(), "alice"))[0]
+    bob = (await keys.create(nc.jetstream(), "bob"))[0]
+    async with Stack(settings, [app("hitl_bot")], parts=("scheduler", "gateway")) as stack:
+        tab = await open_tab(browser, stack.gateway.url, artifacts)
+        page = tab.page
+        await page.goto(stack.gateway.url + "/")
+        await expect(page.locator("#no-bots")).to_contain_text("enter an API key")
+        await tab.shot("01-no-key")
+
+        await page.fill("#key-input", alice)
+        await page.click("#key-save")
+        await page.locator('section.bot[data-bot="hitl"] [data-action="new-session"]').click()
+        session_id = await opened(page)
+        # The stream authenticates with its first message: alice's marker comes back through it.
+        await expect(page.locator("#stream-state")).to_have_text("connected")
+        await page.select_option("#marker-location", "Order")
+        await page.fill("#marker-data", '{"id": 1}')
+        await page.click("#marker-form button")
+        await expect(page.locator('#net [data-transition="cancel"]')).to_have_attribute("data-state", "awaiting")
+        await expect(page.locator('.tl-row[data-type="confirm_transition"]')).to_have_count(1)
+        await tab.shot("02-alice-session")
+
+        await page.goto(stack.gateway.url + "/#/")
+        await expect(page.locator(f'tr.session-row[data-session="{session_id}"]')).to_have_count(1)
+        await page.click("#key-clear")
+        await page.fill("#key-input", bob)
+        await page.click("#key-save")
+        await expect(page.locator('section.bot[data-bot="hitl"] .sessions')).to_contain_text("No sessions yet")
+        await tab.shot("03-bob-sees-none")
+        # Bob opening alice's session by its id gets the same answer as for a session that does not exist.
+        await page.goto(f"{stack.gateway.url}/#/bots/hitl/sessions/{session_id}")
+        await expect(page.locator("#notice")).to_contain_text("unknown_session")
+        tab.problems = [p for p in tab.problems if "404" not in p]  # that refusal, as the console logs it
+        tab.assert_clean()
+
+
+async def test_the_page_is_served_with_a_policy_of_its_own_origin_and_every_asset_is_local(
+    settings: Settings,
+) -> None:
+    async with Stack(settings, [app("hitl_bot")], parts=("gateway",)) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=30) as http:
+        page = await http.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        policy = page.headers["content-security-policy"]
+        host = stack.gateway.url.removeprefix("http://")
+        assert "default-src 'none'" in policy and "script-src 'self'" in policy
+        assert f"connect-src 'self' ws://{host} wss://{host}" in policy and "frame-ancestors 'none'" in policy
+        referenced = re.findall(r'(?:src|href)="([^"#][^"]*)"', page.text)
+        assert referenced and all(ref.startswith("/ui/") for ref in referenced), referenced
+        for ref in referenced:
+            assert (await http.get(ref)).status_code == 200, ref
+        shipped = Path(__file__).resolve().parent.parent / "services/gateway/petribus_gateway/dashboard"
+        for path in shipped.rglob("*"):
+            if path.is_file():
+                text = path.read_text()
+                for url in re.findall(r"(?:https?:)?//[A-Za-z0-9.-]+\.[a-z]{2,}[^\s'\"]*", text):
+                    assert url == "http://www.w3.org/2000/svg", (path.name, url)  # a namespace, never fetched
+                served = await http.get(f"/ui/{path.relative_to(shipped)}")
+                assert served.status_code == 200 and served.content == path.read_bytes(), path.name

@@ -45,7 +45,11 @@ async function home() {
       h('p.muted', bot.description || ''),
       list));
   }
-  if (!bots.length) page.append(h('p.muted', 'This gateway serves no bot to this key.'));
+  if (!bots.length) {
+    page.append(h('p#no-bots.muted', token() ? 'This gateway serves no bot to this key.'
+      : 'No bot here is open without a key: enter an API key above (an operator makes one with ' +
+        '`petribus keys create --owner NAME`).'));
+  }
   const refresh = async () => {
     for (const bot of bots) {
       try {
