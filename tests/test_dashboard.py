@@ -20,8 +20,9 @@ from typing import Any
 
 import httpx
 import pytest
+from petribus import subjects
 from petribus.bus import EventLog
-from petribus.events import Marker, MarkerAdded
+from petribus.events import AgentMessage, AgentMessageDelta, Marker, MarkerAdded
 from petribus.settings import Settings
 
 from .conftest import app
@@ -227,6 +228,32 @@ async def test_full_flow_chat_marker_confirmation_graph_and_fork(settings: Setti
         await tab.shot("10-home-with-statuses")
         tab.assert_clean()
 
+
+
+async def test_a_reply_shows_as_it_is_streamed_and_is_then_replaced_by_the_whole_message(
+    settings: Settings, browser: Browser, nc: Any, artifacts: str
+) -> None:
+    async with Stack(settings, [app("hitl_bot")], parts=("gateway",)) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=30) as http:
+        session_id = await new_session(http, "hitl")
+        tab = await open_tab(browser, stack.gateway.url, artifacts)
+        page = tab.page
+        await page.goto(f"{stack.gateway.url}/#/bots/hitl/sessions/{session_id}")
+        await expect(page.locator("#stream-state")).to_have_text("connected")
+        reply = AgentMessage(bot="hitl", session_id=session_id, text="Hello, how can I help?")
+        for offset, piece in ((0, "Hello,"), (6, " how can"), (14, " I help?")):  # as the LLM service sends them
+            delta = AgentMessageDelta(bot="hitl", session_id=session_id, text=piece, offset=offset,
+                                      event_id=reply.id)
+            await nc.publish(subjects.deltas("hitl", session_id), delta.model_dump_json().encode())
+        streaming = page.locator(f'.msg.streaming[data-event="{reply.id}"]')
+        await expect(streaming).to_have_text("Hello, how can I help?")
+        await tab.shot("01-streaming")
+
+        await EventLog(nc).append(reply)  # the whole reply lands in the log: it replaces the pieces
+        await expect(page.locator('.msg[data-role="agent"]')).to_have_text("Hello, how can I help?")
+        await expect(streaming).to_have_count(0)
+        await tab.shot("02-whole-reply")
+        tab.assert_clean()
 
 # --- scale ---------------------------------------------------------------------------------------------
 
