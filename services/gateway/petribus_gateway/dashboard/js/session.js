@@ -32,7 +32,7 @@ export async function openSession(main, bot, id) {
     failed(err);
     return () => {};
   }
-  const S = { live, past: null, at: null, lastType: null, errors: new Map(), deltas: new Map(), place: null,
+  const S = { live, seen: live.last_seq, past: null, at: null, lastType: null, errors: new Map(), deltas: new Map(), place: null,
     loaded: false, buffered: [], closed: false };
 
   // ------------------------------------------------------------------ skeleton
@@ -119,7 +119,9 @@ export async function openSession(main, bot, id) {
     if (refreshing) { scheduleRefresh(); return; }
     refreshing = true;
     try {
-      S.live = await get(`${base}?events=false`);
+      // As of the newest event seen: the gateway answers that from its timeline cache, reading only what
+      // was appended since it last looked (without `at` it would read the whole log each time).
+      S.live = await get(`${base}?at=${S.seen}&events=false`);
       if (!S.closed) renderState();
     } catch (err) {
       failed(err);
@@ -142,6 +144,7 @@ export async function openSession(main, bot, id) {
       return;
     }
     if (!ev.metadata || !ev.metadata.seq) return;
+    S.seen = Math.max(S.seen, ev.metadata.seq);
     S.lastType = ev.type;
     noteFailure(ev);
     if (S.loaded) {
@@ -270,9 +273,13 @@ export async function openSession(main, bot, id) {
     fill(errorsEl, shownErrors.length ? shownErrors.map((ev) => h('details.error-item', { open: true },
       h('summary', `seq ${ev.metadata.seq} · ${ev.metadata.transition_name} · ${ev.value.error_type}`),
       failureBlock(ev),
-      h('button', { type: 'button', onclick: () => choose(ev.metadata.seq - 1 >= 1 ? timeline.rows[
-        Math.max(0, timeline.indexAt(ev.metadata.seq - 1))].seq : ev.metadata.seq) }, 'State before it')))
+      h('button', { type: 'button', onclick: () => choose(before(ev.metadata.seq)) }, 'State before it')))
       : h('p.muted', 'None.'));
+  }
+
+  function before(seq) {
+    const i = timeline.indexAt(seq - 1);
+    return i >= 0 ? timeline.rows[i].seq : seq;
   }
 
   // ------------------------------------------------------------------ inspector: a place's markers
