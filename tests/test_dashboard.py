@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from petribus import subjects
 from petribus.bus import EventLog
 from petribus.events import AgentMessage, AgentMessageDelta, Marker, MarkerAdded

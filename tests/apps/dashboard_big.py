@@ -1,8 +1,9 @@
 """Test app for the dashboard: a net of 50 transitions over 51 places (a chain with joins, a fan-out and a
 cycle back to the start), to draw and to fill with a long log."""
 
-from petribus import Bot, BotLocation
 from pydantic import BaseModel, create_model
+
+from petribus import Bot, BotLocation
 
 N = 50
 

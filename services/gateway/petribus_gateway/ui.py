@@ -25,12 +25,12 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from nats.js.errors import NotFoundError
-from petribus import graph, subjects
-from petribus.core import SessionState
-from petribus.events import TransitionFailed, decode
-from petribus.net import Net
 from pydantic import BaseModel, Field
 
+from petribus import graph, subjects
+from petribus.core import SessionState
+from petribus.events import Event, TransitionFailed, decode
+from petribus.net import Net
 from petribus_gateway import rest
 from petribus_gateway.auth import CallerDep, guard
 from petribus_gateway.context import GatewayContext, bus_ready, context
@@ -94,37 +94,36 @@ async def recent(net: rest.BotNet, ctx: Ctx, caller: CallerDep,
     """The caller's sessions of the bot (as ``GET /bots/{bot}/sessions`` lists them), most recently active
     first, each with its status."""
     listed = (await rest.list_sessions(net, ctx, caller)).sessions
-    newest: list[tuple[int, float, str, int]] = []
+    newest: list[tuple[int, str, int, Event]] = []
     for s in listed:
         try:
             msg = await ctx.events.js.get_last_msg(subjects.EVENTS_STREAM, subjects.events(net.bot, s.session_id))
         except NotFoundError:
             continue  # deleted since it was listed
-        newest.append((int(msg.seq or 0), decode(msg.data or b"").ts, s.session_id, s.events))
-    newest.sort(reverse=True)
+        newest.append((int(msg.seq or 0), s.session_id, s.events, decode(msg.data or b"")))
+    newest.sort(key=lambda found: found[0], reverse=True)
     out = []
-    for last_seq, updated, session_id, count in newest[:limit]:
-        status, forked_from = await _status(ctx, net, session_id, last_seq)
-        out.append(RecentSession(session_id=session_id, events=count, last_seq=last_seq, updated=updated,
+    for last_seq, session_id, count, last in newest[:limit]:
+        status, forked_from = await _status(ctx, net, session_id, last_seq, last)
+        out.append(RecentSession(session_id=session_id, events=count, last_seq=last_seq, updated=last.ts,
                                  status=status, forked_from=forked_from))
     return RecentList(bot=net.bot, sessions=out, more=max(0, len(newest) - limit))
 
 
-async def _status(ctx: GatewayContext, net: Net, session_id: str, last_seq: int) -> tuple[Status, str | None]:
+async def _status(ctx: GatewayContext, net: Net, session_id: str, last_seq: int, last: Event
+                  ) -> tuple[Status, str | None]:
     key = (net.bot, session_id, last_seq)
     found = _statuses.get(key)
     if found is None:
         state = await ctx.timeline.state_at(net.bot, session_id, last_seq)
-        last = await ctx.events.read(net.bot, session_id, after=state.last_seq - 1) if state.last_seq else []
-        found = (status_of(state, last[-1][1] if last else None),
-                 state.forked_from[1] if state.forked_from else None)
+        found = (status_of(state, last), state.forked_from[1] if state.forked_from else None)
         _statuses[key] = found
         if len(_statuses) > STATUS_MEMO:
             _statuses.popitem(last=False)
     return found
 
 
-def status_of(state: SessionState, last_event: object) -> Status:
+def status_of(state: SessionState, last_event: Event) -> Status:
     """A session's status from its state and its newest event."""
     if state.pending_requests or state.pending_files or state.awaiting_confirmation():
         return "waiting"
