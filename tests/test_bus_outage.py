@@ -217,8 +217,8 @@ async def test_a_read_that_must_see_a_sequence_catches_a_lagging_replica_up_from
     seqs = [await log.append(_marker(i=i)) for i in range(5)]
     real = log._read_direct
 
-    async def lagging_replica(subject, after, timeout):
-        return [(s, e) for s, e in await real(subject, after, timeout) if s <= seqs[2]]
+    async def lagging_replica(subject, after, timeout, until=None):
+        return [(s, e) for s, e in await real(subject, after, timeout, until) if s <= seqs[2]]
 
     log._read_direct = lagging_replica  # type: ignore[method-assign]
 

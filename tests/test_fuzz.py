@@ -29,7 +29,7 @@ from .harness import Client, Stack
 
 HITL = app("hitl_bot")
 MAX_MESSAGE = 2048
-EXAMPLES = 170  # batches of 30-60 messages: some 6,800 messages
+EXAMPLES = 190  # batches of 30-60 messages: some 7,000 messages (6,371 seen from 170: the sizes vary by run)
 CLIENT_TYPES = ["user_message", "marker_added", "accept_transition", "reject_transition", "confirm_response"]
 EXPOSED = {"Order": "id", "Ticket": "id", "Refund": "amount", "Upload": "description", "Blob": "size",
            "Question": "text"}
@@ -78,8 +78,19 @@ answers = st.one_of(
     st.builds(_valued, st.just("confirm_response"),
               json_values | st.builds(lambda r, a: {"request_id": r, "accepted": a}, ids, json_values)),
 )
+BEAM_METADATA = {"task_id", "transition_name", "session_id", "request_id"}  # what Beam's clients send
+_absent = object()
+beam_shaped = st.builds(  # Beam's client fields, right and wrong: metadata and pair_id on every type
+    lambda kind, value, meta, pair: {k: v for k, v in {"type": kind, "value": value, "metadata": meta,
+                                                       "pair_id": pair}.items() if v is not _absent},
+    st.sampled_from(CLIENT_TYPES), st.just("hello") | ids | json_values,
+    st.just(_absent) | st.dictionaries(st.sampled_from(sorted(BEAM_METADATA)) | st.text(max_size=8),
+                                       ids | json_values, max_size=4) | json_values,
+    st.just(_absent) | ids | json_values,
+)
 messages = st.one_of(
     st.text(max_size=60).map(str),  # mostly not JSON
+    beam_shaped.map(_frame),
     json_values.filter(lambda v: not isinstance(v, dict)).map(_frame),
     st.dictionaries(st.text(max_size=10), json_values, max_size=4).map(_frame),  # no or unknown type
     st.builds(_valued, st.just("user_message"),
@@ -117,8 +128,24 @@ def _accepted_by_a_correct_gateway(frame: str | bytes) -> bool:
         return False
     if len(text.encode("utf-8", "surrogatepass")) > MAX_MESSAGE or not isinstance(obj, dict) or _deep(obj):
         return False
-    if set(obj) - {"type", "value", "request_id"}:
+    if set(obj) - {"type", "value", "request_id", "metadata", "pair_id"}:
         return False
+    # Beam's fields: metadata (strings, under Beam's four names, its request_id naming the message unless a
+    # different one is given, its session_id this session's), and a pair_id on confirm_response only.
+    metadata = obj.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict) or set(metadata) - BEAM_METADATA \
+                or not all(v is None or isinstance(v, str) for v in metadata.values()):
+            return False
+        if metadata.get("session_id") not in (None, ""):
+            return False  # the fuzz never knows the session's id
+        inner = metadata.get("request_id") or None
+        if inner is not None:
+            if obj.get("request_id") not in (None, inner):
+                return False
+            obj = {**obj, "request_id": inner}
+    if obj.get("pair_id") not in (None, ""):
+        return False  # only a confirm_response takes one, and no answer can be valid here
     # No request_id, or null, is none; one given names the message (an idempotency key): 1-128 printable
     # ASCII characters without spaces.
     request_id = obj.get("request_id")
