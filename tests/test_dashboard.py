@@ -181,6 +181,15 @@ async def test_full_flow_chat_marker_confirmation_graph_and_fork(settings: Setti
         await expect(cancel).to_have_attribute("data-state", "idle")
         await tab.shot("05-accepted")
 
+        # Reject: the ticket goes back, is not offered to escalate again, and close takes it.
+        await page.select_option("#marker-location", "Ticket")
+        await page.fill("#marker-data", '{"id": 3}')
+        await page.click("#marker-form button")
+        escalation = page.locator('.pending.confirmation[data-transition="escalate"]')
+        await escalation.locator("button.reject").click()
+        await expect(page.locator('#net [data-place="Closed"]')).to_have_attribute("data-count", "1")
+        await expect(page.locator('#net [data-place="Escalated"]')).to_have_attribute("data-count", "0")
+
         # A transition lights up while a firing of it runs: refund asks its question mid-run.
         await page.select_option("#marker-location", "Refund")
         await page.fill("#marker-data", '{"amount": 5}')
