@@ -3,8 +3,9 @@
 // of every event, from which a past state is shown and a fork is made.
 //
 // The truth is the gateway's: every event that arrives on the stream triggers one (debounced) read of the
-// session's state (`?events=false`), so nothing is folded here. The timeline is read page by page from
-// /history (1,000 steps a page) and drawn virtualised; a chosen step's state is `?at=SEQ&events=false`.
+// session's state as of the newest seq seen (`?at=SEQ&events=false`), so nothing is folded here. The
+// timeline is read page by page from /history (1,000 steps a page) and drawn virtualised; a chosen step's
+// state is `?at=SEQ&events=false` too.
 
 import { api, download, enc, follow, get, post, sessionPath } from './api.js';
 import { fill, h, json, short, time } from './dom.js';
@@ -32,8 +33,12 @@ export async function openSession(main, bot, id) {
     failed(err);
     return () => {};
   }
-  const S = { live, seen: live.last_seq, past: null, at: null, lastType: null, errors: new Map(), deltas: new Map(), place: null,
-    loaded: false, buffered: [], closed: false };
+  const S = {
+    live, seen: live.last_seq,  // the live state, and the newest seq the stream brought
+    past: null, at: null,  // the state shown from the timeline, and its seq (null: live)
+    lastType: null, errors: new Map(), deltas: new Map(), place: null,
+    loaded: false, buffered: [], closed: false,  // the timeline's pages all read; live events held till then
+  };
 
   // ------------------------------------------------------------------ skeleton
   const statusEl = h('span#session-status');
@@ -63,7 +68,8 @@ export async function openSession(main, bot, id) {
       h('section.panel.graph-panel',
         h('div.panel-head', h('h3', 'Net'),
           h('span.legend', h('span.key-firing', 'running'), h('span.key-awaiting', 'awaits confirmation')),
-          h('span.row.zoom', h('button', { type: 'button', title: 'Zoom out', onclick: () => zoom(zoomed / 1.25) }, '−'),
+          h('span.row.zoom',
+            h('button', { type: 'button', title: 'Zoom out', onclick: () => zoom(zoomed / 1.25) }, '−'),
             h('button', { type: 'button', title: 'Actual size', onclick: () => zoom(1) }, '1:1'),
             h('button', { type: 'button', title: 'The whole net in view', onclick: () => fit() }, 'Fit'),
             h('button', { type: 'button', title: 'Zoom in', onclick: () => zoom(zoomed * 1.25) }, '+'))),
@@ -264,7 +270,8 @@ export async function openSession(main, bot, id) {
     return h('div.failure', { dataset: { seq: ev.metadata.seq } },
       h('p', h('strong.error-type', v.error_type), ': ', h('span.error-message', v.error),
         v.final ? '' : ` (attempt ${v.attempt}; retried${v.retry_in_s ? ` in ${v.retry_in_s.toFixed(1)} s` : ''})`),
-      v.traceback ? [h('h4', 'Traceback'), h('pre.traceback', v.traceback)] : h('p.muted', 'No traceback (the run was killed).'),
+      v.traceback ? [h('h4', 'Traceback'), h('pre.traceback', v.traceback)]
+        : h('p.muted', 'No traceback (the run was killed).'),
       h('h4', 'Inputs of the failed firing'), h('pre.json.inputs', json(v.inputs || [])));
   }
 
@@ -357,6 +364,12 @@ export async function openSession(main, bot, id) {
     }
   }
 
+  function yesNo(path, yes, no) {
+    return h('div.row',
+      h('button.primary.accept', { type: 'button', onclick: () => answer(path, true) }, yes),
+      h('button.reject', { type: 'button', onclick: () => answer(path, false) }, no));
+  }
+
   function renderPending() {
     const st = S.live;
     const items = [];
@@ -364,17 +377,13 @@ export async function openSession(main, bot, id) {
       items.push(h('div.pending.confirmation', { dataset: { task: f.firing_id, transition: f.transition } },
         h('p', h('strong', f.transition), ' wants to run on'),
         h('pre.json', json(f.consumed)),
-        h('div.row',
-          h('button.primary.accept', { type: 'button', onclick: () => answer(`${base}/confirmations/${enc(f.firing_id)}`, true) }, 'Accept'),
-          h('button.reject', { type: 'button', onclick: () => answer(`${base}/confirmations/${enc(f.firing_id)}`, false) }, 'Reject'))));
+        yesNo(`${base}/confirmations/${enc(f.firing_id)}`, 'Accept', 'Reject')));
     }
     for (const q of st.pending_requests) {
       if (q.type === 'confirm_request') {
         items.push(h('div.pending.question', { dataset: { request: q.request_id, transition: q.transition || '' } },
           h('p', h('strong', q.transition || 'a transition'), ' asks: ', q.description),
-          h('div.row',
-            h('button.primary.accept', { type: 'button', onclick: () => answer(`${base}/confirm_requests/${enc(q.request_id)}`, true) }, 'Yes'),
-            h('button.reject', { type: 'button', onclick: () => answer(`${base}/confirm_requests/${enc(q.request_id)}`, false) }, 'No'))));
+          yesNo(`${base}/confirm_requests/${enc(q.request_id)}`, 'Yes', 'No')));
       } else {
         const file = h('input.upload-file', { type: 'file' });
         items.push(h('div.pending.file-request', { dataset: { request: q.request_id } },
