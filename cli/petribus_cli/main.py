@@ -338,6 +338,7 @@ def _banner(settings: Settings, spec: str, net: Net, http: str, ws_base: str, *,
     join = f"PETRIBUS_NATS_AUTH_DIR={settings.nats_auth_dir} " if embedded and settings.nats_auth_dir else ""
     lines = [
         f"petribus is serving bot {net.bot!r}",
+        f"  Dashboard  {http}/",
         f"  WebSocket  {ws_base}/bots/{net.bot}/ws",
         f"  REST API   {http}/docs",
         f"  NATS       {url} ({where})",
