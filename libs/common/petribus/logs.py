@@ -1,4 +1,5 @@
-"""structlog set-up: one event per line, key=value (or JSON), with session and firing ids bound."""
+"""structlog set-up: one event per line, key=value (or JSON), with session and firing ids bound, and the
+current span's ``trace_id`` and ``span_id`` when tracing is on (``petribus.tracing``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import logging
 import sys
 
 import structlog
+
+from petribus import tracing
 
 _configured = False
 
@@ -21,6 +24,7 @@ def configure(level: str = "info", fmt: str = "console", stream=None) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
@@ -31,6 +35,15 @@ def configure(level: str = "info", fmt: str = "console", stream=None) -> None:
         cache_logger_on_first_use=False,
     )
     _configured = True
+
+
+def add_trace_ids(logger: object, method: str, event_dict: dict) -> dict:
+    """A structlog processor: the current span's ids on the line (a look at one global while tracing is off)."""
+    ids = tracing.current_ids()
+    if ids is not None:
+        event_dict.setdefault("trace_id", ids[0])
+        event_dict.setdefault("span_id", ids[1])
+    return event_dict
 
 
 def get(name: str) -> structlog.typing.FilteringBoundLogger:
