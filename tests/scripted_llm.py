@@ -27,6 +27,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 
+USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}  # every answer's, streamed or not
+
+
 @dataclass(frozen=True)
 class Step:
     """One scripted answer: text and/or tool calls, or an HTTP error."""
@@ -154,7 +157,8 @@ class ScriptedLLM:
                 return _error(step.status, step.error, "scripted", dict(step.headers))
             cid = f"chatcmpl-{next(ids)}"
             if body.get("stream"):
-                return StreamingResponse(_sse(cid, body["model"], step), media_type="text/event-stream")
+                usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                return StreamingResponse(_sse(cid, body["model"], step, usage), media_type="text/event-stream")
             return JSONResponse(_completion(cid, body["model"], step))
 
         return app
@@ -205,11 +209,11 @@ def _completion(cid: str, model: str, step: Step) -> dict[str, Any]:
     return {
         "id": cid, "object": "chat.completion", "created": 0, "model": model,
         "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if step.calls else "stop"}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        "usage": USAGE,
     }
 
 
-async def _sse(cid: str, model: str, step: Step) -> AsyncIterator[str]:
+async def _sse(cid: str, model: str, step: Step, usage: bool = False) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
         data = {"id": cid, "object": "chat.completion.chunk", "created": 0, "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -227,4 +231,8 @@ async def _sse(cid: str, model: str, step: Step) -> AsyncIterator[str]:
         for j in range(0, len(args), 7):  # arguments arrive in pieces, as they do from OpenAI
             yield chunk({"tool_calls": [{"index": i, "function": {"arguments": args[j:j + 7]}}]})
     yield chunk({}, "tool_calls" if step.calls else "stop")
+    if usage:  # as OpenAI sends it for stream_options.include_usage: a last chunk with no choices
+        last = {"id": cid, "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [],
+                "usage": USAGE}
+        yield f"data: {json.dumps(last)}\n\n"
     yield "data: [DONE]\n\n"

@@ -14,7 +14,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from petribus import bus, logs
+from petribus import bus, logs, metrics
 from petribus.bus_auth import ClientAuth
 from petribus.settings import Settings
 
@@ -29,6 +29,7 @@ class Service:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self._failed: BaseException | None = None
+        self.metrics_server: metrics.MetricsServer | None = None  # PETRIBUS_METRICS_PORT, when set
 
     async def connect(self) -> NATS:
         # As the user of this service's role: on a closed bus the server refuses what the role never does.
@@ -36,6 +37,7 @@ class Service:
         self.nc = await bus.connect(self.settings.nats_url, name=f"petribus-{self.name}", auth=auth)
         await bus.ensure_streams(self.nc.jetstream(), duplicate_window_s=self.settings.duplicate_window_s,
                                  replicas=self.settings.replicas)
+        self.metrics_server = await metrics.watch(self)
         return self.nc
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
@@ -76,6 +78,7 @@ class Service:
                 await self.nc.drain()
             except Exception:  # closing anyway
                 await self.nc.close()
+        await metrics.unwatch(self)
 
     def request_stop(self) -> None:
         self._stopping.set()

@@ -196,6 +196,14 @@ class Settings(BaseSettings):
     llm_context_chars: int = Field(default=48_000, description="Budget of one model request, in characters "
                                    "(~4 per token): older turns beyond it are summarised and dropped.")
 
+    # metrics (docs/metrics.md)
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Serve Prometheus metrics at http://METRICS_HOST:PORT/metrics "
+        "from this process (unset: not served; the gateway has /metrics anyway). Every service of one process "
+        "shares it.")
+    metrics_host: str = Field(default="127.0.0.1", description="Address the metrics port listens on; the "
+                              "endpoint has no authentication: expose it to the scraper's network only.")
+
     log_level: str = "info"
     log_format: str = Field(default="console", description="'console' (key=value) or 'json'.")
 

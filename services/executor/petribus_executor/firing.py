@@ -34,6 +34,7 @@ from typing import Any
 import structlog
 from nats.aio.msg import Msg
 
+from petribus import metrics
 from petribus.bus import EventLog
 from petribus.core import Firing, SessionState
 from petribus.deletion import SessionDeleted
@@ -296,6 +297,7 @@ class FiringRunner:
                                 duration_ms=outcome.duration_ms)
         if completed is not None and outcome.ok:
             await self.events.append(completed, msg_id=f"done:{item.firing_id}")
+            metrics.firing_completed(item.bot, t.name)
             # Debug, not info: one line per firing is most of the executor's own work in a large fan-out.
             self.log.debug("firing completed", attempt=attempt, outputs=len(outcome.outputs),
                           duration_ms=round(outcome.duration_ms, 1))
@@ -353,6 +355,8 @@ class FiringRunner:
         except BaseException:
             self.workers.release(worker)
             raise
+        metrics.firing_started(item.bot, t.name, _queued_for(self._running[item.firing_id].msg) if attempt == 1
+                               else None)  # a first run: how long its work item waited
         outbox = Outbox(self.events)
         request = p.Request(
             bot=item.bot, session_id=item.session_id, firing_id=item.firing_id, transition=t.name,
@@ -378,6 +382,7 @@ class FiringRunner:
                 self.interactions.cleanup(item.firing_id)
         await started_ack
         await outbox.flush()  # what it said lands before what it returned
+        metrics.firing_ran(item.bot, t.name, outcome.ok, outcome.duration_ms)
         return outcome
 
     def _cpu_seconds(self, t: TransitionDef) -> float:
@@ -550,6 +555,7 @@ class FiringRunner:
         await self.events.append(
             failed, msg_id=f"fail:{item.firing_id}" if final else f"fail:{item.firing_id}:{attempt}",
         )
+        metrics.firing_failed(item.bot, item.transition, final)
 
     def _masked(self, outcome: p.Outcome, profile: Profile) -> p.Outcome:
         """A failed outcome with no secret value in its message or traceback: the profile's secrets (the

@@ -21,7 +21,7 @@ from petribus.keys import KeyStore
 from petribus.net import Net
 from petribus.service import Service
 from petribus.settings import Settings
-from petribus_gateway import auth, docs, errors, files, limits, pools, rest, ui, ws
+from petribus_gateway import auth, docs, errors, files, limits, metrics_route, pools, rest, ui, ws
 from petribus_gateway.context import GatewayContext
 
 DESCRIPTION = """\
@@ -91,6 +91,7 @@ def create_app(ctx: GatewayContext, *, on_ready: Callable[[], None] | None = Non
     app.include_router(pools.router)
     app.include_router(ws.router)
     ui.install(app)  # the dashboard: / and /ui/ (docs/dashboard.md)
+    metrics_route.install(app, frozenset(ctx.nets))  # /metrics, WebSocket clients (docs/metrics.md)
     docs.install(app)
     errors.install(app)
     loopback_open = auth.is_loopback(ctx.settings.host)

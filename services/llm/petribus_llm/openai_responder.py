@@ -28,13 +28,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import openai
 from openai import AsyncOpenAI
 
-from petribus import logs
+from petribus import logs, metrics
 from petribus.net import Net
 from petribus.settings import Settings
 
@@ -62,6 +63,7 @@ NO_KEY = "no-key"  # local servers take any key; the SDK insists on one
 class Completion:
     text: str = ""
     calls: list[tools.ToolCall] = field(default_factory=list)
+    usage: Any = None  # the endpoint's token counts (CompletionUsage), when it reported them
 
 
 class Speaker:
@@ -95,6 +97,7 @@ class OpenAIResponder:
     def __init__(self, settings: Settings, net: Net, *, backoff_s: float = BACKOFF_S,
                  max_backoff_s: float = MAX_BACKOFF_S) -> None:
         self.model = settings.llm_model or net.model or ""
+        self.bot = net.bot
         secret = net.api_key or settings.openai_api_key  # the bot's own endpoint first (Beam's Bot(api_key=))
         key = secret.get_secret_value() if secret else None
         base_url = net.base_url or settings.openai_base_url
@@ -161,13 +164,17 @@ class OpenAIResponder:
         """One model call, retried on transient failures; text goes through ``speaker``."""
         for attempt in range(self.max_retries + 1):
             mark = len(speaker.text)
+            started = time.perf_counter()
             try:
                 if speaker.on_delta is not None:
-                    return await self._stream(messages, tool_defs, speaker)
-                done = await self._once(messages, tool_defs)
-                await speaker.say(done.text)
+                    done = await self._stream(messages, tool_defs, speaker)
+                else:
+                    done = await self._once(messages, tool_defs)
+                    await speaker.say(done.text)
+                metrics.llm_request(self.bot, self.model, started, done.usage)
                 return done
             except openai.APIError as exc:
+                metrics.llm_request(self.bot, self.model, started, ok=False)
                 failure = self._convert(exc)
                 if not failure.retryable:
                     self.log.warning("model call failed", code=failure.code, **self._describe(exc))
@@ -188,21 +195,24 @@ class OpenAIResponder:
         response = await self.client.chat.completions.create(model=self.model, messages=messages,  # type: ignore[arg-type]
                                                              **kwargs)
         if not response.choices:
-            return Completion()
+            return Completion(usage=response.usage)
         message = response.choices[0].message
         calls = [tools.ToolCall(c.id, c.function.name, c.function.arguments or "")
                  for c in (message.tool_calls or []) if getattr(c, "function", None) is not None]
-        return Completion(message.content or "", calls)
+        return Completion(message.content or "", calls, response.usage)
 
     async def _stream(self, messages: list[dict[str, Any]], tool_defs: list[dict[str, Any]] | None,
                       speaker: Speaker) -> Completion:
         kwargs: dict[str, Any] = {"tools": tool_defs} if tool_defs else {}
         stream = await self.client.chat.completions.create(model=self.model, messages=messages,  # type: ignore[arg-type]
-                                                           stream=True, **kwargs)
+                                                           stream=True, stream_options={"include_usage": True},
+                                                           **kwargs)
         text: list[str] = []
+        usage = None  # the last chunk's, with no choices, when the endpoint honours include_usage
         parts: dict[int, dict[str, str]] = {}  # tool call index -> id, name, arguments so far
         async with stream:
             async for chunk in stream:
+                usage = chunk.usage or usage
                 if not chunk.choices:
                     continue
                 delta = chunk.choices[0].delta
@@ -218,7 +228,7 @@ class OpenAIResponder:
                         part["arguments"] += piece.function.arguments or ""
         calls = [tools.ToolCall(p["id"] or f"call_{i}", p["name"], p["arguments"])
                  for i, p in sorted(parts.items())]
-        return Completion("".join(text), calls)
+        return Completion("".join(text), calls, usage)
 
     def _convert(self, exc: openai.APIError) -> LLMError:
         """Our error for an SDK error: what failed and what to check, never the key."""

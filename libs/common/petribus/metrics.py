@@ -1,0 +1,399 @@
+"""Prometheus metrics: every metric petribus exports, one registry per process, and its text endpoint.
+
+Two ways a number gets here:
+
+- **Counted where it happens**, for what no service keeps: a firing's run, its outcome, its duration and
+  its wait in the queue (the executor, ``firing.py``), a model call's latency and tokens (the LLM
+  service, ``openai_responder.py``), WebSocket clients (the gateway, ``metrics_route.py``). Each hook is
+  one call into this module; a label set is a dictionary look-up and a lock, nothing waits on I/O.
+- **Read when scraped**, from what the services already count: the scheduler's and the LLM service's
+  ``stats``, the executor's held work, the sessions a scheduler holds, and the JetStream consumers'
+  pending and redelivered counts. Every service registers itself at ``Service.connect`` (``watch``)
+  and leaves at ``Service.stop`` (``unwatch``); its counts then stay in the totals, so a counter never
+  goes down while the process lives. Consumer info costs a NATS request per consumer: it is asked at
+  most once every ``CONSUMER_INFO_TTL_S`` whatever the scrape rate, concurrent scrapes share one
+  refresh, and a refresh that does not answer within ``CONSUMER_INFO_TIMEOUT_S`` leaves those samples
+  out rather than holding the scrape.
+
+Labels are bounded: bot and transition names come from the nets, the pool and consumer names from the
+deployment, the model from the configuration; never a session, firing or user id.
+
+The gateway serves ``render()`` at ``/metrics``; any service serves it on ``PETRIBUS_METRICS_PORT``
+(``serve_port``: a tiny HTTP server on the event loop, shared by every service of the process, so
+``petribus serve`` has one endpoint and one registry). What each metric means: docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from petribus import logs, subjects
+from petribus.errors import PetribusError
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format every Prometheus reads
+CONSUMER_INFO_TTL_S = 5.0
+CONSUMER_INFO_TIMEOUT_S = 2.0
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+log = logs.get("petribus.metrics")
+
+# Seconds: from a millisecond no-op to the ten minutes a long transition or a slow queue may take.
+FIRING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+LLM_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+
+FIRINGS_STARTED = Counter("petribus_firings_started", "Runs of a firing started by an executor (each attempt, "
+                          "retries included).", ["bot", "transition"], registry=REGISTRY)
+FIRINGS_COMPLETED = Counter("petribus_firings_completed", "Firings whose transition_completed an executor "
+                            "appended.", ["bot", "transition"], registry=REGISTRY)
+FIRINGS_FAILED = Counter("petribus_firings_failed", "transition_failed events an executor appended: final=\"true\" "
+                         "the firing failed for good (its markers went back), \"false\" a retry follows.",
+                         ["bot", "transition", "final"], registry=REGISTRY)
+FIRING_DURATION = Histogram("petribus_firing_duration_seconds", "How long a run of a transition took in its "
+                            "worker; outcome is ok or error.", ["bot", "transition", "outcome"],
+                            buckets=FIRING_BUCKETS, registry=REGISTRY)
+QUEUE_WAIT = Histogram("petribus_firing_queue_wait_seconds", "From the work item's arrival in PB_WORK (right after "
+                       "the claim) to the first run's start: waiting for an executor and a free worker.",
+                       ["bot", "transition"], buckets=FIRING_BUCKETS, registry=REGISTRY)
+LLM_REQUESTS = Counter("petribus_llm_requests", "Model calls (each try of a retried call); outcome is ok or "
+                       "error.", ["bot", "model", "outcome"], registry=REGISTRY)
+LLM_LATENCY = Histogram("petribus_llm_request_duration_seconds", "How long a model call took, to its last "
+                        "streamed piece; errors included.", ["bot", "model"], buckets=LLM_BUCKETS, registry=REGISTRY)
+LLM_TOKENS = Counter("petribus_llm_tokens", "Tokens the model endpoint reported in its answers' usage; kind is "
+                     "prompt or completion.", ["bot", "model", "kind"], registry=REGISTRY)
+WEBSOCKET_CLIENTS = Gauge("petribus_websocket_clients", "WebSocket connections open on the gateway.", ["bot"],
+                          registry=REGISTRY)
+
+
+# ---------------------------------------------------------------- hooks: one call where it happens
+
+
+def firing_started(bot: str, transition: str, queued_s: float | None = None) -> None:
+    """A run began; ``queued_s``, for a firing's first run only, is how long its work item waited."""
+    FIRINGS_STARTED.labels(bot, transition).inc()
+    if queued_s is not None:
+        QUEUE_WAIT.labels(bot, transition).observe(max(0.0, queued_s))
+
+
+def firing_ran(bot: str, transition: str, ok: bool, duration_ms: float) -> None:
+    FIRING_DURATION.labels(bot, transition, "ok" if ok else "error").observe(max(0.0, duration_ms) / 1000)
+
+
+def firing_completed(bot: str, transition: str) -> None:
+    FIRINGS_COMPLETED.labels(bot, transition).inc()
+
+
+def firing_failed(bot: str, transition: str, final: bool) -> None:
+    FIRINGS_FAILED.labels(bot, transition, "true" if final else "false").inc()
+
+
+def llm_request(bot: str, model: str, started: float, usage: Any = None, *, ok: bool = True) -> None:
+    """A model call ended (``started``: its ``time.perf_counter()``); ``usage`` is the answer's, if any."""
+    LLM_REQUESTS.labels(bot, model, "ok" if ok else "error").inc()
+    LLM_LATENCY.labels(bot, model).observe(max(0.0, time.perf_counter() - started))
+    for kind in ("prompt", "completion"):
+        tokens = getattr(usage, f"{kind}_tokens", None)
+        if isinstance(tokens, int) and tokens > 0:
+            LLM_TOKENS.labels(bot, model, kind).inc(tokens)
+
+
+# ---------------------------------------------------------------- read when scraped
+
+# stats key -> (metric name without _total, help)
+SCHEDULER_STATS = {
+    "fired": ("petribus_scheduler_firings_claimed", "Firings claimed (transition_fired appended)."),
+    "claim_batches": ("petribus_scheduler_claim_batches", "Atomic claim batches committed."),
+    "conflicts": ("petribus_scheduler_claim_conflicts", "Claims refused because the session moved on "
+                  "(another writer appended first): read again and decided again."),
+    "rebuilds": ("petribus_scheduler_session_rebuilds", "Sessions folded from the start of their log (not cached)."),
+    "catchups": ("petribus_scheduler_session_catchups", "Cached sessions that read events they missed."),
+    "failed": ("petribus_scheduler_session_failures", "Steps of a session that raised (retried with back-off)."),
+    "redispatched": ("petribus_scheduler_work_redispatched", "Work items sent again by a lease check (lost ones)."),
+    "stalled": ("petribus_scheduler_stalled_sessions", "Sessions the sweep found with something left undone."),
+    "stale_reads": ("petribus_scheduler_stale_reads", "Reads of a session that came back behind the event."),
+}
+LLM_STATS = {
+    "answered": ("petribus_llm_messages_answered", "User messages answered."),
+    "prompts": ("petribus_llm_prompts_answered", "Transition prompts (context.prompt) answered."),
+    "markers": ("petribus_llm_markers_proposed", "Markers the model proposed that were added."),
+    "already_answered": ("petribus_llm_already_answered", "Deliveries whose answer was already in the log."),
+    "failed": ("petribus_llm_answers_failed", "Messages that got an error event instead of an answer."),
+    "llm_errors": ("petribus_llm_model_errors", "Model calls that failed for good (after retries)."),
+}
+EXECUTOR_STATS = {
+    "cancelled": ("petribus_executor_firings_cancelled", "Firings whose session was deleted before their outcome."),
+}
+STATS = {"scheduler": SCHEDULER_STATS, "llm": LLM_STATS, "executor": EXECUTOR_STATS}
+
+
+class _Watched:
+    """The services of this process, read at scrape time, and the counts of those that stopped."""
+
+    def __init__(self) -> None:
+        self.services: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.retired: dict[str, int] = {}  # metric name -> what stopped services had counted
+        self.consumers: dict[tuple[str, str], Any] = {}  # (stream, durable) -> ConsumerInfo, last read
+        self.read_at = -float("inf")
+        self._refresh: asyncio.Task[None] | None = None
+
+    def counts(self, svc: Any) -> dict[str, int]:
+        spec = STATS.get(getattr(svc, "name", ""), {})
+        stats = _stats(svc)
+        return {name: int(stats.get(key, 0)) for key, (name, _) in spec.items()}
+
+    def retire(self, svc: Any) -> None:
+        if svc in self.services:
+            self.services.discard(svc)
+            for name, value in self.counts(svc).items():
+                self.retired[name] = self.retired.get(name, 0) + value
+
+    def wanted(self) -> dict[tuple[str, str], Any]:
+        """(stream, durable) -> a JetStream context to ask, for every consumer a live service pulls from."""
+        out: dict[tuple[str, str], Any] = {}
+        for svc in list(self.services):
+            js = getattr(svc, "js", None) or getattr(getattr(svc, "events", None), "js", None)
+            if js is None:
+                continue
+            for key in _consumers(svc):
+                out.setdefault(key, js)
+        return out
+
+    async def refresh(self) -> None:
+        """Read the consumers' info if the last read is older than the TTL; one refresh at a time."""
+        if time.monotonic() - self.read_at < CONSUMER_INFO_TTL_S:
+            return
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.ensure_future(self._read())
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._refresh), CONSUMER_INFO_TIMEOUT_S)
+
+    async def _read(self) -> None:
+        wanted = self.wanted()
+        self.read_at = time.monotonic()  # a slow or failing NATS is asked again only after the TTL
+
+        async def one(key: tuple[str, str], js: Any) -> tuple[tuple[str, str], Any]:
+            try:
+                return key, await asyncio.wait_for(js.consumer_info(*key), CONSUMER_INFO_TIMEOUT_S)
+            except Exception as exc:  # left out of this scrape; the service's own log has the outage
+                log.debug("consumer info not read", stream=key[0], consumer=key[1], error=repr(exc))
+                return key, None
+
+        found = await asyncio.gather(*(one(k, js) for k, js in wanted.items()))
+        self.consumers = {k: info for k, info in found if info is not None}
+
+
+WATCHED = _Watched()
+
+
+def _stats(svc: Any) -> dict[str, int]:
+    if getattr(svc, "name", "") == "executor":
+        runner = getattr(svc, "runner", None)
+        return {"cancelled": getattr(runner, "cancelled", 0)}
+    stats = getattr(svc, "stats", None)
+    return stats if isinstance(stats, dict) else {}
+
+
+def _consumers(svc: Any) -> list[tuple[str, str]]:
+    name = getattr(svc, "name", "")
+    if name == "scheduler":
+        return [(subjects.EVENTS_STREAM, subjects.SCHEDULER_DURABLE)]
+    if name == "llm":
+        return [(subjects.EVENTS_STREAM, subjects.LLM_DURABLE)]
+    if name == "executor":
+        return [(subjects.WORK_STREAM, subjects.executor_durable(p)) for p in getattr(svc, "pools", [])]
+    return []
+
+
+class _ScrapeCollector:
+    """What the services already count, turned into samples when Prometheus asks."""
+
+    def describe(self) -> list[Metric]:
+        return []  # samples vary with what runs here: describe nothing, so registration never collects
+
+    def collect(self) -> Iterator[Metric]:
+        services = list(WATCHED.services)
+        for kind, spec in STATS.items():
+            totals = {name: WATCHED.retired.get(name, 0) for name, _ in spec.values()}
+            for svc in services:
+                if getattr(svc, "name", "") == kind:
+                    for name, value in WATCHED.counts(svc).items():
+                        totals[name] += value
+            for name, text in spec.values():
+                family = CounterMetricFamily(name, text)
+                family.add_metric([], totals[name])
+                yield family
+        yield from self._sessions(services)
+        yield from self._executors(services)
+        yield from self._consumers()
+
+    def _sessions(self, services: list[Any]) -> Iterator[Metric]:
+        active = GaugeMetricFamily("petribus_sessions_active", "Sessions a scheduler of this process holds that have "
+                                   "a firing in flight (claimed, running, or awaiting confirmation).", labels=["bot"])
+        cached = GaugeMetricFamily("petribus_scheduler_sessions_cached", "Sessions whose state a scheduler of this "
+                                   "process holds in memory.")
+        by_bot: dict[str, int] = {}
+        held = 0
+        for svc in services:
+            if getattr(svc, "name", "") != "scheduler":
+                continue
+            for bot in getattr(svc, "nets", {}):
+                by_bot.setdefault(bot, 0)
+            sessions = list(getattr(svc, "sessions", {}).items())  # a copy: the loop does not yield
+            held += len(sessions)
+            for (bot, _), state in sessions:
+                if state.in_flight:
+                    by_bot[bot] = by_bot.get(bot, 0) + 1
+        for bot, n in sorted(by_bot.items()):
+            active.add_metric([bot], n)
+        cached.add_metric([], held)
+        yield active
+        yield cached
+
+    def _executors(self, services: list[Any]) -> Iterator[Metric]:
+        held = GaugeMetricFamily("petribus_executor_firings_held", "Work items an executor of this process holds "
+                                 "(running, waiting for a worker, or writing their outcome).", labels=["pool"])
+        capacity = GaugeMetricFamily("petribus_executor_capacity", "Work items an executor of this process may "
+                                     "hold at once (its consumer's credits).", labels=["pool"])
+        totals: dict[str, tuple[int, int]] = {}
+        for svc in services:
+            if getattr(svc, "name", "") != "executor":
+                continue
+            for pool, n in dict(getattr(svc, "held", {})).items():
+                consumer = getattr(svc, "consumers", {}).get(pool)
+                cap = getattr(consumer, "max_inflight", 0)
+                have, room = totals.get(pool, (0, 0))
+                totals[pool] = (have + n, room + cap)
+        for pool, (n, cap) in sorted(totals.items()):
+            held.add_metric([pool], n)
+            capacity.add_metric([pool], cap)
+        yield held
+        yield capacity
+
+    def _consumers(self) -> Iterator[Metric]:
+        labels = ["stream", "consumer"]
+        pending = GaugeMetricFamily("petribus_consumer_pending_messages", "Messages of the stream the consumer has "
+                                    "not delivered yet (its backlog).", labels=labels)
+        acks = GaugeMetricFamily("petribus_consumer_ack_pending_messages", "Messages delivered and not yet acked "
+                                 "(being worked on).", labels=labels)
+        redelivered = GaugeMetricFamily("petribus_consumer_redelivered_messages", "Messages delivered more than once "
+                                        "and not yet acked.", labels=labels)
+        watched = WATCHED.wanted()  # a consumer whose service stopped is not reported from the cache
+        for (stream, durable), info in sorted(WATCHED.consumers.items()):
+            if (stream, durable) not in watched:
+                continue
+            pending.add_metric([stream, durable], info.num_pending or 0)
+            acks.add_metric([stream, durable], info.num_ack_pending or 0)
+            redelivered.add_metric([stream, durable], info.num_redelivered or 0)
+        yield pending
+        yield acks
+        yield redelivered
+
+
+REGISTRY.register(_ScrapeCollector())  # type: ignore[arg-type]
+
+
+async def render() -> bytes:
+    """The registry in Prometheus' text format, consumer info refreshed if it is stale."""
+    await WATCHED.refresh()
+    return generate_latest(REGISTRY)
+
+
+# ---------------------------------------------------------------- services and the metrics port
+
+
+class MetricsServer:
+    """``GET /metrics`` over plain HTTP on the event loop; shared by every service of the process."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.asked = port
+        self.port = 0
+        self.users = 0
+        self._server: asyncio.base_events.Server | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else (self.host or "127.0.0.1")
+        return f"http://{host}:{self.port}/metrics"
+
+    async def start(self) -> None:
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host or None, self.asked)
+        except OSError as exc:
+            raise PetribusError(f"cannot serve metrics on {self.host}:{self.asked} ({exc}); choose another "
+                                "PETRIBUS_METRICS_PORT / PETRIBUS_METRICS_HOST, or unset the port",
+                                code="metrics_listen") from exc
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("metrics listening", url=self.url)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
+            method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
+            path = rest.split(" ", 1)[0].split("?", 1)[0]
+            if method not in ("GET", "HEAD") or path != "/metrics":
+                status, body, kind = "404 Not Found", b"only GET /metrics is served here\n", "text/plain"
+            else:
+                status, body, kind = "200 OK", await render(), CONTENT_TYPE
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            if method != "HEAD":
+                writer.write(body)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+            pass  # a client that went away or sent no request: nothing to answer
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+_servers: dict[tuple[str, int], MetricsServer] = {}
+
+
+async def watch(svc: Any) -> MetricsServer | None:
+    """Read ``svc``'s counts at every scrape; open the metrics port its settings ask for (None: none)."""
+    WATCHED.services.add(svc)
+    port = getattr(svc.settings, "metrics_port", None)
+    if port is None:
+        return None
+    key = (svc.settings.metrics_host, port)
+    server = _servers.get(key)
+    if server is None:
+        server = MetricsServer(*key)
+        await server.start()
+        _servers[key] = server
+    server.users += 1
+    return server
+
+
+async def unwatch(svc: Any) -> None:
+    """``svc`` stopped: its counts stay in the totals; the port closes with its last service."""
+    WATCHED.retire(svc)
+    server, svc.metrics_server = getattr(svc, "metrics_server", None), None
+    if server is None:
+        return
+    server.users -= 1
+    if server.users <= 0:
+        _servers.pop((server.host, server.asked), None)
+        await server.close()
