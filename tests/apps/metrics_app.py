@@ -1,9 +1,8 @@
 """Test app for the metrics: a transition that completes, one that fails for good, one that waits for a
 confirmation (a firing held in flight), and a model for the chat (tests/test_metrics.py)."""
 
-from pydantic import BaseModel
-
 from petribus import Bot, BotContext, BotLocation
+from pydantic import BaseModel
 
 
 class Item(BaseModel):

@@ -53,30 +53,39 @@ GCCollector(registry=REGISTRY)
 log = logs.get("petribus.metrics")
 
 # Seconds: from a millisecond no-op to the ten minutes a long transition or a slow queue may take.
-FIRING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+FIRING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+                  600.0)
 LLM_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+FIRING = ("bot", "transition")
+MODEL = ("bot", "model")
 
-FIRINGS_STARTED = Counter("petribus_firings_started", "Runs of a firing started by an executor (each attempt, "
-                          "retries included).", ["bot", "transition"], registry=REGISTRY)
-FIRINGS_COMPLETED = Counter("petribus_firings_completed", "Firings whose transition_completed an executor "
-                            "appended.", ["bot", "transition"], registry=REGISTRY)
-FIRINGS_FAILED = Counter("petribus_firings_failed", "transition_failed events an executor appended: final=\"true\" "
-                         "the firing failed for good (its markers went back), \"false\" a retry follows.",
-                         ["bot", "transition", "final"], registry=REGISTRY)
-FIRING_DURATION = Histogram("petribus_firing_duration_seconds", "How long a run of a transition took in its "
-                            "worker; outcome is ok or error.", ["bot", "transition", "outcome"],
-                            buckets=FIRING_BUCKETS, registry=REGISTRY)
-QUEUE_WAIT = Histogram("petribus_firing_queue_wait_seconds", "From the work item's arrival in PB_WORK (right after "
-                       "the claim) to the first run's start: waiting for an executor and a free worker.",
-                       ["bot", "transition"], buckets=FIRING_BUCKETS, registry=REGISTRY)
-LLM_REQUESTS = Counter("petribus_llm_requests", "Model calls (each try of a retried call); outcome is ok or "
-                       "error.", ["bot", "model", "outcome"], registry=REGISTRY)
-LLM_LATENCY = Histogram("petribus_llm_request_duration_seconds", "How long a model call took, to its last "
-                        "streamed piece; errors included.", ["bot", "model"], buckets=LLM_BUCKETS, registry=REGISTRY)
-LLM_TOKENS = Counter("petribus_llm_tokens", "Tokens the model endpoint reported in its answers' usage; kind is "
-                     "prompt or completion.", ["bot", "model", "kind"], registry=REGISTRY)
-WEBSOCKET_CLIENTS = Gauge("petribus_websocket_clients", "WebSocket connections open on the gateway.", ["bot"],
-                          registry=REGISTRY)
+FIRINGS_STARTED = Counter(
+    "petribus_firings_started", "Runs of a firing an executor started (every attempt, retries included).",
+    FIRING, registry=REGISTRY)
+FIRINGS_COMPLETED = Counter(
+    "petribus_firings_completed", "Firings whose transition_completed an executor appended.",
+    FIRING, registry=REGISTRY)
+FIRINGS_FAILED = Counter(
+    "petribus_firings_failed", "transition_failed events an executor appended; final=true: failed for good "
+    "(its markers went back), final=false: a retry follows.", (*FIRING, "final"), registry=REGISTRY)
+FIRING_DURATION = Histogram(
+    "petribus_firing_duration_seconds", "How long a run took in its worker; outcome: ok or error.",
+    (*FIRING, "outcome"), buckets=FIRING_BUCKETS, registry=REGISTRY)
+QUEUE_WAIT = Histogram(
+    "petribus_firing_queue_wait_seconds", "From the work item's arrival in PB_WORK (right after the claim) "
+    "to the first run's start: waiting for an executor and a free worker.", FIRING, buckets=FIRING_BUCKETS,
+    registry=REGISTRY)
+LLM_REQUESTS = Counter(
+    "petribus_llm_requests", "Model calls (every try of a retried call); outcome: ok or error.",
+    (*MODEL, "outcome"), registry=REGISTRY)
+LLM_LATENCY = Histogram(
+    "petribus_llm_request_duration_seconds", "How long a model call took, to its last streamed piece; "
+    "failed calls included.", MODEL, buckets=LLM_BUCKETS, registry=REGISTRY)
+LLM_TOKENS = Counter(
+    "petribus_llm_tokens", "Tokens the model endpoint reported in its answers' usage; kind: prompt or "
+    "completion.", (*MODEL, "kind"), registry=REGISTRY)
+WEBSOCKET_CLIENTS = Gauge(
+    "petribus_websocket_clients", "WebSocket connections open on the gateway.", ("bot",), registry=REGISTRY)
 
 
 # ---------------------------------------------------------------- hooks: one call where it happens
@@ -117,13 +126,13 @@ def llm_request(bot: str, model: str, started: float, usage: Any = None, *, ok: 
 SCHEDULER_STATS = {
     "fired": ("petribus_scheduler_firings_claimed", "Firings claimed (transition_fired appended)."),
     "claim_batches": ("petribus_scheduler_claim_batches", "Atomic claim batches committed."),
-    "conflicts": ("petribus_scheduler_claim_conflicts", "Claims refused because the session moved on "
-                  "(another writer appended first): read again and decided again."),
-    "rebuilds": ("petribus_scheduler_session_rebuilds", "Sessions folded from the start of their log (not cached)."),
+    "conflicts": ("petribus_scheduler_claim_conflicts",
+                  "Claims refused because the session moved on (another writer appended first)."),
+    "rebuilds": ("petribus_scheduler_session_rebuilds", "Sessions folded from the start of their log."),
     "catchups": ("petribus_scheduler_session_catchups", "Cached sessions that read events they missed."),
-    "failed": ("petribus_scheduler_session_failures", "Steps of a session that raised (retried with back-off)."),
-    "redispatched": ("petribus_scheduler_work_redispatched", "Work items sent again by a lease check (lost ones)."),
-    "stalled": ("petribus_scheduler_stalled_sessions", "Sessions the sweep found with something left undone."),
+    "failed": ("petribus_scheduler_session_failures", "Steps of a session that raised (retried later)."),
+    "redispatched": ("petribus_scheduler_work_redispatched", "Lost work items a lease check sent again."),
+    "stalled": ("petribus_scheduler_stalled_sessions", "Sessions the sweep found with something undone."),
     "stale_reads": ("petribus_scheduler_stale_reads", "Reads of a session that came back behind the event."),
 }
 LLM_STATS = {
@@ -135,7 +144,7 @@ LLM_STATS = {
     "llm_errors": ("petribus_llm_model_errors", "Model calls that failed for good (after retries)."),
 }
 EXECUTOR_STATS = {
-    "cancelled": ("petribus_executor_firings_cancelled", "Firings whose session was deleted before their outcome."),
+    "cancelled": ("petribus_executor_firings_cancelled", "Firings whose session was deleted while they ran."),
 }
 STATS = {"scheduler": SCHEDULER_STATS, "llm": LLM_STATS, "executor": EXECUTOR_STATS}
 
@@ -176,7 +185,9 @@ class _Watched:
         """Read the consumers' info if the last read is older than the TTL; one refresh at a time."""
         if time.monotonic() - self.read_at < CONSUMER_INFO_TTL_S:
             return
-        if self._refresh is None or self._refresh.done():
+        task = self._refresh
+        # (A task of another event loop is one a test's closed loop left behind.)
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
             self._refresh = asyncio.ensure_future(self._read())
         with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._refresh), CONSUMER_INFO_TIMEOUT_S)
@@ -188,7 +199,7 @@ class _Watched:
         async def one(key: tuple[str, str], js: Any) -> tuple[tuple[str, str], Any]:
             try:
                 return key, await asyncio.wait_for(js.consumer_info(*key), CONSUMER_INFO_TIMEOUT_S)
-            except Exception as exc:  # left out of this scrape; the service's own log has the outage
+            except Exception as exc:  # noqa: BLE001  left out of this scrape; the service logs its outage
                 log.debug("consumer info not read", stream=key[0], consumer=key[1], error=repr(exc))
                 return key, None
 
@@ -241,10 +252,11 @@ class _ScrapeCollector:
         yield from self._consumers()
 
     def _sessions(self, services: list[Any]) -> Iterator[Metric]:
-        active = GaugeMetricFamily("petribus_sessions_active", "Sessions a scheduler of this process holds that have "
-                                   "a firing in flight (claimed, running, or awaiting confirmation).", labels=["bot"])
-        cached = GaugeMetricFamily("petribus_scheduler_sessions_cached", "Sessions whose state a scheduler of this "
-                                   "process holds in memory.")
+        active = GaugeMetricFamily(
+            "petribus_sessions_active", "Sessions a scheduler of this process holds that have a firing in "
+            "flight (claimed, running, or awaiting confirmation).", labels=["bot"])
+        cached = GaugeMetricFamily(
+            "petribus_scheduler_sessions_cached", "Sessions whose state a scheduler of this process holds.")
         by_bot: dict[str, int] = {}
         held = 0
         for svc in services:
@@ -264,10 +276,12 @@ class _ScrapeCollector:
         yield cached
 
     def _executors(self, services: list[Any]) -> Iterator[Metric]:
-        held = GaugeMetricFamily("petribus_executor_firings_held", "Work items an executor of this process holds "
-                                 "(running, waiting for a worker, or writing their outcome).", labels=["pool"])
-        capacity = GaugeMetricFamily("petribus_executor_capacity", "Work items an executor of this process may "
-                                     "hold at once (its consumer's credits).", labels=["pool"])
+        held = GaugeMetricFamily(
+            "petribus_executor_firings_held", "Work items the executors of this process hold (running, "
+            "waiting for a worker, or writing their outcome).", labels=["pool"])
+        capacity = GaugeMetricFamily(
+            "petribus_executor_capacity", "Work items the executors of this process may hold at once.",
+            labels=["pool"])
         totals: dict[str, tuple[int, int]] = {}
         for svc in services:
             if getattr(svc, "name", "") != "executor":
@@ -285,12 +299,15 @@ class _ScrapeCollector:
 
     def _consumers(self) -> Iterator[Metric]:
         labels = ["stream", "consumer"]
-        pending = GaugeMetricFamily("petribus_consumer_pending_messages", "Messages of the stream the consumer has "
-                                    "not delivered yet (its backlog).", labels=labels)
-        acks = GaugeMetricFamily("petribus_consumer_ack_pending_messages", "Messages delivered and not yet acked "
-                                 "(being worked on).", labels=labels)
-        redelivered = GaugeMetricFamily("petribus_consumer_redelivered_messages", "Messages delivered more than once "
-                                        "and not yet acked.", labels=labels)
+        pending = GaugeMetricFamily(
+            "petribus_consumer_pending_messages", "Messages the consumer has not delivered yet (a backlog).",
+            labels=labels)
+        acks = GaugeMetricFamily(
+            "petribus_consumer_ack_pending_messages", "Messages delivered and not acked yet (in work).",
+            labels=labels)
+        redelivered = GaugeMetricFamily(
+            "petribus_consumer_redelivered_messages", "Messages delivered more than once and not yet acked.",
+            labels=labels)
         watched = WATCHED.wanted()  # a consumer whose service stopped is not reported from the cache
         for (stream, durable), info in sorted(WATCHED.consumers.items()):
             if (stream, durable) not in watched:

@@ -17,9 +17,9 @@ import re
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from petribus import metrics
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from petribus import metrics
 from petribus_gateway.auth import Unauthorized, address, bearer
 from petribus_gateway.context import context
 from petribus_gateway.models import ErrorBody
@@ -35,9 +35,9 @@ async def scrape(request: Request) -> Response:
     caller = ctx.auth.caller(bearer(request.headers.get("authorization")), address(request))
     if ctx.auth.required() and not caller.admin:
         if caller.principal is None:
-            raise Unauthorized("/metrics needs an admin API key while keys are required: send 'Authorization: "
-                               "Bearer <token>' with a key from `petribus keys create --admin`, or scrape "
-                               "PETRIBUS_METRICS_PORT (docs/metrics.md)")
+            raise Unauthorized("/metrics needs an admin API key while keys are required: send "
+                               "'Authorization: Bearer <token>' with a key made by `petribus keys create "
+                               "--admin`, or scrape PETRIBUS_METRICS_PORT (docs/metrics.md)")
         body = ErrorBody(code="forbidden", message="/metrics needs an admin key: it names every bot and "
                          "transition of this deployment; use a key made with `petribus keys create --admin`")
         return JSONResponse(body.model_dump(), status_code=403)
@@ -45,7 +45,8 @@ async def scrape(request: Request) -> Response:
 
 
 class ClientCount:
-    """ASGI middleware: ``petribus_websocket_clients{bot}`` up at accept, down when the socket's handler ends."""
+    """ASGI middleware: ``petribus_websocket_clients{bot}`` up at accept, down when the socket's handler
+    ends."""
 
     def __init__(self, app: ASGIApp, bots: frozenset[str]) -> None:
         self.app = app
