@@ -45,7 +45,7 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
-from petribus import logs, nats_headers, subjects
+from petribus import logs, nats_headers, subjects, tracing
 from petribus.bus_auth import ClientAuth
 from petribus.errors import BusError, BusTimeout, BusUnavailable
 from petribus.events import Event, _Event, decode, encode
@@ -263,6 +263,30 @@ async def _ensure_streams(js: JetStreamContext, duplicate_window_s: float, repli
         log.info("deleted-sessions bucket kept as configured", bucket=subjects.DELETED_BUCKET, detail=str(exc))
 
 
+def _append_span(first: _Event, count: int, msg_id: str) -> Any:
+    """The span of one append (or one atomic batch): a child of the current span, else of the trace the
+    event already carries (an executor's outcome names its work item's)."""
+    parent = None if tracing.traceparent() else first.trace
+    return tracing.span(f"append {first.type}", parent=parent, kind="producer", attributes={
+        "messaging.system": "nats", "messaging.operation.type": "send",
+        "messaging.destination.name": subjects.events(first.bot, first.session_id),
+        "messaging.batch.message_count": count if count > 1 else None,
+        "petribus.bot": first.bot, "petribus.session_id": first.session_id, "petribus.event_type": first.type,
+        "petribus.event_id": first.id, "petribus.msg_id": msg_id,
+        "petribus.firing_id": getattr(first, "firing_id", None),
+    })
+
+
+def _stamped(event: _Event) -> _Event:
+    """``event`` with ``trace`` naming the current span (unchanged when there is none)."""
+    current = tracing.traceparent()
+    return event if current is None or current == event.trace else event.model_copy(update={"trace": current})
+
+
+def _trace_header(event: _Event) -> dict[str, str] | None:
+    return None if event.trace is None else {tracing.TRACEPARENT: event.trace}
+
+
 async def _seq_of(ack: asyncio.Future[PubAck]) -> int:
     return (await ack).seq
 
@@ -360,7 +384,20 @@ class EventLog:
     async def _publish(self, event: _Event, expected_last_seq: int | None, msg_id: str | None,
                        timeout: float, *, landed: bool = False) -> tuple[PubAck, bool]:
         """The ack, and whether an earlier try may have landed (so a duplicate may be our own)."""
+        if not tracing.active():
+            return await self._publish_one(event, expected_last_seq, msg_id, timeout, landed=landed)
+        with _append_span(event, 1, msg_id or event.id) as span:
+            event = _stamped(event)
+            ack, landed_before = await self._publish_one(event, expected_last_seq, msg_id, timeout,
+                                                         landed=landed)
+            span.set_attributes({"petribus.seq": ack.seq, "petribus.duplicate": bool(ack.duplicate)})
+            return ack, landed_before
+
+    async def _publish_one(self, event: _Event, expected_last_seq: int | None, msg_id: str | None,
+                           timeout: float, *, landed: bool = False) -> tuple[PubAck, bool]:
         headers = {"Nats-Msg-Id": msg_id or event.id}
+        if event.trace is not None:
+            headers[tracing.TRACEPARENT] = event.trace
         if expected_last_seq is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_seq)
         subject = subjects.events(event.bot, event.session_id)
@@ -410,11 +447,22 @@ class EventLog:
         if len(msg_ids) != len(events) or any(subjects.events(e.bot, e.session_id) != subject
                                               for e in events):
             raise ValueError(f"a batch appends to one session ({subject}), with one Msg-Id per event")
+        if not tracing.active():
+            return await self._append_batch(events, subject, expected_last_seq, msg_ids, timeout)
+        with _append_span(events[0], len(events), msg_ids[0]) as span:
+            events = [_stamped(e) for e in events]
+            seqs = await self._append_batch(events, subject, expected_last_seq, msg_ids, timeout)
+            span.set_attributes({"petribus.seq": seqs[0]})
+            return seqs
+
+    async def _append_batch(self, events: list[_Event], subject: str, expected_last_seq: int,
+                            msg_ids: list[str], timeout: float) -> list[int]:
         payloads = [encode(e) for e in events]
+        trace = events[0].trace  # one for the batch: the span it was appended in
 
         async def attempt(maybe_landed: bool) -> list[int]:
             try:
-                return await self._send_batch(subject, payloads, expected_last_seq, msg_ids, timeout)
+                return await self._send_batch(subject, payloads, expected_last_seq, msg_ids, timeout, trace)
             except (WrongLastSequence, APIError) as exc:
                 conflict = isinstance(exc, WrongLastSequence) or exc.err_code == DUPLICATE_IN_BATCH
                 if not (maybe_landed and conflict):
@@ -432,7 +480,7 @@ class EventLog:
         return await self._retry(f"batch append to {subject}", attempt)
 
     async def _send_batch(self, subject: str, payloads: list[bytes], expected_last_seq: int, msg_ids: list[str],
-                          timeout: float) -> list[int]:
+                          timeout: float, trace: str | None = None) -> list[int]:
         batch_id = uuid.uuid4().hex  # a fresh one per try: the server forgets an uncommitted batch's id
         inbox, replies = await self._reply_to()
         last = len(payloads)
@@ -447,6 +495,8 @@ class EventLog:
                         headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_seq)
                     if i == last:
                         headers["Nats-Batch-Commit"] = "1"
+                    if trace is not None:
+                        headers[tracing.TRACEPARENT] = trace
                     await self.nc.publish(subject, payload, reply=inbox if i == last else "", headers=headers)
             try:
                 reply = await asyncio.wait_for(replies.get(), timeout)
@@ -480,18 +530,22 @@ class EventLog:
         """Send one event now and return a future of its sequence: the caller overlaps the round trip
         with other work. Events sent on one connection land on their subject in the order sent (unless
         the bus fails under them: a resent event lands after whatever got through meanwhile)."""
+        if tracing.active():  # no span of its own: it names the span it is sent in
+            event = _stamped(event)
         sent = await self.publisher.publish_soon(subjects.events(event.bot, event.session_id), encode(event),
-                                                 msg_id=msg_id or event.id, timeout=timeout)
+                                                 msg_id=msg_id or event.id, timeout=timeout,
+                                                 headers=_trace_header(event))
         return asyncio.ensure_future(_seq_of(sent))
 
     async def append_many(self, events: Iterable[_Event], *, msg_ids: Iterable[str] | None = None,
                           timeout: float = 5.0) -> list[int]:
         """Append several events pipelined (one round trip's wait for all); order on a subject is kept
         (as for ``append_soon``, up to resends through a failing bus)."""
-        listed = list(events)
+        listed = [_stamped(e) for e in events] if tracing.active() else list(events)
         ids = list(msg_ids) if msg_ids is not None else [e.id for e in listed]
         sent = [await self.publisher.publish_soon(subjects.events(e.bot, e.session_id), encode(e), msg_id=msg_id,
-                                                  timeout=timeout) for e, msg_id in zip(listed, ids)]
+                                                  timeout=timeout, headers=_trace_header(e))
+                for e, msg_id in zip(listed, ids)]
         return [(await ack).seq for ack in sent]
 
     async def read(self, bot: str, session_id: str, after: int = 0, timeout: float = 5.0, *,

@@ -173,9 +173,10 @@ class Publisher:
         self._resends: set[asyncio.Task[PubAck]] = set()
 
     async def publish(self, subject: str, payload: bytes, *, msg_id: str, timeout: float = 5.0,
-                      landed: bool = False) -> PubAck:
-        """Publish and wait for JetStream's ack (``duplicate`` set if the Msg-Id had landed before)."""
-        headers = {"Nats-Msg-Id": msg_id}
+                      landed: bool = False, headers: dict[str, str] | None = None) -> PubAck:
+        """Publish and wait for JetStream's ack (``duplicate`` set if the Msg-Id had landed before).
+        ``headers``: more to send (a ``traceparent``)."""
+        headers = _with_id(headers, msg_id)
 
         async def attempt(_: bool) -> PubAck:
             try:
@@ -188,8 +189,8 @@ class Publisher:
         return await retry(self.nc, f"publish to {subject}", attempt, budget_s=self.outage_s, outage=self.outage,
                            landed=landed)
 
-    async def publish_soon(self, subject: str, payload: bytes, *, msg_id: str,
-                           timeout: float = 5.0) -> asyncio.Future[PubAck]:
+    async def publish_soon(self, subject: str, payload: bytes, *, msg_id: str, timeout: float = 5.0,
+                           headers: dict[str, str] | None = None) -> asyncio.Future[PubAck]:
         """Send now; a future of the ack, as ``js.publish_async`` gives, but one that always settles:
         an answer lost with its server is waited for at most ``timeout``, then the message is resent
         (same Msg-Id) through the outage. Messages sent on one connection land in the order sent,
@@ -202,13 +203,13 @@ class Publisher:
         loop = asyncio.get_running_loop()
         out: asyncio.Future[PubAck] = loop.create_future()
         try:
-            sent = await self.js.publish_async(subject, payload, headers={"Nats-Msg-Id": msg_id})
+            sent = await self.js.publish_async(subject, payload, headers=_with_id(headers, msg_id))
         except Exception as exc:
             if self.nc.is_closed or not is_unavailable(exc):
                 raise BusError(f"publish to {subject} failed: {exc}") from exc
-            self._resend(out, subject, payload, msg_id, timeout)
+            self._resend(out, subject, payload, msg_id, timeout, headers)
             return out
-        send = _Send(out, sent, subject, payload, msg_id, timeout)
+        send = _Send(out, sent, subject, payload, msg_id, timeout, headers)
         sent.add_done_callback(lambda answered: self._answered(send, answered))
         self._watch(loop, send)
         return out
@@ -222,7 +223,7 @@ class Publisher:
             send.payload = b""  # answered: the heap need not hold the message until its deadline
             out.set_result(answered.result())
         elif is_unavailable(exc):
-            self._resend(out, send.subject, send.payload, send.msg_id, send.timeout)
+            self._resend(out, send.subject, send.payload, send.msg_id, send.timeout, send.headers)
         elif isinstance(exc, nats.errors.Error):
             out.set_exception(BusError(f"publish to {send.subject} failed: {exc}"))
         else:
@@ -245,14 +246,15 @@ class Publisher:
             _, _, send = heapq.heappop(self._deadlines)
             if not send.out.done():
                 send.sent.cancel()  # nats-py forgets it (and frees its slot); it may have landed
-                self._resend(send.out, send.subject, send.payload, send.msg_id, send.timeout)
+                self._resend(send.out, send.subject, send.payload, send.msg_id, send.timeout, send.headers)
         if self._deadlines:
             self._timer = loop.call_at(self._deadlines[0][0], self._expire)
 
     def _resend(self, out: asyncio.Future[PubAck], subject: str, payload: bytes, msg_id: str,
-                timeout: float) -> None:
+                timeout: float, headers: dict[str, str] | None = None) -> None:
         """It may have landed (a timeout): the same Msg-Id makes the resend land once."""
-        task = asyncio.ensure_future(self.publish(subject, payload, msg_id=msg_id, timeout=timeout, landed=True))
+        task = asyncio.ensure_future(self.publish(subject, payload, msg_id=msg_id, timeout=timeout,
+                                                  landed=True, headers=headers))
         self._resends.add(task)
 
         def settle(task: asyncio.Task[PubAck]) -> None:
@@ -269,13 +271,19 @@ class Publisher:
         task.add_done_callback(settle)
 
 
+def _with_id(headers: dict[str, str] | None, msg_id: str) -> dict[str, str]:
+    return {"Nats-Msg-Id": msg_id} if headers is None else {**headers, "Nats-Msg-Id": msg_id}
+
+
 class _Send:
     """A message ``publish_soon`` sent and has not heard back about yet."""
 
-    __slots__ = ("msg_id", "out", "payload", "sent", "subject", "timeout")  # payload: dropped once answered
+    # payload: dropped once answered
+    __slots__ = ("headers", "msg_id", "out", "payload", "sent", "subject", "timeout")
 
     def __init__(self, out: asyncio.Future[PubAck], sent: asyncio.Future[PubAck], subject: str, payload: bytes,
-                 msg_id: str, timeout: float) -> None:
+                 msg_id: str, timeout: float, headers: dict[str, str] | None = None) -> None:
+        self.headers = headers
         self.out = out
         self.sent = sent
         self.subject = subject

@@ -24,6 +24,7 @@ share a ``start:`` Msg-Id.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import datetime
 import random
@@ -34,7 +35,7 @@ from typing import Any
 import structlog
 from nats.aio.msg import Msg
 
-from petribus import metrics
+from petribus import metrics, tracing
 from petribus.bus import EventLog
 from petribus.core import Firing, SessionState
 from petribus.deletion import SessionDeleted
@@ -74,11 +75,13 @@ class Outbox:
         # Both made by the first event: most firings say nothing, and a fan-out makes thousands of these.
         self._queue: asyncio.Queue[tuple[_Event, str, asyncio.Future[int] | None] | None] | None = None
         self._task: asyncio.Task[None] | None = None
+        # The firing's context (its span, its log fields): the first event may come from a worker's callback.
+        self._context = contextvars.copy_context()
 
     def _start(self) -> asyncio.Task[None]:
         if self._task is None:
             self._queue = asyncio.Queue()
-            self._task = asyncio.create_task(self._write())
+            self._task = asyncio.create_task(self._write(), context=self._context)
         return self._task
 
     def put(self, event: _Event, msg_id: str) -> None:
@@ -175,8 +178,14 @@ class FiringRunner:
             self.log.error("malformed work item terminated", subject=msg.subject, error=str(exc)[:500])
             await msg.term()
             return
-        with structlog.contextvars.bound_contextvars(session_id=item.session_id, firing_id=item.firing_id,
-                                                     transition=item.transition):
+        # The run's span continues the claim's (the work item's traceparent); what the run appends is its child.
+        with tracing.span("executor run", parent=tracing.parent_of(msg.headers, item.trace), kind="consumer",
+                          attributes={"petribus.bot": item.bot, "petribus.session_id": item.session_id,
+                                      "petribus.firing_id": item.firing_id,
+                                      "petribus.transition": item.transition,
+                                      "petribus.delivery": msg.metadata.num_delivered}), \
+                structlog.contextvars.bound_contextvars(session_id=item.session_id, firing_id=item.firing_id,
+                                                        transition=item.transition):
             running = self._running.get(item.firing_id)
             if running is not None:
                 # Heartbeats lapsed and JetStream handed the work out again, to us: keep the one run.

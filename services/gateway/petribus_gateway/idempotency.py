@@ -62,8 +62,8 @@ def keyed(event: E, key: str) -> E:
 
 def _same_request(a: _Event, b: _Event) -> bool:
     # Who sent it is not part of the request: a retry may come from another address (only callers who may
-    # use the session get here at all).
-    return a.model_dump(exclude={"ts", "actor"}) == b.model_dump(exclude={"ts", "actor"})
+    # use the session get here at all). Nor is the trace it was sent in: a retry is a new trace.
+    return a.model_dump(exclude={"ts", "actor", "trace"}) == b.model_dump(exclude={"ts", "actor", "trace"})
 
 
 async def append(events: EventLog, event: E, key: str) -> tuple[int, _Event, bool]:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import JSONResponse
 
-from petribus import deletion, subjects
+from petribus import deletion, subjects, tracing
 from petribus.bus import WrongLastSequence
 from petribus.core import SessionState, fold
 from petribus.errors import AlreadyAnswered, InvalidInput
@@ -313,11 +313,18 @@ async def add_message(net: BotNet, session_id: str, body: NewMessage, ctx: Ctx, 
 
 
 async def _append(ctx: GatewayContext, event: _Event, key: str | None, response: Response) -> Appended:
-    if key is None:
-        seq = await ctx.events.append(event)
-        return Appended(seq=seq, event=ClientEvent.model_validate(to_client(event, seq)))
-    seq, stored, replayed = await idempotency.append(ctx.events, event, key)
-    return _appended(seq, stored, replayed, response)
+    with _span(event):  # a trace begins with a client's write (docs/observability.md)
+        if key is None:
+            seq = await ctx.events.append(event)
+            return Appended(seq=seq, event=ClientEvent.model_validate(to_client(event, seq)))
+        seq, stored, replayed = await idempotency.append(ctx.events, event, key)
+        return _appended(seq, stored, replayed, response)
+
+
+def _span(event: _Event) -> Any:
+    return tracing.span(f"gateway rest {event.type}", root=True, kind="server", attributes={
+        "petribus.bot": event.bot, "petribus.session_id": event.session_id,
+        "petribus.request_id": event.request_id})
 
 
 def _appended(seq: int, event: _Event, replayed: bool, response: Response) -> Appended:
@@ -367,15 +374,16 @@ async def _answer(ctx: GatewayContext, net: Net, session_id: str, event: Any, ke
     await ctx.require_session(net.bot, session_id)
     if key is not None:
         event = idempotency.keyed(event, key)
-    try:
-        seq, appended = await inputs.append_answer(ctx.events, event)
-    except AlreadyAnswered:
-        # A retry of this very answer (same key) is answered as the first time; anyone else's is refused.
-        found = None if key is None else await idempotency.find(ctx.events, event)
-        if found is None:
-            raise
-        return _appended(*found, True, response)
-    return _appended(seq, appended, False, response)
+    with _span(event):
+        try:
+            seq, appended = await inputs.append_answer(ctx.events, event)
+        except AlreadyAnswered:
+            # A retry of this very answer (same key) is answered as the first time; anyone else's is refused.
+            found = None if key is None else await idempotency.find(ctx.events, event)
+            if found is None:
+                raise
+            return _appended(*found, True, response)
+        return _appended(seq, appended, False, response)
 
 
 @router.delete("/bots/{bot}/sessions/{session_id}", status_code=204, responses=ERRORS,

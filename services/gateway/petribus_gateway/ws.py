@@ -40,7 +40,7 @@ from starlette.datastructures import QueryParams
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected, WebSocketState
 
-from petribus import subjects
+from petribus import subjects, tracing
 from petribus.core import SessionState
 from petribus.errors import AlreadyAnswered, InvalidInput, PetribusError, UnknownBot, UnknownSession
 from petribus.events import ConfirmResponse, ErrorEvent, decode, to_client
@@ -337,7 +337,10 @@ class SessionSocket:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            await self._handle(message)
+            # Each client message begins a trace: its append, the firings it enables, the model's answer.
+            with tracing.span("gateway ws message", root=True, kind="server", attributes={
+                    "petribus.bot": self.net.bot, "petribus.session_id": self.session_id}):
+                await self._handle(message)
 
     async def _handle(self, message: Message) -> None:
         request_id = None
@@ -349,6 +352,8 @@ class SessionSocket:
                 return
             payload = inputs.parse(text)
             request_id = payload.get("request_id")
+            tracing.set_attributes({"petribus.message_type": payload.get("type"),
+                                    "petribus.request_id": request_id})
             event = inputs.to_event(self.net, self.session_id, payload).model_copy(
                 update={"actor": self.caller.actor()})
         except InvalidInput as exc:

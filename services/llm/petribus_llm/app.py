@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
-from petribus import subjects
+from petribus import subjects, tracing
 from petribus.bus import EventLog, ensure_event_consumer
 from petribus.consumer import PullConsumer
 from petribus.errors import InvalidInput
@@ -228,10 +228,14 @@ class LLMService(Service):
         conv.absorb(await self.events.read(*key, after=conv.state.last_seq))
         if asked.id in conv.replied:
             return False
-        if isinstance(asked, PromptRequest):
-            await self._answer_prompt(key, conv, asked)
-        else:
-            await self._answer_message(key, conv, asked)
+        # A child of the span that appended what is answered (its trace field: it may come from a read).
+        with tracing.span(f"llm answer {asked.type}", parent=tracing.parent_of(None, asked.trace),
+                          kind="consumer", attributes={"petribus.bot": key[0], "petribus.session_id": key[1],
+                                                       "petribus.event_id": asked.id}):
+            if isinstance(asked, PromptRequest):
+                await self._answer_prompt(key, conv, asked)
+            else:
+                await self._answer_message(key, conv, asked)
         return True
 
     async def _answer_message(self, key: Key, conv: Conversation, message: UserMessage) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import openai
 from openai import AsyncOpenAI
 
-from petribus import logs, metrics
+from petribus import logs, metrics, tracing
 from petribus.net import Net
 from petribus.settings import Settings
 
@@ -124,12 +124,12 @@ class OpenAIResponder:
         messages = prompt.messages(net, conversation, ask, budget=self.budget)
         speaker = Speaker(on_delta if ask.shown else None)
         if ask.kind == "prompt":
-            await self._call(messages, None, speaker)
+            await self._traced_call(messages, None, speaker)
             return Reply(speaker.text)
         markers: list[ProposedMarker] = []
         corrections = 0
         for _ in range(self.max_corrections + 3):  # a correction round per allowed correction, and room to finish
-            done = await self._call(messages, self.tools, speaker)
+            done = await self._traced_call(messages, self.tools, speaker)
             if not done.calls:
                 break
             messages.append({"role": "assistant", "content": done.text or None, "tool_calls": [
@@ -158,6 +158,28 @@ class OpenAIResponder:
             added = ", ".join(f"{m.location} {json.dumps(m.data, ensure_ascii=False)}" for m in markers)
             await speaker.say(f"Added {added}." if markers else "I have nothing to add.")
         return Reply(speaker.text, tuple(markers))
+
+    async def _traced_call(self, messages: list[dict[str, Any]], tool_defs: list[dict[str, Any]] | None,
+                           speaker: Speaker) -> Completion:
+        """``_call`` in a span (tracing on): the model, the latency and the token counts the endpoint
+        reported; what was said only with ``PETRIBUS_TRACE_CONTENT=1``."""
+        if not tracing.active():
+            return await self._call(messages, tool_defs, speaker)
+        with tracing.span(f"chat {self.model}", kind="client", attributes={
+                "gen_ai.operation.name": "chat", "gen_ai.system": "openai", "gen_ai.request.model": self.model,
+                "server.address": self.where, "petribus.llm.streamed": speaker.on_delta is not None,
+                "petribus.llm.tools": len(tool_defs or ())}) as span:
+            started = time.perf_counter()
+            done = await self._call(messages, tool_defs, speaker)
+            span.set_attributes({"petribus.llm.latency_ms": round((time.perf_counter() - started) * 1000, 3),
+                                 "petribus.llm.tool_calls": len(done.calls)})
+            if done.usage is not None:  # the endpoint's counts, when it sent them
+                span.set_attributes({"gen_ai.usage.input_tokens": done.usage.prompt_tokens,
+                                     "gen_ai.usage.output_tokens": done.usage.completion_tokens})
+            if tracing.content():
+                span.set_attributes({"gen_ai.input.messages": _bounded(json.dumps(messages, ensure_ascii=False)),
+                                     "gen_ai.output.text": _bounded(done.text)})
+            return done
 
     async def _call(self, messages: list[dict[str, Any]], tool_defs: list[dict[str, Any]] | None,
                     speaker: Speaker) -> Completion:
@@ -274,6 +296,11 @@ class OpenAIResponder:
             if hint is not None:
                 return min(self.max_backoff_s, hint)
         return base * (0.5 + random.random() / 2)  # jitter: many sessions don't retry in step
+
+
+def _bounded(text: str, limit: int = 16_384) -> str:
+    """Text for a span attribute: collectors refuse (or cut) very long ones."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
 
 
 def _retry_after(headers: Any) -> float | None:

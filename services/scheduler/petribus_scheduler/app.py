@@ -56,7 +56,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
-from petribus import deletion, subjects
+from petribus import deletion, subjects, tracing
 from petribus.bus import MAX_BATCH, EventLog, WrongLastSequence, ensure_event_consumer, on_reconnect
 from petribus.consumer import PullConsumer
 from petribus.core import Firing, PlannedFiring, SessionState, apply, choose_firings, fold
@@ -386,6 +386,17 @@ class Scheduler(Service):
             self.log.error("could not report a failed session", session_id=key[1], error=repr(report_exc))
 
     async def _handle(self, key: Key, batch: list[Delivered]) -> None:
+        if tracing.active():
+            # A child of the newest event's append (its traceparent header), linked to the others' traces.
+            causes = [tracing.parent_of(d.msg.headers) for d in batch]
+            with tracing.span("scheduler decide", parent=causes[-1], links=causes[-2::-1], kind="consumer",
+                              attributes={"petribus.bot": key[0], "petribus.session_id": key[1],
+                                          "petribus.events": len(batch)}):
+                await self._decide(key, batch)
+        else:
+            await self._decide(key, batch)
+
+    async def _decide(self, key: Key, batch: list[Delivered]) -> None:
         decide = False
         for msg, epoch in batch:
             state, due = await self._fold_one(key, msg, epoch)
@@ -484,21 +495,24 @@ class Scheduler(Service):
             sent: dict[str, asyncio.Future] = {}
             plan = choose_firings(self.shapes[key[0]], state, guard=guard)
             while plan:
-                try:
-                    claimed = await self._claim(net, state, plan[:CLAIM_BATCH])
-                except WrongLastSequence:
-                    self.stats["conflicts"] += 1
-                    conflicts += 1
-                    if conflicts >= MAX_CONFLICT_RETRIES:
-                        raise ClaimContention(f"session {key[1]}: still conflicting after {conflicts} "
-                                              "re-folds; it is tried again shortly") from None
-                    await self._catch_up(key, state)
-                    plan = choose_firings(self.shapes[key[0]], state, guard=guard)
-                    continue
-                plan = plan[CLAIM_BATCH:]
-                for firing in claimed:
-                    if firing.status == "claimed":
-                        sent[firing.id] = await self._send_work(net, state, firing, fresh=True)
+                # The claim's span is the parent of its transition_fired events and of their work items.
+                firings = min(len(plan), CLAIM_BATCH)
+                with tracing.span("scheduler claim", attributes={"petribus.firings": firings}):
+                    try:
+                        claimed = await self._claim(net, state, plan[:CLAIM_BATCH])
+                    except WrongLastSequence:
+                        self.stats["conflicts"] += 1
+                        conflicts += 1
+                        if conflicts >= MAX_CONFLICT_RETRIES:
+                            raise ClaimContention(f"session {key[1]}: still conflicting after {conflicts} "
+                                                  "re-folds; it is tried again shortly") from None
+                        await self._catch_up(key, state)
+                        plan = choose_firings(self.shapes[key[0]], state, guard=guard)
+                        continue
+                    plan = plan[CLAIM_BATCH:]
+                    for firing in claimed:
+                        if firing.status == "claimed":
+                            sent[firing.id] = await self._send_work(net, state, firing, fresh=True)
             catchups = self.stats["catchups"]
             await self._dispatch(net, state, sent)
             if self.stats["catchups"] == catchups:
@@ -617,7 +631,8 @@ class Scheduler(Service):
         """Send a firing's work item. ``fresh``: this process made the claim a moment ago and sends its
         work for the first time (its executor may then skip reading the log on the first delivery)."""
         item = WorkItem(bot=net.bot, session_id=state.session_id, firing_id=f.id, transition=f.transition,
-                        inputs=[pm.marker for pm in f.consumed], fired_seq=f.fired_seq, fresh=fresh)
+                        inputs=[pm.marker for pm in f.consumed], fired_seq=f.fired_seq, fresh=fresh,
+                        trace=tracing.traceparent())
         pool = net.transition(f.transition).pool if net.has_transition(f.transition) else "cpu"
         payload = item.model_dump_json().encode()
         limit = self.events.nc.max_payload - ENVELOPE_BYTES
@@ -631,9 +646,10 @@ class Scheduler(Service):
                       f"{len(payload):,} bytes as one work item, over the {limit:,} bytes the bus takes "
                       "(nats-server max_payload); consume fewer markers per firing or keep large data in "
                       "files, or raise max_payload on the server"), msg_id=f"fail:{f.id}"))
+        traced = None if item.trace is None else {tracing.TRACEPARENT: item.trace}
         # Through the log's publisher: a send whose answer died with a server is resent (same Msg-Id).
         return await self.events.publisher.publish_soon(item.subject(pool), payload,
-                                                        msg_id=item.msg_id(redispatch))
+                                                        msg_id=item.msg_id(redispatch), headers=traced)
 
     async def renew(self, lease: Lease) -> float | None:
         """A due lease, checked in the session's queue: when it is due again, or None when it is done."""
