@@ -20,6 +20,7 @@ from pydantic import SecretStr
 from .conftest import app
 from .harness import Client, Stack
 from .scripted_llm import USAGE, ScriptedLLM, fail, say
+from .test_cli import ORDER_BOT, START_S, petribus  # noqa: F401  (petribus: the fixture)
 
 APP = app("metrics_app")
 BOT = "metrics_app"
@@ -254,3 +255,52 @@ async def test_metrics_need_an_admin_key_while_keys_are_required(settings: Setti
     assert not_admin.status_code == 403 and not_admin.json()["code"] == "forbidden"
     assert forged.status_code == 401
     assert any(name == "petribus_scheduler_claim_conflicts_total" for name, _ in scraped)
+
+
+async def test_serve_reports_its_child_executors_firings(petribus: Any, tmp_path: Any) -> None:  # noqa: F811
+    # serve runs the executor in a process of its own; its gateway's /metrics still has the firings, once.
+    serve = petribus("serve", ORDER_BOT, "--no-chat", "--port", "0", "--workers", "1",
+                     "--data-dir", tmp_path / "data", env={"PETRIBUS_METRICS_PORT": "0"})
+    ws_url = serve.wait_for(r"WebSocket\s+(ws://\S+/ws)", START_S).group(1)
+    url = ws_url.replace("ws://", "http://").split("/bots/")[0] + "/metrics"
+    before = await scrape(url)
+    client = await Client.connect(ws_url)
+    await client.until("session_created")
+    await client.send({"type": "marker_added", "value": {"location": "UserName", "data": {"name": "alice"}}})
+    await client.until(lambda e: e["type"] == "transition_completed"
+                       and e["metadata"]["transition_name"] == "offer_refund", timeout=60)
+    await client.close()
+    after = await scrape(url)
+    async with httpx.AsyncClient(timeout=10) as http:
+        text = (await http.get(url)).text
+    assert serve.stop() == 0, serve.output()
+
+    labels = {"bot": "order_bot", "transition": "offer_refund"}
+    assert moved(after, before, "petribus_firings_completed_total", **labels) == 1
+    assert moved(after, before, "petribus_firing_duration_seconds_count", outcome="ok", **labels) == 1
+    assert moved(after, before, "petribus_scheduler_firings_claimed_total") >= 1  # this process's own
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types)) and "process_cpu_seconds_total" in types  # every family once
+
+
+def test_a_childs_metrics_are_added_to_this_processs() -> None:
+    child = ('# TYPE petribus_firings_started_total counter\n'
+             'petribus_firings_started_total{bot="b",transition="t"} 3.0\n'
+             '# TYPE petribus_firings_started_created gauge\n'
+             'petribus_firings_started_created{bot="b",transition="t"} 1.0\n'
+             '# TYPE petribus_scheduler_firings_claimed_total counter\n'
+             'petribus_scheduler_firings_claimed_total 0.0\n'
+             '# TYPE process_cpu_seconds_total counter\n'
+             'process_cpu_seconds_total 99.0\n')
+    own = parse(metrics.generate_latest(metrics.REGISTRY).decode())
+    merged = parse(metrics.generate_latest(metrics._Merged(metrics.REGISTRY, [child, child])).decode())
+
+    started = ("petribus_firings_started_total", frozenset({"bot": "b", "transition": "t"}.items()))
+    assert merged[started] == own.get(started, 0.0) + 6
+    assert merged[("petribus_firings_started_created", started[1])] <= 1.0
+    claimed = ("petribus_scheduler_firings_claimed_total", frozenset())
+    assert merged[claimed] == own[claimed]
+    assert merged[("process_cpu_seconds_total", frozenset())] < 99.0  # this process's, not the child's
+    text = metrics.generate_latest(metrics._Merged(metrics.REGISTRY, [child])).decode()
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types))  # the child's series went into this process's families

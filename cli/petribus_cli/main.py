@@ -187,6 +187,7 @@ async def _serve(settings: Settings, spec: str, net: Net, *, chat: bool, session
     from petribus_llm.app import LLMService
     from petribus_scheduler.app import Scheduler
 
+    from petribus import metrics
     from petribus.chat import Chat, stdin_lines
     from petribus.child import ChildService, say_ready, watch_lifeline
 
@@ -197,8 +198,10 @@ async def _serve(settings: Settings, spec: str, net: Net, *, chat: bool, session
     if lifeline:
         watch_lifeline()  # after the handlers: the end of stdin is a SIGTERM, a graceful stop
     makers: list[Callable[[], Any]] = [
-        # The executor in a process of its own: a core for it, not turns with the others (petribus.child).
-        lambda: Scheduler(settings, [net]), lambda: ChildService("executor", "petribus_executor", [spec], settings),
+        # The executor in a process of its own: a core for it, not turns with the others (petribus.child);
+        # its metrics are read from a loopback port of its own and reported with this process's.
+        lambda: Scheduler(settings, [net]),
+        lambda: ChildService("executor", "petribus_executor", [spec], metrics.for_child(settings)),
         lambda: LLMService(settings, [net]), lambda: Gateway(settings, [net]),
     ]
     services: list[Any] = []

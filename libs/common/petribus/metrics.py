@@ -19,14 +19,17 @@ Labels are bounded: bot and transition names come from the nets, the pool and co
 deployment, the model from the configuration; never a session, firing or user id.
 
 The gateway serves ``render()`` at ``/metrics``; any service serves it on ``PETRIBUS_METRICS_PORT``
-(``serve_port``: a tiny HTTP server on the event loop, shared by every service of the process, so
-``petribus serve`` has one endpoint and one registry). What each metric means: docs/metrics.md.
+(``MetricsServer``: a tiny HTTP server on the event loop, shared by every service of the process).
+``petribus serve`` runs its executor in a child process (``petribus.child``): the child serves its
+metrics on a loopback port (``for_child``) and ``render`` adds them into this process's, series by
+series, so serve still has one endpoint with every metric once. What each metric means: docs/metrics.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 import weakref
 from collections.abc import Iterator
@@ -35,6 +38,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -324,9 +328,82 @@ REGISTRY.register(_ScrapeCollector())  # type: ignore[arg-type]
 
 
 async def render() -> bytes:
-    """The registry in Prometheus' text format, consumer info refreshed if it is stale."""
+    """The registry in Prometheus' text format, consumer info refreshed if it is stale, with the metrics of
+    the child processes this one follows (``for_child``) added in."""
     await WATCHED.refresh()
-    return generate_latest(REGISTRY)
+    if not _children:
+        return generate_latest(REGISTRY)
+    texts = await asyncio.gather(*(_fetch(url) for url in _children))
+    return generate_latest(_Merged(REGISTRY, [t for t in texts if t is not None]))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- child processes (petribus serve)
+
+_children: list[str] = []
+
+
+def for_child(settings: Any) -> Any:
+    """``settings`` for a child process whose metrics this process reports as its own: ``petribus serve``
+    runs the executor in a process of its own, and still has one endpoint. The child serves them on a free
+    loopback port; ``render`` reads them there at every scrape and adds them to this process's."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    _children.append(f"http://127.0.0.1:{port}/metrics")
+    return settings.model_copy(update={"metrics_port": port, "metrics_host": "127.0.0.1"})
+
+
+async def _fetch(url: str) -> str | None:
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(timeout=CONSUMER_INFO_TIMEOUT_S) as http:
+            answer = await http.get(url)
+        answer.raise_for_status()
+        return answer.text
+    except httpx.HTTPError as exc:  # a child starting or gone: this scrape has this process's metrics only
+        log.debug("child metrics not read", url=url, error=repr(exc))
+        return None
+
+
+class _Merged:
+    """This registry's families with the children's samples added: the same series summed (counts of
+    different processes add up; a ``_created`` keeps the earliest), a series only a child has put in the
+    family it belongs to, and the children's ``process_*`` and ``python_*`` left out (those describe this
+    process). Merged sample by sample: the text format names a family by its samples (``x_total``), the
+    registry by its metric (``x``)."""
+
+    SUFFIXES = ("", "_total", "_created", "_bucket", "_count", "_sum", "_info")
+
+    def __init__(self, own: CollectorRegistry, texts: list[str]) -> None:
+        self.own = own
+        self.texts = texts
+
+    def collect(self) -> Iterator[Metric]:
+        families = list(self.own.collect())
+        owner = {family.name + suffix: family for family in families for suffix in self.SUFFIXES}
+        index = {(s.name, frozenset(s.labels.items())): (family, i)
+                 for family in families for i, s in enumerate(family.samples)}
+        for text in self.texts:
+            for family in text_string_to_metric_families(text):
+                if family.name.startswith(("process_", "python_")):
+                    continue
+                for sample in family.samples:
+                    key = (sample.name, frozenset(sample.labels.items()))
+                    if key in index:
+                        mine, i = index[key]
+                        have = mine.samples[i].value
+                        created = sample.name.endswith("_created")
+                        both = min(have, sample.value) if created else have + sample.value
+                        mine.samples[i] = mine.samples[i]._replace(value=both)
+                        continue
+                    home = owner.get(sample.name)
+                    if home is None:  # a metric this process does not define (another version's)
+                        home = owner[sample.name] = Metric(family.name, family.documentation, family.type)
+                        families.append(home)
+                    home.samples.append(sample)
+                    index[key] = (home, len(home.samples) - 1)
+        return iter(families)
 
 
 # ---------------------------------------------------------------- services and the metrics port
