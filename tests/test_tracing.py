@@ -12,10 +12,14 @@ import asyncio
 import http.server
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
+import httpx
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -135,6 +139,33 @@ async def test_a_websocket_marker_is_one_trace_from_the_message_to_transition_co
     assert by_id[run.parent.span_id].name == "scheduler claim"
 
 
+async def test_a_rest_write_is_a_trace_of_its_own_and_its_keyed_retry_is_still_the_same_request(
+    settings: Settings, nc: Any, spans: InMemorySpanExporter
+) -> None:
+    async with Stack(settings, [COUNTER], parts=("scheduler", "executor", "gateway")) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url) as http:
+        session_id = (await http.post("/bots/counter/sessions")).json()["session_id"]
+        body = {"location": "Item", "data": {"n": 4}}
+        first = await http.post(f"/bots/counter/sessions/{session_id}/markers", json=body,
+                                headers={"Idempotency-Key": "k1"})
+        again = await http.post(f"/bots/counter/sessions/{session_id}/markers", json=body,
+                                headers={"Idempotency-Key": "k1"})
+        stored = await _session_log(nc, "counter", session_id, until="transition_completed")
+
+    # Each request is its own trace (the retry's trace differs), yet the retry is the same request.
+    assert (first.status_code, again.status_code) == (201, 201) and again.json()["replayed"] is True
+    finished = spans.get_finished_spans()
+    roots = [s for s in finished if s.name == "gateway rest marker_added"]
+    assert len(roots) == 2 and roots[0].context.trace_id != roots[1].context.trace_id
+    assert all(s.parent is None and s.kind.name == "SERVER" for s in roots)
+    [added] = [json.loads(m.data) for m in stored if json.loads(m.data)["type"] == "marker_added"]
+    by_id = {s.context.span_id: s for s in finished}
+    append = by_id[_ids(added["trace"])[1]]
+    assert append.name == "append marker_added" and append.parent.span_id == roots[0].context.span_id
+    completed = [s for s in finished if s.name == "append transition_completed"]
+    assert [s.context.trace_id for s in completed] == [roots[0].context.trace_id]
+
+
 def _span(name: str, finished: Any) -> ReadableSpan:
     [found] = [s for s in finished if s.name == name]
     return found
@@ -172,6 +203,16 @@ def test_off_the_hooks_make_no_span_and_read_no_header() -> None:
     assert tracing.parent_of({tracing.TRACEPARENT: "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}, "t") is None
 
 
+def test_off_a_service_process_does_not_even_import_opentelemetry() -> None:
+    script = ("import sys; from petribus import bus, logs, tracing; "
+              "logs.get('x').info('a line'); "
+              "assert not tracing.active(); "
+              "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("env, on", [
     ({}, False),
     ({"OTEL_EXPORTER_OTLP_ENDPOINT": ""}, False),
@@ -193,9 +234,9 @@ def test_tracing_is_on_only_when_the_otel_variables_ask_for_export(
 class _Collector(http.server.BaseHTTPRequestHandler):
     """An OTLP/HTTP endpoint that records what it is sent."""
 
-    received: list[tuple[str, str, bytes]] = []
+    received: ClassVar[list[tuple[str, str, bytes]]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+    def do_POST(self) -> None:  # the stdlib's name
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         self.received.append((self.path, self.headers.get("Content-Type", ""), body))
         self.send_response(200)

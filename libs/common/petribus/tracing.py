@@ -15,7 +15,8 @@ Off unless asked for: a process installs a ``TracerProvider`` only when the stan
 variables ask for export (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or
 ``OTEL_TRACES_EXPORTER``; ``OTEL_SDK_DISABLED=true`` wins), the first time anything asks whether
 tracing is on. Off, every hook here is a check of one module global: no span object, no context
-look-up, no header written or parsed (``active()`` is what the hot paths test first). Tests and
+look-up, no header written or parsed, and OpenTelemetry is not even imported (``active()`` is what
+the hot paths test first; ``bench/bench_tracing.py`` measures it). Tests and
 embedders install their own span processor with ``install``. docs/observability.md.
 """
 
