@@ -85,14 +85,19 @@ def configure(*, set_global: bool = True) -> bool:
     log = logs.get("petribus.tracing")
     processors: list[SpanProcessor] = []
     for name in exporters:
-        if name == "otlp":
-            processors.append(BatchSpanProcessor(_otlp_exporter(log)))
-        elif name == "console":
-            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+        try:
+            if name == "otlp":
+                processors.append(BatchSpanProcessor(_otlp_exporter(log)))
+            elif name == "console":
+                from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-            processors.append(SimpleSpanProcessor(ConsoleSpanExporter()))
-        else:
-            log.warning("unknown OTEL_TRACES_EXPORTER ignored; petribus ships otlp and console", exporter=name)
+                processors.append(SimpleSpanProcessor(ConsoleSpanExporter()))
+            else:
+                log.warning("unknown OTEL_TRACES_EXPORTER ignored; petribus ships otlp and console",
+                            exporter=name)
+        except Exception as exc:  # a bad OTEL_* value must not take the service down: it runs untraced
+            log.error("trace exporter not started; check the OTEL_EXPORTER_OTLP_* settings", exporter=name,
+                      error=repr(exc))
     if not processors:
         return False
     provider = install(*processors)
