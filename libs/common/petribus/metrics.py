@@ -469,8 +469,8 @@ async def watch(svc: Any) -> MetricsServer | None:
     """Read ``svc``'s counts at every scrape; open the metrics port its settings ask for (None: none)."""
     WATCHED.services.add(svc)
     port = getattr(svc.settings, "metrics_port", None)
-    if port is None:
-        return None
+    if port is None or getattr(svc, "metrics_server", None) is not None:  # off, or watched already
+        return getattr(svc, "metrics_server", None)
     key = (svc.settings.metrics_host, port)
     server = _servers.get(key)
     if server is None:
