@@ -139,6 +139,37 @@ async def test_a_websocket_marker_is_one_trace_from_the_message_to_transition_co
     assert by_id[run.parent.span_id].name == "scheduler claim"
 
 
+async def test_a_decision_on_an_event_a_read_brought_early_is_in_that_events_trace(
+    settings: Settings, nc: Any, spans: InMemorySpanExporter
+) -> None:
+    """A delivered session_created whose fold read the whole subject, marker included (a rebuild reads to
+    the end): the decision acts on the marker, so it belongs to the marker's trace, not to
+    session_created's; the delivered event is a link."""
+    from petribus.core import fold
+    from petribus.events import Marker, MarkerAdded, SessionCreated
+    from petribus.loader import load_net
+    from petribus_scheduler.app import Delivered, Scheduler
+
+    log = EventLog(nc)
+    with tracing.span("open"):
+        await log.append(SessionCreated(bot="counter", session_id="early"))
+    with tracing.span("add"):
+        await log.append(MarkerAdded(bot="counter", session_id="early", marker=Marker(location="Item",
+                                                                                      data={"n": 5})))
+    sub = await nc.jetstream().pull_subscribe(subjects.events("counter", "early"), durable="tracing-early")
+    [created_msg] = await sub.fetch(1)
+    state = fold(await log.read("counter", "early"))
+    scheduler = Scheduler(settings, [load_net(COUNTER)])
+    scheduler.js = nc.jetstream()
+    with await scheduler._decision_span(("counter", "early"), [Delivered(created_msg, 0)], state) as decide:
+        pass
+
+    appended = {s.name: s for s in spans.get_finished_spans() if s.name.startswith("append ")}
+    assert decide.parent.span_id == appended["append marker_added"].context.span_id
+    assert decide.context.trace_id == appended["append marker_added"].context.trace_id
+    assert [link.context.span_id for link in decide.links] == [appended["append session_created"].context.span_id]
+
+
 async def test_a_rest_write_is_a_trace_of_its_own_and_its_keyed_retry_is_still_the_same_request(
     settings: Settings, nc: Any, spans: InMemorySpanExporter
 ) -> None:

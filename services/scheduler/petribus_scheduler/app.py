@@ -50,7 +50,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
@@ -386,24 +386,33 @@ class Scheduler(Service):
             self.log.error("could not report a failed session", session_id=key[1], error=repr(report_exc))
 
     async def _handle(self, key: Key, batch: list[Delivered]) -> None:
-        if tracing.active():
-            # A child of the newest event's append (its traceparent header), linked to the others' traces.
-            causes = [tracing.parent_of(d.msg.headers) for d in batch]
-            with tracing.span("scheduler decide", parent=causes[-1], links=causes[-2::-1], kind="consumer",
-                              attributes={"petribus.bot": key[0], "petribus.session_id": key[1],
-                                          "petribus.events": len(batch)}):
-                await self._decide(key, batch)
-        else:
-            await self._decide(key, batch)
-
-    async def _decide(self, key: Key, batch: list[Delivered]) -> None:
         decide = False
         for msg, epoch in batch:
             state, due = await self._fold_one(key, msg, epoch)
             decide = decide or due
         if decide:
             # The state object itself, not a cache lookup: another session's rebuild may evict it.
-            await self._advance(key, state)
+            if tracing.active():
+                with await self._decision_span(key, batch, state):
+                    await self._advance(key, state)
+            else:
+                await self._advance(key, state)
+
+    async def _decision_span(self, key: Key, batch: list[Delivered], state: SessionState) -> Any:
+        """The span of a decision: a child of the newest event folded (of its append), linked to the other
+        events delivered with it. A read may have folded events not delivered yet (a rebuild or catch-up
+        reads to the end of the subject); then the newest of those is the parent, its traceparent read
+        back from the log: it is what the decision acts on, and its own delivery will find it folded."""
+        causes = [tracing.parent_of(d.msg.headers) for d in batch]
+        if state.last_seq > max(d.msg.metadata.sequence.stream for d in batch):
+            try:
+                newest = await self.js.get_msg(subjects.EVENTS_STREAM, seq=state.last_seq)
+                causes.append(tracing.parent_of(newest.headers))
+            except Exception as exc:  # only the trace's shape depends on it: decide anyway
+                self.log.debug("could not read the newest event's trace", session_id=key[1], error=repr(exc))
+        return tracing.span("scheduler decide", parent=causes[-1], links=causes[-2::-1], kind="consumer",
+                            attributes={"petribus.bot": key[0], "petribus.session_id": key[1],
+                                        "petribus.events": len(batch)})
 
     async def _fold_one(self, key: Key, msg: Msg, epoch: int) -> tuple[SessionState, bool]:
         """Bring the cached state up to ``msg``; the state, and whether a decision may be due."""
