@@ -34,12 +34,11 @@ if TYPE_CHECKING:  # OpenTelemetry itself is imported only once tracing is on: o
 
 Kind = Literal["internal", "server", "client", "producer", "consumer"]
 
-__all__ = ["CONTENT_ENV", "TRACEPARENT", "Kind", "active", "configure", "content", "current_ids", "headers",
-           "install", "installed", "link_of", "parent_of", "provider", "reset", "set_attributes", "span", "traceparent",
+__all__ = ["CONTENT_ENV", "TRACEPARENT", "Kind", "active", "configure", "content", "current_ids", "install",
+           "installed", "parent_of", "provider", "reset", "set_attributes", "span", "traceparent",
            "uninstall"]
 
 TRACEPARENT = "traceparent"
-TRACESTATE = "tracestate"
 CONTENT_ENV = "PETRIBUS_TRACE_CONTENT"  # "1": spans of model calls carry the messages' text
 SERVICE_NAME = "petribus"
 MAX_LINKS = 32  # a decision over a burst of events links to at most this many of them
@@ -117,7 +116,8 @@ def _exporters_asked(env: Mapping[str, str]) -> list[str]:
     named = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",") if n.strip()]
     if named:
         return [] if "none" in named else named
-    if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip() or env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip():
+    endpoints = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+    if any(env.get(name, "").strip() for name in endpoints):
         return ["otlp"]
     return []
 
@@ -130,8 +130,9 @@ def _otlp_exporter(log: Any) -> Any:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
         except ImportError:
             log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=grpc but the grpc exporter is not installed; exporting "
-                        "over http/protobuf (port 4318) instead: pip install opentelemetry-exporter-otlp-proto-grpc, "
-                        "or point the endpoint at the collector's HTTP port")
+                        "over http/protobuf (port 4318) instead: pip install "
+                        "opentelemetry-exporter-otlp-proto-grpc, or point the endpoint at the collector's "
+                        "HTTP port")
         else:
             return GrpcExporter()
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -146,7 +147,8 @@ def install(*processors: SpanProcessor, service: str = SERVICE_NAME) -> TracerPr
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
 
-    named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    attributes = os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in attributes
     provider = TracerProvider(resource=Resource.create({} if named else {"service.name": service}))
     for processor in processors:
         provider.add_span_processor(processor)
@@ -209,7 +211,8 @@ def span(name: str, *, parent: str | None = None, kind: Kind = "internal",
         context = trace.set_span_in_context(trace.NonRecordingSpan(found))
     elif root:
         context = trace.set_span_in_context(trace.INVALID_SPAN)
-    made = [trace.Link(c) for tp in links[:MAX_LINKS] if tp is not None and (c := _span_context(tp)) is not None]
+    made = [trace.Link(c) for tp in links[:MAX_LINKS]
+            if tp is not None and (c := _span_context(tp)) is not None]
     return tracer.start_as_current_span(name, context=context, kind=trace.SpanKind[kind.upper()], links=made,
                                         attributes=_clean(attributes))
 
@@ -238,25 +241,12 @@ def current_ids() -> tuple[str, str] | None:
     return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
 
 
-def headers(into: dict[str, str], parent: str | None = None) -> dict[str, str]:
-    """``into`` with ``traceparent`` set to ``parent`` or else the current span (when there is one)."""
-    value = parent or traceparent()
-    if value is not None:
-        into[TRACEPARENT] = value
-    return into
-
-
 def parent_of(msg_headers: Mapping[str, str] | None, trace_field: str | None = None) -> str | None:
     """The traceparent a received message continues: its header, else its payload's ``trace`` field."""
     if _tracer is None:
         return None
     found = msg_headers.get(TRACEPARENT) if msg_headers else None
     return found or trace_field
-
-
-def link_of(value: str | None) -> str | None:
-    """``value`` if it is a valid traceparent (to pass in ``links``), else None."""
-    return value if value is not None and _span_context(value) is not None else None
 
 
 def set_attributes(attributes: Mapping[str, Any]) -> None:
