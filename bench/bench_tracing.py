@@ -81,9 +81,10 @@ async def appends(appends: int, batches: int, rounds: int) -> dict[str, list[tup
                 last = await log.last_seq("bench", session)
                 started = time.perf_counter()
                 for _ in range(batches):
-                    fired = [TransitionFired(bot="bench", session_id=session, firing_id=new_id(), transition="t",
-                                             consumed=[]) for _ in range(1000)]
-                    last = (await log.append_batch(fired, expected_last_seq=last, msg_ids=[f.id for f in fired]))[-1]
+                    fired = [TransitionFired(bot="bench", session_id=session, firing_id=new_id(),
+                                             transition="t", consumed=[]) for _ in range(1000)]
+                    ids = [f.id for f in fired]
+                    last = (await log.append_batch(fired, expected_last_seq=last, msg_ids=ids))[-1]
                 batched = batches * 1000 / (time.perf_counter() - started)
                 out[label].append((single, batched))
             await nc.close()

@@ -36,6 +36,7 @@ from .scripted_llm import USAGE, ScriptedLLM, say
 
 COUNTER = app("counter")
 LLM_APP = app("llm_orders")
+FIRING_EVENTS = ("marker_added", "transition_fired", "transition_started", "transition_completed")
 OTEL_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER",
              "OTEL_SDK_DISABLED", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", tracing.CONTENT_ENV)
 
@@ -126,10 +127,11 @@ async def test_a_websocket_marker_is_one_trace_from_the_message_to_transition_co
     for msg in stored:
         event = json.loads(msg.data)
         events[event["type"]] = event
-        if event["type"] in ("marker_added", "transition_fired", "transition_started", "transition_completed"):
+        if event["type"] in FIRING_EVENTS:
             assert msg.headers[tracing.TRACEPARENT] == event["trace"]
             assert _ids(event["trace"])[0] == trace_id
-    assert _ids(events["marker_added"]["trace"]) == (trace_id, _span("append marker_added", finished).context.span_id)
+    marker_append = _span("append marker_added", finished)
+    assert _ids(events["marker_added"]["trace"]) == (trace_id, marker_append.context.span_id)
     assert _ids(events["transition_fired"]["trace"]) == (trace_id, claim_append.context.span_id)
     assert _ids(events["transition_completed"]["trace"]) == (trace_id, completed_append.context.span_id)
     run = by_id[completed_append.parent.span_id]
@@ -167,7 +169,8 @@ async def test_a_decision_on_an_event_a_read_brought_early_is_in_that_events_tra
     appended = {s.name: s for s in spans.get_finished_spans() if s.name.startswith("append ")}
     assert decide.parent.span_id == appended["append marker_added"].context.span_id
     assert decide.context.trace_id == appended["append marker_added"].context.trace_id
-    assert [link.context.span_id for link in decide.links] == [appended["append session_created"].context.span_id]
+    created_append = appended["append session_created"]
+    assert [link.context.span_id for link in decide.links] == [created_append.context.span_id]
 
 
 async def test_a_rest_write_is_a_trace_of_its_own_and_its_keyed_retry_is_still_the_same_request(
@@ -336,13 +339,14 @@ async def llm() -> AsyncIterator[ScriptedLLM]:
 
 @pytest.mark.parametrize("content", [False, True])
 async def test_a_model_call_is_a_span_with_its_model_latency_and_tokens_and_text_only_when_asked(
-    settings: Settings, nc: Any, llm: ScriptedLLM, spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch,
-    content: bool
+    settings: Settings, nc: Any, llm: ScriptedLLM, spans: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch, content: bool
 ) -> None:
     if content:
         monkeypatch.setenv(tracing.CONTENT_ENV, "1")
     llm.when("Who is the user?", say("The user is erin."))
-    with_model = settings.model_copy(update={"openai_api_key": SecretStr("sk-test"), "openai_base_url": llm.base_url})
+    with_model = settings.model_copy(update={"openai_api_key": SecretStr("sk-test"),
+                                             "openai_base_url": llm.base_url})
     async with Stack(with_model, [LLM_APP]) as stack:
         client = await Client.connect(stack.ws_url("llm_orders"))
         try:
@@ -359,8 +363,8 @@ async def test_a_model_call_is_a_span_with_its_model_latency_and_tokens_and_text
     finished = spans.get_finished_spans()
     by_id = {s.context.span_id: s for s in finished}
     reply, chat = sorted((s for s in finished if s.name == "chat gpt-test"), key=lambda s: s.start_time)
-    # The reply to the user streams; a transition's blocking prompt does not. Both report the endpoint's usage.
-    assert [reply.attributes["petribus.llm.streamed"], chat.attributes["petribus.llm.streamed"]] == [True, False]
+    # The reply to the user streams; a transition's blocking prompt does not. Both report the usage.
+    assert [s.attributes["petribus.llm.streamed"] for s in (reply, chat)] == [True, False]
     for call in (reply, chat):
         assert call.attributes["gen_ai.request.model"] == "gpt-test"
         assert call.attributes["gen_ai.usage.input_tokens"] == USAGE["prompt_tokens"]

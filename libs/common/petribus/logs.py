@@ -38,7 +38,8 @@ def configure(level: str = "info", fmt: str = "console", stream=None) -> None:
 
 
 def add_trace_ids(logger: object, method: str, event_dict: dict) -> dict:
-    """A structlog processor: the current span's ids on the line (a look at one global while tracing is off)."""
+    """A structlog processor: the current span's ids on the line (one look at a global while tracing is
+    off)."""
     ids = tracing.current_ids()
     if ids is not None:
         event_dict.setdefault("trace_id", ids[0])

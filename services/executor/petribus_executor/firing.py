@@ -178,7 +178,7 @@ class FiringRunner:
             self.log.error("malformed work item terminated", subject=msg.subject, error=str(exc)[:500])
             await msg.term()
             return
-        # The run's span continues the claim's (the work item's traceparent); what the run appends is its child.
+        # The run's span continues the claim's (the work item's traceparent); its appends are its children.
         with tracing.span("executor run", parent=tracing.parent_of(msg.headers, item.trace), kind="consumer",
                           attributes={"petribus.bot": item.bot, "petribus.session_id": item.session_id,
                                       "petribus.firing_id": item.firing_id,

@@ -166,8 +166,8 @@ class OpenAIResponder:
         if not tracing.active():
             return await self._call(messages, tool_defs, speaker)
         with tracing.span(f"chat {self.model}", kind="client", attributes={
-                "gen_ai.operation.name": "chat", "gen_ai.system": "openai", "gen_ai.request.model": self.model,
-                "server.address": self.where, "petribus.llm.streamed": speaker.on_delta is not None,
+                "gen_ai.operation.name": "chat", "gen_ai.system": "openai",
+                "gen_ai.request.model": self.model, "server.address": self.where, "petribus.llm.streamed": speaker.on_delta is not None,
                 "petribus.llm.tools": len(tool_defs or ())}) as span:
             started = time.perf_counter()
             done = await self._call(messages, tool_defs, speaker)
@@ -177,7 +177,8 @@ class OpenAIResponder:
                 span.set_attributes({"gen_ai.usage.input_tokens": done.usage.prompt_tokens,
                                      "gen_ai.usage.output_tokens": done.usage.completion_tokens})
             if tracing.content():
-                span.set_attributes({"gen_ai.input.messages": _bounded(json.dumps(messages, ensure_ascii=False)),
+                sent = json.dumps(messages, ensure_ascii=False)
+                span.set_attributes({"gen_ai.input.messages": _bounded(sent),
                                      "gen_ai.output.text": _bounded(done.text)})
             return done
 
