@@ -19,7 +19,7 @@ import httpx
 import nats
 import pytest
 from nats.aio.client import Client as NATS
-from petribus import bus, keys, subjects
+from petribus import bus, bus_auth, keys, subjects
 from petribus.bus_auth import PERMISSIONS, ROLES, ClientAuth, Credentials, local_auth_dir
 from petribus.embedded import NatsServer, find_binary, free_ports
 from petribus.errors import BusError
@@ -183,6 +183,13 @@ REFUSALS: list[tuple[str, str, str]] = [
     ("llm", f"$JS.API.STREAM.UPDATE.{subjects.EVENTS_STREAM}", "streams kept"),
     ("scheduler", f"$JS.API.STREAM.DELETE.{subjects.WORK_STREAM}", "streams kept"),
     ("scheduler", f"{subjects.DELTAS_PREFIX}.order_bot.s1", "nothing to see"),
+    # Kinds of event a role does not make: a subject per kind lets NATS refuse them.
+    ("gateway", subjects.event("order_bot", "s1", "transition_fired"), "events kept"),
+    ("gateway", subjects.event("order_bot", "s1", "transition_completed"), "events kept"),
+    ("executor", subjects.event("order_bot", "s1", "user_message"), "events kept"),
+    ("executor", subjects.event("order_bot", "s1", "transition_fired"), "events kept"),
+    ("llm", subjects.event("order_bot", "s1", "transition_completed"), "events kept"),
+    ("scheduler", subjects.event("order_bot", "s1", "user_message"), "events kept"),
 ]
 
 
@@ -194,8 +201,8 @@ async def test_a_role_is_refused_outside_its_permissions(closed_settings, admin,
     errors = Errors()
     nc = await _as(role, closed_settings, errors)
     try:
-        # The role's own work goes through on this connection: appending an event is every service's.
-        allowed = await nc.jetstream().publish(subjects.events("order_bot", "s1"), b"{}")
+        # The role's own work goes through on this connection: appending a kind of event it makes.
+        allowed = await nc.jetstream().publish(subjects.event("order_bot", "s1", bus_auth.APPENDS[role][0]), b"{}")
         assert allowed.stream == subjects.EVENTS_STREAM and not errors.seen
 
         await _publish(nc, subject)

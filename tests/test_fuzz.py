@@ -234,7 +234,7 @@ async def _strictly_decoded(nc: Any, sid: str) -> list[Any]:
     js = nc.jetstream()
     subject = subjects.events("hitl", sid)
     info = await js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subject)
-    stored = (info.state.subjects or {}).get(subject, 0)
+    stored = sum((info.state.subjects or {}).values())  # a subject per kind of event
     sub = await js.subscribe(subject, stream=subjects.EVENTS_STREAM, ordered_consumer=True)
     try:
         return [decode((await sub.next_msg(timeout=10)).data) for _ in range(stored)]

@@ -626,11 +626,18 @@ async def _prepare_streams(settings: Settings) -> None:
     from petribus import bus
     from petribus.bus_auth import ClientAuth
 
+    from petribus.migrate import migrate
+
     auth = ClientAuth.from_settings(settings, local_admin=True)
     nc = await bus.connect(settings.nats_url, "petribus-streams", auth=auth, reconnect=False)
     try:
         await bus.ensure_streams(nc.jetstream(), duplicate_window_s=settings.duplicate_window_s,
-                                 replicas=settings.replicas)
+                                 replicas=settings.replicas, legacy_ok=True)
+        # Sessions an older petribus stored under one subject each move to a subject per kind of event.
+        moved = await migrate(bus.EventLog(nc), progress=lambda subject, n: err.print(Text(
+            f"moved {n} events of {subject} to the current layout (a subject per kind of event)")))
+        if moved:
+            err.print(Text(f"{moved} events moved to the current layout; their sequences are new"))
     finally:
         await nc.close()
 

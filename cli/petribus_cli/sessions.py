@@ -204,7 +204,7 @@ def _moved(event: Any, export: SessionExport, bot: str, session_id: str) -> Any:
 async def _bot_of(js: Any, session_id: str) -> str:
     """The bot whose log holds ``session_id`` (session ids are unique in practice, but not by rule)."""
     info = await js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subjects.events("*", session_id))
-    bots = sorted(subjects.parse_events(s)[0] for s in info.state.subjects or {})
+    bots = sorted({subjects.parse_events(s)[0] for s in info.state.subjects or {}})  # a subject per kind
     if not bots:
         raise UnknownSession(f"no session {session_id!r} in {subjects.EVENTS_STREAM}: it never existed or was "
                              "deleted (pass --bot if you know its bot)")

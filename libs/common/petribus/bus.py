@@ -182,16 +182,26 @@ class StreamLimits:
 
 
 async def ensure_streams(js: JetStreamContext, *, duplicate_window_s: float = 120.0, replicas: int = 1,
-                         limits: StreamLimits | None = None) -> None:
+                         limits: StreamLimits | None = None, legacy_ok: bool = False) -> None:
     """Create (or update) PB_EVENTS, PB_WORK, PB_TIMERS, the PB_FILES object store and the PB_DELETED
     bucket, with ``limits`` (default: ``PETRIBUS_*`` from the environment).
 
     Safe to call from every process at every start; a bus that is restarting or electing is waited for
-    (``PETRIBUS_BUS_OUTAGE_S``).
+    (``PETRIBUS_BUS_OUTAGE_S``). Refuses (``legacy_layout``) a log that still holds sessions in the layout
+    of an older petribus (one subject per session), which nothing of this version would see, unless
+    ``legacy_ok`` (the admin's ``petribus streams``, and ``serve``, which move them: ``petribus.migrate``).
     """
     limits = limits or StreamLimits.from_settings(Settings())
     await retry(js._nc, "creating the streams",  # nats-py keeps the context's connection private
                 lambda _: _ensure_streams(js, duplicate_window_s, replicas, limits), budget_s=default_budget())
+    if not legacy_ok:
+        info = await js.stream_info(subjects.EVENTS_STREAM, subjects_filter=f"{subjects.EVENTS_PREFIX}.*.*")
+        if info.state.subjects:
+            raise BusError(
+                f"{subjects.EVENTS_STREAM} holds {len(info.state.subjects)} session(s) in the layout of an older "
+                "petribus (one subject per session); this version keeps a subject per kind of event and would "
+                "not see them. Stop the services and run `petribus streams` once (as admin) to move them; "
+                "`petribus serve` moves them by itself", code="legacy_layout", retryable=False)
 
 
 async def _ensure_streams(js: JetStreamContext, duplicate_window_s: float, replicas: int,
@@ -269,7 +279,7 @@ def _append_span(first: _Event, count: int, msg_id: str) -> Any:
     parent = None if tracing.traceparent() else first.trace
     return tracing.span(f"append {first.type}", parent=parent, kind="producer", attributes={
         "messaging.system": "nats", "messaging.operation.type": "send",
-        "messaging.destination.name": subjects.events(first.bot, first.session_id),
+        "messaging.destination.name": subjects.event(first.bot, first.session_id, first.type),
         "messaging.batch.message_count": count if count > 1 else None,
         "petribus.bot": first.bot, "petribus.session_id": first.session_id, "petribus.event_type": first.type,
         "petribus.event_id": first.id, "petribus.msg_id": msg_id,
@@ -398,9 +408,11 @@ class EventLog:
         headers = {"Nats-Msg-Id": msg_id or event.id}
         if event.trace is not None:
             headers[tracing.TRACEPARENT] = event.trace
-        if expected_last_seq is not None:
+        session = subjects.events(event.bot, event.session_id)
+        if expected_last_seq is not None:  # over all of the session's subjects (one per kind)
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_seq)
-        subject = subjects.events(event.bot, event.session_id)
+            headers["Nats-Expected-Last-Subject-Sequence-Subject"] = session
+        subject = subjects.event(event.bot, event.session_id, event.type)  # type: ignore[attr-defined]
         data = encode(event)
         was_landed = [landed]
 
@@ -416,7 +428,7 @@ class EventLog:
                 if maybe_landed and expected_last_seq is not None:
                     # An earlier try landed and its answer was lost: then it is the message right after
                     # the expected sequence (the server's de-duplication may not have answered first).
-                    found = await self._leader_get(subject, expected_last_seq + 1, timeout)
+                    found = await self._leader_get(session, expected_last_seq + 1, timeout)
                     if found is not None and found[1].get("Nats-Msg-Id") == headers["Nats-Msg-Id"] \
                             and found[2].id == event.id:
                         return PubAck(stream=subjects.EVENTS_STREAM, seq=found[0], duplicate=True)
@@ -457,7 +469,9 @@ class EventLog:
 
     async def _append_batch(self, events: list[_Event], subject: str, expected_last_seq: int,
                             msg_ids: list[str], timeout: float) -> list[int]:
-        payloads = [encode(e) for e in events]
+        # Each event to the subject of its kind; ``subject`` (the session's filter) is what the batch is
+        # checked against.
+        payloads = [(subjects.event(e.bot, e.session_id, e.type), encode(e)) for e in events]  # type: ignore[attr-defined]
         trace = events[0].trace  # one for the batch: the span it was appended in
 
         async def attempt(maybe_landed: bool) -> list[int]:
@@ -479,8 +493,9 @@ class EventLog:
 
         return await self._retry(f"batch append to {subject}", attempt)
 
-    async def _send_batch(self, subject: str, payloads: list[bytes], expected_last_seq: int, msg_ids: list[str],
-                          timeout: float, trace: str | None = None) -> list[int]:
+    async def _send_batch(self, subject: str, payloads: list[tuple[str, bytes]], expected_last_seq: int,
+                          msg_ids: list[str], timeout: float, trace: str | None = None) -> list[int]:
+        """One atomic batch of (subject, payload) messages of the session whose subjects ``subject`` filters."""
         batch_id = uuid.uuid4().hex  # a fresh one per try: the server forgets an uncommitted batch's id
         inbox, replies = await self._reply_to()
         last = len(payloads)
@@ -488,16 +503,17 @@ class EventLog:
             # Messages of two batches must not interleave on the connection (the server caps the batches
             # open per stream). nats-py buffers publishes without yielding; the lock makes that a rule.
             async with self._batch_lock:
-                for i, (payload, msg_id) in enumerate(zip(payloads, msg_ids), start=1):
+                for i, ((target, payload), msg_id) in enumerate(zip(payloads, msg_ids), start=1):
                     headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i),
                                "Nats-Msg-Id": msg_id}
                     if i == 1:
                         headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_seq)
+                        headers["Nats-Expected-Last-Subject-Sequence-Subject"] = subject
                     if i == last:
                         headers["Nats-Batch-Commit"] = "1"
                     if trace is not None:
                         headers[tracing.TRACEPARENT] = trace
-                    await self.nc.publish(subject, payload, reply=inbox if i == last else "", headers=headers)
+                    await self.nc.publish(target, payload, reply=inbox if i == last else "", headers=headers)
             try:
                 reply = await asyncio.wait_for(replies.get(), timeout)
             except asyncio.TimeoutError as exc:
@@ -532,8 +548,8 @@ class EventLog:
         the bus fails under them: a resent event lands after whatever got through meanwhile)."""
         if tracing.active():  # no span of its own: it names the span it is sent in
             event = _stamped(event)
-        sent = await self.publisher.publish_soon(subjects.events(event.bot, event.session_id), encode(event),
-                                                 msg_id=msg_id or event.id, timeout=timeout,
+        sent = await self.publisher.publish_soon(subjects.event(event.bot, event.session_id, event.type),  # type: ignore[attr-defined]
+                                                 encode(event), msg_id=msg_id or event.id, timeout=timeout,
                                                  headers=_trace_header(event))
         return asyncio.ensure_future(_seq_of(sent))
 
@@ -543,8 +559,8 @@ class EventLog:
         (as for ``append_soon``, up to resends through a failing bus)."""
         listed = [_stamped(e) for e in events] if tracing.active() else list(events)
         ids = list(msg_ids) if msg_ids is not None else [e.id for e in listed]
-        sent = [await self.publisher.publish_soon(subjects.events(e.bot, e.session_id), encode(e), msg_id=msg_id,
-                                                  timeout=timeout, headers=_trace_header(e))
+        sent = [await self.publisher.publish_soon(subjects.event(e.bot, e.session_id, e.type), encode(e),  # type: ignore[attr-defined]
+                                                  msg_id=msg_id, timeout=timeout, headers=_trace_header(e))
                 for e, msg_id in zip(listed, ids)]
         return [(await ack).seq for ack in sent]
 
@@ -725,15 +741,18 @@ class EventLog:
         """Session id -> number of events, for every session of ``bot`` still in the log."""
         info = await self._retry(f"listing the sessions of {bot}", lambda _: self.js.stream_info(
             subjects.EVENTS_STREAM, subjects_filter=subjects.bot_events(bot)))
-        found = info.state.subjects or {}
-        return {subjects.parse_events(s)[1]: n for s, n in found.items()}
+        found: dict[str, int] = {}
+        for subject, n in (info.state.subjects or {}).items():  # a subject per kind of event: add them up
+            session_id = subjects.parse_events(subject)[1]
+            found[session_id] = found.get(session_id, 0) + n
+        return found
 
     async def count(self, bot: str, session_id: str) -> int:
         """How many events the session holds (0: none, or no such session)."""
         subject = subjects.events(bot, session_id)
         info = await self._retry(f"counting {subject}", lambda _: self.js.stream_info(
             subjects.EVENTS_STREAM, subjects_filter=subject))
-        return (info.state.subjects or {}).get(subject, 0)
+        return sum((info.state.subjects or {}).values())
 
     async def delete(self, bot: str, session_id: str) -> None:
         await self.js.purge_stream(subjects.EVENTS_STREAM, subject=subjects.events(bot, session_id))

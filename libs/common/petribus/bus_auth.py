@@ -8,8 +8,9 @@ work or touch files, and no service but ``admin`` may delete or update a stream.
 allow-lists (``PERMISSIONS``): a subject not listed is refused. Each role's replies come to inboxes of
 its own (``_INBOX_<role>.>``), so no service can read another's replies (a secret's value among them).
 
-What subject permissions cannot stop: every event kind of a session shares one subject
-(``pb.ev.<bot>.<session>``), so any role that appends events may append any kind (docs/closed-bus.md).
+Each kind of event has a subject of its own (``pb.ev.<bot>.<session>.<kind>``), so a role may append
+only the kinds it makes (``APPENDS``): the gateway never a ``transition_fired``, the executor never a
+``user_message``, the LLM service never a claim or an outcome (docs/closed-bus.md).
 
 Passwords: ``Credentials`` makes one per role (random, 32 bytes) in a folder of ``<role>.password``
 files (0600; the folder 0700) and renders the ``authorization`` block of a nats-server config that
@@ -100,8 +101,18 @@ _SERVICE = (
     f"{API}.INFO", f"{API}.STREAM.NAMES",  # the stream of a subject (nats-py asks before a subscription)
     *(f"{API}.STREAM.CREATE.{s}" for s in (EVENTS, WORK, TIMERS, IDLE, FILES)),
     *_read_stream(EVENTS), *_kv_read(subjects.DELETED_BUCKET),
-    f"{subjects.EVENTS_PREFIX}.>",
 )
+# The kinds of event each role appends (a subject each): nothing else may it append.
+APPENDS: dict[str, tuple[str, ...]] = {
+    "gateway": ("session_created", "agent_message", "user_message", "marker_added", "accept_transition",
+                "reject_transition", "confirm_response", "input_file_response", "session_forked", "halt_set"),
+    "scheduler": ("transition_fired", "confirm_transition", "reject_transition", "transition_failed", "error",
+                  "session_expired"),
+    "executor": ("transition_started", "transition_completed", "transition_failed", "agent_message",
+                 "memory_updated", "confirm_request", "confirm_response", "prompt_request", "prompt_response",
+                 "input_file_request", "input_file_response", "output_file"),
+    "llm": ("agent_message", "marker_added", "prompt_response", "error"),
+}
 # The files of sessions (an object store): chunks and metadata written, replaced chunks purged.
 _FILES = (*_read_stream(FILES), f"$O.{subjects.FILES_BUCKET}.>", f"{API}.STREAM.PURGE.{FILES}")
 # Deleting a session (petribus.deletion; the gateway's DELETE, the scheduler's expiry): a tombstone, then
@@ -114,8 +125,8 @@ _NEVER = (f"{API}.STREAM.DELETE.>", f"{API}.STREAM.UPDATE.>", f"{API}.CONSUMER.D
 
 
 def _service(role: str, *publish: str, subscribe: tuple[str, ...] = ()) -> Permissions:
-    return Permissions(publish=(*_SERVICE, *publish), subscribe=(f"{inbox_prefix(role)}.>", *subscribe),
-                       deny_publish=_NEVER)
+    return Permissions(publish=(*_SERVICE, *subjects.kinds(*APPENDS[role]), *publish),
+                       subscribe=(f"{inbox_prefix(role)}.>", *subscribe), deny_publish=_NEVER)
 
 
 PERMISSIONS: dict[str, Permissions] = {

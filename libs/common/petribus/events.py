@@ -1,6 +1,7 @@
 """The wire contract: every event of a session's log, as pydantic models discriminated by ``type``.
 
-An event is appended to the session's subject ``pb.ev.<bot>.<session>`` on the ``PB_EVENTS`` stream.
+An event is appended to the subject of its session and kind, ``pb.ev.<bot>.<session>.<type>``, on the
+``PB_EVENTS`` stream; the session's log is all of its subjects in stream order.
 Its position there (the stream sequence) is its ``seq``; it is not stored in the payload because the
 stream assigns it. Every state anyone shows or acts on is a fold of these events (see ``petribus.core``).
 """

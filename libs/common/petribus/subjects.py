@@ -23,12 +23,25 @@ LLM_DURABLE = "llm"
 
 
 def events(bot: str, session_id: str) -> str:
-    """The subject holding one session's log."""
-    return f"{EVENTS_PREFIX}.{bot}.{session_id}"
+    """The subjects holding one session's log (a filter): ``pb.ev.<bot>.<session>.<kind>``, one subject per
+    kind of event, so that NATS permissions can say which service appends which kind (the gateway never a
+    ``transition_fired``) and consumers can take only the kinds they act on. The session's log is all of
+    them, in stream order; appends are checked against the last sequence of all of them together."""
+    return f"{EVENTS_PREFIX}.{bot}.{session_id}.*"
+
+
+def event(bot: str, session_id: str, kind: str) -> str:
+    """The subject an event of ``kind`` (its ``type``) of one session is appended to."""
+    return f"{EVENTS_PREFIX}.{bot}.{session_id}.{kind}"
 
 
 def bot_events(bot: str) -> str:
-    return f"{EVENTS_PREFIX}.{bot}.*"
+    return f"{EVENTS_PREFIX}.{bot}.*.*"
+
+
+def kinds(*names: str) -> list[str]:
+    """Filters for the events of these kinds, of every bot and session (a consumer's filter subjects)."""
+    return [f"{EVENTS_PREFIX}.*.*.{name}" for name in names]
 
 
 def all_events() -> str:
@@ -41,9 +54,9 @@ def deltas(bot: str, session_id: str) -> str:
 
 
 def parse_events(subject: str) -> tuple[str, str]:
-    """``pb.ev.<bot>.<session>`` -> (bot, session)."""
+    """``pb.ev.<bot>.<session>.<kind>`` -> (bot, session)."""
     parts = subject.split(".")
-    if len(parts) != 4 or f"{parts[0]}.{parts[1]}" != EVENTS_PREFIX:
+    if len(parts) != 5 or f"{parts[0]}.{parts[1]}" != EVENTS_PREFIX:
         raise ValueError(f"not an event subject: {subject!r}")
     return parts[2], parts[3]
 

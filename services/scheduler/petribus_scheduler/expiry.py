@@ -75,8 +75,8 @@ class IdleChecks(DurableTimers[IdleCheck]):
         first turned on). Schedulers starting together arm each session once (same Msg-Id)."""
         info = await self.js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subjects.all_events())
         due = time.time() + self.ttl_s
-        sent = [await self.arm(IdleCheck(bot=bot, session_id=sid, seq=0, due=due))
-                for bot, sid in (subjects.parse_events(s) for s in (info.state.subjects or {}))]
+        sessions = {subjects.parse_events(s) for s in (info.state.subjects or {})}  # a subject per kind
+        sent = [await self.arm(IdleCheck(bot=bot, session_id=sid, seq=0, due=due)) for bot, sid in sorted(sessions)]
         for ack in sent:
             await ack
         if sent:
