@@ -140,15 +140,20 @@ async def test_a_full_log_refuses_appends_and_new_sessions_and_keeps_every_event
         info = await log.js.stream_info(subjects.EVENTS_STREAM)
         assert info.config.max_bytes == 256 * 1024 and info.config.discard == "new"
         landed = 0
-        with pytest.raises(BusError):
+        with pytest.raises(BusError) as full:
             for i in range(1000):
                 await log.append(UserMessage(bot="counter", session_id=sid, text=f"{i} " + "x" * 4000))
                 landed += 1
+        assert full.value.code == "storage_full" and "nothing stored was lost" in full.value.message
         assert 0 < landed < 1000  # the limit was reached, and the append past it was refused
         assert await log.count("counter", sid) == landed + 1  # nothing acknowledged was dropped
+        # A live session's client is told the same: 507 storage_full, not an outage to wait out.
+        said = await http.post(f"/bots/counter/sessions/{sid}/messages", json={"text": "x" * 4000})
+        assert said.status_code == 507 and said.json()["code"] == "storage_full", said.text
         _limits(stack)._storage = (float("-inf"), 0, -1)  # the log's usage is cached for a second
         refused = await http.post("/bots/counter/sessions")
         assert refused.status_code == 507 and refused.json()["code"] == "storage_full"
+        assert await log.count("counter", sid) == landed + 1
 
 
 async def test_the_session_quota_is_per_owner_of_the_api_key(settings: Settings, nc: Any) -> None:

@@ -47,9 +47,10 @@ from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from petribus import logs, nats_headers, subjects, tracing
 from petribus.bus_auth import ClientAuth
-from petribus.errors import BusError, BusTimeout, BusUnavailable
+from petribus.errors import BusError, BusTimeout, BusUnavailable, StorageFull
 from petribus.events import Event, _Event, decode, encode
 from petribus.outage import (
+    STORE_FULL,
     WRONG_LAST_SEQUENCE_CODES,
     ConnectionHooks,
     Outage,
@@ -297,6 +298,12 @@ def _trace_header(event: _Event) -> dict[str, str] | None:
     return None if event.trace is None else {tracing.TRACEPARENT: event.trace}
 
 
+def _full(subject: str, why: str | None) -> str:
+    return (f"the session log is full ({why or 'its limit is reached'}): nothing was appended to {subject} "
+            "and nothing stored was lost. Delete sessions that are no longer needed, or raise the limits "
+            "(docs/limits.md)")
+
+
 async def _seq_of(ack: asyncio.Future[PubAck]) -> int:
     return (await ack).seq
 
@@ -424,6 +431,8 @@ class EventLog:
                 if not is_wrong_last_sequence(exc.err_code, exc.description):
                     if is_unavailable(exc):
                         raise
+                    if exc.err_code == STORE_FULL:
+                        raise StorageFull(_full(subject, exc.description)) from exc
                     raise BusError(f"append to {subject} failed: {exc}") from exc
                 if maybe_landed and expected_last_seq is not None:
                     # An earlier try landed and its answer was lost: then it is the message right after
@@ -533,6 +542,8 @@ class EventLog:
             exc = _api_error(error)
             if is_unavailable(exc) or exc.err_code == DUPLICATE_IN_BATCH:
                 raise exc
+            if exc.err_code == STORE_FULL:
+                raise StorageFull(_full(subject, error.get("description")))
             raise BusError(f"batch append to {subject} failed: {error.get('description')} "
                            f"(err_code {error.get('err_code')})")
         if ack.get("batch") != batch_id or ack.get("count") != last:

@@ -94,6 +94,13 @@ class BusError(PetribusError, ConnectionError):
     retryable = True
 
 
+class StorageFull(BusError):
+    """The session log (a stream with ``discard=new``) is at its limit: the append was refused, nothing lost."""
+
+    code = "storage_full"
+    retryable = False
+
+
 class BusTimeout(BusError, TimeoutError):
     code = "bus_timeout"
 

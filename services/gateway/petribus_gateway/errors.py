@@ -38,6 +38,7 @@ RETRY_AFTER_S = 2  # a nats-server restart or a fail-over takes about this long 
 # HTTP timeout (often 30 s) is not reached first.
 REQUEST_OUTAGE_S = 10.0
 UNAVAILABLE = "bus_unavailable"
+STORAGE_FULL = "storage_full"
 
 
 class InvalidIdempotencyKey(InvalidInput):
@@ -101,6 +102,9 @@ def status_of(exc: PetribusError) -> int:
 
 
 def _bus_answer(request: Request, exc: BaseException, bus: BusError) -> JSONResponse:
+    if bus.code == STORAGE_FULL:  # an answer, not an outage: the stream is at its limit (docs/limits.md)
+        log.warning("session log full", method=request.method, path=request.url.path, error=repr(exc))
+        return JSONResponse(ErrorBody(code=STORAGE_FULL, message=bus.message).model_dump(), status_code=507)
     if bus.code == UNAVAILABLE:
         log.warning("bus unavailable", method=request.method, path=request.url.path, error=repr(exc))
         body = ErrorBody(code=UNAVAILABLE, message=unavailable_message(request))

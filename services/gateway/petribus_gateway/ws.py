@@ -376,6 +376,8 @@ class SessionSocket:
                 message = (f"your {payload['type']} was not recorded: the session log (NATS) is unavailable "
                            f"right now (restarting or failing over). Send it again in {errors.RETRY_AFTER_S} s "
                            "with the same request_id: it is then recorded exactly once")
+            elif bus.code == errors.STORAGE_FULL:
+                message = f"your {payload['type']} was not recorded: {bus.message}"
             else:
                 message = (f"your {payload['type']} was not recorded: the session log refused it; "
                            "the gateway's log says why")
