@@ -692,12 +692,15 @@ class Scheduler(Service):
         await self._advance(key, state)
         if lost:
             # An executor acks only after the outcome is in the log: an outcome that landed since the
-            # fold explains a missing item. Look again, so that only truly lost work is sent again.
-            before = state.last_seq
-            await self._catch_up(key, state)
-            if state.last_seq != before:
-                await self._advance(key, state)
-            lost = [f for f in lost if state.in_flight.get(f.id) is f and f.status in IN_FLIGHT]
+            # fold explains a missing item. Fold the session again from its whole log, not only after the
+            # cached state's last sequence: a cached state that passed an event without folding it (seen
+            # after a fail-over, when reads met a replica that had rejoined) would never see that outcome,
+            # and the markers it output would never be decided on. Decide on what the log allows, and send
+            # again only the work that is truly lost.
+            state = await self._rebuild(key)
+            self.verified[key] = self.epoch
+            await self._advance(key, state)
+            lost = [g for f in lost if (g := state.in_flight.get(f.id)) is not None and g.status in IN_FLIGHT]
         if lost:
             net = self.nets[key[0]]
             round_ = str(int(time.time() // self.settings.work_lease_s))  # the same for every scheduler
