@@ -21,10 +21,8 @@ Nothing here imports a service: the gateway's ``DELETE``, the scheduler's expiry
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import Callable
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -37,7 +35,7 @@ from petribus.core import fold
 from petribus.errors import PetribusError
 from petribus.events import _Event
 from petribus.files import FileStore
-from petribus.outage import default_budget, on_reconnect, retry
+from petribus.kv_mirror import KvMirror
 
 log = logs.get("petribus.deletion")
 
@@ -89,66 +87,18 @@ async def is_deleted(js: JetStreamContext, bot: str, session_id: str) -> bool:
     return entry.operation not in (KV_DEL, KV_PURGE)
 
 
-class Tombstones:
-    """The deleted sessions, mirrored in memory by a KV watch: ``deleted()`` is a set look-up.
+class Tombstones(KvMirror[bool]):
+    """The deleted sessions, mirrored in memory by a KV watch (``KvMirror``): ``deleted()`` is a look-up.
 
-    After each reconnect a fresh watch loads the bucket again (one the server dropped while the connection
-    was down would go quiet). A tombstone that expires (``PETRIBUS_DELETED_TTL_S``) is forgotten here only
-    at the next reload: keeping it longer refuses nothing a live session needs.
+    A tombstone that expires (``PETRIBUS_DELETED_TTL_S``) is forgotten here only at the next reload
+    (after a reconnect): keeping it longer refuses nothing a live session needs.
     """
 
     def __init__(self, nc: NATS) -> None:
-        self._nc = nc
-        self._deleted: set[str] = set()
-        self._watch: tuple[KeyValue.KeyWatcher, asyncio.Task[None]] | None = None
-        self._unhook: Callable[[], None] | None = None
-        self._closed = False
-        self._changed = asyncio.Condition()
+        super().__init__(nc, lambda: bucket(nc.jetstream()), lambda _, __: True, what="deleted-sessions")
 
     def deleted(self, bot: str, session_id: str) -> bool:
-        return subjects.tombstone(bot, session_id) in self._deleted
-
-    async def start(self) -> None:
-        """Load the bucket and follow it; returns once what it held is known."""
-        await self._rewatch()
-        self._unhook = on_reconnect(self._nc, self._renew)
-
-    async def _renew(self) -> None:
-        await retry(self._nc, "renewing the deleted-sessions watch", lambda _: self._rewatch(),
-                    budget_s=default_budget())
-
-    async def _rewatch(self) -> None:
-        if self._closed:
-            return
-        watcher = await (await bucket(self._nc.jetstream())).watchall()
-        loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(self._follow(watcher, loaded), name="tombstones-watch")
-        await asyncio.wait({loaded, task}, return_when=asyncio.FIRST_COMPLETED)
-        if not loaded.done():
-            error = None if task.cancelled() else task.exception()
-            await _stop(watcher, task)
-            raise error or PetribusError("the deleted-sessions watch ended before it had loaded the bucket",
-                                         code="bus_error", retryable=True)
-        old, self._watch = self._watch, (watcher, task)
-        if old is not None:
-            await _stop(*old)
-        if self._closed:
-            await self.close()
-
-    async def _follow(self, watcher: KeyValue.KeyWatcher, loaded: asyncio.Future[None]) -> None:
-        found: set[str] = set()
-        async for entry in watcher:
-            if entry is None:  # the end of what the bucket held when the watch began
-                self._deleted = found
-                loaded.set_result(None)
-                continue
-            if entry.operation in (KV_DEL, KV_PURGE):
-                found.discard(entry.key)
-            else:
-                found.add(entry.key)
-            if loaded.done():
-                async with self._changed:
-                    self._changed.notify_all()
+        return subjects.tombstone(bot, session_id) in self.items
 
     async def wait_deleted(self, bot: str, session_id: str, timeout: float) -> bool:
         """Whether the session is (or becomes, within ``timeout``) known as deleted here."""
@@ -161,15 +111,6 @@ class Tombstones:
         except TimeoutError:
             return False
         return True
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._unhook is not None:
-            self._unhook()
-            self._unhook = None
-        if self._watch is not None:
-            await _stop(*self._watch)
-            self._watch = None
 
 
 class GuardedEventLog(EventLog):
@@ -210,9 +151,3 @@ class GuardedEventLog(EventLog):
         return await super().append_many(listed, **options)
 
 
-async def _stop(watcher: KeyValue.KeyWatcher, task: asyncio.Task[None]) -> None:
-    with contextlib.suppress(Exception):  # the connection may be closing already
-        await watcher.stop()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task

@@ -16,14 +16,11 @@ checking a token is a dictionary look-up and a revoke takes effect as soon as th
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import hmac
 import re
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -34,8 +31,8 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from petribus.errors import BusError, PetribusError
-from petribus.outage import default_budget, on_reconnect, retry
+from petribus.errors import PetribusError
+from petribus.kv_mirror import KvMirror
 
 KEYS_BUCKET = "PB_KEYS"
 PREFIX = "pb"
@@ -190,108 +187,39 @@ async def revoke(js: JetStreamContext, key_id: str) -> KeyRecord | None:
     return record
 
 
-def _apply(found: dict[str, KeyRecord], entry: KeyValue.Entry) -> None:
-    if entry.operation in (KV_DEL, KV_PURGE):
-        found.pop(entry.key, None)
-        return
+def _parse_record(key_id: str, value: bytes) -> KeyRecord | None:
     try:
-        found[entry.key] = KeyRecord.model_validate_json(entry.value or b"")
+        return KeyRecord.model_validate_json(value)
     except ValidationError:
-        log.error("ignoring an unreadable key record", key_id=entry.key)  # never authenticates
+        log.error("ignoring an unreadable key record", key_id=key_id)  # never authenticates
+        return None
+
+
+def _apply(found: dict[str, KeyRecord], entry: KeyValue.Entry) -> None:
+    record = None if entry.operation in (KV_DEL, KV_PURGE) else _parse_record(entry.key, entry.value or b"")
+    if record is None:
         found.pop(entry.key, None)
+    else:
+        found[entry.key] = record
 
 
-class KeyStore:
-    """The keys bucket mirrored in memory by a watch; ``authenticate`` is a look-up, never a request.
-
-    After each reconnect to NATS a fresh watch loads the bucket and replaces the old one (a watch the
-    server dropped while the connection was down would go quiet and keep a revoked key alive).
-    """
+class KeyStore(KvMirror[KeyRecord]):
+    """The keys bucket mirrored in memory by a watch (``KvMirror``); ``authenticate`` is a look-up, never a
+    request. A watch renewed after a reconnect makes a revoke done while the connection was down count."""
 
     def __init__(self, nc: NATS, *, replicas: int = 1) -> None:
-        self._nc = nc
-        self._replicas = replicas
-        self._records: dict[str, KeyRecord] = {}
-        self._watch: tuple[KeyValue.KeyWatcher, asyncio.Task[None]] | None = None
-        self._changed = asyncio.Condition()
-        self._unhook: Callable[[], None] | None = None
-        self._closed = False
+        super().__init__(nc, lambda: bucket(nc.jetstream(), replicas=replicas), _parse_record, what="keys")
 
     def __repr__(self) -> str:
-        return f"KeyStore(bucket={KEYS_BUCKET!r}, keys={len(self._records)})"
-
-    async def start(self) -> None:
-        """Load the stored keys and keep them up to date. Returns once they are known."""
-        await self._rewatch()
-        self._unhook = on_reconnect(self._nc, self._renew)
-
-    async def _renew(self) -> None:
-        await retry(self._nc, "renewing the keys watch", lambda _: self._rewatch(), budget_s=default_budget())
-
-    async def _rewatch(self) -> None:
-        if self._closed:
-            return
-        kv = await bucket(self._nc.jetstream(), replicas=self._replicas)
-        watcher = await kv.watchall()
-        loaded = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(self._follow(watcher, loaded), name="keys-watch")
-        await asyncio.wait({loaded, task}, return_when=asyncio.FIRST_COMPLETED)
-        if not loaded.done():
-            error = None if task.cancelled() else task.exception()
-            await _stop(watcher, task)
-            raise error or BusError("the keys watch ended before it had loaded the bucket")
-        if self._closed:
-            await _stop(watcher, task)
-            return
-        old, self._watch = self._watch, (watcher, task)
-        if old is not None:
-            await _stop(*old)
-            log.info("keys watch renewed", keys=len(self._records))
-            async with self._changed:  # a revoke made while the connection was down counts now
-                self._changed.notify_all()
-
-    async def _follow(self, watcher: KeyValue.KeyWatcher, loaded: asyncio.Future[None]) -> None:
-        records: dict[str, KeyRecord] = {}
-        async for entry in watcher:
-            if entry is None:  # the end of what was stored when the watch began
-                self._records = records
-                loaded.set_result(None)
-                continue
-            _apply(records, entry)
-            if loaded.done():
-                log.info("key changed", key_id=entry.key)
-                async with self._changed:
-                    self._changed.notify_all()
-
-    async def changed(self) -> None:
-        """Wait for the next change the watch delivers (for tests and tools)."""
-        async with self._changed:
-            await self._changed.wait()
+        return f"KeyStore(bucket={KEYS_BUCKET!r}, keys={len(self.items)})"
 
     def authenticate(self, token: str) -> Principal | None:
-        return verify(self._records, token)
+        return verify(self.items, token)
 
     def is_live(self, key_id: str) -> bool:
-        record = self._records.get(key_id)
+        record = self.items.get(key_id)
         return record is not None and record.revoked is None
 
     def any_live(self) -> bool:
         """Whether any key may still authenticate: then an authorized bot needs one."""
-        return any(r.revoked is None for r in self._records.values())
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._unhook is not None:
-            self._unhook()
-        if self._watch is not None:
-            await _stop(*self._watch)
-            self._watch = None
-        self._records = {}
-
-
-async def _stop(watcher: KeyValue.KeyWatcher, task: asyncio.Task[None]) -> None:
-    with contextlib.suppress(Exception):  # the connection may be closing already
-        await watcher.stop()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+        return any(r.revoked is None for r in self.items.values())

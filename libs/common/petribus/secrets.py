@@ -16,10 +16,8 @@ the value it started with. Values never appear in a repr, a log line or an error
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -30,8 +28,8 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from petribus.errors import BusError, PetribusError
-from petribus.outage import default_budget, on_reconnect, retry
+from petribus.errors import PetribusError
+from petribus.kv_mirror import KvMirror
 from petribus.resources import SECRET_NAME_RE
 
 SECRETS_BUCKET = "PB_SECRETS"
@@ -134,7 +132,7 @@ async def listing(js: JetStreamContext) -> list[SecretInfo]:
     return [found[k] for k in sorted(found)]
 
 
-class SecretStore:
+class SecretStore(KvMirror[str]):
     """The secrets bucket, mirrored in memory by a watch, with the executor's environment as fallback.
 
     ``environ`` is read at each ``resolve`` (default ``os.environ``), only for ``PETRIBUS_SECRET_<NAME>``.
@@ -144,80 +142,20 @@ class SecretStore:
     """
 
     def __init__(self, nc: NATS, *, environ: Mapping[str, str] | None = None, replicas: int = 1) -> None:
-        self._nc = nc
+        super().__init__(nc, lambda: bucket(nc.jetstream(), replicas=replicas),
+                         lambda _, value: value.decode(errors="replace"), what="secrets")
         self._environ = os.environ if environ is None else environ
-        self._replicas = replicas
-        self._values: dict[str, str] = {}
-        self._watch: tuple[KeyValue.KeyWatcher, asyncio.Task[None]] | None = None
-        self._changed = asyncio.Condition()
-        self._unhook: Callable[[], None] | None = None
-        self._closed = False
 
     def __repr__(self) -> str:
-        return f"SecretStore(bucket={SECRETS_BUCKET!r}, stored={len(self._values)})"
-
-    async def start(self) -> None:
-        """Load what is stored and keep it up to date. Returns once the stored secrets are known."""
-        await self._rewatch()
-        self._unhook = on_reconnect(self._nc, self._renew)
-
-    async def _renew(self) -> None:
-        # Right after a reconnect the bucket's stream may still be electing a leader: wait for it, within
-        # the bus's outage budget (then the hook's failure is logged and the old watch stays).
-        await retry(self._nc, "renewing the secrets watch", lambda _: self._rewatch(), budget_s=default_budget())
-
-    async def _rewatch(self) -> None:
-        """A new watch from what is stored now; once it has loaded, it replaces the one before."""
-        if self._closed:
-            return
-        kv = await bucket(self._nc.jetstream(), replicas=self._replicas)
-        watcher = await kv.watchall()
-        loaded = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(self._follow(watcher, loaded), name="secrets-watch")
-        await asyncio.wait({loaded, task}, return_when=asyncio.FIRST_COMPLETED)
-        if not loaded.done():  # the watch ended before it loaded: say why
-            error = None if task.cancelled() else task.exception()
-            await _stop(watcher, task)
-            raise error or BusError("the secrets watch ended before it had loaded the bucket")
-        if self._closed:  # closed while this watch was loading
-            await _stop(watcher, task)
-            return
-        old, self._watch = self._watch, (watcher, task)
-        if old is not None:
-            await _stop(*old)
-            log.info("secrets watch renewed", stored=len(self._values))
-            async with self._changed:
-                self._changed.notify_all()
-
-    async def _follow(self, watcher: KeyValue.KeyWatcher, loaded: asyncio.Future[None]) -> None:
-        values: dict[str, str] = {}
-        async for entry in watcher:
-            if entry is None:  # the end of what was stored when the watch began: it is the truth now
-                self._values = values
-                loaded.set_result(None)
-                continue
-            deleted = entry.operation in (KV_DEL, KV_PURGE)
-            if deleted:
-                values.pop(entry.key, None)
-            else:
-                values[entry.key] = (entry.value or b"").decode(errors="replace")
-            if loaded.done():
-                log.info("secret changed", secret=entry.key, deleted=deleted)
-                async with self._changed:
-                    self._changed.notify_all()
-
-    async def changed(self) -> None:
-        """Wait for the next change the watch delivers (for tests and tools; ``resolve`` never waits)."""
-        async with self._changed:
-            await self._changed.wait()
+        return f"SecretStore(bucket={SECRETS_BUCKET!r}, stored={len(self.items)})"
 
     def resolve(self, names: tuple[str, ...] | list[str]) -> dict[str, str]:
         """``{name: value}`` for each of ``names``; :class:`MissingSecret` listing every one not found."""
         found: dict[str, str] = {}
         missing: list[str] = []
         for name in names:
-            if name in self._values:
-                found[name] = self._values[name]
+            if name in self.items:
+                found[name] = self.items[name]
             elif (env := self._environ.get(ENV_PREFIX + name)) is not None:
                 found[name] = env
             else:
@@ -228,24 +166,7 @@ class SecretStore:
 
     def names(self) -> list[str]:
         """The names stored in the bucket now (not those only in the environment)."""
-        return sorted(self._values)
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._unhook is not None:
-            self._unhook()
-        if self._watch is not None:
-            await _stop(*self._watch)
-            self._watch = None
-        self._values = {}
-
-
-async def _stop(watcher: KeyValue.KeyWatcher, task: asyncio.Task[None]) -> None:
-    with contextlib.suppress(Exception):  # the connection may be closing already
-        await watcher.stop()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+        return sorted(self.items)
 
 
 def _when(created: object) -> datetime | None:
