@@ -56,9 +56,10 @@ class KvMirror(Generic[T]):
         """A new watch from what is stored now; once it has loaded, it replaces the one before."""
         if self._closed:
             return
-        watcher = await (await self._open_bucket()).watchall()
+        kv = await self._open_bucket()
+        watcher = await kv.watchall()
         loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(self._follow(watcher, loaded), name=f"{self.what}-watch")
+        task = asyncio.create_task(self._follow(kv, watcher, loaded), name=f"{self.what}-watch")
         await asyncio.wait({loaded, task}, return_when=asyncio.FIRST_COMPLETED)
         if not loaded.done():  # the watch ended before it loaded: say why
             error = None if task.cancelled() else task.exception()
@@ -74,19 +75,31 @@ class KvMirror(Generic[T]):
             async with self._changed:  # a change made while the connection was down counts now
                 self._changed.notify_all()
 
-    async def _follow(self, watcher: KeyValue.KeyWatcher, loaded: asyncio.Future[None]) -> None:
+    async def _follow(self, kv: KeyValue, watcher: KeyValue.KeyWatcher, loaded: asyncio.Future[None]) -> None:
         items: dict[str, T] = {}
+
+        def load() -> None:  # what was stored when the watch began is all here: it is the truth now
+            self.items = items
+            loaded.set_result(None)
+
         async for entry in watcher:
-            if entry is None:  # the end of what was stored when the watch began: it is the truth now
-                self.items = items
-                loaded.set_result(None)
+            if entry is None:
+                # nats.py marks the end of the stored values with None; with nothing received yet it may
+                # come early (the server counted a value as delivered before the client had it), so an
+                # empty start is believed only when the bucket's stream holds nothing. Otherwise the
+                # stored values are on their way and the last of them (delta 0) ends the load.
+                if not loaded.done() and not items and await _stored(kv) == 0:
+                    load()
                 continue
             value = None if entry.operation in (KV_DEL, KV_PURGE) else self._parse(entry.key, entry.value or b"")
             if value is None:
                 items.pop(entry.key, None)
             else:
                 items[entry.key] = value
-            if loaded.done():
+            if not loaded.done():
+                if entry.delta == 0:
+                    load()
+            else:
                 log.info("changed", what=self.what, key=entry.key, deleted=value is None)
                 async with self._changed:
                     self._changed.notify_all()
@@ -104,6 +117,11 @@ class KvMirror(Generic[T]):
             await _stop(*self._watch)
             self._watch = None
         self.items = {}
+
+
+async def _stored(kv: KeyValue) -> int:
+    """How many messages the bucket's stream holds (values, deletes and purges alike)."""
+    return (await kv.status()).values
 
 
 async def _stop(watcher: KeyValue.KeyWatcher, task: asyncio.Task[None]) -> None:
