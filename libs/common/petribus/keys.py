@@ -32,7 +32,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from petribus.errors import PetribusError
-from petribus.kv_mirror import KvMirror
+from petribus.kv_mirror import KvMirror, load_stored
 
 KEYS_BUCKET = "PB_KEYS"
 PREFIX = "pb"
@@ -162,11 +162,7 @@ async def listing(js: JetStreamContext) -> list[KeyRecord]:
     watcher = await kv.watchall()
     found: dict[str, KeyRecord] = {}
     try:
-        while True:
-            entry = await watcher.updates(timeout=10.0)
-            if entry is None:  # the end of what is stored now
-                break
-            _apply(found, entry)
+        await load_stored(kv, watcher, lambda entry: _apply(found, entry), timeout_s=10.0)
     finally:
         await watcher.stop()
     return sorted(found.values(), key=lambda r: (r.created, r.key_id))

@@ -78,29 +78,21 @@ class KvMirror(Generic[T]):
     async def _follow(self, kv: KeyValue, watcher: KeyValue.KeyWatcher, loaded: asyncio.Future[None]) -> None:
         items: dict[str, T] = {}
 
-        def load() -> None:  # what was stored when the watch began is all here: it is the truth now
-            self.items = items
-            loaded.set_result(None)
-
-        async for entry in watcher:
-            if entry is None:
-                # nats.py marks the end of the stored values with None; with nothing received yet it may
-                # come early (the server counted a value as delivered before the client had it), so an
-                # empty start is believed only when the bucket's stream holds nothing. Otherwise the
-                # stored values are on their way and the last of them (delta 0) ends the load.
-                if not loaded.done() and not items and await _stored(kv) == 0:
-                    load()
-                continue
+        def apply(entry: KeyValue.Entry) -> str | None:
             value = None if entry.operation in (KV_DEL, KV_PURGE) else self._parse(entry.key, entry.value or b"")
             if value is None:
                 items.pop(entry.key, None)
             else:
                 items[entry.key] = value
-            if not loaded.done():
-                if entry.delta == 0:
-                    load()
-            else:
-                log.info("changed", what=self.what, key=entry.key, deleted=value is None)
+            return None if value is None else entry.key
+
+        await load_stored(kv, watcher, apply)
+        self.items = items  # what was stored when the watch began is all here: it is the truth now
+        loaded.set_result(None)
+        async for entry in watcher:
+            if entry is not None:  # (the end-of-load marker, when it comes after the values)
+                kept = apply(entry)
+                log.info("changed", what=self.what, key=entry.key, deleted=kept is None)
                 async with self._changed:
                     self._changed.notify_all()
 
@@ -119,9 +111,31 @@ class KvMirror(Generic[T]):
         self.items = {}
 
 
-async def _stored(kv: KeyValue) -> int:
-    """How many messages the bucket's stream holds (values, deletes and purges alike)."""
-    return (await kv.status()).values
+async def load_stored(kv: KeyValue, watcher: KeyValue.KeyWatcher, apply: Callable[[KeyValue.Entry], object],
+                      *, timeout_s: float | None = None) -> None:
+    """Give ``apply`` each entry (values, deletes, purges) that ``kv`` held when ``watcher`` began, and
+    return once they have all come; later entries stay in ``watcher`` for the caller.
+
+    nats.py ends the stored entries with ``None``. With nothing received yet it decides that from the
+    consumer's pending count, which the server may already have lowered for an entry still on its way,
+    so that marker can come first: an empty start is believed only when the bucket's stream holds
+    nothing. Otherwise the last stored entry (``delta`` 0: nothing more pending) ends the load.
+    ``timeout_s``: the longest wait for the next entry (TimeoutError); None waits as long as it takes.
+    """
+    received = False
+    while True:
+        try:
+            entry = await asyncio.wait_for(anext(watcher), timeout_s)
+        except StopAsyncIteration:
+            raise BusError(f"the watch of bucket {kv._name!r} stopped before its stored entries had come") from None
+        if entry is None:
+            if not received and (await kv.status()).values == 0:
+                return
+            continue
+        received = True
+        apply(entry)
+        if entry.delta == 0:
+            return
 
 
 async def _stop(watcher: KeyValue.KeyWatcher, task: asyncio.Task[None]) -> None:

@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 
 from petribus import logs, subjects
 from petribus.errors import PetribusError
+from petribus.kv_mirror import load_stored
 
 log = logs.get("petribus.registry")
 
@@ -204,14 +205,15 @@ class Registry:
         kv = await bucket(self.js, self.heartbeat_s, replicas=self.replicas)
         watcher = await kv.watchall()
         found: dict[str, ExecutorInfo] = {}
+
+        def apply(entry: KeyValue.Entry) -> None:
+            if entry.operation in (KV_DEL, KV_PURGE):
+                found.pop(entry.key, None)
+            elif (info := _decode(entry.value)) is not None:
+                found[entry.key] = info
+
         try:
-            async for entry in watcher:
-                if entry is None:
-                    break  # every current entry has been seen
-                if entry.operation in (KV_DEL, KV_PURGE):
-                    found.pop(entry.key, None)
-                elif (info := _decode(entry.value)) is not None:
-                    found[entry.key] = info
+            await load_stored(kv, watcher, apply, timeout_s=30.0)
         finally:
             await watcher.stop()
         now = time.time()
@@ -237,8 +239,7 @@ class RegistryView:
 
     async def start(self) -> None:
         self._watcher = await self.kv.watchall()
-        while (entry := await self._watcher.updates(timeout=30.0)) is not None:
-            self._apply(entry)
+        await load_stored(self.kv, self._watcher, self._apply, timeout_s=30.0)
         self._task = asyncio.create_task(self._follow(), name="registry-watch")
 
     async def _follow(self) -> None:

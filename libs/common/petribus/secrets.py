@@ -29,7 +29,7 @@ from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from petribus.errors import PetribusError
-from petribus.kv_mirror import KvMirror
+from petribus.kv_mirror import KvMirror, load_stored
 from petribus.resources import SECRET_NAME_RE
 
 SECRETS_BUCKET = "PB_SECRETS"
@@ -118,15 +118,15 @@ async def listing(js: JetStreamContext) -> list[SecretInfo]:
     kv = await bucket(js)
     watcher = await kv.watchall(meta_only=True)
     found: dict[str, SecretInfo] = {}
+
+    def apply(entry: KeyValue.Entry) -> None:
+        if entry.operation in (KV_DEL, KV_PURGE):
+            found.pop(entry.key, None)
+        else:
+            found[entry.key] = SecretInfo(entry.key, _when(entry.created))
+
     try:
-        while True:
-            entry = await watcher.updates(timeout=10.0)
-            if entry is None:  # the end of what is stored now
-                break
-            if entry.operation in (KV_DEL, KV_PURGE):
-                found.pop(entry.key, None)
-            else:
-                found[entry.key] = SecretInfo(entry.key, _when(entry.created))
+        await load_stored(kv, watcher, apply, timeout_s=10.0)
     finally:
         await watcher.stop()
     return [found[k] for k in sorted(found)]
