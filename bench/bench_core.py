@@ -99,7 +99,7 @@ class Watch:
     async def on_msg(self, msg) -> None:
         now = time.perf_counter()
         kind = decode(msg.data).type
-        sid = msg.subject.rsplit(".", 1)[1]
+        sid = msg.subject.split(".")[3]  # pb.ev.<bot>.<session>.<kind>
         if kind == "transition_started" and sid not in self.started:
             self.started[sid] = now
             fut = self.waiters.pop(sid, None)

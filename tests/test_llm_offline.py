@@ -176,3 +176,26 @@ async def test_replayed_messages_are_not_answered_again(settings, nc):
     assert {k: len(v) for k, v in replies.items()} == {m.id: 1 for m in [*old, new]}
     assert sum(isinstance(e, MarkerAdded) for _, e in events) == 1
     assert stats["already_answered"] == len(old) and stats["answered"] == 1
+
+
+async def test_the_server_sends_the_service_only_user_messages_and_prompts(settings, nc):
+    """The durable is filtered by kind on the server: the markers, firings and replies of a session are
+    never delivered to the LLM service. A durable made by an older version over every event is narrowed in
+    place."""
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    net = load_net(ORDER_BOT)
+    js = nc.jetstream()
+    await js.add_consumer(subjects.EVENTS_STREAM, ConsumerConfig(  # as the service made it before
+        durable_name=subjects.LLM_DURABLE, filter_subject=subjects.all_events(), ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL, ack_wait=30, max_ack_pending=20_000, max_deliver=-1))
+    async with LLMService(settings, [net]):
+        said = await _say(nc, net.bot, "f1", '/add UserName {"name": "ann"}', "hello")
+        await _wait_for_replies(nc, net.bot, {m.id for m in said})
+        info = await js.consumer_info(subjects.EVENTS_STREAM, subjects.LLM_DURABLE)
+    events = await EventLog(nc).read(net.bot, "f1")
+    kinds = Counter(e.type for _, e in events)
+    assert kinds["marker_added"] == 1 and kinds["agent_message"] >= 2  # other kinds were appended ...
+    assert info.config.filter_subjects == subjects.kinds("user_message", "prompt_request")
+    assert info.delivered.consumer_seq == kinds["user_message"] + kinds["prompt_request"] == 2  # ... not sent
+    assert info.num_ack_pending == 0 and info.num_pending == 0

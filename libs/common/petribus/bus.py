@@ -313,12 +313,19 @@ async def _get_by(queue: asyncio.Queue[Msg], deadline: float) -> Msg:
         return await queue.get()
 
 
-async def ensure_event_consumer(js: JetStreamContext, durable: str, *, ack_wait_s: float) -> None:
+async def ensure_event_consumer(js: JetStreamContext, durable: str, *, ack_wait_s: float,
+                                kinds: tuple[str, ...] = ()) -> None:
     """Create (or update) a durable consumer over every session's events, shared by all processes of
     one service: explicit acks, every event from the start, redelivered until acked. Also the
-    ``ensure`` callback a ``PullConsumer`` over it wants."""
+    ``ensure`` callback a ``PullConsumer`` over it wants.
+
+    ``kinds``: only events of these types, filtered by the server (a service that acts on two kinds of
+    event is not sent, and does not ack, the rest). Changing them updates the existing durable in place:
+    nats-server 2.10+ takes a new filter for a durable pull consumer, keeping its position."""
     config = ConsumerConfig(
-        durable_name=durable, filter_subject=subjects.all_events(), ack_policy=AckPolicy.EXPLICIT,
+        durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
+        filter_subject=None if kinds else subjects.all_events(),
+        filter_subjects=subjects.kinds(*kinds) if kinds else None,
         deliver_policy=DeliverPolicy.ALL, ack_wait=ack_wait_s, max_ack_pending=20_000, max_deliver=-1,
     )
     await retry(js._nc, f"creating the consumer {durable}",

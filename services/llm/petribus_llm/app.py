@@ -60,6 +60,7 @@ from petribus_llm.errors import LLMError
 from petribus_llm.responder import Ask, OnDelta, ProposedMarker, Reply, Responder, responder_for
 
 Key = tuple[str, str]
+LLM_KINDS = ("user_message", "prompt_request")  # the events this service acts on (its consumer's filter)
 MAX_DELIVERIES = 5  # a message that failed this often gets an error event instead of another try
 GAVE_UP = "llm_failed"
 _REPLY_IDS = uuid.UUID("7d0f3f0c-4a52-4f3e-9a7e-5f1c2b8e9d10")
@@ -98,7 +99,9 @@ class LLMService(Service):
         js = nc.jetstream()
         self.events = EventLog(nc, js)
         async def ensure() -> None:  # at start, and again if a fail-over lost the durable
-            await ensure_event_consumer(js, subjects.LLM_DURABLE, ack_wait_s=self.ack_wait_s)
+            # Only what it answers: user messages and prompts, filtered by the server (no delivery, decode
+            # and ack for every other event of every session).
+            await ensure_event_consumer(js, subjects.LLM_DURABLE, ack_wait_s=self.ack_wait_s, kinds=LLM_KINDS)
 
         await ensure()
         self.consumer = PullConsumer(nc, subjects.EVENTS_STREAM, subjects.LLM_DURABLE,
