@@ -698,6 +698,7 @@ def _configure_logs(settings: Settings, stream: TextIO) -> None:
 
 
 # After app: their commands hang off it.
+from petribus_cli.deploy import register as register_deploy  # noqa: E402
 from petribus_cli.graph import graph_app  # noqa: E402
 from petribus_cli.keys import keys_app  # noqa: E402
 from petribus_cli.replay import replay_app  # noqa: E402
@@ -709,6 +710,7 @@ app.add_typer(sessions_app, name="sessions")
 app.add_typer(replay_app, name="replay")
 app.add_typer(keys_app, name="keys")
 app.add_typer(graph_app, name="graph")
+register_deploy(app)  # deploy, release, activate, deactivate, rollback, deployments
 
 
 def main() -> None:
