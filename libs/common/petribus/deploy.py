@@ -456,7 +456,7 @@ async def objects(js: JetStreamContext, *, replicas: int = 1) -> ObjectStore:
     except BucketNotFoundError:
         pass
     try:
-        return await js.create_object_store(config=ObjectStoreConfig(
+        return await js.create_object_store(APPS, ObjectStoreConfig(
             bucket=APPS, storage=StorageType.FILE, replicas=replicas,
             description="petribus app versions: <version> -> tar.gz"))
     except Exception:  # noqa: BLE001  (made meanwhile by another process)
