@@ -219,6 +219,11 @@ class Deployment(BaseModel):
     _changed: bool = PrivateAttr(default=True)
     _before: str | None = PrivateAttr(default=None)
 
+    def __eq__(self, other: object) -> bool:  # by what is stored, not by what the last call did
+        return isinstance(other, Deployment) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  (mutable)
+
     @property
     def changed(self) -> bool:
         """False when the call that returned this record found nothing to do (and wrote nothing)."""
