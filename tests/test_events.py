@@ -21,7 +21,8 @@ def _m(location: str = "UserName", **data: Any) -> Marker:
 # One fully populated example of each type: optional fields set, so a field that does not survive
 # the round trip shows up.
 SAMPLES: dict[str, ev._Event] = {
-    "session_created": ev.SessionCreated(**COMMON),
+    "session_created": ev.SessionCreated(**COMMON, parent=ev.HandoffParent(bot="support", session_id="s0", seq=4,
+                                                                           handoff_id="e5")),
     "user_message": ev.UserMessage(**COMMON, text="cancel alice's order"),
     "agent_message": ev.AgentMessage(**COMMON, text="done", firing_id="f1", transition="cancel_order",
                                      reply_to="e0"),
@@ -61,6 +62,8 @@ SAMPLES: dict[str, ev._Event] = {
                                        files=[ev.ForkedFile(file_id="file1", name="a.txt", size=3,
                                                             content_type="text/plain", direction="input")]),
     "halt_set": ev.HaltSet(**COMMON, before=["cancel_order"]),
+    "handed_off": ev.HandedOff(**COMMON, target_bot="billing", target_session="s2", request="refund my order",
+                               actor=ev.Actor(owner="alice", key_id="k1")),
     "session_expired": ev.SessionExpired(**COMMON, idle_s=86400.5,
                                          actor=ev.Actor(owner="alice", key_id="k1", address="10.0.0.7")),
 }

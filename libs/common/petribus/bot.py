@@ -18,7 +18,7 @@ from pydantic import BaseModel, SecretStr
 from petribus import resources
 from petribus.errors import NetDefinitionError
 from petribus.graph import FORMATS, Picture, render
-from petribus.net import LocationDef, Net, TransitionDef
+from petribus.net import MAX_HANDOFF_NAME, Handoff, LocationDef, Net, TransitionDef
 from petribus.resources import Image, TaskPolicy, Volume
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -83,7 +83,9 @@ class Bot:
     the environment's ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL``; the key is kept as a secret and never
     logged or sent to a client (reading it from the environment in the app keeps it out of the code).
     ``volumes`` are
-    :class:`~petribus.Volume` folders mounted into every transition. Other keywords (Beam's ``disks``, a
+    :class:`~petribus.Volume` folders mounted into every transition. ``handoffs`` names the bots this one
+    may hand a conversation over to (a name, or ``Handoff(bot=..., description=...)``): its model gets a
+    tool for each (docs/handoffs.md); the services that load the nets refuse a target they do not serve. Other keywords (Beam's ``disks``, a
     typo) are refused by ``Bot.net()``, naming each.
     """
 
@@ -98,6 +100,7 @@ class Bot:
         name: str | None = None,
         base_url: str | None = None,
         volumes: list[Volume] | tuple[Volume, ...] | None = None,
+        handoffs: list[str | Handoff] | tuple[str | Handoff, ...] = (),
         **extra: Any,
     ) -> None:
         self.model = model
@@ -109,6 +112,7 @@ class Bot:
         self.name = name
         self.base_url = base_url
         self.volumes = volumes
+        self.handoffs = handoffs
         self.extra = extra  # options petribus does not have: Bot.net() refuses each, naming it
         self._recorded: list[_Recorded] = []
         self._net: Net | None = None
@@ -307,13 +311,44 @@ def _build_net(bot: Bot, bot_name: str | None) -> Net:
             )
         )
 
+    handoffs = _judge_handoffs(bot.handoffs, bot_name, locations, problems)
     if problems:
         raise NetDefinitionError(problems)
     return Net(
         bot=bot_name, description=bot.description, model=bot.model, welcome_message=bot.welcome_message,
         authorized=bot.authorized, locations=locations, transitions=tuple(transitions), volumes=volumes,
-        api_key=bot.api_key, base_url=bot.base_url,
+        api_key=bot.api_key, base_url=bot.base_url, handoffs=handoffs,
     )
+
+
+def _judge_handoffs(given: Any, bot_name: str, locations: dict[str, LocationDef],
+                    problems: list[str]) -> tuple[Handoff, ...]:
+    """``Bot(handoffs=...)`` as ``Handoff``s. Whether each target is served is for the services that load
+    the nets to say (``petribus.net.check_handoffs``): here only its shape is judged."""
+    if given is None:
+        return ()
+    if isinstance(given, (str, Handoff)) or not isinstance(given, (list, tuple)):
+        problems.append(f"handoffs={given!r}: give a list of bot names or Handoff(bot=..., description=...)")
+        return ()
+    out: list[Handoff] = []
+    for i, item in enumerate(given):
+        h = Handoff(item) if isinstance(item, str) else item
+        if not isinstance(h, Handoff) or not isinstance(h.bot, str):
+            problems.append(f"handoffs[{i}] is {item!r}: give a bot name or Handoff(bot=..., description=...)")
+            continue
+        if not NAME_RE.match(h.bot) or len(h.bot) > MAX_HANDOFF_NAME:
+            problems.append(f"handoffs[{i}]: {h.bot!r} is not a bot name a hand-off can use: letters, digits, "
+                            f"'_' or '-', 1-{MAX_HANDOFF_NAME} characters, not starting with a digit")
+        elif h.bot == bot_name:
+            problems.append(f"handoffs[{i}]: bot {h.bot!r} cannot hand over to itself")
+        elif any(o.bot == h.bot for o in out):
+            problems.append(f"handoffs[{i}]: {h.bot!r} is named twice")
+        elif h.tool in locations:
+            problems.append(f"handoffs[{i}]: the hand-off tool {h.tool!r} has the name of a location; rename "
+                            "the location's marker type")
+        else:
+            out.append(h)
+    return tuple(out)
 
 
 def _own_doc(obj: type) -> str | None:

@@ -10,7 +10,8 @@ its own (``_INBOX_<role>.>``), so no service can read another's replies (a secre
 
 Each kind of event has a subject of its own (``pb.ev.<bot>.<session>.<kind>``), so a role may append
 only the kinds it makes (``APPENDS``): the gateway never a ``transition_fired``, the executor never a
-``user_message``, the LLM service never a claim or an outcome (docs/closed-bus.md).
+``user_message``, the LLM service never a claim or an outcome (docs/closed-bus.md); the LLM service
+opens a handed-over session (``session_created``, ``user_message``: docs/handoffs.md).
 
 Passwords: ``Credentials`` makes one per role (random, 32 bytes) in a folder of ``<role>.password``
 files (0600; the folder 0700) and renders the ``authorization`` block of a nats-server config that
@@ -111,7 +112,10 @@ APPENDS: dict[str, tuple[str, ...]] = {
     "executor": ("transition_started", "transition_completed", "transition_failed", "agent_message",
                  "memory_updated", "confirm_request", "confirm_response", "prompt_request", "prompt_response",
                  "input_file_request", "input_file_response", "output_file"),
-    "llm": ("agent_message", "marker_added", "prompt_response", "error"),
+    # A hand-off (docs/handoffs.md): handed_off in the source session, and the target session's opening
+    # session_created and the user_message that carries the request over.
+    "llm": ("agent_message", "marker_added", "prompt_response", "error", "handed_off", "session_created",
+            "user_message"),
 }
 # The files of sessions (an object store): chunks and metadata written, replaced chunks purged.
 _FILES = (*_read_stream(FILES), f"$O.{subjects.FILES_BUCKET}.>", f"{API}.STREAM.PURGE.{FILES}")

@@ -11,6 +11,10 @@ open. What other clients of the session answer closes the question here too. A f
 (``output_file``) is saved under the download folder; one it asks for (``input_file_request``) is
 answered with ``/upload PATH``.
 
+When the bot hands the conversation over to another bot (a ``handed_off`` event, docs/handoffs.md), the
+chat says so and, unless made with ``follow_handoffs=False``, follows: it goes on in the new session of
+the other bot, showing its events from the start, and sends what is typed next there.
+
 The connection is the client's ``EventStream``: a dropped connection is resumed with ``since`` so no
 event is lost or shown twice, and a message the log did not take (``bus_unavailable``, or a drop before
 it showed) is sent again with the same ``request_id``. The chat shows what the stream does
@@ -44,7 +48,7 @@ STYLES = {
     "session_created": "bold cyan", "user_message": "green", "marker_added": "yellow",
     "transition_fired": "blue", "transition_started": "blue", "transition_completed": "bold blue",
     "transition_failed": "bold red", "error": "bold red", "confirm_transition": "magenta",
-    "confirm_request": "magenta",
+    "confirm_request": "magenta", "handed_off": "bold cyan",
 }
 
 
@@ -63,7 +67,12 @@ def render(event: dict[str, Any]) -> str:
         case "agent_message":
             return f"🤖 {value}"
         case "session_created":
-            return f"[session_created] {value}"
+            parent = meta.get("parent")
+            came = f" (handed over by {parent['bot']}, session {parent['session_id']})" if parent else ""
+            return f"[session_created] {value}{came}"
+        case "handed_off":
+            return (f"[handed_off] the conversation was handed over to {value['bot']} (session "
+                    f"{value['session_id']}): {value['request']}")
         case "user_message":
             return f"[user_message] {value}"
         case "marker_added":
@@ -159,9 +168,11 @@ class Chat:
     """One chat session against a gateway at ``ws_base`` (``ws://host:port``), shown on ``console``."""
 
     def __init__(self, ws_base: str, bot: str, *, session_id: str | None = None,
-                 console: Console | None = None, download_dir: Path | None = None) -> None:
+                 console: Console | None = None, download_dir: Path | None = None,
+                 follow_handoffs: bool = True) -> None:
         self.ws_base = ws_base.rstrip("/")
         self.bot = bot
+        self.follow_handoffs = follow_handoffs
         self.download_dir = download_dir or Path.cwd() / "petribus-downloads"
         self.console = console or Console(soft_wrap=True, markup=False, emoji=False, highlight=False)
         # Open questions (task or request id -> "transition" or "confirm") and file requests, oldest first.
@@ -215,10 +226,31 @@ class Chat:
 
     async def _receive(self) -> None:
         try:
-            async for event in self.stream:
-                self._on_event(event)
+            while True:
+                handed: Event | None = None
+                async for event in self.stream:
+                    self._on_event(event)
+                    if event.handoff is not None and self.follow_handoffs:
+                        handed = event
+                        break
+                if handed is None:
+                    return
+                await self._follow(handed)
         except ClientError as exc:
             raise ChatError(str(exc)) from None
+
+    async def _follow(self, handed: Event) -> None:
+        """Go on in the session the conversation was handed over to: its events from the start, and
+        what is typed next goes there. Questions still open here stay with the session they belong to."""
+        target = await self._session().follow_handoff(handed)
+        old = self.stream
+        self.bot = target.bot
+        self.stream = self.client.stream(target.bot, target.session_id, on_notice=self._notice)
+        self.questions.clear()
+        self.file_requests.clear()
+        self._asked_by.clear()
+        await old.close()
+        self.show(f"[following] {target.bot} session {target.session_id}", "bold cyan")
 
     def _notice(self, kind: NoticeKind, text: str) -> None:
         if kind == "not_sent":

@@ -116,6 +116,7 @@ class SessionState:
     effects: set[str] = field(default_factory=set)  # ids of the events firings appended as side effects
     events: int = 0
     forked_from: tuple[str, str, int] | None = None  # (bot, session, seq) of a fork's source
+    handed_from: tuple[str, str, int] | None = None  # (bot, session, seq of the message answered) of a hand-off's source
     owner: str | None = None  # the owner named by the actor of the session's first event (None: nobody's)
     halt_before: frozenset[str] = frozenset()  # transitions whose firings wait like confirm=True ones
     # When a list: every marker the fold puts into (+) or takes out of (-) a place is noted in it, in
@@ -170,6 +171,8 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
             if not state.created:
                 state.created = True
                 state.owner = event.actor.owner if event.actor is not None else None
+                if event.parent is not None:
+                    state.handed_from = (event.parent.bot, event.parent.session_id, event.parent.seq)
         case SessionForked():
             if not state.created:  # only as a session's first event: it describes where the session began
                 state.created = True

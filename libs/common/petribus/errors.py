@@ -37,6 +37,18 @@ class NetDefinitionError(PetribusError, ValueError):
         super().__init__(f"the bot's net has {len(self.problems)} problem(s):\n{lines}")
 
 
+class UnknownHandoff(NetDefinitionError):
+    """A bot hands over to a bot the services that loaded it do not serve (``Bot(handoffs=...)``)."""
+
+    code = "unknown_handoff"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        self.message = f"{len(self.problems)} hand-off(s) to a bot that is not served:\n{lines}"
+        self.args = (self.message,)
+
+
 class InvalidInput(PetribusError, ValueError):
     """A client sent something that cannot enter the log (bad JSON, unknown type, failed validation)."""
 

@@ -67,8 +67,25 @@ class _Event(BaseModel):
         return getattr(self, "firing_id", None), getattr(self, "transition", None)
 
 
+class HandoffParent(BaseModel):
+    """Where a handed-over session came from: the source session, the user message whose answer handed
+    over, and the ``handed_off`` event there (it lands right after this session is opened)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bot: str = Field(description="The bot that handed the conversation over.")
+    session_id: str = Field(description="The session it was handed over from.")
+    seq: int = Field(description="The sequence, in that session, of the user message whose answer handed over.")
+    handoff_id: str = Field(description="The id of the ``handed_off`` event in that session that names this one.")
+
+
 class SessionCreated(_Event):
+    """A session's first event; its ``actor`` owns the session."""
+
     type: Literal["session_created"] = "session_created"
+    parent: HandoffParent | None = Field(
+        default=None, description="Set when another bot handed the conversation over to this session "
+        "(docs/handoffs.md): the source session and its handed_off event.")
 
     def value(self) -> Any:
         return self.session_id
@@ -382,6 +399,27 @@ class SessionForked(_Event):
                 "source_seq": self.source_seq, "markers": len(self.markers), "in_flight": self.in_flight}
 
 
+class HandedOff(_Event):
+    """This session's bot handed the conversation over to ``target_bot``: a new session of it,
+    ``target_session``, starts with ``request`` as its first user message (docs/handoffs.md).
+
+    ``cause`` is the user message the model was answering. The target session is opened before this
+    event lands (so a client can follow at once), and its ``session_created`` names this session,
+    ``cause``'s sequence and this event's id as its ``parent``. Both ids are made from this session,
+    ``cause`` and the target bot, so a retried hand-off finds the session it made before.
+    """
+
+    type: Literal["handed_off"] = "handed_off"
+    target_bot: str = Field(description="The bot the conversation is handed over to.")
+    target_session: str = Field(description="The new session of ``target_bot`` (follow it there).")
+    request: str = Field(description="What the target bot is asked: its session's first user message.")
+
+    def value(self) -> Any:
+        return {"bot": self.target_bot, "session_id": self.target_session, "request": self.request,
+                "path": f"/bots/{self.target_bot}/sessions/{self.target_session}",
+                "ws": f"/bots/{self.target_bot}/ws?session_id={self.target_session}"}
+
+
 class HaltSet(_Event):
     """From now on, firings of ``before`` wait like ``confirm=True`` ones (a client's ``halt_before``).
 
@@ -422,7 +460,7 @@ EVENT_CLASSES: tuple[type[_Event], ...] = (
     SessionCreated, UserMessage, AgentMessage, MarkerAdded, TransitionFired, TransitionStarted,
     TransitionCompleted, TransitionFailed, ConfirmTransition, AcceptTransition, RejectTransition,
     ConfirmRequest, ConfirmResponse, MemoryUpdated, InputFileRequest, InputFileResponse, OutputFile,
-    ErrorEvent, PromptRequest, PromptResponse, SessionForked, HaltSet, SessionExpired,
+    ErrorEvent, PromptRequest, PromptResponse, SessionForked, HaltSet, SessionExpired, HandedOff,
 )
 Event = Annotated[Union[EVENT_CLASSES], Field(discriminator="type")]  # type: ignore[valid-type]
 
@@ -480,6 +518,8 @@ def to_client(event: _Event, seq: int | None) -> dict[str, Any]:
     }
     if event.actor is not None:  # who caused it (audit): only clients who may see the session get it
         metadata["actor"] = event.actor.model_dump()
+    if isinstance(event, SessionCreated) and event.parent is not None:  # a handed-over session's source
+        metadata["parent"] = event.parent.model_dump()
     return {"type": event.type, "value": event.value(), "metadata": metadata,  # type: ignore[attr-defined]
             "pair_id": pair_id(event)}
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from petribus.errors import InvalidInput, UnknownLocation
+from petribus.errors import InvalidInput, UnknownHandoff, UnknownLocation
 
 if TYPE_CHECKING:
     from petribus.core import NetShape
@@ -54,6 +54,24 @@ class TransitionDef:
     sandbox: str = "process"
 
 
+HANDOFF_TOOL_PREFIX = "transfer_to_"
+MAX_HANDOFF_NAME = 64 - len(HANDOFF_TOOL_PREFIX)  # a model's tool name is at most 64 characters
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A bot this bot may hand the conversation over to (``Bot(handoffs=[...])``): the model gets a tool
+    ``transfer_to_<bot>``, and ``description`` tells it when to use it (docs/handoffs.md)."""
+
+    bot: str
+    description: str | None = None
+
+    @property
+    def tool(self) -> str:
+        """The name of the model's tool that hands over to ``bot``."""
+        return f"{HANDOFF_TOOL_PREFIX}{self.bot}"
+
+
 @dataclass(frozen=True)
 class Net:
     bot: str
@@ -68,6 +86,7 @@ class Net:
     # shown (not in repr, not in GET /bots, not in logs).
     api_key: Any = field(default=None, repr=False, compare=False)
     base_url: str | None = None
+    handoffs: tuple[Handoff, ...] = ()  # the bots it may hand a conversation over to
     _by_name: dict[str, TransitionDef] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +97,10 @@ class Net:
 
     def has_transition(self, name: str) -> bool:
         return name in self._by_name
+
+    def handoff(self, bot: str) -> Handoff | None:
+        """The hand-off to ``bot``, if this bot may hand over to it."""
+        return next((h for h in self.handoffs if h.bot == bot), None)
 
     def location_of(self, model: type[BaseModel]) -> str | None:
         for loc in self.locations.values():
@@ -124,6 +147,19 @@ class Net:
         return NetShape(
             tuple(TransitionShape(t.name, t.inputs, t.concurrency, t.confirm) for t in self.transitions)
         )
+
+
+def check_handoffs(nets: Iterable[Net]) -> None:
+    """Refuse a set of nets in which a bot hands over to a bot that is not among them: a service that
+    loads the nets calls it at start, where every bot it serves is known. ``UnknownHandoff`` lists
+    every such hand-off, with the bots served."""
+    nets = list(nets)
+    served = sorted(n.bot for n in nets)
+    problems = [f"bot {n.bot!r} hands over to {h.bot!r}, which this deployment does not serve (it serves "
+                f"{', '.join(served)}): serve {h.bot!r} too, or drop it from Bot(handoffs=...)"
+                for n in nets for h in n.handoffs if h.bot not in served]
+    if problems:
+        raise UnknownHandoff(problems)
 
 
 def _describe(exc: ValidationError) -> str:

@@ -25,7 +25,7 @@ from petribus.errors import BusUnavailable, InvalidInput, UnknownBot, UnknownSes
 from petribus.events import Actor, AgentMessage, SessionCreated, _Event, new_id
 from petribus.files import FileStore
 from petribus.keys import KeyStore
-from petribus.net import Net
+from petribus.net import Net, check_handoffs
 from petribus.outage import on_disconnect, on_reconnect
 from petribus.settings import Settings
 from petribus_gateway.auth import Auth, Caller
@@ -50,6 +50,7 @@ class GatewayContext:
     _connected: asyncio.Event = field(init=False)
 
     def __post_init__(self) -> None:
+        check_handoffs(self.nets.values())  # a hand-off to a bot not served here: refused at start
         self.log = logs.get("petribus.gateway")
         self.files = FileStore(self.events.js, self.settings.max_file_bytes)
         self.timeline = Timeline(self.events)

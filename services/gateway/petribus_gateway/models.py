@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from petribus.events import Actor, Marker
+from petribus.events import Actor, HandoffParent, Marker
 
 
 class ErrorBody(BaseModel):
@@ -26,6 +26,8 @@ class EventMetadata(BaseModel):
     ts: float = Field(description="Unix time the event was made, in seconds.")
     actor: Actor | None = Field(default=None, description="Who caused it (owner, key id, client address), "
                                 "for events a client's request appended.")
+    parent: HandoffParent | None = Field(default=None, description="On the session_created of a session "
+                                         "another bot handed over: the source session and its handed_off.")
 
 
 class ClientEvent(BaseModel):
@@ -60,6 +62,8 @@ class BotInfo(BaseModel):
     welcome_message: str | None = None
     locations: list[LocationInfo] = Field(description="Exposed locations: where clients may add markers.")
     transitions: list[TransitionInfo] = Field(description="Exposed transitions.")
+    handoffs: list[str] = Field(default_factory=list, description="Bots this one may hand a conversation "
+                                "over to (docs/handoffs.md).")
 
 
 class SessionSummary(BaseModel):

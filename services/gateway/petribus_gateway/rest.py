@@ -128,6 +128,7 @@ async def list_bots(ctx: Ctx, caller: CallerDep) -> list[BotInfo]:
             transitions=[TransitionInfo(name=t.name, description=t.description, inputs=dict(t.inputs),
                                         outputs=list(t.outputs), confirm=t.confirm)
                          for t in net.transitions if t.expose],
+            handoffs=[h.bot for h in net.handoffs],
         )
         for net in ctx.nets.values() if ctx.auth.may_use(caller, net)
     ]

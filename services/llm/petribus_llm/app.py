@@ -16,6 +16,15 @@ two processes racing on one redelivered message still land one reply. The messag
 its answer is in the log. Order holds across processes too: a message is answered only after every
 older unanswered message of its session (answering those first if need be).
 
+A hand-off (``Bot(handoffs=...)``, docs/handoffs.md): when the model calls ``transfer_to_<bot>``, the
+target session is opened first, as one atomic batch at sequence 0 (``session_created`` naming this
+session, the message answered and the ``handed_off`` to come as its parent, then the request as its
+first ``user_message``), and then ``handed_off`` lands here; so a client told of it can follow at once.
+The target's id and the ``handed_off``'s id and Msg-Id are made from this session, the message and the
+target bot: a retry finds the session open and opens no second one. A try that died between the two
+appends is finished by the next (the target session found open, ``handed_off`` appended) before the
+model is asked again. The target bot's answer then comes like any other.
+
 What to say comes from ``commands`` (``/add``, ``/help``, the same in every mode) or else from the
 bot's ``Responder`` (offline, or a model: ``openai_responder``). Every proposed marker is validated
 against the net here, whoever proposed it; an invalid one never enters the log. While the model
@@ -34,22 +43,29 @@ from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from petribus import subjects, tracing
-from petribus.bus import EventLog, ensure_event_consumer
+from petribus.bus import EventLog, WrongLastSequence, ensure_event_consumer
 from petribus.consumer import PullConsumer
-from petribus.errors import InvalidInput
+from petribus.deploy import split_internal
+from petribus.deployed import Deployed
+from petribus.deployed import follow as follow_deployments
+from petribus.errors import BusError, InvalidInput
 from petribus.events import (
+    Actor,
     AgentMessage,
     AgentMessageDelta,
     ErrorEvent,
+    HandedOff,
+    HandoffParent,
     Marker,
     MarkerAdded,
     PromptRequest,
     PromptResponse,
+    SessionCreated,
     UserMessage,
     _Event,
     decode,
 )
-from petribus.net import Net
+from petribus.net import Net, check_handoffs
 from petribus.service import Service
 from petribus.session_queues import SessionQueues
 from petribus.settings import Settings
@@ -57,10 +73,19 @@ from petribus.settings import Settings
 from petribus_llm import commands, describe
 from petribus_llm.conversation import Askable, Conversation
 from petribus_llm.errors import LLMError
-from petribus_llm.responder import Ask, OnDelta, ProposedMarker, Reply, Responder, responder_for
+from petribus_llm.responder import (
+    Ask,
+    OnDelta,
+    ProposedHandoff,
+    ProposedMarker,
+    Reply,
+    Responder,
+    responder_for,
+)
 
 Key = tuple[str, str]
-LLM_KINDS = ("user_message", "prompt_request")  # the events this service acts on (its consumer's filter)
+LLM_KINDS = ("user_message", "prompt_request")
+UNLOADED_RETRY_S = 1.0  # a message to a deployed version not loaded here yet comes back after this  # the events this service acts on (its consumer's filter)
 MAX_DELIVERIES = 5  # a message that failed this often gets an error event instead of another try
 GAVE_UP = "llm_failed"
 _REPLY_IDS = uuid.UUID("7d0f3f0c-4a52-4f3e-9a7e-5f1c2b8e9d10")
@@ -72,6 +97,13 @@ def reply_id(asked: str) -> str:
     return uuid.uuid5(_REPLY_IDS, asked).hex
 
 
+def handoff_ids(bot: str, session_id: str, asked: str, target: str) -> tuple[str, str]:
+    """(the handed_off event's id, the target session's id) of the hand-off to bot ``target`` made while
+    answering message ``asked``: the same in every process and every retry, so it is made once."""
+    made = f"handoff:{bot}:{session_id}:{asked}:{target}"
+    return uuid.uuid5(_REPLY_IDS, made).hex, uuid.uuid5(_REPLY_IDS, made + ":session").hex
+
+
 class LLMService(Service):
     name = "llm"
 
@@ -80,7 +112,11 @@ class LLMService(Service):
                  max_inflight: int = 64) -> None:
         super().__init__(settings)
         self.nets = {n.bot: n for n in nets}
+        check_handoffs(self.nets.values())  # a hand-off to a bot not served here: refused at start
         self.responders = {bot: responder or responder_for(settings, n) for bot, n in self.nets.items()}
+        self._responder = responder  # the one every bot uses, when given (tests)
+        self.deployments = False  # whether bots are deployed versions, loaded while running (add_net)
+        self._deployed: Deployed | None = None
         self.instance = instance or f"llm-{uuid.uuid4().hex[:8]}"
         self.cache_size = cache_size
         self.ack_wait_s = ack_wait_s if ack_wait_s is not None else settings.ack_wait_s
@@ -92,12 +128,21 @@ class LLMService(Service):
             self._serve, one_at_a_time=True, done=self._done, spawn=self.spawn, log=self.log)
         self.held: dict[int, Msg] = {}  # delivered, not yet acked (by id(msg)): heartbeated
         self.stats = {"answered": 0, "already_answered": 0, "caught_up": 0, "markers": 0, "failed": 0,
-                      "prompts": 0, "llm_errors": 0}
+                      "prompts": 0, "llm_errors": 0, "handoffs": 0}
+
+    def add_net(self, net: Net) -> None:
+        """Answer ``net``'s sessions too, from now on (a deployed version loaded while running)."""
+        self.nets[net.bot] = net
+        self.responders[net.bot] = self._responder or responder_for(self.settings, net)
 
     async def start(self) -> None:
         nc = await self.connect()
         js = nc.jetstream()
         self.events = EventLog(nc, js)
+        if self.deployments:  # every deployed version, before the first message is taken
+            self._deployed = await follow_deployments(nc, role="llm", instance=self.instance,
+                                                      data_dir=self.settings.data_dir, add_net=self.add_net,
+                                                      replicas=self.settings.replicas)
         async def ensure() -> None:  # at start, and again if a fail-over lost the durable
             # Only what it answers: user messages and prompts, filtered by the server (no delivery, decode
             # and ack for every other event of every session).
@@ -116,6 +161,8 @@ class LLMService(Service):
         if self.consumer is not None:
             await self.consumer.stop()
         await self.queues.idle()  # sessions answer what they already hold; unacked rest is redelivered
+        if self._deployed is not None:
+            await self._deployed.close()
 
     async def stop(self, timeout: float = 10.0) -> None:
         try:
@@ -128,6 +175,10 @@ class LLMService(Service):
         assert self.consumer is not None
         while True:
             for msg in await self.consumer.next_batch(self.max_inflight):
+                if self.deployments and self._unloaded(msg.subject):
+                    await msg.nak(delay=UNLOADED_RETRY_S)  # another LLM service's, or ours in a moment
+                    self.consumer.release()
+                    continue
                 asked = self._askable(msg)
                 if asked is None:
                     await msg.ack()
@@ -146,6 +197,14 @@ class LLMService(Service):
                 except Exception as exc:  # disconnected: the next beat may get through; redelivery is safe
                     self.log.warning("heartbeat failed", error=repr(exc))
                     break
+
+    def _unloaded(self, subject: str) -> bool:
+        """Whether ``subject`` is a session of a deployed version this process has not loaded (yet)."""
+        try:
+            bot, _ = subjects.parse_events(subject)
+        except ValueError:
+            return False
+        return bot not in self.nets and split_internal(bot) is not None
 
     def _askable(self, msg: Msg) -> Askable | None:
         """The user message or prompt ``msg`` carries, if it is one of our bots'; ``None`` for anything else."""
@@ -245,6 +304,8 @@ class LLMService(Service):
         net = self.nets[key[0]]
         log = self.log.bind(session_id=key[1], message_id=message.id)
         answer_id = reply_id(message.id)
+        if net.handoffs:
+            await self._finish_handoffs(key, conv, message)
         reply = commands.handle(net, message.text)
         if reply is None:
             ask = Ask(message.id, message.text, conv.seq_of(message.id))
@@ -264,11 +325,81 @@ class LLMService(Service):
             await self.events.append(added, msg_id=f"marker:{message.id}:{i}")
             self.stats["markers"] += 1
             log.info("marker added", location=proposed.location, marker_id=added.marker.id)
+        for handoff in reply.handoffs:
+            await self._hand_off(key, conv, message, handoff)
         answer = AgentMessage(id=answer_id, bot=net.bot, session_id=key[1], text=reply.text,
                               reply_to=message.id, cause=message.id, request_id=message.request_id)
         await self.events.append(answer, msg_id=f"reply:{message.id}")
         conv.answered(message.id)
         log.info("answered", markers=len(reply.markers))
+
+    async def _hand_off(self, key: Key, conv: Conversation, message: UserMessage, proposed: ProposedHandoff) -> None:
+        """Hand the conversation over to ``proposed.bot``: open its session, then say so here."""
+        if proposed.bot in conv.handoffs.get(message.id, {}):
+            return  # made while an earlier try answered this message
+        event_id, target = handoff_ids(key[0], key[1], message.id, proposed.bot)
+        handed = HandedOff(id=event_id, bot=key[0], session_id=key[1], cause=message.id,
+                           request_id=message.request_id, actor=message.actor, target_bot=proposed.bot,
+                           target_session=target, request=proposed.request)
+        await self._open_target(conv, message, handed)
+        await self._say_handed(key, conv, handed)
+
+    async def _finish_handoffs(self, key: Key, conv: Conversation, message: UserMessage) -> None:
+        """An earlier try that opened a target session and died before saying so here: say it now (with
+        the request that session was opened with), so the user is told whatever the model does now."""
+        for h in self.nets[key[0]].handoffs:
+            if h.bot in conv.handoffs.get(message.id, {}):
+                continue
+            event_id, target = handoff_ids(key[0], key[1], message.id, h.bot)
+            if await self.events.last_seq(h.bot, target) == 0:
+                continue
+            async for batch in self.events.scan(h.bot, target):
+                request = next((e.text for _, e in batch if isinstance(e, UserMessage) and e.cause == event_id), None)
+                break
+            else:
+                request = None
+            if request is None:
+                continue  # not a session this hand-off opened
+            await self._say_handed(key, conv, HandedOff(
+                id=event_id, bot=key[0], session_id=key[1], cause=message.id, request_id=message.request_id,
+                actor=message.actor, target_bot=h.bot, target_session=target, request=request))
+
+    async def _say_handed(self, key: Key, conv: Conversation, handed: HandedOff) -> None:
+        seq = await self.events.append(handed, msg_id=f"handoff:{handed.cause}:{handed.target_bot}")
+        conv.absorb(await self.events.read(*key, after=conv.state.last_seq, at_least=seq))
+        self.log.info("handed over", session_id=key[1], target_bot=handed.target_bot,
+                      target_session=handed.target_session)
+
+    async def _open_target(self, conv: Conversation, message: UserMessage, handed: HandedOff) -> None:
+        """Open the session ``handed`` names, unless it is open already: ``session_created`` naming this
+        session, the message answered and ``handed`` as its parent, then the request as the user's first
+        message. Its owner is this session's (so whoever may see this one may follow there); who asked
+        (key id, address) comes along."""
+        who = handed.actor
+        owner = conv.state.owner
+        actor = (Actor(owner=owner, key_id=who.key_id if who else None, address=who.address if who else None)
+                 if who is not None or owner is not None else None)
+        bot, target = handed.target_bot, handed.target_session
+        parent = HandoffParent(bot=handed.bot, session_id=handed.session_id, seq=conv.seq_of(message.id),
+                               handoff_id=handed.id)
+        opening: list[_Event] = [
+            SessionCreated(bot=bot, session_id=target, parent=parent, actor=actor, cause=handed.id),
+            UserMessage(bot=bot, session_id=target, text=handed.request, actor=actor, cause=handed.id),
+        ]
+        log = self.log.bind(session_id=handed.session_id, target_bot=bot, target_session=target)
+        if await self.events.last_seq(bot, target) > 0:
+            log.info("handed-over session exists already; not opening it again")
+            return
+        try:
+            await self.events.append_batch(opening, expected_last_seq=0,
+                                           msg_ids=[f"handoff:{target}:0", f"handoff:{target}:1"])
+        except (WrongLastSequence, BusError):
+            # Another process opened it meanwhile: the sequence moved, or the server saw its Msg-Ids.
+            if await self.events.last_seq(bot, target) == 0:
+                raise
+            log.info("handed-over session was opened by another process")
+            return
+        self.stats["handoffs"] += 1
 
     async def _answer_prompt(self, key: Key, conv: Conversation, request: PromptRequest) -> None:
         """A transition's question: the model's answer goes back to it, and to the user when it won't wait."""
@@ -345,7 +476,9 @@ class LLMService(Service):
             )
         except InvalidInput as exc:
             return Reply(f"I could not add that marker: {exc.message}.\n\n{describe.how_to_add(net)}")
-        return Reply(reply.text, markers)
+        # Only to the bots this one names and this service serves (check_handoffs made sure of both at start).
+        handoffs = tuple(h for h in reply.handoffs if net.handoff(h.bot) is not None and h.bot in self.nets)
+        return Reply(reply.text, markers, handoffs)
 
     async def _give_up(self, asked: Askable, exc: BaseException) -> None:
         message = (f"I could not answer your message ({type(exc).__name__}). Please send it again in a moment."

@@ -6,7 +6,8 @@
 - ``turns``: the transcript the model reads: what the user said, and what was said back to them;
 - ``notes``: what happened in the net meanwhile (markers added, transitions finished or failed, a
   transition's words and questions), one line each, for the system prompt;
-- which user messages and transition prompts still wait for an answer, in log order.
+- which user messages and transition prompts still wait for an answer, in log order;
+- the hand-offs made while answering each user message (so a retried answer makes none twice).
 
 Because it is only a fold, a restarted (or a second) LLM service that reads the same log carries on
 the same conversation. Locations and transitions with ``expose=False`` never appear in a note.
@@ -24,10 +25,12 @@ from petribus.core import SessionState, apply
 from petribus.events import (
     AgentMessage,
     ErrorEvent,
+    HandedOff,
     Marker,
     MarkerAdded,
     PromptRequest,
     PromptResponse,
+    SessionCreated,
     SessionForked,
     TransitionCompleted,
     TransitionFailed,
@@ -70,6 +73,8 @@ class Conversation:
     unanswered: OrderedDict[str, Askable] = field(default_factory=OrderedDict)  # log order
     markers: dict[str, int] = field(default_factory=dict)  # user message id -> markers added for it
     shown: dict[str, str] = field(default_factory=dict)  # prompt id -> reply already shown to the user
+    # user message id -> target bot -> (seq, event) of the hand-offs made while answering it
+    handoffs: dict[str, dict[str, tuple[int, HandedOff]]] = field(default_factory=dict)
 
     def absorb(self, events: Iterable[tuple[int, _Event]]) -> None:
         for seq, event in events:
@@ -125,6 +130,15 @@ class Conversation:
                     self.turns.append(Turn(role, turn.text, seq, seq + i / (len(event.chat) + 1)))
                 self._note(seq, f"this session continues session {event.source_session} as of its step "
                                 f"{event.source_seq}")
+            case HandedOff():
+                if event.cause:
+                    self.handoffs.setdefault(event.cause, {}).setdefault(event.target_bot, (seq, event))
+                self._note(seq, f"you handed the conversation over to the bot {event.target_bot} (its session "
+                                f"{event.target_session}), asking: {event.request}")
+            case SessionCreated() if event.parent is not None and self.state.handed_from == (
+                    event.parent.bot, event.parent.session_id, event.parent.seq):
+                self._note(seq, f"the bot {event.parent.bot} handed this conversation over to you; the user's "
+                                "request follows")
             case TransitionFailed() if event.final and self._public(event.transition):
                 self._note(seq, f"{event.transition} failed ({event.error}); its inputs went back")
             case _:

@@ -7,7 +7,8 @@ to the SDK: it is not logged, and an endpoint's error text is redacted before it
 Answering a user's message is a small agent loop:
 
 1. The model gets the system prompt, the conversation and the tools (``prompt.py``, ``tools.py``).
-2. Every tool call it makes is checked with the marker's model. Each gets a tool result (accepted,
+2. Every tool call it makes is checked with the marker's model (a ``transfer_to_<bot>`` call proposes
+   a hand-off to that bot instead, at most one per bot). Each gets a tool result (accepted,
    or the validation error) and the model is asked again, so it can correct a bad call or say what it
    did. Bad calls go back at most ``PETRIBUS_LLM_MAX_CORRECTIONS`` times; then the user is told, in
    the reply, what could not be added and why.
@@ -51,7 +52,7 @@ from petribus_llm.errors import (
     endpoint,
     redact,
 )
-from petribus_llm.responder import Ask, OnDelta, ProposedMarker, Reply
+from petribus_llm.responder import Ask, OnDelta, ProposedHandoff, ProposedMarker, Reply
 
 RETRY_STATUSES = {408, 409, 429}
 BACKOFF_S = 0.5
@@ -127,6 +128,7 @@ class OpenAIResponder:
             await self._traced_call(messages, None, speaker)
             return Reply(speaker.text)
         markers: list[ProposedMarker] = []
+        handoffs: list[ProposedHandoff] = []
         corrections = 0
         for _ in range(self.max_corrections + 3):  # a correction round per allowed correction, and room to finish
             done = await self._traced_call(messages, self.tools, speaker)
@@ -137,10 +139,14 @@ class OpenAIResponder:
                 for c in done.calls]})
             failed: list[tools.Rejected] = []
             for call in done.calls:
-                outcome = tools.check(net, call)
+                outcome = tools.check(net, call, ask.text)
                 if isinstance(outcome, tools.Rejected):
                     failed.append(outcome)
                     result = tools.rejected(outcome)
+                elif isinstance(outcome, ProposedHandoff):
+                    if all(h.bot != outcome.bot for h in handoffs):  # one hand-off per bot per message
+                        handoffs.append(outcome)
+                    result = tools.accepted(outcome)
                 else:
                     markers.append(outcome)
                     result = tools.accepted(outcome)
@@ -156,8 +162,11 @@ class OpenAIResponder:
             speaker.paragraph()
         if not speaker.text:  # the model only called tools: say what was done
             added = ", ".join(f"{m.location} {json.dumps(m.data, ensure_ascii=False)}" for m in markers)
-            await speaker.say(f"Added {added}." if markers else "I have nothing to add.")
-        return Reply(speaker.text, tuple(markers))
+            handed = " and ".join(h.bot for h in handoffs)
+            said = " ".join(([f"Added {added}."] if markers else [])
+                            + ([f"I handed your request over to {handed}."] if handoffs else []))
+            await speaker.say(said or "I have nothing to add.")
+        return Reply(speaker.text, tuple(markers), tuple(handoffs))
 
     async def _traced_call(self, messages: list[dict[str, Any]], tool_defs: list[dict[str, Any]] | None,
                            speaker: Speaker) -> Completion:

@@ -66,6 +66,11 @@ def system_prompt(net: Net, conv: Conversation, *, budget: int, before: int,
     locs = describe.exposed_locations(net)
     parts.append("Locations (each is a tool; its arguments are the marker's fields):\n"
                  + ("\n".join(describe.describe_location(loc) for loc in locs) if locs else "  (none)"))
+    if net.handoffs:
+        parts.append("Other bots you can hand the conversation over to, with their tool, when what the user "
+                     "wants is theirs to do and not yours:\n"
+                     + "\n".join(f"  - {h.bot} ({h.tool})" + (f": {h.description}" if h.description else "")
+                                  for h in net.handoffs))
     transitions = describe.exposed_transitions(net)
     if transitions:
         parts.append("Transitions (they fire on their own once their inputs are present):\n"

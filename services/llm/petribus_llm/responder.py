@@ -2,8 +2,8 @@
 
 The service owns the bus (what to answer, exactly once, in order per session); a ``Responder`` owns
 the words. It sees the net, the session's conversation (a fold of its log) and what to answer, an
-``Ask``: a user's message, or a running transition's ``context.prompt``. It returns a ``Reply``: text
-and the markers it proposes. The service validates every proposed marker against the net before
+``Ask``: a user's message, or a running transition's ``context.prompt``. It returns a ``Reply``: text,
+the markers it proposes and the hand-offs to other bots it asks for. The service validates every proposed marker against the net before
 anything enters the log, so a responder (a model) can never put an invalid marker there. A responder
 that cannot answer raises an ``LLMError``; the service turns it into one ``error`` event.
 
@@ -42,11 +42,21 @@ class ProposedMarker:
 
 
 @dataclass(frozen=True)
+class ProposedHandoff:
+    """A hand-off a responder wants made: a new session of ``bot`` that starts with ``request``."""
+
+    bot: str
+    request: str
+
+
+@dataclass(frozen=True)
 class Reply:
-    """What to say (or, for a prompt, answer), and the markers to add (in order) before saying it."""
+    """What to say (or, for a prompt, answer), and the markers to add (in order) and the hand-offs to
+    make before saying it."""
 
     text: str
     markers: tuple[ProposedMarker, ...] = field(default_factory=tuple)
+    handoffs: tuple[ProposedHandoff, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@ Calling the tool ``UserName`` with ``{"name": "alice"}`` proposes a ``UserName``
 checked with the marker's own model (``Net.validate_marker``) before it counts; a call that fails gets
 a tool result naming the problem, so the model can correct it (``openai_responder`` bounds how often).
 Locations with ``expose=False`` have no tool.
+
+Each bot this one may hand over to (``Bot(handoffs=...)``) is a tool too, ``transfer_to_<bot>``, with
+one argument, ``request``: what that bot is asked. Calling it proposes a hand-off (docs/handoffs.md).
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from petribus.errors import InvalidInput
-from petribus.net import LocationDef, Net
+from petribus.net import Handoff, LocationDef, Net
 
 from petribus_llm import describe
-from petribus_llm.responder import ProposedMarker
+from petribus_llm.responder import ProposedHandoff, ProposedMarker
 
 
 @dataclass(frozen=True)
@@ -51,14 +54,35 @@ def for_net(net: Net) -> list[dict[str, Any]]:
                            "are there. Only use values the user gave.",
             "parameters": schema(loc),
         }})
+    out.extend(handoff_tool(h) for h in net.handoffs)
     return out
 
 
-def check(net: Net, call: ToolCall) -> ProposedMarker | Rejected:
-    """The marker ``call`` proposes, validated; or what is wrong with it, in words the model can act on."""
+def handoff_tool(h: Handoff) -> dict[str, Any]:
+    """The tool that hands the conversation over to ``h.bot``."""
+    what = f" ({h.description})" if h.description else ""
+    return {"type": "function", "function": {
+        "name": h.tool,
+        "description": f"Hand the conversation over to the bot {h.bot}{what}. Use it when what the user "
+                       f"wants is {h.bot}'s to do, not yours: a new session of {h.bot} starts with the "
+                       "request, and the user is told to follow it there.",
+        "parameters": {"type": "object", "properties": {"request": {
+            "type": "string",
+            "description": f"What the user wants from {h.bot}, in the user's words, with every detail they gave."}},
+            "required": ["request"]},
+    }}
+
+
+def check(net: Net, call: ToolCall, asked: str = "") -> ProposedMarker | ProposedHandoff | Rejected:
+    """The marker or hand-off ``call`` proposes, validated; or what is wrong with it, in words the model
+    can act on. ``asked`` (the user's message) is the request of a hand-off whose call gives none."""
+    handoff = next((h for h in net.handoffs if h.tool == call.name), None)
+    if handoff is not None:
+        return _handoff(handoff, call, asked)
     loc = net.locations.get(call.name)
     if loc is None or not loc.expose:
-        names = ", ".join(loc.name for loc in describe.exposed_locations(net)) or "none"
+        names = ", ".join([loc.name for loc in describe.exposed_locations(net)]
+                          + [h.tool for h in net.handoffs]) or "none"
         return Rejected(call, f"there is no tool {call.name!r}; the tools are: {names}")
     try:
         data = json.loads(call.arguments or "{}")
@@ -71,8 +95,27 @@ def check(net: Net, call: ToolCall) -> ProposedMarker | Rejected:
         return Rejected(call, exc.message)
 
 
-def accepted(marker: ProposedMarker) -> str:
+def _handoff(h: Handoff, call: ToolCall, asked: str) -> ProposedHandoff | Rejected:
+    try:
+        data = json.loads(call.arguments or "{}")
+    except json.JSONDecodeError as exc:
+        return Rejected(call, f"the arguments are not valid JSON ({exc.msg} at column {exc.colno}); "
+                              'send {"request": "..."}')
+    request = data.get("request") if isinstance(data, dict) else None
+    if request is not None and not isinstance(request, str):
+        return Rejected(call, "request must be a string: what the user wants from " + h.bot)
+    request = (request or "").strip() or asked.strip()
+    if not request:
+        return Rejected(call, f"request is empty: say what the user wants from {h.bot}")
+    return ProposedHandoff(h.bot, request)
+
+
+def accepted(proposed: ProposedMarker | ProposedHandoff) -> str:
     """The tool result of a call that counts."""
+    if isinstance(proposed, ProposedHandoff):
+        return (f"Accepted: the conversation is handed over to {proposed.bot}, which gets the request; the "
+                "user is told where to follow it. Tell the user briefly, and do not call the tool again.")
+    marker = proposed
     return (f"Accepted: {marker.location} {json.dumps(marker.data, ensure_ascii=False)} will be added to the net. "
             "Do not call the tool again for it.")
 

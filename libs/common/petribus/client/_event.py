@@ -42,6 +42,22 @@ class Event:
             self.value.get("final", True) if isinstance(self.value, dict) else True)
 
     @property
+    def handoff(self) -> tuple[str, str] | None:
+        """For a ``handed_off``: (bot, session id) of the session the conversation went on in
+        (``Session.follow_handoff`` opens it). None otherwise."""
+        if self.type == "handed_off" and isinstance(self.value, dict):
+            return str(self.value["bot"]), str(self.value["session_id"])
+        return None
+
+    @property
+    def parent(self) -> dict[str, Any] | None:
+        """For the ``session_created`` of a handed-over session: where it came from (``bot``,
+        ``session_id``, ``seq`` of the user message whose answer handed over, and ``handoff_id``, the id
+        of the ``handed_off`` event there). None otherwise."""
+        parent = (self.raw.get("metadata") or {}).get("parent")
+        return parent if isinstance(parent, dict) else None
+
+    @property
     def error_code(self) -> str | None:
         """For an ``error``: its stable code (``bus_unavailable``, ``already_answered``...); else None."""
         if self.type == "error" and isinstance(self.value, dict):

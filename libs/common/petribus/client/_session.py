@@ -20,7 +20,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from petribus.client._errors import ClientError, RunFailed, Unavailable
+from petribus.client._errors import ClientError, NotFound, RunFailed, Unavailable
 from petribus.client._event import Event, decode
 from petribus.client._http import Rest, new_key, refusal
 from petribus.client._stream import EventStream, Notice
@@ -318,6 +318,31 @@ class Session:
             body["bot"] = bot
         made = await self.client.rest.call("POST", f"{self.path}/fork", json=body, key=key or new_key())
         return Session(self.client, made.get("bot") or bot or self.bot, made["session_id"])
+
+    async def follow_handoff(self, event: Event | None = None, *, timeout: float = 30.0) -> Session:
+        """The session this one's bot handed the conversation over to (docs/handoffs.md): the one a
+        ``handed_off`` ``event`` names, else the latest hand-off in the log. Waits (up to ``timeout``
+        seconds) until that session exists: it is opened right after the ``handed_off`` lands.
+        ``NotFound`` when there is no hand-off, or its session did not appear in time."""
+        if event is None:
+            found = [e for e in (await self.state()).events if e.handoff is not None]
+            if not found:
+                raise NotFound(f"session {self._id()} of bot {self.bot!r} has not been handed over to another bot")
+            event = found[-1]
+        if event.handoff is None:
+            raise ValueError(f"follow_handoff takes a handed_off event, not a {event.type}")
+        target = Session(self.client, *event.handoff)
+        delay, deadline = 0.05, asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                await target.state(events=False)
+                return target
+            except NotFound:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise NotFound(f"session {target.session_id} of bot {target.bot!r}, which the conversation "
+                                   f"was handed over to, did not appear within {timeout:g}s") from None
+                await asyncio.sleep(delay)  # the handed_off lands just before its session opens
+                delay = min(1.0, delay * 2)
 
     async def halt(self, before: Iterable[str], *, key: str | None = None) -> Event:
         """Hold every new firing of ``before`` for ``accept``/``reject``, as if it were ``confirm=True``.

@@ -115,6 +115,10 @@ class SyncSession:
     def fork(self, at: int, *, bot: str | None = None, key: str | None = None) -> SyncSession:
         return SyncSession(self.owner, self.owner.call(self.session.fork(at, bot=bot, key=key)))
 
+    def follow_handoff(self, event: Event | None = None, *, timeout: float = 30.0) -> SyncSession:
+        """As ``Session.follow_handoff``: the session the conversation was handed over to."""
+        return SyncSession(self.owner, self.owner.call(self.session.follow_handoff(event, timeout=timeout)))
+
     def halt(self, before: Iterable[str], *, key: str | None = None) -> Event:
         return self.owner.call(self.session.halt(before, key=key))
 

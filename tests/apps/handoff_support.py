@@ -1,0 +1,24 @@
+"""Test app for hand-offs (docs/handoffs.md): a support bot that hands refunds over to the billing bot."""
+
+from pydantic import BaseModel
+
+from petribus import Bot, BotLocation, Handoff
+
+
+class Ticket(BaseModel):
+    """A support ticket."""
+
+    topic: str
+
+
+bot = Bot(
+    model="gpt-test",
+    locations=[BotLocation(marker=Ticket)],
+    description="Answers support questions.",
+    handoffs=[Handoff(bot="handoff_billing", description="refunds and invoices")],
+)
+
+
+@bot.transition(inputs={Ticket: 1}, outputs=[], description="Files a ticket.")
+def file_ticket(inputs):
+    return {}
