@@ -12,8 +12,6 @@ from typing import Any
 import httpx
 import pytest
 import websockets
-from pydantic import BaseModel, SecretStr
-
 from petribus import Bot, BotLocation, Handoff, keys
 from petribus.bus import EventLog
 from petribus.core import fold
@@ -31,6 +29,7 @@ from petribus.settings import Settings
 from petribus_llm.app import LLMService, handoff_ids
 from petribus_llm.conversation import Conversation
 from petribus_llm.tools import for_net
+from pydantic import BaseModel, SecretStr
 
 from .conftest import app
 from .harness import Client, Stack
@@ -214,9 +213,8 @@ async def test_a_retried_handoff_finishes_the_first_and_makes_no_second_session(
 
 
 async def test_the_terminal_chat_says_who_took_over_and_follows_there(settings, llm, tmp_path) -> None:
-    from rich.console import Console
-
     from petribus.chat import Chat
+    from rich.console import Console
 
     from .test_chat import Screen, Typist
 
@@ -241,9 +239,7 @@ async def test_the_terminal_chat_says_who_took_over_and_follows_there(settings, 
 
 async def test_handoff_on_a_closed_bus_needs_nothing_the_llm_role_may_not_do(llm, tmp_path) -> None:
     from petribus.bus_auth import Credentials
-    from petribus.embedded import NatsServer
-
-    from petribus.embedded import free_ports
+    from petribus.embedded import NatsServer, free_ports
 
     from .test_bus_auth import _violations
 

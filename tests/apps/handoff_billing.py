@@ -1,8 +1,7 @@
 """Test app for hand-offs (docs/handoffs.md): the billing bot the support bot hands refunds over to."""
 
-from pydantic import BaseModel, Field
-
 from petribus import Bot, BotContext, BotLocation
+from pydantic import BaseModel, Field
 
 
 class Refund(BaseModel):

@@ -1,8 +1,7 @@
 """Test app for hand-offs (docs/handoffs.md): a support bot that hands refunds over to the billing bot."""
 
-from pydantic import BaseModel
-
 from petribus import Bot, BotLocation, Handoff
+from pydantic import BaseModel
 
 
 class Ticket(BaseModel):
