@@ -35,6 +35,7 @@ NATS, not stored) for the gateway to show live; the whole reply then lands in th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -353,11 +354,12 @@ class LLMService(Service):
             event_id, target = handoff_ids(key[0], key[1], message.id, h.bot)
             if await self.events.last_seq(h.bot, target) == 0:
                 continue
-            async for batch in self.events.scan(h.bot, target):
-                request = next((e.text for _, e in batch if isinstance(e, UserMessage) and e.cause == event_id), None)
-                break
-            else:
-                request = None
+            request = None
+            async with contextlib.aclosing(self.events.scan(h.bot, target)) as batches:
+                async for batch in batches:  # its opening is in the first batch
+                    request = next((e.text for _, e in batch if isinstance(e, UserMessage) and e.cause == event_id),
+                                   None)
+                    break
             if request is None:
                 continue  # not a session this hand-off opened
             await self._say_handed(key, conv, HandedOff(
