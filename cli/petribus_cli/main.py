@@ -93,6 +93,11 @@ class LogFormat(StrEnum):
 
 AppsArg = Annotated[list[str], typer.Argument(
     metavar="APP...", help="Bots to run: path/to/app.py:bot or package.module:bot.")]
+OptionalApps = Annotated[list[str] | None, typer.Argument(
+    metavar="[APP...]", help="Bots to run: path/to/app.py:bot or package.module:bot (none with --deployments).")]
+DeploymentsOpt = Annotated[bool, typer.Option(
+    "--deployments", help="Run what `petribus deploy` deployed, every version side by side, picking up new "
+    "ones while running (docs/deployments.md).")]
 NatsUrl = Annotated[str | None, typer.Option(
     "--nats-url", envvar="PETRIBUS_NATS_URL", show_envvar=True,
     help="NATS server URL (comma-separated for a cluster).")]
@@ -371,21 +376,25 @@ async def _stop_quietly(svc: Any) -> None:
 
 
 @app.command()
-def scheduler(apps: AppsArg, nats_url: NatsUrl = None, log_level: LevelOpt = LogLevel.info,
-              log_format: FormatOpt = LogFormat.console) -> None:
+def scheduler(apps: OptionalApps = None, nats_url: NatsUrl = None, log_level: LevelOpt = LogLevel.info,
+              log_format: FormatOpt = LogFormat.console, deployments: DeploymentsOpt = False) -> None:
     """Run a scheduler: folds sessions and fires transitions. Run several for throughput and failover."""
 
     async def start(settings: Settings, nets: list[Net], specs: list[str]) -> None:
-        from petribus_scheduler.app import run
+        from petribus_scheduler.app import Scheduler
 
-        await run(settings, nets)
+        svc = Scheduler(settings, nets)
+        svc.deployments = deployments
+        await svc.run()
+
+    apps = _apps_or_deployments(apps, deployments)
 
     _service(start, apps, "scheduler", nats_url=nats_url, log_level=log_level.value, log_format=log_format.value)
 
 
 @app.command()
 def executor(
-    apps: AppsArg, nats_url: NatsUrl = None,
+    apps: OptionalApps = None, nats_url: NatsUrl = None,
     pool: Annotated[list[str] | None, typer.Option(
         "--pool", help="A pool to serve (repeatable): cpu, gpu, gpu-a10g, or a name of your own. Default: "
         "$PETRIBUS_POOL, else cpu, plus gpu and gpu-<type> on a machine with GPUs.")] = None,
@@ -396,47 +405,63 @@ def executor(
         "--label", help="key=value, shown in GET /pools (repeatable; also $PETRIBUS_LABELS).")] = None,
     workers: WorkersOpt = None, worker_concurrency: ConcurrencyOpt = None,
     log_level: LevelOpt = LogLevel.info, log_format: FormatOpt = LogFormat.console,
+    scoped: Annotated[bool, typer.Option(
+        "--scoped", hidden=True, help="Take only this one bot's work, on consumers of its own (how "
+        "--deployments runs each version).")] = False,
+    deployments: DeploymentsOpt = False,
 ) -> None:
     """Run an executor: runs transitions of its pools in sandboxes. Add more to add throughput."""
 
     async def start(settings: Settings, nets: list[Net], specs: list[str]) -> None:
         from petribus_executor.app import Executor, parse_labels
 
+        if deployments:
+            from petribus_executor.deployed import DeployedExecutors
+
+            await DeployedExecutors(settings, pools=pool, labels=label).run()
+            return
         try:
-            svc = Executor(settings, specs, pools=pool, labels=parse_labels(label))
+            svc = Executor(settings, specs, pools=pool, labels=parse_labels(label), scoped=scoped)
         except PetribusError as exc:
             raise CliError(exc.message, EXIT_BAD_APP) from None
         await svc.run()
 
+    apps = _apps_or_deployments(apps, deployments)
     _service(start, apps, "executor", nats_url=nats_url, gpus=gpus, workers=workers,
              worker_concurrency=worker_concurrency, log_level=log_level.value, log_format=log_format.value)
 
 
 @app.command()
-def gateway(apps: AppsArg, nats_url: NatsUrl = None, host: HostOpt = "127.0.0.1", port: PortOpt = 8000,
+def gateway(apps: OptionalApps = None, nats_url: NatsUrl = None, host: HostOpt = "127.0.0.1", port: PortOpt = 8000,
             insecure: InsecureOpt = False, log_level: LevelOpt = LogLevel.info,
-            log_format: FormatOpt = LogFormat.console) -> None:
+            log_format: FormatOpt = LogFormat.console, deployments: DeploymentsOpt = False) -> None:
     """Run a gateway: WebSocket sessions and the REST API."""
 
     async def start(settings: Settings, nets: list[Net], specs: list[str]) -> None:
-        from petribus_gateway.app import run
+        from petribus_gateway.app import Gateway
 
-        await run(settings, nets)
+        svc = Gateway(settings, nets)
+        svc.deployments = deployments
+        await svc.run()
 
+    apps = _apps_or_deployments(apps, deployments)
     _service(start, apps, "gateway", nats_url=nats_url, host=host, port=port, insecure=insecure or None,
              log_level=log_level.value, log_format=log_format.value)
 
 
 @app.command()
-def llm(apps: AppsArg, nats_url: NatsUrl = None, log_level: LevelOpt = LogLevel.info,
-        log_format: FormatOpt = LogFormat.console) -> None:
+def llm(apps: OptionalApps = None, nats_url: NatsUrl = None, log_level: LevelOpt = LogLevel.info,
+        log_format: FormatOpt = LogFormat.console, deployments: DeploymentsOpt = False) -> None:
     """Run an LLM service: answers user messages (offline until a model is configured)."""
 
     async def start(settings: Settings, nets: list[Net], specs: list[str]) -> None:
-        from petribus_llm.app import run
+        from petribus_llm.app import LLMService
 
-        await run(settings, nets)
+        svc = LLMService(settings, nets)
+        svc.deployments = deployments
+        await svc.run()
 
+    apps = _apps_or_deployments(apps, deployments)
     _service(start, apps, "llm", nats_url=nats_url, log_level=log_level.value, log_format=log_format.value)
 
 
@@ -514,6 +539,14 @@ def _run(body: Callable[[], int]) -> None:
     except KeyboardInterrupt:
         code = 130
     raise typer.Exit(code)
+
+
+def _apps_or_deployments(apps: list[str] | None, deployments: bool) -> list[str]:
+    """The apps named, or none with ``--deployments``; one of the two, with a message saying so."""
+    if not apps and not deployments:
+        _error("name the app(s) to run, as path/to/app.py:bot, or run what is deployed with --deployments")
+        raise typer.Exit(EXIT_BAD_APP)
+    return list(apps or [])
 
 
 def _error(message: str) -> None:

@@ -71,10 +71,15 @@ def _noting_env() -> Iterator[None]:
 
 
 def load_bot(spec: str) -> Bot:
-    """Import the module named by ``spec`` and return its ``Bot``. A bot with no name takes the file's stem."""
+    """Import the module named by ``spec`` and return its ``Bot``. A bot with no name takes the file's stem.
+
+    ``path/app.py:bot@NAME`` runs the bot under the name NAME whatever its code calls it: a deployed
+    version runs as ``<deployment>--<version>`` (``petribus.deploy``), in every process that loads it,
+    the executor's workers included."""
     module_part, _, attr = spec.rpartition(":")
     if not module_part:
         module_part, attr = spec, "bot"
+    attr, _, renamed = attr.partition("@")
     path = Path(module_part)
     try:
         if module_part.endswith(".py") or path.exists():
@@ -115,7 +120,9 @@ def load_bot(spec: str) -> Bot:
             f"{spec!r}: {attr!r} is {type(bot).__name__ if bot is not None else 'missing'}, not a petribus Bot; "
             "write APP.py:NAME where NAME = Bot(...)"
         )
-    if bot.name is None:
+    if renamed:
+        bot.name = renamed
+    elif bot.name is None:
         bot.name = stem
     return bot
 

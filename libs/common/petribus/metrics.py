@@ -229,7 +229,8 @@ def _consumers(svc: Any) -> list[tuple[str, str]]:
     if name == "llm":
         return [(subjects.EVENTS_STREAM, subjects.LLM_DURABLE)]
     if name == "executor":
-        return [(subjects.WORK_STREAM, subjects.executor_durable(p)) for p in getattr(svc, "pools", [])]
+        return [(subjects.WORK_STREAM, subjects.executor_durable(p, getattr(svc, "scope", None)))
+                for p in getattr(svc, "pools", [])]
     return []
 
 

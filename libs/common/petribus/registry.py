@@ -90,6 +90,7 @@ class ExecutorInfo(BaseModel):
     load: dict[str, PoolLoad] = Field(default_factory=dict, description="Per pool: capacity and what it holds.")
     running: int = Field(default=0, description="Firings it holds now, every pool together.")
     version: str = ""
+    bots: list[str] = Field(default_factory=list, description="The bots whose work it runs (their nets loaded).")
     host: str = ""
     pid: int = 0
     started_at: float = 0.0

@@ -77,13 +77,20 @@ def session_work(bot: str, session_id: str) -> str:
     return f"{WORK_PREFIX}.*.{bot}.{session_id}.*"
 
 
-def executor_durable(pool: str) -> str:
-    return f"executor-{pool}"
+def executor_durable(pool: str, bot: str | None = None) -> str:
+    """A pool's shared consumer; with ``bot``, the consumer of that bot's work in the pool only (the
+    executors of one deployed version: ``petribus executor --deployments``)."""
+    return f"executor-{pool}" if bot is None else f"executor-{pool}~{bot}"
+
+
+def bot_work(pool: str, bot: str) -> str:
+    """Every work item of one bot in one pool: the filter of a bot's own consumer."""
+    return f"{WORK_PREFIX}.{pool}.{bot}.>"
 
 
 def pool_of_durable(durable: str) -> str | None:
-    """``executor-<pool>`` -> the pool; None for any other consumer."""
-    return durable.removeprefix("executor-") if durable.startswith("executor-") else None
+    """``executor-<pool>`` or ``executor-<pool>~<bot>`` -> the pool; None for any other consumer."""
+    return durable.removeprefix("executor-").split("~", 1)[0] if durable.startswith("executor-") else None
 
 
 def all_work() -> str:

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="warm worker processes (default: $PETRIBUS_WORKERS or 16)")
     parser.add_argument("--instance",
                         help="this executor's id in the log (default: executor-POOL@HOST:PID.RANDOM)")
+    parser.add_argument("--scoped", action="store_true",
+                        help="take only this one bot's work, on consumers of its own (a deployed version)")
     parser.add_argument("--lifeline", action="store_true",
                         help="run as a child: say 'ready' on stdout when serving, stop when stdin ends")
     args = parser.parse_args(argv)
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure(settings.log_level, settings.log_format)
     try:
         labels = parse_labels(args.labels)
-        executor = Executor(settings, args.apps, pools=args.pools, labels=labels, instance=args.instance)
+        executor = Executor(settings, args.apps, pools=args.pools, labels=labels, instance=args.instance,
+                            scoped=args.scoped)
     except PetribusError as exc:
         parser.exit(2, f"error: {exc.message}\n")
     if args.lifeline:

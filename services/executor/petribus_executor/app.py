@@ -52,7 +52,8 @@ class Executor(Service):
 
     def __init__(self, settings: Settings, apps: list[str], *, pool: str | None = None,
                  pools: list[str] | None = None, labels: dict[str, str] | None = None,
-                 devices: list[Device] | None = None, instance: str | None = None) -> None:
+                 devices: list[Device] | None = None, instance: str | None = None,
+                 scoped: bool = False) -> None:
         super().__init__(settings)
         self.apps = list(apps)
         nets = [load_bot(spec).net() for spec in self.apps]
@@ -65,7 +66,12 @@ class Executor(Service):
         self.instance = instance or (
             f"executor-{'+'.join(self.pools)}@{socket.gethostname()}:{os.getpid()}.{uuid.uuid4().hex[:6]}"
         )
-        self.durable = subjects.executor_durable(self.pool)
+        # Scoped: this executor's consumers take only its bots' work (one per pool and bot), as the
+        # executors of one deployed version do; otherwise one consumer per pool, shared by every bot.
+        if scoped and len(self.nets) != 1:
+            raise ValueError(f"a scoped executor runs exactly one bot, not {sorted(self.nets)}")
+        self.scope = next(iter(self.nets)) if scoped else None
+        self.durable = subjects.executor_durable(self.pool, self.scope)
         self.log = self.log.bind(instance=self.instance, pool=",".join(self.pools))
         self.workers: WorkerPool | None = None
         self.consumers: dict[str, PullConsumer] = {}
@@ -105,7 +111,7 @@ class Executor(Service):
                                  replicas=self.settings.replicas)
         await self.reporter.start()
         for pool in self.pools:
-            consumer = PullConsumer(nc, subjects.WORK_STREAM, subjects.executor_durable(pool),
+            consumer = PullConsumer(nc, subjects.WORK_STREAM, subjects.executor_durable(pool, self.scope),
                                     max_inflight=self._credits(pool),
                                     ensure=lambda pool=pool: self._ensure_consumer(pool))
             await consumer.start()
@@ -131,7 +137,8 @@ class Executor(Service):
         await self.js.add_consumer(
             subjects.WORK_STREAM,
             ConsumerConfig(
-                durable_name=subjects.executor_durable(pool), filter_subject=subjects.work(pool),
+                durable_name=subjects.executor_durable(pool, self.scope),
+                filter_subject=subjects.work(pool) if self.scope is None else subjects.bot_work(pool, self.scope),
                 ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.ack_wait_s, max_deliver=-1,
                 # Every executor of the pool together may hold this many (JetStream's default is 1,000).
                 max_ack_pending=100_000,
@@ -159,7 +166,8 @@ class Executor(Service):
             instance=self.instance, pools=list(self.pools), labels=dict(self.labels),
             devices=[DeviceInfo(**d) for d in self.devices.describe()], workers=self.settings.workers,
             load={p: PoolLoad(capacity=self._credits(p), running=self.held[p]) for p in self.pools},
-            running=len(self._firings), version=petribus.__version__, host=socket.gethostname(),
+            running=len(self._firings), version=petribus.__version__, bots=sorted(self.nets),
+            host=socket.gethostname(),
             pid=os.getpid(), started_at=self._started_at,
         )
 

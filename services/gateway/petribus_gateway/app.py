@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator, Callable, Generator, Iterable
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -119,6 +121,12 @@ class Gateway(Service):
         self._server: _Server | None = None
         self._serving: asyncio.Task[None] | None = None
         self.keys: KeyStore | None = None
+        self.deployments = False  # run what is deployed (``--deployments``): petribus_gateway.deployments
+        self._deployed: list[Any] = []  # what follows the deployments, closed at stop
+
+    def add_net(self, net: Net) -> None:
+        """Serve ``net`` too, from now on (a deployed version loaded while running)."""
+        self.nets[net.bot] = net
 
     async def start(self) -> None:
         try:
@@ -137,6 +145,8 @@ class Gateway(Service):
         ctx = GatewayContext(self.settings, self.nets, nc, EventLog(nc, outage_s=outage_s), outage_s=outage_s,
                              keys=self.keys)
         self.app = create_app(ctx, on_ready=ready.set)
+        if self.deployments:
+            await self._follow_deployments(nc)
         sock = _listen(self.settings.host, self.settings.port)
         self.url = f"http://{_url_host(self.settings.host)}:{sock.getsockname()[1]}"
         config = uvicorn.Config(
@@ -155,6 +165,24 @@ class Gateway(Service):
             raise exc or PetribusError(f"the gateway stopped while starting on {self.url}",
                                        code="gateway_start")
         self.log.info("gateway listening", url=self.url, bots=sorted(self.nets), keys_required=ctx.auth.required())
+
+    async def _follow_deployments(self, nc: Any) -> None:
+        from petribus.deployed import Reports, follow
+        from petribus.registry import Registry
+
+        from petribus_gateway.deployments import DeploymentRoutes, Routing
+
+        deployed = await follow(nc, role="gateway", instance=f"gateway@{socket.gethostname()}:{os.getpid()}",
+                                data_dir=self.settings.data_dir, add_net=self.add_net,
+                                replicas=self.settings.replicas)
+        reports = Reports(nc, replicas=self.settings.replicas)
+        await reports.start()
+        registry = await Registry(nc.jetstream(), heartbeat_s=self.settings.registry_heartbeat_s,
+                                  replicas=self.settings.replicas).watch()
+        self._deployed = [deployed, reports, registry]
+        assert self.app is not None
+        self.app.add_middleware(DeploymentRoutes, routing=Routing(nc.jetstream(), deployed.catalog, reports,
+                                                                  registry, self.nets))
 
     def _check_exposure(self, keys: KeyStore) -> None:
         """Refuse to listen where other machines reach the gateway while no key exists: every session of
@@ -186,6 +214,8 @@ class Gateway(Service):
             await asyncio.wait({self._serving})
         if self.keys is not None:
             await self.keys.close()
+        for part in self._deployed:
+            await (part.close() if hasattr(part, "close") else part.stop())
 
 
 def _listen(host: str, port: int) -> socket.socket:

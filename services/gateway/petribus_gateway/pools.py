@@ -67,8 +67,9 @@ async def overview(js: JetStreamContext, registry: Registry, nets: dict[str, Net
         batch = await js.consumers_info(subjects.WORK_STREAM, offset=offset or None)
         for info in batch:
             pool = subjects.pool_of_durable(info.name)
-            if pool is not None:
-                consumers[pool] = (info.num_pending or 0, info.num_ack_pending or 0)
+            if pool is not None:  # a pool's shared consumer, or its bots' own (deployed versions): summed
+                pending, running = consumers.get(pool, (0, 0))
+                consumers[pool] = (pending + (info.num_pending or 0), running + (info.num_ack_pending or 0))
         offset += len(batch)
         if len(batch) < 256:
             break

@@ -56,7 +56,9 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
-from petribus import deletion, subjects, tracing
+from petribus import deletion, deploy, subjects, tracing
+from petribus.deployed import Deployed
+from petribus.deployed import follow as follow_deployments
 from petribus.bus import MAX_BATCH, EventLog, WrongLastSequence, ensure_event_consumer, on_reconnect
 from petribus.consumer import PullConsumer
 from petribus.core import Firing, PlannedFiring, SessionState, apply, choose_firings, fold
@@ -85,6 +87,7 @@ OPENINGS = ("session_created", "session_forked")  # how a session's log begins (
 IN_FLIGHT = ("claimed", "started")  # a firing whose work item is in PB_WORK (or should be)
 MAX_CONFLICT_RETRIES = 50
 CLAIM_BATCH = MAX_BATCH  # firings claimed by one atomic append: the most the server takes
+UNLOADED_RETRY_S = 1.0  # an event of a deployed version not loaded here yet comes back after this
 SCHEDULER_FAILED = "scheduler_failed"
 ENVELOPE_BYTES = 4096  # room left in max_payload for the subject, the headers and the protocol line
 
@@ -132,9 +135,13 @@ class Scheduler(Service):
     def __init__(self, settings: Settings, nets: Iterable[Net], *, instance: str | None = None,
                  cache_size: int = 10_000, ack_wait_s: float = 30.0) -> None:
         super().__init__(settings)
-        self.nets = {n.bot: n for n in nets}
-        self.shapes = {bot: n.shape() for bot, n in self.nets.items()}
-        self.guarded = {bot for bot, n in self.nets.items() if any(t.when for t in n.transitions)}
+        self.nets: dict[str, Net] = {}
+        self.shapes: dict[str, Any] = {}
+        self.guarded: set[str] = set()
+        for net in nets:
+            self.add_net(net)
+        self.deployments = False  # whether bots are deployed versions, loaded while running (add_net)
+        self.deployed: Deployed | None = None
         self.instance = instance or f"scheduler-{uuid.uuid4().hex[:8]}"
         self.cache_size = cache_size
         self.ack_wait_s = ack_wait_s
@@ -157,10 +164,21 @@ class Scheduler(Service):
         self.queues: SessionQueues[Delivered | LeaseCheck | Revalidate] = SessionQueues(
             self._serve, done=self._done, spawn=self.spawn, log=self.log)
 
+    def add_net(self, net: Net) -> None:
+        """Schedule ``net``'s sessions too, from now on (a deployed version loaded while running)."""
+        self.nets[net.bot] = net
+        self.shapes[net.bot] = net.shape()
+        if any(t.when for t in net.transitions):
+            self.guarded.add(net.bot)
+
     async def start(self) -> None:
         nc = await self.connect()
         self.js = nc.jetstream()
         self.events = EventLog(nc, self.js)
+        if self.deployments:  # every deployed version, before the first event is taken
+            self.deployed = await follow_deployments(nc, role="scheduler", instance=self.instance,
+                                                     data_dir=self.settings.data_dir, add_net=self.add_net,
+                                                     replicas=self.settings.replicas)
         async def ensure() -> None:
             await ensure_event_consumer(self.js, subjects.SCHEDULER_DURABLE, ack_wait_s=self.ack_wait_s)
 
@@ -228,6 +246,8 @@ class Scheduler(Service):
         if self.idle is not None:
             await self.idle.stop()
         await self.tombstones.close()
+        if self.deployed is not None:
+            await self.deployed.close()
 
     async def _receive(self) -> None:
         while True:
@@ -247,7 +267,12 @@ class Scheduler(Service):
                     self.consumer.release()
                     continue
                 if key[0] not in self.nets:
-                    await msg.ack()  # another deployment's bot: not ours to schedule
+                    if self.deployments and deploy.split_internal(key[0]) is not None:
+                        # A deployed version this process has not loaded yet: another scheduler's, or ours
+                        # in a moment. Not ours to drop.
+                        await msg.nak(delay=UNLOADED_RETRY_S)
+                    else:
+                        await msg.ack()  # another deployment's bot: not ours to schedule
                     self.consumer.release()
                     continue
                 self.queues.put(key, Delivered(msg, self.epoch))

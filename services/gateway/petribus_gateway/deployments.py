@@ -1,0 +1,193 @@
+"""The gateway under ``--deployments``: which version a request goes to.
+
+Every deployed version is loaded here as its own bot, ``<name>--<version>`` (``petribus.deployed``). Callers
+name the deployment, not the version:
+
+- ``/bots/{name}/...`` means the default environment (``petribus.deploy.DEFAULT_ENV``);
+  ``/envs/{env}/bots/{name}/...`` another one. The path is rewritten to the version's own bot before
+  routing, so every route, the WebSocket and the files work as they do for a plain bot; so does naming a
+  version directly (``/bots/{name}--{version}/...``).
+- **A new session** (``POST /bots/{name}/sessions``, a WebSocket without ``session_id``) goes to the
+  environment's active version once it is ready (``petribus.deployed.readiness``). Until then it goes to
+  the version active before it that is ready (blue-green), and when none is: 503 ``version_not_ready``
+  saying what it waits for, or, for a version a service could not load, why.
+- **An existing session** (a path with its id, or ``?session_id=``) stays on the version it started on,
+  whatever is active now: the version is read from the session's own subjects, once, and remembered.
+- A **deactivated** deployment refuses new sessions with 409 ``deployment_deactivated`` (WebSocket close
+  4409); its existing sessions run on to their end. ``petribus activate`` or ``rollback`` undo it.
+- The environment's policy ``authorized`` (when set) is the bot's ``authorized`` in that environment.
+- ``GET /bots/{name}`` describes the version a new session would get; ``GET /bots/{name}/sessions``
+  lists the caller's sessions of that version.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from petribus import subjects
+from petribus.deploy import DEFAULT_ENV, Catalog, Deployment, split_internal
+from petribus.deployed import Reports, readiness
+from petribus.errors import PetribusError
+from petribus.registry import RegistryView
+
+ROUTED = re.compile(r"^(?:/envs/(?P<env>[^/]+))?/bots/(?P<name>[^/]+)(?P<rest>(?:/.*)?)$")
+SESSION = re.compile(r"^/sessions/(?P<sid>[^/]+)")
+CLOSE_DEACTIVATED = 4409
+CLOSE_NOT_FOUND = 4404
+CLOSE_TRY_AGAIN = 1013
+SESSIONS_REMEMBERED = 100_000
+
+
+class Routing:
+    """Which internal bot serves a deployment's new sessions in an environment, and which one an existing
+    session is on."""
+
+    def __init__(self, js: JetStreamContext, catalog: Catalog, reports: Reports, registry: RegistryView,
+                 served: dict[str, Any]) -> None:
+        self.js = js
+        self.catalog = catalog
+        self.reports = reports
+        self.registry = registry
+        self.served = served  # the gateway's nets by bot: the versions loaded here
+        self.sessions: OrderedDict[tuple[str, str], str] = OrderedDict()  # (name, session) -> bot
+
+    def deployment(self, env: str, name: str) -> Deployment:
+        dep = self.catalog.deployments().get((env, name))
+        if dep is None or dep.active is None:
+            where = sorted(n for (e, n) in self.catalog.deployments() if e == env)
+            raise PetribusError(f"no deployment {name!r} in environment {env!r} (there: {where}); deploy it "
+                                f"with `petribus deploy APP --name {name} --env {env}`", code="unknown_bot")
+        return dep
+
+    def for_new(self, env: str, name: str) -> str:
+        """The bot a new session of ``name`` in ``env`` goes to."""
+        dep = self.deployment(env, name)
+        if dep.state != "active":
+            raise PetribusError(f"deployment {name!r} is deactivated in environment {env!r}: it takes no new "
+                                f"sessions (existing ones run on); `petribus activate {name} --env {env}` "
+                                "undoes it", code="deployment_deactivated")
+        why = ""
+        for version in self._candidates(dep):
+            ok, reason = self.ready(version)
+            if ok:
+                return self.catalog.versions()[version].bot
+            why = why or f"version {version}: {reason}"
+        raise PetribusError(f"no version of {name!r} in {env!r} is ready for new sessions yet ({why}); try "
+                            "again shortly", code="version_not_ready")
+
+    def _candidates(self, dep: Deployment) -> list[str]:
+        """The active version, then those active before it, newest first (each once)."""
+        seen: list[str] = [dep.active] if dep.active else []
+        for entry in reversed(dep.history):
+            if entry.version and entry.version not in seen and entry.action in ("deploy", "release", "rollback"):
+                seen.append(entry.version)
+        return seen
+
+    def ready(self, version: str) -> tuple[bool, str]:
+        record = self.catalog.versions().get(version)
+        if record is None:
+            return False, "its record is not here yet"
+        ok, why = readiness(record, self.reports.of(version), self.registry.executors())
+        if ok and record.bot not in self.served:
+            return False, "waiting for this gateway to load it"
+        return ok, why
+
+    async def of_session(self, name: str, session_id: str) -> str | None:
+        """The bot (version) an existing session of ``name`` is on; None when there is no such session."""
+        key = (name, session_id)
+        if key in self.sessions:
+            self.sessions.move_to_end(key)
+            return self.sessions[key]
+        try:
+            info = await self.js.stream_info(subjects.EVENTS_STREAM,
+                                             subjects_filter=subjects.event("*", session_id, "*"))
+        except NotFoundError:
+            return None
+        for subject in (info.state.subjects or {}):
+            bot, _ = subjects.parse_events(subject)
+            if (split_internal(bot) or ("", ""))[0] == name:
+                self.sessions[key] = bot
+                while len(self.sessions) > SESSIONS_REMEMBERED:
+                    self.sessions.popitem(last=False)
+                return bot
+        return None
+
+    def authorized(self, env: str, name: str) -> bool | None:
+        dep = self.catalog.deployments().get((env, name))
+        return None if dep is None else dep.policies.authorized
+
+
+class DeploymentRoutes:
+    """ASGI middleware: rewrites ``[/envs/{env}]/bots/{name}/...`` to the version's own bot (see above)."""
+
+    def __init__(self, app: Any, routing: Routing) -> None:
+        self.app = app
+        self.routing = routing
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        match = ROUTED.match(scope["path"])
+        if match is None:
+            return await self.app(scope, receive, send)
+        env, name, rest = match["env"], match["name"], match["rest"]
+        if env is None and (name in self.routing.served or split_internal(name) is not None):
+            return await self.app(scope, receive, send)  # a version named directly, or a plain bot
+        env = env or DEFAULT_ENV
+        try:
+            bot = await self._bot(scope, env, name, rest)
+        except PetribusError as exc:
+            return await _refuse(scope, receive, send, exc)
+        path = f"/bots/{bot}{rest}"
+        scope = {**scope, "path": path, "raw_path": path.encode(),
+                 "state": {**scope.get("state", {}), "petribus_env": env,
+                           "petribus_authorized": self.routing.authorized(env, name)}}
+        return await self.app(scope, receive, send)
+
+    async def _bot(self, scope: dict[str, Any], env: str, name: str, rest: str) -> str:
+        session = SESSION.match(rest)
+        session_id = session["sid"] if session else _query(scope).get("session_id")
+        if session_id:
+            self.routing.deployment(env, name)  # the deployment exists there
+            bot = await self.routing.of_session(name, session_id)
+            if bot is not None:
+                return bot
+            # No such session: the active version answers it (404, as for any unknown session).
+            return self.routing.catalog.versions()[self.routing.deployment(env, name).active].bot
+        if scope["type"] == "http" and scope.get("method") == "GET" and rest.startswith("/sessions"):
+            return self.routing.catalog.versions()[self.routing.deployment(env, name).active].bot
+        return self.routing.for_new(env, name)
+
+
+def _query(scope: dict[str, Any]) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl((scope.get("query_string") or b"").decode()))
+
+
+STATUS = {"unknown_bot": 404, "deployment_deactivated": 409, "version_not_ready": 503}
+CLOSE = {"unknown_bot": CLOSE_NOT_FOUND, "deployment_deactivated": CLOSE_DEACTIVATED,
+         "version_not_ready": CLOSE_TRY_AGAIN}
+
+
+async def _refuse(scope: dict[str, Any], receive: Any, send: Any, exc: PetribusError) -> None:
+    body = {"code": exc.code, "message": exc.message}
+    if scope["type"] == "http":
+        data = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        if exc.code == "version_not_ready":
+            headers.append((b"retry-after", b"2"))
+        await send({"type": "http.response.start", "status": STATUS.get(exc.code, 400), "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+        return
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})  # then refuse: a close in the handshake is a bare 403
+    await send({"type": "websocket.send", "text": json.dumps({"type": "error", "value": body})})
+    reason = exc.message if len(exc.message.encode()) <= 123 else exc.code
+    await send({"type": "websocket.close", "code": CLOSE.get(exc.code, 4400), "reason": reason})

@@ -1,0 +1,239 @@
+"""Services under ``--deployments`` (issue 14): what ``petribus deploy`` stored runs, versions side by side.
+
+Real parts: a nats-server, the scheduler, LLM service and gateway in this process with ``deployments`` on,
+and ``DeployedExecutors``, which starts a real executor process per version. The app's two versions differ
+in one line (what their transition writes), so every output says which code ran it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+from pathlib import Path
+
+import httpx
+import websockets
+
+from petribus import deploy, subjects
+from petribus.settings import Settings
+from petribus_executor.deployed import DeployedExecutors
+from petribus_gateway.app import Gateway
+from petribus_llm.app import LLMService
+from petribus_scheduler.app import Scheduler
+
+from .harness import Client
+
+APP = '''
+from pydantic import BaseModel
+from petribus import Bot, BotLocation
+
+
+class Order(BaseModel):
+    item: str
+
+
+class Shipped(BaseModel):
+    item: str
+    by: str
+
+
+bot = Bot(name="shop", locations=[BotLocation(marker=Order), BotLocation(marker=Shipped)],
+          description="ships orders")
+
+
+@bot.transition(inputs={{Order: 1}}, outputs=[Shipped], description="ships an order"{pool})
+def ship(inputs):
+    {extra}return {{Shipped: [Shipped(item=inputs[Order][0].item, by="{tag}")]}}
+'''
+
+
+def write_app(folder: Path, tag: str, *, pool: str | None = None, extra: str = "") -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "shop.py").write_text(textwrap.dedent(APP).format(
+        tag=tag, pool=f", pool={pool!r}" if pool else "", extra=extra))
+    return f"{folder / 'shop.py'}:bot"
+
+
+async def _order(client: Client, item: str) -> dict:
+    """Order ``item`` and return the ``Shipped`` marker its firing output."""
+    await client.send({"type": "marker_added", "value": {"location": "Order", "data": {"item": item}}})
+
+    def outcome(e: dict) -> bool:
+        if e["type"] == "transition_failed":
+            return True
+        return e["type"] == "transition_completed" and e["value"]["outputs"][0]["data"]["item"] == item
+
+    done = await client.until(outcome, timeout=60)
+    assert done["type"] == "transition_completed", done
+    [out] = done["value"]["outputs"]
+    return out["data"]
+
+
+async def _new_session(js, url: str) -> tuple[Client, str, str]:
+    """A new session over the WebSocket: the client, the session id, and the bot (version) whose subjects
+    hold its log, read from the stream itself."""
+    client = await Client.connect(url)
+    created = await client.until(lambda e: e["type"] == "session_created")
+    return client, created["value"], await _bot_of(js, created["value"])
+
+
+async def _bot_of(js, session_id: str) -> str:
+    info = await js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subjects.event("*", session_id, "*"))
+    bots = {subjects.parse_events(s)[0] for s in info.state.subjects or {}}
+    assert len(bots) == 1, bots
+    return bots.pop()
+
+
+async def _wait_ready(js, version: str, gateway: Gateway, *, timeout: float = 60.0) -> None:
+    """Until the gateway's routing sees ``version`` ready (every part loaded it)."""
+    routing = _routing(gateway)
+    for _ in range(int(timeout * 10)):
+        ok, _why = routing.ready(version)
+        if ok:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"version {version} never ready: {routing.ready(version)}")
+
+
+def _routing(gateway: Gateway):
+    for middleware in gateway.app.user_middleware:
+        if "routing" in middleware.kwargs:
+            return middleware.kwargs["routing"]
+    raise AssertionError("the gateway has no deployment routing")
+
+
+async def test_versions_run_side_by_side_blue_green_deactivate_rollback_and_envs(
+        settings: Settings, nc, tmp_path: Path) -> None:
+    js = nc.jetstream()
+    v1, _ = await deploy.deploy(js, write_app(tmp_path / "v1", "v1"), "shop")
+    assert v1.bot == f"shop--{v1.version}"
+
+    scheduler, llm, gateway = Scheduler(settings, []), LLMService(settings, []), Gateway(settings, [])
+    for service in (scheduler, llm, gateway):
+        service.deployments = True
+    cpu = DeployedExecutors(settings, pools=["cpu"])
+    big: DeployedExecutors | None = None
+    await cpu.start()
+    for service in (scheduler, llm, gateway):
+        await service.start()
+    try:
+        ws = gateway.url.replace("http", "ws", 1)
+        await _wait_ready(js, v1.version, gateway)
+
+        # A new session goes to the active version and runs its code; its events name the version.
+        old, old_id, bot = await _new_session(js, f"{ws}/bots/shop/ws")
+        assert bot == v1.bot
+        assert await _order(old, "apple") == {"item": "apple", "by": "v1"}
+
+        # v2 needs a pool no executor serves yet: it is active, but not ready, so new sessions stay on v1.
+        v2, dep = await deploy.deploy(js, write_app(tmp_path / "v2", "v2", pool="big"), "shop")
+        assert dep.active == v2.version and v2.version != v1.version
+        routing = _routing(gateway)
+        for _ in range(100):
+            if v2.bot in gateway.nets:
+                break
+            await asyncio.sleep(0.1)
+        ok, why = routing.ready(v2.version)
+        assert not ok and "executor of pool 'big'" in why, why
+        waiting, _, bot = await _new_session(js, f"{ws}/bots/shop/ws")
+        assert bot == v1.bot  # blue-green: the old version until the new one is ready
+        await waiting.close()
+
+        big = DeployedExecutors(settings, pools=["big"])
+        await big.start()
+        await _wait_ready(js, v2.version, gateway)
+        new, _, bot = await _new_session(js, f"{ws}/bots/shop/ws")
+        assert bot == v2.bot
+        assert await _order(new, "pear") == {"item": "pear", "by": "v2"}
+        # The first session is pinned to v1: its next firing still runs v1's code.
+        assert await _order(old, "plum") == {"item": "plum", "by": "v1"}
+        await old.close()
+        again = await Client.connect(f"{ws}/bots/shop/ws?session_id={old_id}&since=0")
+        assert (await again.until(lambda e: e["type"] == "session_created"))["value"] == old_id
+        assert await _order(again, "date") == {"item": "date", "by": "v1"}  # reconnected: still v1
+        await again.close()
+
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+            # REST by deployment name: the session's own version answers.
+            detail = await http.get(f"/bots/shop/sessions/{old_id}")
+            assert detail.status_code == 200, detail.text
+            assert [m["data"]["by"] for m in detail.json()["marking"].get("Shipped", [])] == ["v1"] * 3
+
+            # Deactivated: no new session (REST 409, WebSocket 4409); existing sessions run on.
+            await deploy.deactivate(js, "shop", actor="test")
+            await _until(lambda: routing.catalog.deployments()[("default", "shop")].state == "deactivated")
+            refused = await http.post("/bots/shop/sessions")
+            assert refused.status_code == 409 and refused.json()["code"] == "deployment_deactivated"
+            async with websockets.connect(f"{ws}/bots/shop/ws") as sock:
+                error = json.loads(await sock.recv())
+                assert error["value"]["code"] == "deployment_deactivated"
+                await sock.wait_closed()
+                assert sock.close_code == 4409
+            assert await _order(new, "fig") == {"item": "fig", "by": "v2"}
+
+            # Activate, then roll back to v1: new sessions run v1 again.
+            await deploy.activate(js, "shop", actor="test")
+            await deploy.rollback(js, "shop", actor="test")
+            await _until(lambda: routing.catalog.deployments()[("default", "shop")].active == v1.version)
+            back, _, bot = await _new_session(js, f"{ws}/bots/shop/ws")
+            assert bot == v1.bot
+            await back.close()
+
+            # Environments: released to prod, served under /envs/prod/; dev has nothing.
+            await deploy.release(js, "shop", src="default", dst="prod", actor="test")
+            await _until(lambda: ("prod", "shop") in routing.catalog.deployments())
+            prod, _, bot = await _new_session(js, f"{ws}/envs/prod/bots/shop/ws")
+            assert bot == v1.bot
+            assert await _order(prod, "kiwi") == {"item": "kiwi", "by": "v1"}
+            await prod.close()
+            missing = await http.post("/envs/dev/bots/shop/sessions")
+            assert missing.status_code == 404 and "no deployment 'shop' in environment 'dev'" in missing.json()["message"]
+        await new.close()
+    finally:
+        for service in (gateway, llm, scheduler):
+            await service.stop()
+        for executors in (cpu, big):
+            if executors is not None:
+                await executors.stop()
+
+
+async def test_a_version_a_service_cannot_load_is_reported_and_gets_no_sessions(
+        settings: Settings, nc, tmp_path: Path, monkeypatch) -> None:
+    js = nc.jetstream()
+    good, _ = await deploy.deploy(js, write_app(tmp_path / "good", "good"), "shop")
+    # Loads where it was deployed; raises where the services load it (a variable only they have).
+    broken_src = write_app(tmp_path / "bad", "bad")
+    path = Path(broken_src.split(":")[0])
+    path.write_text("import os\nif os.environ.get('SHOP_BREAKS'):\n    raise RuntimeError('no database here')\n"
+                    + path.read_text())
+    monkeypatch.setenv("SHOP_BREAKS", "")
+    bad, _ = await deploy.deploy(js, broken_src, "shop")
+    monkeypatch.setenv("SHOP_BREAKS", "1")
+
+    scheduler, llm, gateway = Scheduler(settings, []), LLMService(settings, []), Gateway(settings, [])
+    for service in (scheduler, llm, gateway):
+        service.deployments = True
+    for service in (scheduler, llm, gateway):
+        await service.start()
+    try:
+        routing = _routing(gateway)
+        assert good.bot in scheduler.nets and bad.bot not in scheduler.nets  # the fault happened
+        ok, why = routing.ready(bad.version)
+        assert not ok and why.startswith("failed:") and "no database here" in why, why
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+            # The good version is not ready either (no executor runs here): said so, naming what it waits for.
+            answer = await http.post("/bots/shop/sessions")
+            assert answer.status_code == 503 and answer.json()["code"] == "version_not_ready"
+            assert "no database here" in answer.json()["message"]
+    finally:
+        for service in (gateway, llm, scheduler):
+            await service.stop()
+
+
+async def _until(check, timeout: float = 30.0) -> None:
+    for _ in range(int(timeout * 20)):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("never happened")
