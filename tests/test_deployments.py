@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import websockets
-
 from petribus import deploy, subjects
 from petribus.settings import Settings
 from petribus_executor.deployed import DeployedExecutors
@@ -22,7 +21,12 @@ from petribus_gateway.app import Gateway
 from petribus_llm.app import LLMService
 from petribus_scheduler.app import Scheduler
 
+from . import test_bus_auth
 from .harness import Client
+
+# The closed bus's fixtures (a nats-server with a user per role, and admin's connection).
+credentials, closed_server = test_bus_auth.credentials, test_bus_auth.closed_server
+closed_settings, admin = test_bus_auth.closed_settings, test_bus_auth.admin
 
 APP = '''
 from pydantic import BaseModel
@@ -237,3 +241,89 @@ async def _until(check, timeout: float = 30.0) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("never happened")
+
+
+async def test_deployments_run_on_a_closed_bus_without_a_permission_violation(
+        closed_settings: Settings, closed_server, admin, tmp_path: Path) -> None:
+    """Each service reads the deployments, fetches the archives and reports in PB_READY as its own role;
+    only admin (petribus deploy) writes deployments."""
+    version, _ = await deploy.deploy(admin.jetstream(), write_app(tmp_path / "v", "closed"), "shop")
+    scheduler, llm = Scheduler(closed_settings, []), LLMService(closed_settings, [])
+    gateway = Gateway(closed_settings, [])
+    for service in (scheduler, llm, gateway):
+        service.deployments = True
+    executors = DeployedExecutors(closed_settings, pools=["cpu"])
+    await executors.start()
+    for service in (scheduler, llm, gateway):
+        await service.start()
+    try:
+        await _wait_ready(admin.jetstream(), version.version, gateway)
+        client, _, bot = await _new_session(admin.jetstream(), f"{gateway.url.replace('http', 'ws', 1)}/bots/shop/ws")
+        assert bot == version.bot
+        assert await _order(client, "tea") == {"item": "tea", "by": "closed"}
+        await client.close()
+    finally:
+        for service in (gateway, llm, scheduler):
+            await service.stop()
+        await executors.stop()
+    assert test_bus_auth._violations(closed_server) == [], "a service did something its role may not"
+
+
+async def test_each_environment_applies_its_own_policies_to_its_sessions(
+        settings: Settings, nc, tmp_path: Path) -> None:
+    """One version, two environments: ``max_concurrent_firings=1`` holds a default-env session to one firing
+    at a time while a prod session of the same version runs its firings together; prod's
+    ``authorized=True`` needs a key where default's ``authorized=False`` needs none (the bot itself says
+    nothing, so it is authorized: the policy is what opens default)."""
+    from petribus import keys
+    from petribus.bus import EventLog
+    from petribus.core import fold
+
+    js = nc.jetstream()
+    version, _ = await deploy.deploy(js, write_app(tmp_path / "v", "slow", extra="__import__('time').sleep(0.4)\n    "),
+                                     "shop")
+    await deploy.release(js, "shop", src="default", dst="prod", actor="test")
+    await deploy.set_policies(js, "shop", env="default", actor="test",
+                              policies=deploy.Policies(max_concurrent_firings=1, authorized=False))
+    await deploy.set_policies(js, "shop", env="prod", actor="test", policies=deploy.Policies(authorized=True))
+    token, _ = await keys.create(js, "ops")
+
+    scheduler, llm, gateway = Scheduler(settings, []), LLMService(settings, []), Gateway(settings, [])
+    for service in (scheduler, llm, gateway):
+        service.deployments = True
+    executors = DeployedExecutors(settings, pools=["cpu"])
+    await executors.start()
+    for service in (scheduler, llm, gateway):
+        await service.start()
+    try:
+        await _wait_ready(js, version.version, gateway)
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+            assert (await http.post("/envs/prod/bots/shop/sessions")).status_code == 401
+            key = {"Authorization": f"Bearer {token}"}
+            prod = (await http.post("/envs/prod/bots/shop/sessions", headers=key)).json()["session_id"]
+            default = (await http.post("/bots/shop/sessions")).json()["session_id"]  # public by policy
+            for session_id, headers in ((prod, key), (default, {})):
+                base = "/envs/prod/bots/shop" if headers else "/bots/shop"
+                for item in ("a", "b", "c"):
+                    added = await http.post(f"{base}/sessions/{session_id}/markers", headers=headers,
+                                            json={"location": "Order", "data": {"item": item}})
+                    assert added.status_code == 201, added.text
+        peaks = {}
+        for session_id in (prod, default):
+            for _ in range(200):
+                log = await EventLog(nc).read(version.bot, session_id)
+                if sum(e.type == "transition_completed" for _, e in log) == 3:
+                    break
+                await asyncio.sleep(0.1)
+            assert fold(log).env == ("prod" if session_id == prod else "default")
+            running = peak = 0
+            for _, event in log:
+                running += {"transition_fired": 1, "transition_completed": -1}.get(event.type, 0)
+                peak = max(peak, running)
+            peaks[session_id] = peak
+        assert peaks[prod] > 1  # without the policy the firings overlap ...
+        assert peaks[default] == 1  # ... with it, one at a time
+    finally:
+        for service in (gateway, llm, scheduler):
+            await service.stop()
+        await executors.stop()

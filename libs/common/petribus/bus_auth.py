@@ -102,6 +102,10 @@ _SERVICE = (
     f"{API}.INFO", f"{API}.STREAM.NAMES",  # the stream of a subject (nats-py asks before a subscription)
     *(f"{API}.STREAM.CREATE.{s}" for s in (EVENTS, WORK, TIMERS, IDLE, FILES)),
     *_read_stream(EVENTS), *_kv_read(subjects.DELETED_BUCKET),
+    # Deployments (--deployments): what is deployed read, the versions' archives fetched, and whether
+    # this service loaded each version said. Only admin (petribus deploy) writes deployments.
+    *_kv_read(subjects.DEPLOY_BUCKET), *_read_stream(f"OBJ_{subjects.APPS_BUCKET}"),
+    f"{API}.STREAM.CREATE.OBJ_{subjects.APPS_BUCKET}", *_kv_write(subjects.READY_BUCKET),
 )
 # The kinds of event each role appends (a subject each): nothing else may it append.
 APPENDS: dict[str, tuple[str, ...]] = {

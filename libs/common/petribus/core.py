@@ -118,6 +118,7 @@ class SessionState:
     forked_from: tuple[str, str, int] | None = None  # (bot, session, seq) of a fork's source
     handed_from: tuple[str, str, int] | None = None  # (bot, session, seq of the message answered) of a hand-off's source
     owner: str | None = None  # the owner named by the actor of the session's first event (None: nobody's)
+    env: str | None = None  # the environment it was started in, through a deployment (None: not deployed)
     halt_before: frozenset[str] = frozenset()  # transitions whose firings wait like confirm=True ones
     # When a list: every marker the fold puts into (+) or takes out of (-) a place is noted in it, in
     # order. A timeline shows each step's change with it; the scheduler leaves it None and pays nothing.
@@ -171,6 +172,7 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
             if not state.created:
                 state.created = True
                 state.owner = event.actor.owner if event.actor is not None else None
+                state.env = event.env
                 if event.parent is not None:
                     state.handed_from = (event.parent.bot, event.parent.session_id, event.parent.seq)
         case SessionForked():

@@ -57,15 +57,15 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from petribus import logs
+from petribus import logs, subjects
 from petribus.bot import NAME_RE
 from petribus.errors import AppLoadError, NetDefinitionError, PetribusError
 from petribus.kv_mirror import KvMirror, load_stored
 from petribus.loader import load_bot
 from petribus.net import Net, TransitionDef
 
-BUCKET = "PB_DEPLOY"
-APPS = "PB_APPS"
+BUCKET = subjects.DEPLOY_BUCKET
+APPS = subjects.APPS_BUCKET
 DEFAULT_ENV = "default"
 SEPARATOR = "--"
 VERSION_LEN = 10

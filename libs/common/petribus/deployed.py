@@ -30,12 +30,12 @@ from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ValidationError
 
-from petribus import logs
+from petribus import logs, subjects
 from petribus.deploy import Catalog, Version, fetch
 from petribus.kv_mirror import KvMirror
 from petribus.registry import ExecutorInfo
 
-READY_BUCKET = "PB_READY"
+READY_BUCKET = subjects.READY_BUCKET
 ROLES_NEEDED = ("scheduler", "llm")  # besides an executor per pool
 _KEY_UNSAFE = re.compile(r"[^-_=a-zA-Z0-9]")
 log = logs.get("petribus.deployed")

@@ -86,6 +86,8 @@ class SessionCreated(_Event):
     parent: HandoffParent | None = Field(
         default=None, description="Set when another bot handed the conversation over to this session "
         "(docs/handoffs.md): the source session and its handed_off event.")
+    env: str | None = Field(default=None, description="The environment whose deployment it was started in "
+                            "(docs/deployments.md); None: not started through a deployment.")
 
     def value(self) -> Any:
         return self.session_id

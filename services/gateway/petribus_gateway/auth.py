@@ -46,11 +46,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from petribus import logs, subjects
+from petribus.deploy import split_internal
 from petribus.errors import PetribusError, UnknownBot
 from petribus.events import Actor, ErrorEvent, SessionCreated, SessionForked, decode, to_client
 from petribus.keys import KeyStore, Principal
 from petribus.net import Net
 from petribus.settings import Settings
+from petribus_gateway.deployments import needs_key
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CLOSE_POLICY = 1008  # RFC 6455 "Policy Violation": a foreign Origin
@@ -144,7 +146,7 @@ class Auth:
 
     def admit(self, caller: Caller, net: Net) -> None:
         """Refuse a caller without a key on an authorized bot while keys are required (401)."""
-        if caller.principal is None and net.authorized and self.required():
+        if caller.principal is None and needs_key(net) and self.required():
             raise Unauthorized(f"bot {net.bot!r} needs an API key: send 'Authorization: Bearer <token>' (a "
                                "WebSocket from a browser: {\"type\": \"auth\", \"token\": ...} as its first "
                                "message); an operator makes one with `petribus keys create --owner NAME`")
@@ -152,8 +154,9 @@ class Auth:
     def may_use(self, caller: Caller, net: Net) -> bool:
         """Whether the caller may see the bot at all (a key limited to other bots may not)."""
         if caller.principal is not None:
-            return caller.principal.may_use(net.bot)
-        return not (net.authorized and self.required())
+            deployed = split_internal(net.bot)  # a key for a deployment may use each of its versions
+            return caller.principal.may_use(net.bot) or (deployed is not None and caller.principal.may_use(deployed[0]))
+        return not (needs_key(net) and self.required())
 
     def net(self, nets: dict[str, Net], bot: str, caller: Caller) -> Net:
         """The bot, as ``UnknownBot`` for a caller whose key may not use it; 401 for one without a key."""
@@ -170,7 +173,7 @@ class Auth:
         if caller.admin:
             return True
         if owner is None:  # nobody's: as open as the bot is to a caller without a key
-            return not (net.authorized and self.required())
+            return not (needs_key(net) and self.required())
         return owner == caller.owner
 
     def lists(self, caller: Caller, net: Net, owner: str | None) -> bool:

@@ -29,6 +29,7 @@ from petribus.net import Net, check_handoffs
 from petribus.outage import on_disconnect, on_reconnect
 from petribus.settings import Settings
 from petribus_gateway.auth import Auth, Caller
+from petribus_gateway.deployments import current_env
 from petribus_gateway.timeline import Timeline
 
 # A session id is one subject token: no '.', and no '*' or '>' that would widen a read or a purge.
@@ -108,7 +109,9 @@ class GatewayContext:
         welcome message if it has one."""
         await self.bus_ready()
         session_id = new_id()
-        opening: list[_Event] = [SessionCreated(bot=net.bot, session_id=session_id, actor=actor)]
+        # Through a deployment, the environment it was started in (its policies apply to it).
+        opening: list[_Event] = [SessionCreated(bot=net.bot, session_id=session_id, actor=actor,
+                                                env=current_env())]
         ids = [f"session:{session_id}"]
         if net.welcome_message:
             opening.append(AgentMessage(bot=net.bot, session_id=session_id, text=net.welcome_message,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
+from contextvars import ContextVar
 from typing import Any
 
 from nats.js import JetStreamContext
@@ -42,6 +43,21 @@ CLOSE_DEACTIVATED = 4409
 CLOSE_NOT_FOUND = 4404
 CLOSE_TRY_AGAIN = 1013
 SESSIONS_REMEMBERED = 100_000
+# Set by the middleware for the request it routes (the route runs in the same task, so sees them).
+ENV: ContextVar[str | None] = ContextVar("petribus_env", default=None)
+AUTHORIZED: ContextVar[bool | None] = ContextVar("petribus_authorized", default=None)
+
+
+def needs_key(net: Any) -> bool:
+    """Whether callers of ``net`` need an API key here: the environment's policy when it sets one (a
+    request routed by deployment), else the bot's own ``authorized``."""
+    policy = AUTHORIZED.get()
+    return net.authorized if policy is None else policy
+
+
+def current_env() -> str | None:
+    """The environment of the request being served (None: not routed by deployment)."""
+    return ENV.get()
 
 
 class Routing:
@@ -145,10 +161,13 @@ class DeploymentRoutes:
         except PetribusError as exc:
             return await _refuse(scope, receive, send, exc)
         path = f"/bots/{bot}{rest}"
-        scope = {**scope, "path": path, "raw_path": path.encode(),
-                 "state": {**scope.get("state", {}), "petribus_env": env,
-                           "petribus_authorized": self.routing.authorized(env, name)}}
-        return await self.app(scope, receive, send)
+        scope = {**scope, "path": path, "raw_path": path.encode()}
+        tokens = ENV.set(env), AUTHORIZED.set(self.routing.authorized(env, name))
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            ENV.reset(tokens[0])
+            AUTHORIZED.reset(tokens[1])
 
     async def _bot(self, scope: dict[str, Any], env: str, name: str, rest: str) -> str:
         session = SESSION.match(rest)

@@ -47,6 +47,7 @@ from petribus.events import ConfirmResponse, ErrorEvent, decode, to_client
 from petribus.net import Net
 from petribus.outage import on_reconnect, retry
 from petribus_gateway import deltas, errors, idempotency, inputs
+from petribus_gateway.deployments import needs_key
 from petribus_gateway.auth import (
     AUTH_DEADLINE_S,
     CLOSE_UNAUTHORIZED,
@@ -114,7 +115,7 @@ async def _authenticate(ctx: GatewayContext, websocket: WebSocket, bot: str) -> 
     if token is not None:
         return ctx.auth.caller(token, address(websocket))
     net = ctx.nets.get(bot)
-    if net is None or not (net.authorized and ctx.auth.required()):
+    if net is None or not (needs_key(net) and ctx.auth.required()):
         return Caller(None, address(websocket))
     missing = Unauthorized(f"bot {bot!r} needs an API key: send 'Authorization: Bearer <token>', or "
                            "{\"type\": \"auth\", \"token\": ...} as the first message within "

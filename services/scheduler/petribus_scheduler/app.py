@@ -527,7 +527,7 @@ class Scheduler(Service):
         conflicts = 0
         while True:
             sent: dict[str, asyncio.Future] = {}
-            plan = choose_firings(self.shapes[key[0]], state, guard=guard)
+            plan = self._plan(key, state, guard)
             while plan:
                 # The claim's span is the parent of its transition_fired events and of their work items.
                 firings = min(len(plan), CLAIM_BATCH)
@@ -541,7 +541,7 @@ class Scheduler(Service):
                             raise ClaimContention(f"session {key[1]}: still conflicting after {conflicts} "
                                                   "re-folds; it is tried again shortly") from None
                         await self._catch_up(key, state)
-                        plan = choose_firings(self.shapes[key[0]], state, guard=guard)
+                        plan = self._plan(key, state, guard)
                         continue
                     plan = plan[CLAIM_BATCH:]
                     for firing in claimed:
@@ -554,6 +554,22 @@ class Scheduler(Service):
             # Asking about a confirmation caught up with events others appended meanwhile: delivered
             # later, they look folded already and nothing else would decide on them (a stalled session,
             # found only by the next lease or sweep). Decide on them now.
+
+    def _plan(self, key: Key, state: SessionState, guard: Any) -> list[PlannedFiring]:
+        """What the marking allows, within the session's environment's ``max_concurrent_firings`` (a
+        deployed version's policy): firings running or claimed count against it."""
+        plan = choose_firings(self.shapes[key[0]], state, guard=guard)
+        cap = self._cap(key, state)
+        if cap is not None and plan:
+            running = sum(1 for f in state.in_flight.values() if f.status in IN_FLIGHT)
+            plan = plan[:max(0, cap - running)]
+        return plan
+
+    def _cap(self, key: Key, state: SessionState) -> int | None:
+        if self.deployed is None or (named := deploy.split_internal(key[0])) is None:
+            return None
+        dep = self.deployed.catalog.deployments().get((state.env or deploy.DEFAULT_ENV, named[0]))
+        return None if dep is None else dep.policies.max_concurrent_firings
 
     async def _claim(self, net: Net, state: SessionState, plan: list[PlannedFiring]) -> list[Firing]:
         """Append one ``transition_fired`` per planned firing, all at once, at the folded sequence."""
