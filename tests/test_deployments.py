@@ -230,6 +230,16 @@ async def test_a_version_a_service_cannot_load_is_reported_and_gets_no_sessions(
             answer = await http.post("/bots/shop/sessions")
             assert answer.status_code == 503 and answer.json()["code"] == "version_not_ready"
             assert "no database here" in answer.json()["message"]
+        # The operator sees it too: which service could not load the active version, and why.
+        from typer.testing import CliRunner
+
+        from petribus_cli.main import app
+
+        shown = await asyncio.to_thread(CliRunner().invoke, app, ["deployments", "show", "shop", "--nats-url",
+                                                                  settings.nats_url])
+        assert shown.exit_code == 0, shown.output
+        assert f"version {bad.version}" in shown.output and "ready:        no, failed:" in shown.output
+        assert "scheduler" in shown.output and "FAILED: " in shown.output and "no database here" in shown.output
     finally:
         for service in (gateway, llm, scheduler):
             await service.stop()

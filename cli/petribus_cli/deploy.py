@@ -172,12 +172,14 @@ def show_deployment(name: NameArg, env: EnvOpt = "default", nats_url: NatsUrl = 
 
     _check(lambda: (deploy.check_name(name), deploy.check_env(env)))
 
-    async def read(js: Any, _: int) -> tuple[Deployment | None, Version | None]:
+    async def read(js: Any, _: int) -> tuple[Deployment | None, Version | None, Any]:
+        from petribus.deployed import status
+
         dep = await deploy.get_deployment(js, name, env)
         version = await deploy.get_version(js, dep.active) if dep and dep.active else None
-        return dep, version
+        return dep, version, (await status(js, version) if version is not None else None)
 
-    dep, version = _run(nats_url, read)
+    dep, version, loaded = _run(nats_url, read)
     if dep is None:
         _fail(_missing(name, env), EXIT_FAILED)
     assert dep is not None
@@ -194,6 +196,11 @@ def show_deployment(name: NameArg, env: EnvOpt = "default", nats_url: NatsUrl = 
         typer.echo(f"  pools:        {', '.join(version.pools) or 'none'}")
         typer.echo(f"  gpus:         {', '.join(version.gpus) or 'none'}")
         typer.echo(f"  model:        {version.model or 'the LLM service default'}")
+        ready, why, reports = loaded
+        typer.echo(f"  ready:        {'yes: new sessions go to it' if ready else 'no, ' + why}")
+        for report in reports:  # what each service said when it loaded the version (--deployments)
+            said = "loaded" if report.ok else f"FAILED: {report.error}"
+            typer.echo(f"    {report.role} {report.instance}: {said} ({_when(report.at)})")
     typer.echo(f"  policies:     {deploy.describe_policies(dep.policies)}")
     if previous := dep.previous_version():
         typer.echo(f"  rollback to:  {previous}")

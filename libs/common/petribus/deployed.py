@@ -191,3 +191,26 @@ async def follow(nc: NATS, *, role: str, instance: str, data_dir: Path, add_net:
 def apps_dir(data_dir: Path) -> Path:
     """Where a service keeps the versions it fetched (each in a folder named by its version)."""
     return Path(data_dir) / "apps"
+
+
+async def status(js: JetStreamContext, version: Version, *, heartbeat_s: float = 5.0) -> tuple[bool, str, list[Report]]:
+    """Whether ``version`` is ready (as the gateway judges it), why not, and what each service said: for
+    ``petribus deployments show``."""
+    from petribus.kv_mirror import load_stored
+    from petribus.registry import Registry
+
+    kv = await ready_bucket(js)
+    watcher = await kv.watch(f"{version.version}.>")
+    reports: list[Report] = []
+
+    def keep(entry: KeyValue.Entry) -> None:
+        if entry.value and (report := _parse_report(entry.key, entry.value)) is not None:
+            reports.append(report)
+
+    try:
+        await load_stored(kv, watcher, keep, timeout_s=10.0)
+    finally:
+        await watcher.stop()
+    executors = await Registry(js, heartbeat_s=heartbeat_s).list()
+    ok, why = readiness(version, reports, executors)
+    return ok, why, sorted(reports, key=lambda r: (r.role, r.instance))
