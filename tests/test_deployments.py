@@ -231,9 +231,8 @@ async def test_a_version_a_service_cannot_load_is_reported_and_gets_no_sessions(
             assert answer.status_code == 503 and answer.json()["code"] == "version_not_ready"
             assert "no database here" in answer.json()["message"]
         # The operator sees it too: which service could not load the active version, and why.
-        from typer.testing import CliRunner
-
         from petribus_cli.main import app
+        from typer.testing import CliRunner
 
         shown = await asyncio.to_thread(CliRunner().invoke, app, ["deployments", "show", "shop", "--nats-url",
                                                                   settings.nats_url])
@@ -337,3 +336,68 @@ async def test_each_environment_applies_its_own_policies_to_its_sessions(
         for service in (gateway, llm, scheduler):
             await service.stop()
         await executors.stop()
+
+
+async def test_a_handoff_names_a_deployment_and_opens_its_active_version_in_the_same_environment(
+        settings: Settings, nc, tmp_path: Path) -> None:
+    """``Bot(handoffs=["handoff_billing"])`` names a deployment: under ``--deployments`` the hand-off opens a
+    session of the version of it active in the source session's environment, linked to the source, and
+    that version's model and transitions answer it."""
+    import shutil
+
+    from petribus.bus import EventLog
+    from petribus.events import HandedOff, SessionCreated
+    from pydantic import SecretStr
+
+    from .conftest import APPS
+    from .scripted_llm import ScriptedLLM, call, say
+    from .test_handoff import ASKED, KEY, REQUEST, TOOL
+
+    js = nc.jetstream()
+    for name in ("handoff_support", "handoff_billing"):
+        (tmp_path / name).mkdir()
+        shutil.copy(APPS / f"{name}.py", tmp_path / name / f"{name}.py")
+    await deploy.deploy(js, f"{tmp_path / 'handoff_billing' / 'handoff_billing.py'}:bot", "handoff_billing",
+                        env="prod")
+    support, _ = await deploy.deploy(js, f"{tmp_path / 'handoff_support' / 'handoff_support.py'}:bot",
+                                     "handoff_support", env="prod")
+    billing = await deploy.get_deployment(js, "handoff_billing", "prod")
+
+    async with ScriptedLLM(key=KEY) as llm:
+        llm.when(ASKED, call(TOOL, request=REQUEST), say("I handed you over to billing."))
+        llm.when(REQUEST, call("Refund", order="42"), say("Refund started for order 42."))
+        modelled = settings.model_copy(update={"openai_api_key": SecretStr(KEY), "openai_base_url": llm.base_url})
+        scheduler, service, gateway = Scheduler(modelled, []), LLMService(modelled, []), Gateway(modelled, [])
+        for each in (scheduler, service, gateway):
+            each.deployments = True
+        executors = DeployedExecutors(modelled, pools=["cpu"])
+        await executors.start()
+        for each in (scheduler, service, gateway):
+            await each.start()
+        try:
+            await _wait_ready(js, support.version, gateway)
+            await _wait_ready(js, billing.active, gateway)
+            ws = gateway.url.replace("http", "ws", 1)
+            client, source, bot = await _new_session(js, f"{ws}/envs/prod/bots/handoff_support/ws")
+            assert bot == support.bot
+            await client.send({"type": "user_message", "value": ASKED})
+            told = await client.until("handed_off")
+            await client.close()
+            target_bot = deploy.internal_bot("handoff_billing", billing.active)
+            assert told["value"]["bot"] == target_bot
+            target = told["value"]["session_id"]
+            for _ in range(300):  # the billing version's model adds a Refund, which its transition runs
+                log = await EventLog(nc).read(target_bot, target)
+                if any(e.type == "transition_completed" for _, e in log):
+                    break
+                await asyncio.sleep(0.1)
+            opening = log[0][1]
+            assert isinstance(opening, SessionCreated) and opening.env == "prod"
+            assert (opening.parent.bot, opening.parent.session_id) == (support.bot, source)
+            assert any(e.type == "transition_completed" for _, e in log), [e.type for _, e in log]
+            handed = [e for _, e in await EventLog(nc).read(support.bot, source) if isinstance(e, HandedOff)]
+            assert [(h.target_bot, h.target_session) for h in handed] == [(target_bot, target)]
+        finally:
+            for each in (gateway, service, scheduler):
+                await each.stop()
+            await executors.stop()

@@ -46,7 +46,7 @@ from pydantic import ValidationError
 from petribus import subjects, tracing
 from petribus.bus import EventLog, WrongLastSequence, ensure_event_consumer
 from petribus.consumer import PullConsumer
-from petribus.deploy import split_internal
+from petribus.deploy import DEFAULT_ENV, split_internal
 from petribus.deployed import Deployed
 from petribus.deployed import follow as follow_deployments
 from petribus.errors import BusError, InvalidInput
@@ -317,7 +317,7 @@ class LLMService(Service):
                 await self._refuse(message, exc, msg_id=f"reply:{message.id}")
                 conv.answered(message.id)
                 return
-        reply = self._checked(net, reply)
+        reply = self._checked(net, reply, conv)
         done = conv.markers.get(message.id, 0)  # a crash may have landed some before the reply
         for i, proposed in enumerate(reply.markers[done:], start=done):
             added = MarkerAdded(bot=net.bot, session_id=key[1], cause=message.id,
@@ -340,7 +340,8 @@ class LLMService(Service):
             return  # made while an earlier try answered this message
         event_id, target = handoff_ids(key[0], key[1], message.id, proposed.bot)
         handed = HandedOff(id=event_id, bot=key[0], session_id=key[1], cause=message.id,
-                           request_id=message.request_id, actor=message.actor, target_bot=proposed.bot,
+                           request_id=message.request_id, actor=message.actor,
+                           target_bot=self._target(conv, proposed.bot) or proposed.bot,
                            target_session=target, request=proposed.request)
         await self._open_target(conv, message, handed)
         await self._say_handed(key, conv, handed)
@@ -352,10 +353,11 @@ class LLMService(Service):
             if h.bot in conv.handoffs.get(message.id, {}):
                 continue
             event_id, target = handoff_ids(key[0], key[1], message.id, h.bot)
-            if await self.events.last_seq(h.bot, target) == 0:
+            target_bot = self._target(conv, h.bot)
+            if target_bot is None or await self.events.last_seq(target_bot, target) == 0:
                 continue
             request = None
-            async with contextlib.aclosing(self.events.scan(h.bot, target)) as batches:
+            async with contextlib.aclosing(self.events.scan(target_bot, target)) as batches:
                 async for batch in batches:  # its opening is in the first batch
                     request = next((e.text for _, e in batch if isinstance(e, UserMessage) and e.cause == event_id),
                                    None)
@@ -364,7 +366,7 @@ class LLMService(Service):
                 continue  # not a session this hand-off opened
             await self._say_handed(key, conv, HandedOff(
                 id=event_id, bot=key[0], session_id=key[1], cause=message.id, request_id=message.request_id,
-                actor=message.actor, target_bot=h.bot, target_session=target, request=request))
+                actor=message.actor, target_bot=target_bot, target_session=target, request=request))
 
     async def _say_handed(self, key: Key, conv: Conversation, handed: HandedOff) -> None:
         seq = await self.events.append(handed, msg_id=f"handoff:{handed.cause}:{handed.target_bot}")
@@ -385,7 +387,8 @@ class LLMService(Service):
         parent = HandoffParent(bot=handed.bot, session_id=handed.session_id, seq=conv.seq_of(message.id),
                                handoff_id=handed.id)
         opening: list[_Event] = [
-            SessionCreated(bot=bot, session_id=target, parent=parent, actor=actor, cause=handed.id),
+            SessionCreated(bot=bot, session_id=target, parent=parent, actor=actor, cause=handed.id,
+                           env=conv.state.env),  # a deployment's session hands over within its environment
             UserMessage(bot=bot, session_id=target, text=handed.request, actor=actor, cause=handed.id),
         ]
         log = self.log.bind(session_id=handed.session_id, target_bot=bot, target_session=target)
@@ -469,7 +472,18 @@ class LLMService(Service):
 
         return on_delta
 
-    def _checked(self, net: Net, reply: Reply) -> Reply:
+    def _target(self, conv: Conversation, name: str) -> str | None:
+        """The bot a hand-off to ``name`` opens its session in: ``name`` itself when served here; under
+        ``--deployments``, the version of deployment ``name`` active in this session's environment (loaded
+        here). None: nowhere."""
+        if name in self.nets:
+            return name
+        if self._deployed is None:
+            return None
+        version = self._deployed.catalog.active(name, conv.state.env or DEFAULT_ENV)
+        return version.bot if version is not None and version.bot in self.nets else None
+
+    def _checked(self, net: Net, reply: Reply, conv: Conversation) -> Reply:
         """``reply`` with every proposed marker validated; one invalid marker turns it into an explanation."""
         try:
             markers = tuple(
@@ -479,7 +493,8 @@ class LLMService(Service):
         except InvalidInput as exc:
             return Reply(f"I could not add that marker: {exc.message}.\n\n{describe.how_to_add(net)}")
         # Only to the bots this one names and this service serves (check_handoffs made sure of both at start).
-        handoffs = tuple(h for h in reply.handoffs if net.handoff(h.bot) is not None and h.bot in self.nets)
+        handoffs = tuple(h for h in reply.handoffs
+                         if net.handoff(h.bot) is not None and self._target(conv, h.bot) is not None)
         return Reply(reply.text, markers, handoffs)
 
     async def _give_up(self, asked: Askable, exc: BaseException) -> None:
