@@ -311,6 +311,9 @@ async def test_each_environment_applies_its_own_policies_to_its_sessions(
             key = {"Authorization": f"Bearer {token}"}
             prod = (await http.post("/envs/prod/bots/shop/sessions", headers=key)).json()["session_id"]
             default = (await http.post("/bots/shop/sessions")).json()["session_id"]  # public by policy
+            # Naming the version itself opens nothing prod closes.
+            assert (await http.post(f"/bots/{version.bot}/sessions")).status_code == 401
+            assert (await http.get(f"/bots/{version.bot}/sessions/{default}")).status_code == 401
             for session_id, headers in ((prod, key), (default, {})):
                 base = "/envs/prod/bots/shop" if headers else "/bots/shop"
                 for item in ("a", "b", "c"):

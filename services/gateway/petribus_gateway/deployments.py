@@ -134,6 +134,15 @@ class Routing:
                 return bot
         return None
 
+    def closed_somewhere(self, bot: str) -> bool:
+        """Whether an environment whose policy needs a key has version ``bot`` active or had it before."""
+        named = split_internal(bot)
+        if named is None:
+            return False
+        return any(dep.policies.authorized and (dep.active == named[1] or any(
+                   e.version == named[1] for e in dep.history))
+                   for (_, name), dep in self.catalog.deployments().items() if name == named[0])
+
     def authorized(self, env: str, name: str) -> bool | None:
         dep = self.catalog.deployments().get((env, name))
         return None if dep is None else dep.policies.authorized
@@ -154,7 +163,13 @@ class DeploymentRoutes:
             return await self.app(scope, receive, send)
         env, name, rest = match["env"], match["name"], match["rest"]
         if env is None and (name in self.routing.served or split_internal(name) is not None):
-            return await self.app(scope, receive, send)  # a version named directly, or a plain bot
+            # A version named directly (or a plain bot): no environment, so the strictest key policy of
+            # the environments that run it holds (naming the version never opens what an env closes).
+            token = AUTHORIZED.set(True if self.routing.closed_somewhere(name) else None)
+            try:
+                return await self.app(scope, receive, send)
+            finally:
+                AUTHORIZED.reset(token)
         env = env or DEFAULT_ENV
         try:
             bot = await self._bot(scope, env, name, rest)
