@@ -164,6 +164,16 @@ async def test_versions_run_side_by_side_blue_green_deactivate_rollback_and_envs
             assert detail.status_code == 200, detail.text
             assert [m["data"]["by"] for m in detail.json()["marking"].get("Shipped", [])] == ["v1"] * 3
 
+            # Forked onto v2 (issue 11's fork, by deployment name): the fork runs v2, the source stays on v1.
+            forked = await http.post(f"/bots/shop/sessions/{old_id}/fork",
+                                     json={"at": detail.json()["last_seq"], "bot": v2.bot})
+            assert forked.status_code == 201, forked.text
+            fork_id = forked.json()["session_id"]
+            assert await _bot_of(js, fork_id) == v2.bot
+            fork = await Client.connect(f"{ws}/bots/shop/ws?session_id={fork_id}&since=0")
+            assert await _order(fork, "lime") == {"item": "lime", "by": "v2"}
+            await fork.close()
+
             # Deactivated: no new session (REST 409, WebSocket 4409); existing sessions run on.
             await deploy.deactivate(js, "shop", actor="test")
             await _until(lambda: routing.catalog.deployments()[("default", "shop")].state == "deactivated")
