@@ -85,7 +85,7 @@ def _kill_leftovers() -> None:
 class _Job:
     """One run of one firing in a worker, as the executor sees it."""
 
-    __slots__ = ("calls", "id", "on_call", "on_event", "open", "request", "result")
+    __slots__ = ("calls", "id", "lease", "on_call", "on_event", "open", "request", "result", "waiter")
 
     def __init__(self, job_id: int, request: p.Request, on_event: OnEvent, on_call: OnCall) -> None:
         self.id = job_id
@@ -93,8 +93,24 @@ class _Job:
         self.on_event = on_event
         self.on_call = on_call
         self.open = True  # the executor still listens to what it says and asks
+        # Set once, by the worker's answer or its death; outlives a cancelled ``run`` (``_cancel`` waits on it).
         self.result: asyncio.Future[p.Outcome] = asyncio.get_running_loop().create_future()
+        self.waiter: asyncio.Future[None] | None = None  # what ``run`` awaits: woken by the result or the timeout
+        self.lease: Lease | None = None  # held while it runs; given back as soon as its answer arrives
         self.calls: set[asyncio.Task[None]] = set()  # context calls being answered for this run
+
+    def finish(self, outcome: p.Outcome | None = None, error: BaseException | None = None) -> None:
+        if self.result.done():
+            return
+        if error is not None:
+            self.result.set_exception(error)
+        else:
+            self.result.set_result(outcome)  # type: ignore[arg-type]
+        self.wake()
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     def close(self) -> None:
         """The run is over for the executor: nobody waits for what it asked (a confirmation, a file),
@@ -261,10 +277,11 @@ class WorkerPool:
             lease = await self.acquire(asynchronous=not lease.exclusive, profile=lease.host.profile)
         w = lease.host
         job = _Job(next(self._job_ids), request, on_event, on_call)
+        job.lease = lease
         w.jobs[job.id] = job
         self._send(w, (p.RUN, job.id, request))
         try:
-            outcome = await asyncio.wait_for(asyncio.shield(job.result), timeout)
+            outcome = await _outcome(job, timeout)
         except TimeoutError:
             job.close()
             if lease.exclusive:
@@ -279,6 +296,8 @@ class WorkerPool:
             ) from None
         except asyncio.CancelledError:
             job.close()
+            if job.lease is None:  # it answered before the cancel: its worker serves another firing now
+                raise
             if lease.exclusive:
                 self._kill(lease, job, "its firing was abandoned")
             else:
@@ -289,10 +308,19 @@ class WorkerPool:
             self._detach(lease, job)
             raise
         job.close()
-        if outcome.replace_worker:
-            self.retire(w, f"{request.transition!r} went over a limit ({outcome.error_type})")
-        self._detach(lease, job)
+        self._done(w, job, outcome)  # (done already when its answer came in: then this changes nothing)
         return outcome
+
+    def _done(self, w: Worker, job: _Job, outcome: p.Outcome) -> None:
+        """A run answered: its worker is free for the next firing (retired first if the run went over
+        a limit). Done the moment the answer is read, so a firing waiting for a worker gets it at once,
+        not after the finished firing's task has been scheduled again."""
+        if job.lease is None:
+            return
+        if outcome.replace_worker:
+            self.retire(w, f"{job.request.transition!r} went over a limit ({outcome.error_type})")
+        self._detach(job.lease, job)
+        job.lease = None
 
     def _detach(self, lease: Lease, job: _Job) -> None:
         lease.host.jobs.pop(job.id, None)
@@ -444,7 +472,8 @@ class WorkerPool:
         if kind == p.DONE:
             job = worker.jobs.get(msg[1])
             if job is not None and not job.result.done():
-                job.result.set_result(msg[2])
+                job.finish(msg[2])
+                self._done(worker, job, msg[2])
         elif kind == p.EVENT:
             job = worker.jobs.get(msg[1])
             if job is not None and job.open:
@@ -544,11 +573,10 @@ class WorkerPool:
         jobs = list(worker.jobs.values())
         worker.jobs.clear()
         for job in jobs:
-            if not job.result.done():
-                job.result.set_exception(SandboxCrashed(
-                    f"the worker running {job.request.transition!r} (pid {worker.pid}) died "
-                    f"({reason or _describe(code, job.request)}): {why}"
-                ))
+            job.finish(error=SandboxCrashed(
+                f"the worker running {job.request.transition!r} (pid {worker.pid}) died "
+                f"({reason or _describe(code, job.request)}): {why}"
+            ))
         log.debug("worker gone", pid=worker.pid, why=why, exit=_describe(code), firings=len(jobs))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -556,6 +584,25 @@ class WorkerPool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+async def _outcome(job: _Job, timeout: float | None) -> p.Outcome:
+    """The run's outcome, or TimeoutError after ``timeout`` seconds. One wake-up from the worker's answer
+    to the caller (``wait_for`` over ``shield`` took three turns of a busy event loop); cancelling the
+    caller leaves ``job.result`` alone."""
+    if not job.result.done():
+        loop = asyncio.get_running_loop()
+        job.waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, job.wake)
+        try:
+            await job.waiter
+        finally:
+            job.waiter = None
+            if timer is not None:
+                timer.cancel()
+        if not job.result.done():
+            raise TimeoutError
+    return job.result.result()
 
 
 async def _exited(proc: multiprocessing.process.BaseProcess, timeout: float | None = None) -> bool:
