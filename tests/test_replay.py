@@ -187,10 +187,11 @@ class Log:
         self.add(MarkerAdded(bot="b", session_id="s", marker=m))
         return m.id
 
-    def fire(self, transition: str, *consumed: str, confirm: bool = False) -> tuple[int, str]:
+    def fire(self, transition: str, *consumed: str, confirm: bool = False,
+             planned_at: int | None = None) -> tuple[int, str]:
         firing = new_id()
         seq = self.add(TransitionFired(bot="b", session_id="s", firing_id=firing, transition=transition,
-                                       consumed=list(consumed), confirm=confirm))
+                                       consumed=list(consumed), confirm=confirm, planned_at=planned_at))
         return seq, firing
 
     def complete(self, firing: str, transition: str, *outputs: Marker) -> int:
@@ -400,6 +401,27 @@ def test_a_halt_set_makes_a_confirm_firing_expected():
     seq, _ = unheld.fire("work", unheld.marker("Item", n=1), confirm=True)
     [d] = replay(net(WORK), unheld.events).differences
     assert (d.seq, d.kind) == (seq, "confirm_changed") and "run it without asking" in d.message
+
+
+def test_a_claim_is_judged_on_the_fold_it_was_decided_on_not_on_the_event_before_it():
+    """A claim lands after events of other kinds appended while it was decided (only another claim refuses
+    it): it records the sequence it was decided on, and the replay decides there. A halt_set that landed in
+    between did not hold this claim, and is no difference."""
+    from petribus.events import HaltSet
+
+    log = Log()
+    item = log.marker("Item", n=1)
+    decided = log.events[-1][0]
+    log.add(HaltSet(bot="b", session_id="s", before=["work"]))
+    log.marker("Item", n=2)  # appended meanwhile too: the plan there has more, which is no difference either
+    seq, _ = log.fire("work", item, planned_at=decided)
+    log.fire("work", log.events[-2][1].marker.id, confirm=True, planned_at=seq)
+    assert replay(net(WORK), log.events).differences == []
+
+    # The same claim without the record is judged on the event before it, where the halt held it.
+    unrecorded = [(s, e.model_copy(update={"planned_at": None}) if isinstance(e, TransitionFired) else e)
+                  for s, e in log.events]
+    assert [d.kind for d in replay(net(WORK), unrecorded).differences] == ["confirm_changed"]
 
 
 def test_a_guard_that_raises_on_recorded_inputs_is_reported_with_its_error():

@@ -377,14 +377,16 @@ class EventLog:
 
     async def append(
         self, event: _Event, *, expected_last_seq: int | None = None, msg_id: str | None = None,
-        timeout: float = 5.0,
+        timeout: float = 5.0, kind: str | None = None,
     ) -> int:
         """Append one event and return its sequence. Raises ``WrongLastSequence`` on a conflict.
 
-        ``timeout`` bounds one try; an unavailable bus is retried for up to ``outage_s`` with the same
-        Msg-Id (and expected sequence), then ``BusUnavailable``.
+        ``expected_last_seq`` is checked against all of the session's events, or with ``kind`` against
+        its events of that kind only (see ``append_batch``). ``timeout`` bounds one try; an unavailable
+        bus is retried for up to ``outage_s`` with the same Msg-Id (and expected sequence), then
+        ``BusUnavailable``.
         """
-        return (await self._publish(event, expected_last_seq, msg_id, timeout))[0].seq
+        return (await self._publish(event, expected_last_seq, msg_id, timeout, kind=kind))[0].seq
 
     async def append_once(
         self, event: _Event, *, msg_id: str, expected_last_seq: int | None = None, timeout: float = 5.0,
@@ -406,24 +408,27 @@ class EventLog:
         return None
 
     async def _publish(self, event: _Event, expected_last_seq: int | None, msg_id: str | None,
-                       timeout: float, *, landed: bool = False) -> tuple[PubAck, bool]:
+                       timeout: float, *, landed: bool = False, kind: str | None = None) -> tuple[PubAck, bool]:
         """The ack, and whether an earlier try may have landed (so a duplicate may be our own)."""
         if not tracing.active():
-            return await self._publish_one(event, expected_last_seq, msg_id, timeout, landed=landed)
+            return await self._publish_one(event, expected_last_seq, msg_id, timeout, landed=landed, kind=kind)
         with _append_span(event, 1, msg_id or event.id) as span:
             event = _stamped(event)
             ack, landed_before = await self._publish_one(event, expected_last_seq, msg_id, timeout,
-                                                         landed=landed)
+                                                         landed=landed, kind=kind)
             span.set_attributes({"petribus.seq": ack.seq, "petribus.duplicate": bool(ack.duplicate)})
             return ack, landed_before
 
     async def _publish_one(self, event: _Event, expected_last_seq: int | None, msg_id: str | None,
-                           timeout: float, *, landed: bool = False) -> tuple[PubAck, bool]:
+                           timeout: float, *, landed: bool = False, kind: str | None = None) -> tuple[PubAck, bool]:
         headers = {"Nats-Msg-Id": msg_id or event.id}
         if event.trace is not None:
             headers[tracing.TRACEPARENT] = event.trace
-        session = subjects.events(event.bot, event.session_id)
-        if expected_last_seq is not None:  # over all of the session's subjects (one per kind)
+        # What the expected sequence is checked against: all of the session's subjects (one per kind), or
+        # those of one kind.
+        session = subjects.events(event.bot, event.session_id) if kind is None else \
+            subjects.event(event.bot, event.session_id, kind)
+        if expected_last_seq is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_seq)
             headers["Nats-Expected-Last-Subject-Sequence-Subject"] = session
         subject = subjects.event(event.bot, event.session_id, event.type)  # type: ignore[attr-defined]
@@ -442,8 +447,8 @@ class EventLog:
                         raise StorageFull(_full(subject, exc.description)) from exc
                     raise BusError(f"append to {subject} failed: {exc}") from exc
                 if maybe_landed and expected_last_seq is not None:
-                    # An earlier try landed and its answer was lost: then it is the message right after
-                    # the expected sequence (the server's de-duplication may not have answered first).
+                    # An earlier try landed and its answer was lost: then it is the first message of the
+                    # checked subjects after the expected sequence (de-duplication may not have answered first).
                     found = await self._leader_get(session, expected_last_seq + 1, timeout)
                     if found is not None and found[1].get("Nats-Msg-Id") == headers["Nats-Msg-Id"] \
                             and found[2].id == event.id:
@@ -454,9 +459,13 @@ class EventLog:
         return ack, was_landed[0]
 
     async def append_batch(self, events: list[_Event], *, expected_last_seq: int, msg_ids: list[str],
-                           timeout: float = 5.0) -> list[int]:
+                           timeout: float = 5.0, kind: str | None = None) -> list[int]:
         """Append ``events`` (one session's, at most ``MAX_BATCH``) atomically, right after sequence
         ``expected_last_seq`` of their subject; their sequences, which are contiguous.
+
+        ``kind``: check ``expected_last_seq`` against the session's events of that kind only (its
+        subject), not all of them: the batch then lands after whatever else was appended meanwhile, but
+        only if no event of ``kind`` was (the scheduler's claims: only a claim consumes markers).
 
         Raises ``WrongLastSequence`` when the subject moved on: then nothing was appended. One round
         trip: every message but the last goes out without a reply subject, the commit carries one.
@@ -468,13 +477,15 @@ class EventLog:
             return []
         if len(events) == 1:  # a plain append is the same thing, and needs no batch support
             return [await self.append(events[0], expected_last_seq=expected_last_seq, msg_id=msg_ids[0],
-                                      timeout=timeout)]
+                                      timeout=timeout, kind=kind)]
         if len(events) > MAX_BATCH:
             raise ValueError(f"an atomic batch holds at most {MAX_BATCH} events, not {len(events)}")
         subject = subjects.events(events[0].bot, events[0].session_id)
         if len(msg_ids) != len(events) or any(subjects.events(e.bot, e.session_id) != subject
                                               for e in events):
             raise ValueError(f"a batch appends to one session ({subject}), with one Msg-Id per event")
+        if kind is not None:
+            subject = subjects.event(events[0].bot, events[0].session_id, kind)
         if not tracing.active():
             return await self._append_batch(events, subject, expected_last_seq, msg_ids, timeout)
         with _append_span(events[0], len(events), msg_ids[0]) as span:
@@ -497,8 +508,8 @@ class EventLog:
                 conflict = isinstance(exc, WrongLastSequence) or exc.err_code == DUPLICATE_IN_BATCH
                 if not (maybe_landed and conflict):
                     raise
-                # A try whose answer was lost may have committed. A batch lands whole and contiguous right
-                # after the expected sequence, so its first event there says it did.
+                # A try whose answer was lost may have committed. A batch lands whole and contiguous, and
+                # is the first of the checked subject after the expected sequence: that event says it did.
                 found = await self._leader_get(subject, expected_last_seq + 1, timeout)
                 if found is None or found[2].id != events[0].id or found[1].get("Nats-Msg-Id") != msg_ids[0]:
                     if isinstance(exc, WrongLastSequence):

@@ -119,6 +119,7 @@ class SessionState:
     handed_from: tuple[str, str, int] | None = None  # (bot, session, seq of the message answered) of a hand-off's source
     owner: str | None = None  # the owner named by the actor of the session's first event (None: nobody's)
     env: str | None = None  # the environment it was started in, through a deployment (None: not deployed)
+    last_fired: int = 0  # the sequence of the last transition_fired folded: what the next claim is checked against
     halt_before: frozenset[str] = frozenset()  # transitions whose firings wait like confirm=True ones
     # When a list: every marker the fold puts into (+) or takes out of (-) a place is noted in it, in
     # order. A timeline shows each step's change with it; the scheduler leaves it None and pays nothing.
@@ -201,6 +202,7 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
         case MarkerAdded():
             _put(state, event.marker, seq)
         case TransitionFired():
+            state.last_fired = seq
             _fire(state, event, seq)
         case TransitionStarted():
             f = state.in_flight.get(event.firing_id)

@@ -122,13 +122,17 @@ class MarkerAdded(_Event):
 
 
 class TransitionFired(_Event):
-    """The scheduler claimed ``consumed`` for one firing. Appended only at the expected subject sequence."""
+    """The scheduler claimed ``consumed`` for one firing. Appended only if no other claim of the session
+    landed since the one the scheduler folded last (the expected sequence of the session's claims)."""
 
     type: Literal["transition_fired"] = "transition_fired"
     firing_id: str
     transition: str
     consumed: list[str] = Field(description="Ids of the markers this firing consumes, input order.")
     confirm: bool = Field(default=False, description="True when the firing waits for the user's accept.")
+    planned_at: int | None = Field(default=None, description="The sequence of the fold the claim was decided "
+                                   "on (events of other kinds may land between it and the claim); None in "
+                                   "logs written before it was recorded: the event just before the claim.")
 
     def value(self) -> Any:
         return {"transition": self.transition, "consumed": self.consumed}

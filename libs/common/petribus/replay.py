@@ -34,6 +34,7 @@ the first difference, later ones may be its consequences.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,18 @@ class Report:
                 "differences": [d.to_json() for d in self.differences]}
 
 
+def _planned_earlier(log: list[tuple[int, _Event]]) -> set[int]:
+    """The sequences a claim was decided on that are not the event just before it: the replay keeps a
+    copy of its fold there."""
+    wanted: set[int] = set()
+    for i, (_, event) in enumerate(log):
+        if isinstance(event, TransitionFired) and event.planned_at is not None:
+            before = log[i - 1][0] if i else 0
+            if event.planned_at != before:
+                wanted.add(event.planned_at)
+    return wanted
+
+
 def replay(net: Net, log: Iterable[tuple[int, _Event]], *, until: int | None = None) -> Report:
     """Fold ``log`` (``(seq, event)`` in order) up to ``until`` (inclusive; None: all of it) and report where
     ``net`` would decide differently from what it records."""
@@ -108,8 +121,13 @@ class _Replay:
         self.where: dict[str, str] = {}  # marker id -> its location (a marker never moves between places)
         self.reported: set[FiringKey] = set()  # extra firings already reported, so each shows once
         self.deferred: list[tuple[int, PlannedFiring]] = []  # extras the next decision point may still make
+        self.wanted: set[int] = set()  # sequences whose fold a later claim was decided on (planned_at)
+        self.folds: dict[int, SessionState] = {}  # copies of the fold at those sequences
 
     def run(self, log: list[tuple[int, _Event]], until: int | None) -> Report:
+        self.wanted = _planned_earlier(log)
+        if 0 in self.wanted:
+            self.folds[0] = copy.deepcopy(self.state)
         i = 0
         while i < len(log) and (until is None or log[i][0] <= until):
             whole = _run_at(log, i)
@@ -143,6 +161,8 @@ class _Replay:
             self.report.last_seq = seq
             self.report.bot = self.report.bot or event.bot
             self.report.session_id = self.report.session_id or event.session_id
+        if seq in self.wanted:
+            self.folds[seq] = copy.deepcopy(self.state)
 
     # ------------------------------------------------------------------ decisions
 
@@ -156,6 +176,19 @@ class _Replay:
         self.report.decisions += 1
         state = self.state
         first_seq = run[0][0]
+        # The fold the decision was made on: the claim records it (other kinds of event may have landed
+        # between it and the claim); without it, the event just before the claim.
+        planned_at = run[0][1].planned_at
+        basis = self.folds.pop(planned_at, state) if planned_at is not None else state
+        self.state = basis
+        try:
+            self._decide_on(run, made, state, first_seq)
+        finally:
+            self.state = state
+
+    def _decide_on(self, run: list[tuple[int, TransitionFired]], made: set[FiringKey], state: SessionState,
+                   first_seq: int) -> None:
+        """``_decide`` with ``self.state`` the fold the decision was made on and ``state`` the fold now."""
         plan = self._plan()
         planned = {self._key(p.transition, p.consumed): p for p in plan}
         # Extras of the last decision point that this one makes were one decision split across two runs.

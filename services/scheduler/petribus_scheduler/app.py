@@ -156,7 +156,7 @@ class Scheduler(Service):
         self.asked: OrderedDict[str, None] = OrderedDict()  # confirmations asked and given a deadline
         self.confirm_timeout = settings.confirm_timeout_s if settings.confirm_timeout_s > 0 else None
         self.stats = {"fired": 0, "claim_batches": 0, "conflicts": 0, "rebuilds": 0, "catchups": 0,
-                      "failed": 0, "redispatched": 0, "stalled": 0, "stale_reads": 0}
+                      "failed": 0, "redispatched": 0, "stalled": 0, "stale_reads": 0, "claimed_past": 0}
         self.log = self.log.bind(instance=self.instance)
         self._sweep_now = asyncio.Event()
         self.missing = MissingPools(self.log)
@@ -527,11 +527,13 @@ class Scheduler(Service):
         conflicts = 0
         while True:
             sent: dict[str, asyncio.Future] = {}
+            catchups = self.stats["catchups"]
             plan = self._plan(key, state, guard)
             while plan:
                 # The claim's span is the parent of its transition_fired events and of their work items.
                 firings = min(len(plan), CLAIM_BATCH)
                 with tracing.span("scheduler claim", attributes={"petribus.firings": firings}):
+                    past = self.stats["claimed_past"]
                     try:
                         claimed = await self._claim(net, state, plan[:CLAIM_BATCH])
                     except WrongLastSequence:
@@ -544,16 +546,20 @@ class Scheduler(Service):
                         plan = self._plan(key, state, guard)
                         continue
                     plan = plan[CLAIM_BATCH:]
+                    if self.stats["claimed_past"] != past:
+                        # Others' events were folded with the claims: the rest of the plan was made on a
+                        # fold that is not the one before the next claim; plan again (below) on this one.
+                        plan = []
                     for firing in claimed:
                         if firing.status == "claimed":
                             sent[firing.id] = await self._send_work(net, state, firing, fresh=True)
-            catchups = self.stats["catchups"]
             await self._dispatch(net, state, sent)
             if self.stats["catchups"] == catchups:
                 return
-            # Asking about a confirmation caught up with events others appended meanwhile: delivered
-            # later, they look folded already and nothing else would decide on them (a stalled session,
-            # found only by the next lease or sweep). Decide on them now.
+            # A claim that landed past others' events, or asking about a confirmation, caught up with
+            # events appended meanwhile: delivered later, they look folded already and nothing else
+            # would decide on them (a stalled session, found only by the next lease or sweep). Decide on
+            # them now.
 
     def _plan(self, key: Key, state: SessionState, guard: Any) -> list[PlannedFiring]:
         """What the marking allows, within the session's environment's ``max_concurrent_firings`` (a
@@ -572,19 +578,26 @@ class Scheduler(Service):
         return None if dep is None else dep.policies.max_concurrent_firings
 
     async def _claim(self, net: Net, state: SessionState, plan: list[PlannedFiring]) -> list[Firing]:
-        """Append one ``transition_fired`` per planned firing, all at once, at the folded sequence."""
+        """Append one ``transition_fired`` per planned firing, all at once, if no claim landed since the
+        last one folded: only claims consume markers, so events of other kinds appended meanwhile (a
+        marker, a firing's start or outputs) leave the plan valid and do not refuse it. Those are folded
+        before the claims then, read from the log, so the cached state misses nothing."""
         fired = [TransitionFired(bot=net.bot, session_id=state.session_id, firing_id=new_id(),
                                  transition=p.transition, consumed=list(p.consumed),
                                  confirm=net.transition(p.transition).confirm
-                                 or p.transition in state.halt_before) for p in plan]
-        seqs = await self.events.append_batch(fired, expected_last_seq=state.last_seq,
+                                 or p.transition in state.halt_before, planned_at=state.last_seq) for p in plan]
+        seqs = await self.events.append_batch(fired, expected_last_seq=state.last_fired, kind="transition_fired",
                                               msg_ids=[f"fire:{f.firing_id}" for f in fired])
-        for seq, event in zip(seqs, fired):
-            apply(state, seq, event)
+        if seqs[0] == state.last_seq + 1:
+            for seq, event in zip(seqs, fired):
+                apply(state, seq, event)
+        else:  # others' events landed between the fold and the claims: fold them, then the claims, in order
+            self.stats["claimed_past"] += 1
+            await self._catch_up((net.bot, state.session_id), state, at_least=seqs[-1])
         self.stats["fired"] += len(fired)
         self.stats["claim_batches"] += 1
         self.log.debug("fired", session_id=state.session_id, firings=len(fired), first_seq=seqs[0])
-        return [state.in_flight[f.firing_id] for f in fired]
+        return [state.in_flight[f.firing_id] for f in fired if f.firing_id in state.in_flight]
 
     async def _ask(self, net: Net, state: SessionState, asks: list[Firing]) -> None:
         """Ask the user about each confirm firing (once: Msg-Id and fold) and arm its deadline."""
