@@ -377,12 +377,10 @@ async def test_the_catalog_follows_the_bucket_and_wants_every_version_ever_activ
         assert catalog.active("greet", "dev") == v1
         write_app(tmp_path / "app", shape="text.lower()")
         v2, _ = await d.deploy(js, spec, "greet", env="dev")
-        while catalog.active("greet", "dev") != v2:
-            await asyncio.wait_for(catalog.changed(), 5)
+        await _eventually(lambda: catalog.active("greet", "dev") == v2)
         assert [v.version for v in catalog.wanted()] == [v1.version, v2.version]
         await d.deactivate(js, "greet", env="dev")
-        while catalog.deployments()[("dev", "greet")].state != "deactivated":
-            await asyncio.wait_for(catalog.changed(), 5)
+        await _eventually(lambda: catalog.deployments()[("dev", "greet")].state == "deactivated")
         assert catalog.active("greet", "dev") is None
         for _ in range(500):  # the callback runs in the catalog's own task
             if seen[-1] == 2:
@@ -392,6 +390,16 @@ async def test_the_catalog_follows_the_bucket_and_wants_every_version_ever_activ
     finally:
         await catalog.close()
         await nc.close()
+
+
+async def _eventually(check, timeout: float = 10.0) -> None:
+    """Until ``check()`` holds (the watch applies changes in its own task; a wait on ``changed()`` begun
+    after the change would miss it)."""
+    for _ in range(int(timeout * 100)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the catalog never showed the change")
 
 
 # --- the command line ------------------------------------------------------------------------------

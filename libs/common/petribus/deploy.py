@@ -37,6 +37,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -865,6 +866,9 @@ def _safe_path(member: tarfile.TarInfo, version: Version) -> Path:
     return Path(*parts)
 
 
+_LOADING = threading.Lock()  # loads swap modules in and out of sys.modules: never two at once (threads)
+
+
 def load(folder: Path, version: Version) -> Net:
     """Import the app of ``version`` from its extracted ``folder`` and return its net, named ``version.bot``.
 
@@ -879,7 +883,7 @@ def load(folder: Path, version: Version) -> Net:
     if not app_file.is_relative_to(folder) or not app_file.is_file():
         raise DeployError(f"version {version.version}: its app {version.app!r} is not a file in {folder}",
                           code="bad_archive")
-    with _private_imports(folder):
+    with _LOADING, _private_imports(folder):  # sys.modules is the process's: one load at a time
         try:
             bot = load_bot(f"{app_file}:{attr}")
             return bot.net(name=version.bot)
