@@ -118,6 +118,9 @@ async def main() -> None:
     ap.add_argument("--per-session", type=int, default=25)
     ap.add_argument("--workers", type=int, default=4)
     args = ap.parse_args()
+    # A killed bench stops what it started (its services run in sessions of their own): SIGTERM cancels
+    # this task, so the finally below runs while the nats-server still does.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
 
     with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "nats") as server:
         raw = await raw_publish_rate(server.url)
