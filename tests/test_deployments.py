@@ -164,6 +164,11 @@ async def test_versions_run_side_by_side_blue_green_deactivate_rollback_and_envs
             assert detail.status_code == 200, detail.text
             assert [m["data"]["by"] for m in detail.json()["marking"].get("Shipped", [])] == ["v1"] * 3
 
+            # Not a session id (a subject wildcard): refused as one (422), never looked up across the stream.
+            wild = await http.get("/bots/shop/sessions/*")
+            assert wild.status_code == 422 and wild.json()["code"] == "invalid_session_id", wild.text
+            assert ("shop", "*") not in routing.sessions
+
             # Forked onto v2 (issue 11's fork, by deployment name): the fork runs v2, the source stays on v1.
             forked = await http.post(f"/bots/shop/sessions/{old_id}/fork",
                                      json={"at": detail.json()["last_seq"], "bot": v2.bot})

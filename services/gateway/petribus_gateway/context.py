@@ -12,7 +12,6 @@ in bounded time instead of waiting out request timeouts.
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,11 +28,10 @@ from petribus.net import Net, check_handoffs
 from petribus.outage import on_disconnect, on_reconnect
 from petribus.settings import Settings
 from petribus_gateway.auth import Auth, Caller
-from petribus_gateway.deployments import current_env
+from petribus_gateway.deployments import SESSION_ID_RE, current_env
 from petribus_gateway.timeline import Timeline
 
 # A session id is one subject token: no '.', and no '*' or '>' that would widen a read or a purge.
-SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 @dataclass

@@ -39,6 +39,7 @@ from petribus.registry import RegistryView
 
 ROUTED = re.compile(r"^(?:/envs/(?P<env>[^/]+))?/bots/(?P<name>[^/]+)(?P<rest>(?:/.*)?)$")
 SESSION = re.compile(r"^/sessions/(?P<sid>[^/]+)")
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # what a session id may be (context.check_session_id)
 CLOSE_DEACTIVATED = 4409
 CLOSE_NOT_FOUND = 4404
 CLOSE_TRY_AGAIN = 1013
@@ -187,6 +188,8 @@ class DeploymentRoutes:
     async def _bot(self, scope: dict[str, Any], env: str, name: str, rest: str) -> str:
         session = SESSION.match(rest)
         session_id = session["sid"] if session else _query(scope).get("session_id")
+        if session_id and not SESSION_ID_RE.match(session_id):
+            session_id = None  # not an id (a wildcard, say): not looked up; the route refuses it (422)
         if session_id:
             self.routing.deployment(env, name)  # the deployment exists there
             bot = await self.routing.of_session(name, session_id)
@@ -194,7 +197,7 @@ class DeploymentRoutes:
                 return bot
             # No such session: the active version answers it (404, as for any unknown session).
             return self.routing.catalog.versions()[self.routing.deployment(env, name).active].bot
-        if scope["type"] == "http" and scope.get("method") == "GET" and rest.startswith("/sessions"):
+        if session or (scope["type"] == "http" and scope.get("method") == "GET" and rest.startswith("/sessions")):
             return self.routing.catalog.versions()[self.routing.deployment(env, name).active].bot
         return self.routing.for_new(env, name)
 
