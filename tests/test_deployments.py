@@ -164,6 +164,11 @@ async def test_versions_run_side_by_side_blue_green_deactivate_rollback_and_envs
             assert detail.status_code == 200, detail.text
             assert [m["data"]["by"] for m in detail.json()["marking"].get("Shipped", [])] == ["v1"] * 3
 
+            # Listed by the deployment's name: its sessions on every version, each saying which.
+            listed = (await http.get("/bots/shop/sessions")).json()
+            on = {s["session_id"]: s["bot"] for s in listed["sessions"]}
+            assert listed["bot"] == "shop" and on[old_id] == v1.bot and v2.bot in on.values()
+
             # Not a session id (a subject wildcard): refused as one (422), never looked up across the stream.
             wild = await http.get("/bots/shop/sessions/*")
             assert wild.status_code == 422 and wild.json()["code"] == "invalid_session_id", wild.text

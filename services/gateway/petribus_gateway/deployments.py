@@ -17,7 +17,7 @@ name the deployment, not the version:
   4409); its existing sessions run on to their end. ``petribus activate`` or ``rollback`` undo it.
 - The environment's policy ``authorized`` (when set) is the bot's ``authorized`` in that environment.
 - ``GET /bots/{name}`` describes the version a new session would get; ``GET /bots/{name}/sessions``
-  lists the caller's sessions of that version.
+  lists the caller's sessions of every version loaded here, each with its version's bot.
 """
 
 from __future__ import annotations
@@ -47,6 +47,18 @@ SESSIONS_REMEMBERED = 100_000
 # Set by the middleware for the request it routes (the route runs in the same task, so sees them).
 ENV: ContextVar[str | None] = ContextVar("petribus_env", default=None)
 AUTHORIZED: ContextVar[bool | None] = ContextVar("petribus_authorized", default=None)
+DEPLOYMENT: ContextVar[str | None] = ContextVar("petribus_deployment", default=None)
+
+
+def current_deployment() -> str | None:
+    """The deployment name the request being served was addressed by (None: a bot or version by name)."""
+    return DEPLOYMENT.get()
+
+
+def deployment_of(bot: str) -> str | None:
+    """The deployment a version's bot belongs to (None: not a deployed version)."""
+    named = split_internal(bot)
+    return None if named is None else named[0]
 
 
 def needs_key(net: Any) -> bool:
@@ -178,12 +190,13 @@ class DeploymentRoutes:
             return await _refuse(scope, receive, send, exc)
         path = f"/bots/{bot}{rest}"
         scope = {**scope, "path": path, "raw_path": path.encode()}
-        tokens = ENV.set(env), AUTHORIZED.set(self.routing.authorized(env, name))
+        tokens = ENV.set(env), AUTHORIZED.set(self.routing.authorized(env, name)), DEPLOYMENT.set(name)
         try:
             return await self.app(scope, receive, send)
         finally:
             ENV.reset(tokens[0])
             AUTHORIZED.reset(tokens[1])
+            DEPLOYMENT.reset(tokens[2])
 
     async def _bot(self, scope: dict[str, Any], env: str, name: str, rest: str) -> str:
         session = SESSION.match(rest)

@@ -69,6 +69,8 @@ class BotInfo(BaseModel):
 class SessionSummary(BaseModel):
     session_id: str
     events: int = Field(description="Number of events in the session's log.")
+    bot: str | None = Field(default=None, description="Listed by deployment name: the version's bot the session "
+                            "runs on (<name>--<version>); else not set.")
 
 
 class SessionList(BaseModel):

@@ -16,7 +16,7 @@ from petribus.errors import AlreadyAnswered, InvalidInput
 from petribus.events import Event, HaltSet, InputFileResponse, SessionForked, _Event, new_id, to_client
 from petribus.net import Net
 from petribus_gateway import fork as forking
-from petribus_gateway import idempotency, inputs
+from petribus_gateway import deployments, idempotency, inputs
 from petribus_gateway.auth import CallerDep, guard
 from petribus_gateway.context import GatewayContext, bus_ready, check_session_id, context, unknown_session
 from petribus_gateway.models import (
@@ -135,17 +135,22 @@ async def list_bots(ctx: Ctx, caller: CallerDep) -> list[BotInfo]:
 
 
 @router.get("/bots/{bot}/sessions", response_model=SessionList, responses=ERRORS, tags=["sessions"],
-            dependencies=[Depends(bus_ready)])
+            dependencies=[Depends(bus_ready)], response_model_exclude_none=True)
 async def list_sessions(net: BotNet, ctx: Ctx, caller: CallerDep) -> SessionList:
     """The caller's sessions of the bot still in the log (an admin key: everyone's), with the number of
-    events each holds."""
-    found = await ctx.events.sessions(net.bot)
+    events each holds. By a deployment's name (docs/deployments.md): its sessions on every version loaded
+    here, each with the version's bot."""
+    name = deployments.current_deployment()
+    nets = [net] if name is None else [n for n in ctx.nets.values() if deployments.deployment_of(n.bot) == name]
     mine = []
-    for session_id, n in sorted(found.items()):
-        exists, owner = (True, None) if caller.admin else await ctx.auth.owner_of(ctx.events.js, net.bot, session_id)
-        if exists and ctx.auth.lists(caller, net, owner):
-            mine.append(SessionSummary(session_id=session_id, events=n))
-    return SessionList(bot=net.bot, sessions=mine)
+    for each in nets:
+        found = await ctx.events.sessions(each.bot)
+        for session_id, n in sorted(found.items()):
+            exists, owner = ((True, None) if caller.admin
+                             else await ctx.auth.owner_of(ctx.events.js, each.bot, session_id))
+            if exists and ctx.auth.lists(caller, each, owner):
+                mine.append(SessionSummary(session_id=session_id, events=n, bot=each.bot if name else None))
+    return SessionList(bot=name or net.bot, sessions=mine)
 
 
 @router.post("/bots/{bot}/sessions", response_model=SessionCreatedInfo, status_code=201, responses=ERRORS,
