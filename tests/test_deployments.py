@@ -424,3 +424,37 @@ async def test_a_handoff_names_a_deployment_and_opens_its_active_version_in_the_
             for each in (gateway, service, scheduler):
                 await each.stop()
             await executors.stop()
+
+
+async def test_a_fetch_that_meets_a_bus_timeout_is_tried_again_not_reported_failed(
+        settings: Settings, nc, tmp_path: Path, monkeypatch) -> None:
+    """A version's fault keeps it from traffic for good; the bus's moment must not: the first fetch times
+    out (the fault happens, once), the version is loaded on the next try, and no failure is reported."""
+    import nats.errors
+
+    from petribus import deployed
+
+    js = nc.jetstream()
+    version, _ = await deploy.deploy(js, write_app(tmp_path / "v", "v"), "shop")
+    real, tries = deployed.fetch, []
+
+    async def flaky(*args, **kwargs):
+        tries.append(1)
+        if len(tries) == 1:
+            raise nats.errors.TimeoutError
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(deployed, "fetch", flaky)
+    loaded: list[str] = []
+    follower = await deployed.follow(nc, role="scheduler", instance="t", data_dir=tmp_path / "data",
+                                     add_net=lambda net: loaded.append(net.bot))
+    try:
+        assert loaded == [] and tries == [1]  # the first try failed, and was not reported
+        await _until(lambda: loaded == [version.bot], timeout=15)
+        assert follower.handled == {version.version: ""}
+        reports = deployed.Reports(nc)
+        await reports.start()
+        assert [r.ok for r in reports.of(version.version)] == [True]
+        await reports.close()
+    finally:
+        await follower.close()

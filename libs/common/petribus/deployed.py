@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
@@ -31,12 +32,16 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, ValidationError
 
 from petribus import logs, subjects
-from petribus.deploy import Catalog, Version, fetch
+from petribus.deploy import Catalog, DeployError, Version, fetch, split_internal
+from petribus.errors import PetribusError
 from petribus.kv_mirror import KvMirror
 from petribus.registry import ExecutorInfo
 
 READY_BUCKET = subjects.READY_BUCKET
 ROLES_NEEDED = ("scheduler", "llm")  # besides an executor per pool
+RETRY_S = 2.0  # a version whose fetch met an unavailable bus is tried again after this
+UNLOADED_RETRY_S = 1.0  # an event of a version not loaded here yet comes back after this
+FAILED_RETRY_S = 30.0  # ... and of a version that failed to load here
 _KEY_UNSAFE = re.compile(r"[^-_=a-zA-Z0-9]")
 log = logs.get("petribus.deployed")
 
@@ -50,6 +55,16 @@ class Report(BaseModel):
     ok: bool
     error: str = ""
     at: float = 0.0
+
+
+def _passing(exc: BaseException) -> bool:
+    """Whether loading a version failed for a reason of the moment (the bus unavailable, a timeout), not
+    of the version (its archive, its code): only the latter is reported, and keeps it from traffic."""
+    if isinstance(exc, DeployError):
+        return False
+    if isinstance(exc, PetribusError):
+        return exc.retryable
+    return isinstance(exc, (nats.errors.Error, TimeoutError, ConnectionError))
 
 
 def report_key(version: str, role: str, instance: str) -> str:
@@ -146,6 +161,11 @@ class Deployed:
                 folder = await fetch(self.js, version, self.cache_dir)
                 await self.on_version(version, folder)
             except Exception as exc:
+                if _passing(exc):  # the bus away a moment: not the version's fault; try it again soon
+                    log.warning("version not loaded yet; trying again", role=self.role, version=version.version,
+                                error=repr(exc), retry_in_s=RETRY_S)
+                    asyncio.get_running_loop().call_later(RETRY_S, self._wake.set)
+                    continue
                 error = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
                 self.handled[version.version] = error
                 log.error("version not loaded", role=self.role, version=version.version, bot=version.bot,
@@ -155,6 +175,13 @@ class Deployed:
                 self.handled[version.version] = ""
                 log.info("version loaded", role=self.role, version=version.version, bot=version.bot)
                 await self._report(version, "")
+
+    def retry_after(self, bot: str) -> float:
+        """How long an event of ``bot``, a deployed version this process does not run, waits before it comes
+        back: a moment while the version may still load here; longer once it failed to (another process
+        may run it, and this one must not spin on it)."""
+        named = split_internal(bot)
+        return FAILED_RETRY_S if named is not None and self.handled.get(named[1]) else UNLOADED_RETRY_S
 
     async def _report(self, version: Version, error: str) -> None:
         assert self._kv is not None

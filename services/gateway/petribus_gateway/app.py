@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Generator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from typing import Any
 
 import uvicorn
@@ -122,7 +122,7 @@ class Gateway(Service):
         self._serving: asyncio.Task[None] | None = None
         self.keys: KeyStore | None = None
         self.deployments = False  # run what is deployed (``--deployments``): petribus_gateway.deployments
-        self._deployed: list[Any] = []  # what follows the deployments, closed at stop
+        self._closers: list[Callable[[], Awaitable[None]]] = []  # what follows the deployments, closed at stop
 
     def add_net(self, net: Net) -> None:
         """Serve ``net`` too, from now on (a deployed version loaded while running)."""
@@ -179,7 +179,7 @@ class Gateway(Service):
         await reports.start()
         registry = await Registry(nc.jetstream(), heartbeat_s=self.settings.registry_heartbeat_s,
                                   replicas=self.settings.replicas).watch()
-        self._deployed = [deployed, reports, registry]
+        self._closers = [deployed.close, reports.close, registry.stop]
         assert self.app is not None
         self.app.add_middleware(DeploymentRoutes, routing=Routing(nc.jetstream(), deployed.catalog, reports,
                                                                   registry, self.nets))
@@ -214,8 +214,8 @@ class Gateway(Service):
             await asyncio.wait({self._serving})
         if self.keys is not None:
             await self.keys.close()
-        for part in self._deployed:
-            await (part.close() if hasattr(part, "close") else part.stop())
+        for close in self._closers:
+            await close()
 
 
 def _listen(host: str, port: int) -> socket.socket:

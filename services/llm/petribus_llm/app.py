@@ -41,8 +41,6 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from nats.aio.msg import Msg
-from pydantic import ValidationError
-
 from petribus import subjects, tracing
 from petribus.bus import EventLog, WrongLastSequence, ensure_event_consumer
 from petribus.consumer import PullConsumer
@@ -70,6 +68,7 @@ from petribus.net import Net, check_handoffs
 from petribus.service import Service
 from petribus.session_queues import SessionQueues
 from petribus.settings import Settings
+from pydantic import ValidationError
 
 from petribus_llm import commands, describe
 from petribus_llm.conversation import Askable, Conversation
@@ -85,8 +84,7 @@ from petribus_llm.responder import (
 )
 
 Key = tuple[str, str]
-LLM_KINDS = ("user_message", "prompt_request")
-UNLOADED_RETRY_S = 1.0  # a message to a deployed version not loaded here yet comes back after this  # the events this service acts on (its consumer's filter)
+LLM_KINDS = ("user_message", "prompt_request")  # the events this service acts on (its consumer's filter)
 MAX_DELIVERIES = 5  # a message that failed this often gets an error event instead of another try
 GAVE_UP = "llm_failed"
 _REPLY_IDS = uuid.UUID("7d0f3f0c-4a52-4f3e-9a7e-5f1c2b8e9d10")
@@ -176,8 +174,8 @@ class LLMService(Service):
         assert self.consumer is not None
         while True:
             for msg in await self.consumer.next_batch(self.max_inflight):
-                if self.deployments and self._unloaded(msg.subject):
-                    await msg.nak(delay=UNLOADED_RETRY_S)  # another LLM service's, or ours in a moment
+                if self._deployed is not None and (bot := self._unloaded(msg.subject)):
+                    await msg.nak(delay=self._deployed.retry_after(bot))  # another LLM service's, or ours soon
                     self.consumer.release()
                     continue
                 asked = self._askable(msg)
@@ -199,13 +197,13 @@ class LLMService(Service):
                     self.log.warning("heartbeat failed", error=repr(exc))
                     break
 
-    def _unloaded(self, subject: str) -> bool:
-        """Whether ``subject`` is a session of a deployed version this process has not loaded (yet)."""
+    def _unloaded(self, subject: str) -> str | None:
+        """The bot, when ``subject`` is a session of a deployed version this process has not loaded."""
         try:
             bot, _ = subjects.parse_events(subject)
         except ValueError:
-            return False
-        return bot not in self.nets and split_internal(bot) is not None
+            return None
+        return bot if bot not in self.nets and split_internal(bot) is not None else None
 
     def _askable(self, msg: Msg) -> Askable | None:
         """The user message or prompt ``msg`` carries, if it is one of our bots'; ``None`` for anything else."""

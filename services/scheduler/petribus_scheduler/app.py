@@ -87,7 +87,6 @@ OPENINGS = ("session_created", "session_forked")  # how a session's log begins (
 IN_FLIGHT = ("claimed", "started")  # a firing whose work item is in PB_WORK (or should be)
 MAX_CONFLICT_RETRIES = 50
 CLAIM_BATCH = MAX_BATCH  # firings claimed by one atomic append: the most the server takes
-UNLOADED_RETRY_S = 1.0  # an event of a deployed version not loaded here yet comes back after this
 SCHEDULER_FAILED = "scheduler_failed"
 ENVELOPE_BYTES = 4096  # room left in max_payload for the subject, the headers and the protocol line
 
@@ -267,10 +266,10 @@ class Scheduler(Service):
                     self.consumer.release()
                     continue
                 if key[0] not in self.nets:
-                    if self.deployments and deploy.split_internal(key[0]) is not None:
-                        # A deployed version this process has not loaded yet: another scheduler's, or ours
-                        # in a moment. Not ours to drop.
-                        await msg.nak(delay=UNLOADED_RETRY_S)
+                    if self.deployed is not None and deploy.split_internal(key[0]) is not None:
+                        # A deployed version this process has not loaded: another scheduler's, or ours in a
+                        # moment. Not ours to drop.
+                        await msg.nak(delay=self.deployed.retry_after(key[0]))
                     else:
                         await msg.ack()  # another deployment's bot: not ours to schedule
                     self.consumer.release()
