@@ -8,7 +8,16 @@ from __future__ import annotations
 import pytest
 
 from petribus.bus import EventLog
-from petribus.events import AcceptTransition, ConfirmResponse, RejectTransition
+from petribus.events import (
+    AcceptTransition,
+    AgentMessage,
+    ConfirmResponse,
+    PromptRequest,
+    PromptResponse,
+    RejectTransition,
+    UserMessage,
+    to_client,
+)
 
 from .conftest import app
 from .harness import Client, Stack
@@ -80,7 +89,8 @@ async def test_beam_confirm_response_answers_by_pair_id(stack, nc):
 @pytest.mark.parametrize(("message", "code", "says"), [
     ({"type": "accept_transition", "value": "", "metadata": {"task_id": "t1", "colour": "red"}},
      "unknown_field", "colour"),
-    ({"type": "user_message", "value": "hi", "pair_id": "p1"}, "invalid_value", "pair_id goes with"),
+    ({"type": "accept_transition", "value": "t1", "pair_id": "p1"}, "invalid_value", "pair_id goes with"),
+    ({"type": "user_message", "value": "hi", "pair_id": "no spaces"}, "invalid_value", "pair_id"),
     ({"type": "accept_transition", "value": "t2", "metadata": {"task_id": "t1"}}, "invalid_value",
      "two different tasks"),
     ({"type": "confirm_response", "value": "maybe", "pair_id": "p1"}, "invalid_value", "true or false"),
@@ -113,3 +123,29 @@ async def test_a_transition_name_that_does_not_match_the_task_is_refused(stack, 
     finally:
         await client.close()
     assert not [ev for _, ev in await EventLog(nc).read("hitl", sid) if isinstance(ev, AcceptTransition)]
+
+
+async def test_beam_user_message_pair_id_comes_back_on_its_reply(settings, nc):
+    """Beam pairs a user's message with the bot's reply: the reply carries the message's pair_id."""
+    async with Stack(settings, [HITL], parts=(*PARTS, "llm")) as stack:
+        client, sid = await _session(stack)
+        try:
+            await client.send({"type": "user_message", "value": "/help", "pair_id": "beam-pair-7"})
+            said = await client.until("user_message")
+            reply = await client.until("agent_message")
+            await client.send({"type": "user_message", "value": "/help"})
+            unpaired = await client.until(lambda e: e["type"] == "agent_message"
+                                          and e["metadata"]["event_id"] != reply["metadata"]["event_id"])
+        finally:
+            await client.close()
+    assert said["pair_id"] == "beam-pair-7" and reply["pair_id"] == "beam-pair-7"
+    assert unpaired["pair_id"] == ""
+    log = [ev for _, ev in await EventLog(nc).read("hitl", sid)]
+    assert [ev.pair_id for ev in log if isinstance(ev, UserMessage)] == ["beam-pair-7", None]
+    assert [ev.pair_id for ev in log if isinstance(ev, AgentMessage)] == ["beam-pair-7", None]
+
+
+def test_a_prompt_and_its_response_are_paired_by_the_request_id():
+    asked = PromptRequest(bot="b", session_id="s", text="why?", request_id="r1")
+    answered = PromptResponse(bot="b", session_id="s", text="because", request_id="r1")
+    assert to_client(asked, 3)["pair_id"] == to_client(answered, 4)["pair_id"] == "r1"

@@ -37,6 +37,7 @@ HIDDEN = ["Cancelled", "Escalated", "Closed", "RefundDecision", "Received"]
 # An answered task and a made-up id the messages may name; filled in once the session exists.
 IDS: dict[str, str] = {}
 KEY = re.compile(r"[\x21-\x7e]{1,128}")  # what a request_id (an idempotency key) may be
+PAIR = re.compile(r"[A-Za-z0-9_-]{1,128}")  # what a pair_id may be (an id as an event gave it)
 EXPECTED_CODES = {
     "invalid_json", "not_an_object", "unknown_field", "unknown_type", "invalid_value", "invalid_input",
     "unknown_location", "invalid_utf8", "message_too_large", "unknown_task", "unknown_request",
@@ -131,7 +132,7 @@ def _accepted_by_a_correct_gateway(frame: str | bytes) -> bool:
     if set(obj) - {"type", "value", "request_id", "metadata", "pair_id"}:
         return False
     # Beam's fields: metadata (strings, under Beam's four names, its request_id naming the message unless a
-    # different one is given, its session_id this session's), and a pair_id on confirm_response only.
+    # different one is given, its session_id this session's), a pair_id on confirm_response and user_message.
     metadata = obj.get("metadata")
     if metadata is not None:
         if not isinstance(metadata, dict) or set(metadata) - BEAM_METADATA \
@@ -144,8 +145,10 @@ def _accepted_by_a_correct_gateway(frame: str | bytes) -> bool:
             if obj.get("request_id") not in (None, inner):
                 return False
             obj = {**obj, "request_id": inner}
-    if obj.get("pair_id") not in (None, ""):
-        return False  # only a confirm_response takes one, and no answer can be valid here
+    pair_id = obj.get("pair_id")
+    if pair_id not in (None, "") and not (obj.get("type") == "user_message" and isinstance(pair_id, str)
+                                          and PAIR.fullmatch(pair_id)):
+        return False  # a confirm_response (no answer can be valid here) or a user_message takes one
     # No request_id, or null, is none; one given names the message (an idempotency key): 1-128 printable
     # ASCII characters without spaces.
     request_id = obj.get("request_id")

@@ -439,7 +439,7 @@ async def test_a_client_too_slow_for_its_session_is_told_where_to_resume_and_los
 
 
 def test_close_reasons_are_whole_and_fit_the_frame():
-    from petribus_gateway.ws import CLOSE_REASON_BYTES, _reason
+    from petribus_gateway.reasons import CLOSE_REASON_BYTES, close_reason as _reason
 
     long_clause = "unknown session " + "x" * 120 + " of bot 'hitl': it never existed"
     cases = {

@@ -113,6 +113,10 @@ async def test_an_owner_over_its_session_quota_is_refused_on_rest_and_websocket(
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await ws.recv()
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4429
+            # The close reason is a whole clause, never the message cut at the frame's 123 bytes.
+            reason = closed.value.rcvd.reason
+            assert len(error["value"]["message"].encode()) > 123 and len(reason.encode()) <= 123
+            assert reason == error["value"]["message"].split(";")[0]
         listed = (await http.get("/bots/counter/sessions")).json()["sessions"]
         assert len(listed) == 2
         # Deleting one makes room (after the count is read again).

@@ -96,6 +96,8 @@ class SessionCreated(_Event):
 class UserMessage(_Event):
     type: Literal["user_message"] = "user_message"
     text: str = Field(description="What the user typed.")
+    pair_id: str | None = Field(default=None, description="A Beam client's pair_id for this message; its "
+                                "reply (the agent_message answering it) carries the same one.")
 
     def value(self) -> Any:
         return self.text
@@ -107,6 +109,8 @@ class AgentMessage(_Event):
     firing_id: str | None = Field(default=None, description="Set when a transition said it (context.say).")
     transition: str | None = None
     reply_to: str | None = Field(default=None, description="Id of the user_message this answers.")
+    pair_id: str | None = Field(default=None, description="The pair_id of the user_message answered, if it "
+                                "had one (Beam pairs a message and its reply).")
 
     def value(self) -> Any:
         return self.text
@@ -507,6 +511,7 @@ class AgentMessageDelta(BaseModel):
             "metadata": {"session_id": self.session_id, "request_id": self.request_id, "task_id": None,
                          "transition_name": None, "seq": None, "event_id": self.event_id,
                          "reply_to": self.reply_to, "offset": self.offset},
+            "pair_id": "",
         }
 
 
@@ -531,10 +536,13 @@ def to_client(event: _Event, seq: int | None) -> dict[str, Any]:
 
 
 def pair_id(event: _Event) -> str:
-    """Beam's ``pair_id``: what pairs a question with its answer (a ``confirm_request`` or
-    ``input_file_request`` and its response: the request id, or the file id), else empty, as Beam sends it."""
-    if isinstance(event, (ConfirmRequest, ConfirmResponse)):
+    """Beam's ``pair_id``: what pairs a question with its answer, as Beam sends it: a ``confirm_request``,
+    ``prompt_request`` or ``input_file_request`` and its response (the request id, or the file id), a
+    ``user_message`` that carried one and the ``agent_message`` replying to it; else empty."""
+    if isinstance(event, (ConfirmRequest, ConfirmResponse, PromptRequest, PromptResponse)):
         return event.request_id or ""
+    if isinstance(event, (UserMessage, AgentMessage)):
+        return event.pair_id or ""
     if isinstance(event, (InputFileRequest, InputFileResponse)):
         return event.file_id
     return ""

@@ -35,7 +35,9 @@ from petribus import subjects
 from petribus.deploy import DEFAULT_ENV, Catalog, Deployment, split_internal
 from petribus.deployed import Reports, readiness
 from petribus.errors import PetribusError
+from petribus.events import ErrorEvent, to_client
 from petribus.registry import RegistryView
+from petribus_gateway import reasons
 
 ROUTED = re.compile(r"^(?:/envs/(?P<env>[^/]+))?/bots/(?P<name>[^/]+)(?P<rest>(?:/.*)?)$")
 SESSION = re.compile(r"^/sessions/(?P<sid>[^/]+)")
@@ -238,6 +240,12 @@ async def _refuse(scope: dict[str, Any], receive: Any, send: Any, exc: PetribusE
         return
     await receive()  # websocket.connect
     await send({"type": "websocket.accept"})  # then refuse: a close in the handshake is a bare 403
-    await send({"type": "websocket.send", "text": json.dumps({"type": "error", "value": body})})
-    reason = exc.message if len(exc.message.encode()) <= 123 else exc.code
-    await send({"type": "websocket.close", "code": CLOSE.get(exc.code, 4400), "reason": reason})
+    error = ErrorEvent(bot=_bot_of(scope), session_id="", code=exc.code, message=exc.message)
+    await send({"type": "websocket.send", "text": json.dumps(to_client(error, None))})  # the shape of every event
+    await send({"type": "websocket.close", "code": CLOSE.get(exc.code, 4400),
+                "reason": reasons.close_reason(exc.message, exc.code)})
+
+
+def _bot_of(scope: dict[str, Any]) -> str:
+    routed = ROUTED.match(scope.get("path", ""))
+    return routed["name"] if routed else ""

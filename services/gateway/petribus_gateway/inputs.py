@@ -181,6 +181,9 @@ def to_event(net: Net, session_id: str, payload: dict[str, Any]) -> _Event:
     if metadata.get("session_id") not in (None, "", session_id):
         raise InvalidInput(f"metadata.session_id {snippet(metadata['session_id'])} is not this connection's "
                            f"session ({session_id}); send it on that session's connection", code="invalid_value")
+    if payload.get("pair_id") and kind not in ("confirm_response", "user_message"):
+        raise InvalidInput(f"pair_id goes with a confirm_response (the pair_id of the confirm_request it "
+                           f"answers) or a user_message, not with {kind!r}", code="invalid_value")
     if kind in ("accept_transition", "reject_transition"):
         task = metadata.get("task_id") or None
         if task is not None:  # Beam's form: the task in metadata, the value empty or the same task
@@ -197,14 +200,11 @@ def to_event(net: Net, session_id: str, payload: dict[str, Any]) -> _Event:
             answer = {"true": True, "false": False}.get(value.strip().lower()) if isinstance(value, str) else value
             return confirm_response(net, session_id, {"request_id": pair_id, "accepted": answer}, got)
         return confirm_response(net, session_id, value, got, request_id=request_id)
-    if payload.get("pair_id"):
-        raise InvalidInput(f"pair_id goes with a confirm_response only (the pair_id of the confirm_request "
-                           f"it answers), not with {kind!r}", code="invalid_value")
-    if kind == "user_message":
+    if kind == "user_message":  # Beam's client may pair a message with its reply
         if not isinstance(value, str):
             raise InvalidInput(f"'user_message' needs a string value, got {got}; send {EXAMPLE}",
                                code="invalid_value")
-        return user_message(net, session_id, value, request_id=request_id)
+        return user_message(net, session_id, value, request_id=request_id, pair_id=payload.get("pair_id") or None)
     if not (isinstance(value, dict) and isinstance(value.get("location"), str) and "data" in value
             and set(value) <= {"location", "data"}):
         raise InvalidInput(
@@ -284,10 +284,11 @@ async def append_answer(events: EventLog, event: _Event, *,
     return await answer_once(events, event.bot, event.session_id, decide, target=target, state=state)
 
 
-def user_message(net: Net, session_id: str, text: str, *, request_id: str | None = None) -> UserMessage:
+def user_message(net: Net, session_id: str, text: str, *, request_id: str | None = None,
+                 pair_id: str | None = None) -> UserMessage:
     if not text.strip():
         raise InvalidInput("a user message needs some text; got an empty one", code="invalid_value")
-    return UserMessage(bot=net.bot, session_id=session_id, text=text, request_id=request_id)
+    return UserMessage(bot=net.bot, session_id=session_id, text=text, request_id=request_id, pair_id=pair_id)
 
 
 def marker_added(net: Net, session_id: str, location: str, data: Any, *, source: str,

@@ -43,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from petribus import logs, subjects
 from petribus.errors import InvalidInput
 from petribus.events import ErrorEvent, decode, to_client
-from petribus_gateway import inputs
+from petribus_gateway import inputs, reasons
 from petribus_gateway.auth import Caller, Unauthorized, bearer
 
 log = logs.get("petribus.gateway")
@@ -316,7 +316,7 @@ class Limits:
         error = ErrorEvent(bot=bot, session_id="", code=refused.code, message=refused.message)
         await send({"type": "websocket.send", "text": json.dumps(to_client(error, None))})
         await send({"type": "websocket.close", "code": refused.close,
-                    "reason": refused.message.encode()[:123].decode("utf-8", "ignore")})
+                    "reason": reasons.close_reason(refused.message, refused.code)})
 
 
 def _creates_session(scope: Scope) -> bool:

@@ -46,7 +46,7 @@ from petribus.errors import AlreadyAnswered, InvalidInput, PetribusError, Unknow
 from petribus.events import ConfirmResponse, ErrorEvent, decode, to_client
 from petribus.net import Net
 from petribus.outage import on_reconnect, retry
-from petribus_gateway import deltas, errors, idempotency, inputs
+from petribus_gateway import deltas, errors, idempotency, inputs, reasons
 from petribus_gateway.deployments import needs_key
 from petribus_gateway.auth import (
     AUTH_DEADLINE_S,
@@ -162,22 +162,9 @@ async def _refuse(websocket: WebSocket, bot: str, session_id: str, exc: Petribus
     error = ErrorEvent(bot=bot, session_id=session_id, code=exc.code, message=exc.message)
     with contextlib.suppress(*DISCONNECTED):  # a client that already left needs no answer
         await websocket.send_text(json.dumps(to_client(error, None)))
-        await websocket.close(code, _reason(exc.message, exc.code))
+        await websocket.close(code, reasons.close_reason(exc.message, exc.code))
 
 
-CLOSE_REASON_BYTES = 123  # the most a close frame's reason may hold
-
-
-def _reason(message: str, code: str | None = None) -> str:
-    """A close reason a client can show as it is: the whole message if it fits in the protocol's 123 bytes,
-    else its first clause, else its code. Never a message cut mid-word (the error event sent just before
-    the close carries the whole message)."""
-    clause = message.split(";", 1)[0].strip()
-    fallback = f"{code or 'closed'}; the error event before this close says why"
-    for text in (message, clause, fallback, code or "closed"):
-        if len(text.encode()) <= CLOSE_REASON_BYTES:
-            return text
-    return "closed"
 
 
 class StreamGap(Exception):
@@ -446,6 +433,6 @@ class SessionSocket:
         connected = WebSocketState.CONNECTED
         if self.ws.application_state == connected and self.ws.client_state == connected:
             try:
-                await self.ws.close(code, _reason(reason))
+                await self.ws.close(code, reasons.close_reason(reason))
             except Exception as exc:  # the client left meanwhile
                 self.log.debug("close failed", error=repr(exc))

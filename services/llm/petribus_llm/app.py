@@ -327,7 +327,8 @@ class LLMService(Service):
         for handoff in reply.handoffs:
             await self._hand_off(key, conv, message, handoff)
         answer = AgentMessage(id=answer_id, bot=net.bot, session_id=key[1], text=reply.text,
-                              reply_to=message.id, cause=message.id, request_id=message.request_id)
+                              reply_to=message.id, cause=message.id, request_id=message.request_id,
+                              pair_id=message.pair_id)
         await self.events.append(answer, msg_id=f"reply:{message.id}")
         conv.answered(message.id)
         log.info("answered", markers=len(reply.markers))
