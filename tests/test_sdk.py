@@ -498,3 +498,18 @@ def test_a_file_that_is_not_python_is_named_as_such(tmp_path):
     with pytest.raises(AppLoadError, match="is not a Python module") as info:
         load_bot(f"{readme}:bot")
     assert "README.md" in str(info.value) and "app.py:bot" in str(info.value)
+
+
+def test_a_folder_named_as_the_app_is_named_as_such(tmp_path):
+    with pytest.raises(AppLoadError, match="is a folder, not a Python module") as info:
+        load_bot(f"{tmp_path}:bot")
+    assert "app.py:bot" in str(info.value)
+
+
+def test_settings_refuse_a_port_out_of_range():
+    from pydantic import ValidationError
+
+    from petribus.settings import Settings
+
+    with pytest.raises(ValidationError, match="65535"):
+        Settings(port=99999)

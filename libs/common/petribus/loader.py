@@ -83,6 +83,9 @@ def load_bot(spec: str) -> Bot:
     path = Path(module_part)
     try:
         if module_part.endswith(".py") or path.exists():
+            if path.is_dir():
+                raise AppLoadError(f"{module_part!r} is a folder, not a Python module (from {spec!r}): name the "
+                                   ".py file in it that defines the bot, as path/to/app.py:bot")
             if not path.is_file():
                 raise AppLoadError(f"app file {module_part!r} does not exist (from {spec!r})")
             if path.suffix != ".py":

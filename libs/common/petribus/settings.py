@@ -167,7 +167,7 @@ class Settings(BaseSettings):
 
     # gateway
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(default=8000, ge=0, le=65535)
     gateway_max_message_bytes: int = Field(
         default=1024 * 1024,
         description="Largest WebSocket message a client may send; a larger one gets an error event.",

@@ -140,7 +140,7 @@ class Conversation:
                 self._note(seq, f"the bot {event.parent.bot} handed this conversation over to you; the user's "
                                 "request follows")
             case TransitionFailed() if event.final and self._public(event.transition):
-                self._note(seq, f"{event.transition} failed ({event.error}); its inputs went back")
+                self._note(seq, f"{event.transition} failed ({event.error_type}: {event.error}); its inputs went back")
             case _:
                 pass
 
