@@ -458,3 +458,52 @@ async def test_a_fetch_that_meets_a_bus_timeout_is_tried_again_not_reported_fail
         await reports.close()
     finally:
         await follower.close()
+
+
+async def test_each_versions_executor_reports_its_firings_on_the_parents_metrics_port(
+        settings: Settings, nc, tmp_path: Path) -> None:
+    """A version's executor is a child process; it must not inherit the parent's metrics port (compose sets
+    one port for every service: the parent listens there, so the child could not and would be started
+    again in a loop). The parent's port reports the children's firings, exactly once each, and forgets a
+    child's port once its version's executor stopped."""
+    from petribus import metrics
+    from petribus.embedded import free_ports
+
+    from .test_metrics import moved, scrape, until_scraped, value
+
+    [port] = free_ports(1)  # a fixed port, as compose's 9100: 0 would let every process pick its own
+    metered = settings.model_copy(update={"metrics_port": port})
+    url = f"http://127.0.0.1:{port}/metrics"
+    js = nc.jetstream()
+    version, _ = await deploy.deploy(js, write_app(tmp_path / "v", "metered"), "shop")
+    children_before = list(metrics._children)
+    scheduler, llm, gateway = Scheduler(metered, []), LLMService(metered, []), Gateway(metered, [])
+    for service in (scheduler, llm, gateway):
+        service.deployments = True
+    executors = DeployedExecutors(metered, pools=["cpu"])
+    await executors.start()
+    for service in (scheduler, llm, gateway):
+        await service.start()
+    try:
+        await _wait_ready(js, version.version, gateway)
+        [child] = executors.children.values()
+        assert child.settings.metrics_port not in (None, port)
+        labels = {"bot": version.bot, "transition": "ship"}
+        before = await scrape(url)
+        client, _, _ = await _new_session(js, f"{gateway.url.replace('http', 'ws', 1)}/bots/shop/ws")
+        for item in ("one", "two"):
+            assert await _order(client, item) == {"item": item, "by": "metered"}
+        await client.close()
+        # The child counts a firing right after appending its outcome, which the client may see first.
+        await until_scraped(url, lambda s: value(s, "petribus_firings_completed_total", **labels)
+                            - value(before, "petribus_firings_completed_total", **labels) >= 2)
+        after = await scrape(url)
+    finally:
+        for service in (gateway, llm, scheduler):
+            await service.stop()
+        await executors.stop()
+
+    assert moved(after, before, "petribus_firings_completed_total", **labels) == 2
+    assert moved(after, before, "petribus_firings_started_total", **labels) == 2
+    assert moved(after, before, "petribus_firing_duration_seconds_count", outcome="ok", **labels) == 2
+    assert metrics._children == children_before  # the stopped child's port is no longer read

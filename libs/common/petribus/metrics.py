@@ -20,9 +20,11 @@ deployment, the model from the configuration; never a session, firing or user id
 
 The gateway serves ``render()`` at ``/metrics``; any service serves it on ``PETRIBUS_METRICS_PORT``
 (``MetricsServer``: a tiny HTTP server on the event loop, shared by every service of the process).
-``petribus serve`` runs its executor in a child process (``petribus.child``): the child serves its
-metrics on a loopback port (``for_child``) and ``render`` adds them into this process's, series by
-series, so serve still has one endpoint with every metric once. What each metric means: docs/metrics.md.
+``petribus serve`` runs its executor in a child process (``petribus.child``), and ``executor --deployments``
+one per version: each child serves its metrics on a loopback port of its own (``for_child``; never the
+parent's, where the parent listens) and ``render`` adds them into this process's, series by series, so
+there is still one endpoint with every metric once. A child that stops for good is forgotten
+(``forget_child``). What each metric means: docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -350,8 +352,19 @@ def for_child(settings: Any) -> Any:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    _children.append(f"http://127.0.0.1:{port}/metrics")
+    _children.append(_child_url(port))
     return settings.model_copy(update={"metrics_port": port, "metrics_host": "127.0.0.1"})
+
+
+def forget_child(settings: Any) -> None:
+    """The child given ``settings`` by ``for_child`` stopped for good: its port is no longer read (a scrape
+    would only wait for a refused connection, and the port may go to another process)."""
+    with contextlib.suppress(ValueError):
+        _children.remove(_child_url(settings.metrics_port))
+
+
+def _child_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/metrics"
 
 
 async def _fetch(url: str) -> str | None:

@@ -8,6 +8,11 @@ versions run side by side and a new one is picked up without restarting anything
 app is loaded here once, in a thread, to report a version that cannot load (``PB_READY``) instead of
 starting a process that would die; a child that exits on its own is started again after a pause.
 
+Metrics: this process serves ``PETRIBUS_METRICS_PORT`` (compose gives every service the same one), so a
+version's executor must not inherit it: it could not listen there, and its firings would never reach this
+port. Each child gets a loopback port of its own (``metrics.for_child``, as ``petribus serve`` does for its
+executor), which this process's endpoint reads and adds in; the port is forgotten when the child stops.
+
 The pools are this command's (``--pool``, or the defaults), for every version: a version whose
 transitions need a pool this executor does not serve waits for an executor that does (the gateway sends it
 no sessions until then). Plain executors (without ``--deployments``) of the same pools cannot run beside
@@ -22,6 +27,7 @@ import os
 import socket
 from pathlib import Path
 
+from petribus import metrics
 from petribus.child import ChildService
 from petribus.deploy import Version, load
 from petribus.deployed import Deployed, apps_dir
@@ -60,8 +66,12 @@ class DeployedExecutors(Service):
             args += ["--pool", pool]
         for label in self.labels:
             args += ["--label", label]
-        child = ChildService(f"executor of {version.bot}", "petribus_executor", args, self.settings)
-        await child.start()
+        child = ChildService(f"executor of {version.bot}", "petribus_executor", args, self._child_settings())
+        try:
+            await child.start()
+        except BaseException:
+            self._forget(child)
+            raise
         self.children[version.bot] = child
         self.spawn(self._watch(version, child), f"watch:{version.bot}")
 
@@ -74,10 +84,22 @@ class DeployedExecutors(Service):
             except Exception as exc:
                 self.log.error("a version's executor ended; starting it again", bot=version.bot, error=str(exc))
             await asyncio.sleep(RESTART_PAUSE_S)
+            self._forget(child)
+            child.settings = self._child_settings()  # a fresh port: the old one may be another's by now
             with contextlib.suppress(Exception):
                 await child.start()
+
+    def _child_settings(self) -> Settings:
+        """This process's settings but for the metrics port, which is this process's own (if it has one)."""
+        return self.settings if self.settings.metrics_port is None else metrics.for_child(self.settings)
+
+    def _forget(self, child: ChildService) -> None:
+        if child.settings is not self.settings:
+            metrics.forget_child(child.settings)
 
     async def drain(self) -> None:
         if self.deployed is not None:
             await self.deployed.close()
         await asyncio.gather(*(child.stop() for child in self.children.values()), return_exceptions=True)
+        for child in self.children.values():
+            self._forget(child)
