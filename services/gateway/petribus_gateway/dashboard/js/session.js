@@ -36,7 +36,7 @@ export async function openSession(main, bot, id) {
   const S = {
     live, seen: live.last_seq,  // the live state, and the newest seq the stream brought
     past: null, at: null,  // the state shown from the timeline, and its seq (null: live)
-    lastType: null, errors: new Map(), deltas: new Map(), place: null,
+    last: null, errors: new Map(), deltas: new Map(), place: null,
     loaded: false, buffered: [], closed: false,  // the timeline's pages all read; live events held till then
   };
 
@@ -104,8 +104,9 @@ export async function openSession(main, bot, id) {
     graphScroll.classList.toggle('past', S.at !== null);
     const st = S.live;
     const waiting = st.pending_requests.length || st.in_flight.some((f) => f.status === 'awaiting_confirmation');
-    const status = waiting ? 'waiting' : st.in_flight.length ? 'running'
-      : S.lastType === 'transition_failed' ? 'failed' : 'idle';
+    // As the home list has it (ui.py status_of): failed only while the newest event is a failure for good.
+    const failedForGood = S.last && S.last.type === 'transition_failed' && S.last.value && S.last.value.final;
+    const status = waiting ? 'waiting' : st.in_flight.length ? 'running' : failedForGood ? 'failed' : 'idle';
     fill(statusEl, statusBadge(status));
     renderPending();
     renderChat();
@@ -151,7 +152,7 @@ export async function openSession(main, bot, id) {
     }
     if (!ev.metadata || !ev.metadata.seq) return;
     S.seen = Math.max(S.seen, ev.metadata.seq);
-    S.lastType = ev.type;
+    S.last = ev;
     noteFailure(ev);
     if (S.loaded) {
       timeline.push([ev]);
@@ -184,14 +185,14 @@ export async function openSession(main, bot, id) {
           short(from, 12)), ` at seq ${events[0].value.source_seq}`);
       }
       timeline.push(events);
-      if (events.length) S.lastType = events[events.length - 1].type;
+      if (events.length) S.last = events[events.length - 1];
       tlCount.textContent = `${timeline.rows.length} events${page.next ? '…' : ''}`;
       if (page.next === null || page.next === undefined) break;
       after = page.next;
     }
     S.loaded = true;
     timeline.push(S.buffered);
-    if (S.buffered.length) S.lastType = S.buffered[S.buffered.length - 1].type;
+    if (S.buffered.length) S.last = S.buffered[S.buffered.length - 1];
     S.buffered = [];
     tlCount.textContent = `${timeline.rows.length} events`;
     tlScroll.dataset.loaded = 'true';
