@@ -168,7 +168,29 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
     state.events += 1
     state.bot = state.bot or event.bot
     state.session_id = state.session_id or event.session_id
-    match event:
+    match event:  # the kinds of a firing first: most of a log, and a case is tried in turn
+        case MarkerAdded():
+            _put(state, event.marker, seq)
+        case TransitionFired():
+            state.last_fired = seq
+            _fire(state, event, seq)
+        case TransitionStarted():
+            f = state.in_flight.get(event.firing_id)
+            if f is not None and f.status in ("claimed", "started"):
+                f.status = "started"
+                f.attempts = max(f.attempts, event.attempt)
+                f.started_attempts.add(event.attempt)
+                # What an earlier run asked stays open: a re-run asks it again under the same request id
+                # (the ids are made from the firing and the question's place in the run) and reads its answer.
+        case TransitionCompleted():
+            f = state.in_flight.get(event.firing_id)
+            # A completion can't precede acceptance: one that does is ignored.
+            if f is not None and f.status != "awaiting_confirmation":
+                del state.in_flight[f.id]
+                state.finished.add(f.id)
+                for m in event.outputs:
+                    _put(state, m, seq)
+                _close_requests_of(state, f.id)
         case SessionCreated():
             if not state.created:
                 state.created = True
@@ -199,28 +221,6 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
         case AgentMessage():
             if _new_effect(state, event):
                 state.chat.append(ChatTurn("agent", event.text, seq, event.id, event.firing_id))
-        case MarkerAdded():
-            _put(state, event.marker, seq)
-        case TransitionFired():
-            state.last_fired = seq
-            _fire(state, event, seq)
-        case TransitionStarted():
-            f = state.in_flight.get(event.firing_id)
-            if f is not None and f.status in ("claimed", "started"):
-                f.status = "started"
-                f.attempts = max(f.attempts, event.attempt)
-                f.started_attempts.add(event.attempt)
-                # What an earlier run asked stays open: a re-run asks it again under the same request id
-                # (the ids are made from the firing and the question's place in the run) and reads its answer.
-        case TransitionCompleted():
-            f = state.in_flight.get(event.firing_id)
-            # A completion can't precede acceptance: one that does is ignored.
-            if f is not None and f.status != "awaiting_confirmation":
-                del state.in_flight[f.id]
-                state.finished.add(f.id)
-                for m in event.outputs:
-                    _put(state, m, seq)
-                _close_requests_of(state, f.id)
         case TransitionFailed():
             f = state.in_flight.get(event.firing_id)
             if f is not None and event.final:

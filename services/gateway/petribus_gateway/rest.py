@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse
 
 from petribus import deletion, subjects, tracing
 from petribus.bus import WrongLastSequence
-from petribus.core import SessionState, fold
+from petribus.core import SessionState
 from petribus.errors import AlreadyAnswered, InvalidInput
-from petribus.events import Event, HaltSet, InputFileResponse, SessionForked, _Event, new_id, to_client
+from petribus.events import HaltSet, InputFileResponse, SessionForked, _Event, new_id, to_client
 from petribus.net import Net
 from petribus_gateway import fork as forking
 from petribus_gateway import deployments, idempotency, inputs
@@ -166,16 +166,23 @@ async def create_session(net: BotNet, ctx: Ctx, caller: CallerDep) -> SessionCre
             responses=ERRORS, tags=["sessions"], dependencies=[Depends(bus_ready)])
 async def get_session(net: BotNet, session_id: str, ctx: Ctx, at: AtSeq = None, events: WithEvents = True
                       ) -> SessionDetail:
-    """The session's events (as clients see them) and its state, folded from them: now, or as of ``at``."""
+    """The session's events (as clients see them) and its state, folded from them: now, or as of ``at``.
+
+    Both come from the gateway's timeline of the session (its log read once, then only what is new): the
+    state from its nearest snapshot, the events from their kept client form."""
     check_session_id(session_id)
     if at is None:
-        log = await ctx.events.read(net.bot, session_id)
-        if not log:
+        state = await ctx.timeline.state_at(net.bot, session_id, None)
+        if state.last_seq == 0:
             raise unknown_session(net.bot, session_id)
-        return _detail(net, session_id, fold(log), log if events else [])
-    state = await _state_at(ctx, net, session_id, at)
-    log = await ctx.events.read(net.bot, session_id, until=state.last_seq) if events else []
-    return _detail(net, session_id, state, log)
+    else:
+        state = await _state_at(ctx, net, session_id, at)
+    body = _detail(net, session_id, state).model_dump_json().encode()
+    if events:  # the events' JSON goes in as kept: a long log is neither decoded nor validated again
+        shown = await ctx.timeline.client_events(net.bot, session_id, state.last_seq)
+        body = body.replace(b'"events":[]', b'"events":' + shown, 1)  # the first: bot and id come before it,
+        # and a string holds no unescaped quote
+    return Response(body, media_type="application/json")  # type: ignore[return-value]
 
 
 async def _state_at(ctx: GatewayContext, net: Net, session_id: str, at: int) -> SessionState:
@@ -191,10 +198,10 @@ async def _state_at(ctx: GatewayContext, net: Net, session_id: str, at: int) -> 
     return state
 
 
-def _detail(net: Net, session_id: str, state: SessionState, log: list[tuple[int, Event]]) -> SessionDetail:
+def _detail(net: Net, session_id: str, state: SessionState) -> SessionDetail:
+    """The session's body with no events (``get_session`` puts them in)."""
     return SessionDetail(
-        bot=net.bot, session_id=session_id, last_seq=state.last_seq,
-        events=[ClientEvent.model_validate(to_client(ev, seq)) for seq, ev in log],
+        bot=net.bot, session_id=session_id, last_seq=state.last_seq, events=[],
         marking=state.marking(),
         in_flight=[FiringInfo(firing_id=f.id, transition=f.transition, status=f.status, fired_seq=f.fired_seq,
                               consumed=[p.marker for p in f.consumed], attempts=f.attempts)

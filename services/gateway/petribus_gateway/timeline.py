@@ -3,7 +3,7 @@ at any sequence and any page of its history cost a short fold from the nearest s
 from zero and never a read of the log.
 
 The first question about a session reads its log once (batch by batch) and keeps each event's bytes
-as stored, folding them as they come and keeping a copy of the state every ``every`` events (1,000, or
+as stored (and, once a body asks for it, its client form as JSON), folding them as they come and keeping a copy of the state every ``every`` events (1,000, or
 more for a long session so that it keeps at most ``SNAPSHOTS`` copies). Later questions decode and fold
 only the stored events between the nearest snapshot and the sequence asked for (at most ``every``),
 after reading what was appended since the last question. Bytes, unlike decoded events, cost the
@@ -25,9 +25,11 @@ import bisect
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from pydantic_core import to_json
+
 from petribus.bus import EventLog
 from petribus.core import SessionState, apply
-from petribus.events import Event, Marker, decode
+from petribus.events import Event, Marker, decode, to_client
 
 SNAPSHOTS = 32
 MIN_EVERY = 1_000
@@ -54,7 +56,8 @@ class _Session:
     head: SessionState  # folded up to the newest event read
     seqs: list[int] = field(default_factory=list)  # every event's sequence, ascending
     payloads: list[bytes] = field(default_factory=list)  # and its bytes as stored
-    stored: int = 0  # bytes in payloads
+    shown: list[bytes | None] = field(default_factory=list)  # and as clients see it, once asked for (JSON)
+    stored: int = 0  # bytes in payloads and shown
     snapshots: list[SessionState] = field(default_factory=list)  # ascending last_seq; the first is empty
     since: int = 0  # events folded into head since the newest snapshot
     every: int = MIN_EVERY
@@ -117,6 +120,22 @@ class Timeline:
                     break
         return steps, session.head.last_seq
 
+    async def client_events(self, bot: str, session_id: str, until: int) -> bytes:
+        """The session's events up to ``until`` as clients see them (``to_client``), as one JSON array.
+
+        Each event's client form is made once, the first time a body asks for it, and kept beside its
+        stored bytes: a later body up to any sequence is a join of kept bytes, with no decoding."""
+        session = await self._session(bot, session_id)
+        end = bisect.bisect_right(session.seqs, until)
+        shown = session.shown
+        for i in range(end):
+            if shown[i] is None:
+                data = to_json(to_client(decode(session.payloads[i]), session.seqs[i]))
+                shown[i] = data
+                session.stored += len(data)
+        self._trim()
+        return b"[" + b",".join(shown[:end]) + b"]"  # type: ignore[arg-type]  (all made just above)
+
     def forget(self, bot: str, session_id: str) -> None:
         self._cache.pop((bot, session_id), None)
 
@@ -139,6 +158,7 @@ class Timeline:
                     apply(session.head, seq, decode(payload))
                     session.seqs.append(seq)
                     session.payloads.append(payload)
+                    session.shown.append(None)
                     session.stored += len(payload)
                     session.since += 1
                     if session.since >= session.every:
