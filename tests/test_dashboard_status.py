@@ -7,7 +7,14 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-from petribus.events import ConfirmRequest, ConfirmResponse, InputFileRequest, SessionCreated, UserMessage
+from petribus.events import (
+    ConfirmRequest,
+    ConfirmResponse,
+    InputFileRequest,
+    SessionCreated,
+    TransitionStarted,
+    UserMessage,
+)
 from petribus.settings import Settings
 from petribus_gateway.ui import status_of
 
@@ -38,6 +45,8 @@ def test_a_claimed_or_started_firing_is_running_and_so_is_one_that_failed_but_re
     log = _log()
     fid = log.fire("t", log.add("In"))
     assert status(log) == "running"  # claimed, no executor has it yet
+    log.append(TransitionStarted(bot=B, session_id=S, firing_id=fid, transition="t", executor="x1"))
+    assert status(log) == "running"
     log.fail(fid, "t", final=False)
     assert status(log) == "running"  # its newest event is a failure, but a retry follows
 
