@@ -166,8 +166,8 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
         return state  # already folded: replaying a prefix twice changes nothing
     state.last_seq = seq
     state.events += 1
-    state.bot = state.bot or event.bot
-    state.session_id = state.session_id or event.session_id
+    if not state.session_id:
+        state.bot, state.session_id = state.bot or event.bot, event.session_id
     match event:  # the kinds of a firing first: most of a log, and a case is tried in turn
         case MarkerAdded():
             _put(state, event.marker, seq)
@@ -190,7 +190,8 @@ def apply(state: SessionState, seq: int, event: _Event) -> SessionState:
                 state.finished.add(f.id)
                 for m in event.outputs:
                     _put(state, m, seq)
-                _close_requests_of(state, f.id)
+                if state.pending_requests or state.pending_files:
+                    _close_requests_of(state, f.id)
         case SessionCreated():
             if not state.created:
                 state.created = True
@@ -326,7 +327,7 @@ def _put(state: SessionState, marker: Marker, seq: int) -> None:
 def _fire(state: SessionState, event: TransitionFired, seq: int) -> None:
     if event.firing_id in state.in_flight or event.firing_id in state.finished:
         return
-    if len(set(event.consumed)) != len(event.consumed):
+    if len(event.consumed) > 1 and len(set(event.consumed)) != len(event.consumed):
         return
     found: list[tuple[str, PlacedMarker]] = []
     for mid in event.consumed:
