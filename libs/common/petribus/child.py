@@ -62,6 +62,7 @@ class ChildService:
         self._stopping = False
 
     async def start(self) -> None:
+        self._stopping = False  # a start after a stop (a restart) watches the new process again
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", self.module, "--lifeline", *self.args,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
@@ -74,10 +75,12 @@ class ChildService:
         except TimeoutError:
             line = b""
         if line.strip() != READY:
+            exited = self.proc.returncode is not None or self.proc.stdout.at_eof()
             await self.stop(timeout=1.0)
-            raise PetribusError(f"the {self.name} process did not start within {START_TIMEOUT_S:g}s "
-                                f"(exit status {self.proc.returncode}); its log lines above say why",
-                                code="service_failed")
+            self._stopping = False  # not a stop anyone asked for: wait() reports it as the failure it is
+            what = "exited before it was ready" if exited else f"did not start within {START_TIMEOUT_S:g}s"
+            raise PetribusError(f"the {self.name} process {what} (exit status {self.proc.returncode}); "
+                                "its log lines above say why", code="service_failed")
 
     async def wait(self) -> None:
         """Returns only if the child ends on its own, which is a failure."""
