@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 import websockets
 from fastapi.routing import APIRoute, iter_route_contexts
 from typer.testing import CliRunner
@@ -34,6 +35,7 @@ from .harness import Client, Stack
 
 COUNTER = app("counter")
 PUBLIC = app("auth_public")
+HITL = app("hitl_bot")
 ALLOWED = "https://app.example"
 UNUSED = "0123456789abcdef0123456789abcdef"  # a session id nobody made
 
@@ -240,6 +242,46 @@ async def test_a_revoked_key_is_refused_as_soon_as_the_gateway_hears_of_it(
     assert record.owner == "alice" and record.revoked is not None
 
 
+# --- auth messages: bounded, and never logged ------------------------------------------------------
+
+
+async def test_a_deep_auth_message_is_refused_with_an_error_and_never_breaks_the_connection(
+    stack: Stack, tokens: Tokens
+) -> None:
+    deep = '{"type": "auth", "token": ' + "[" * 100_000 + "]" * 100_000 + "}"  # under 1 MiB
+    async with websockets.connect(stack.ws_url("public"), max_size=None) as ws:
+        client = Client(ws)
+        await client.until("session_created")
+        await client.send(deep)  # json.loads alone would raise RecursionError (close 1011)
+        assert (await client.until("error"))["value"]["code"] == "too_deep"
+        await client.send({"type": "marker_added", "value": {"location": "Note", "data": {"text": "still open"}}})
+        assert (await client.until("marker_added"))["value"]["data"] == {"text": "still open"}
+    # As the first message to a bot that needs a key: an error and the usual 4401, not an abnormal close.
+    async with websockets.connect(stack.ws_url("counter"), max_size=None) as ws:
+        await ws.send(deep)
+        received, _ = await _expect_closed(ws, 4401)
+    assert [e["value"]["code"] for e in received] == ["unauthorized"]
+
+
+async def test_a_broken_auth_message_is_refused_without_its_token_reaching_a_log(
+    stack: Stack, tokens: Tokens
+) -> None:
+    secret = tokens.alice.split("_", 2)[2]
+    with structlog.testing.capture_logs() as logs:
+        async with websockets.connect(stack.ws_url("public")) as ws:
+            client = Client(ws)
+            await client.until("session_created")
+            await client.send('{"type":"auth","token":"' + tokens.alice)  # cut short: not JSON
+            broken = await client.until("error")
+            await client.send('{"token": "' + tokens.alice + '", "type": ')  # the type after the token
+            other = await client.until("error")
+    assert broken["value"]["code"] == other["value"]["code"] == "invalid_json"
+    refused = [e for e in logs if e.get("event") == "client message refused"]
+    assert len(refused) == 2, logs
+    for text in (repr(logs), broken["value"]["message"], other["value"]["message"]):
+        assert secret[:8] not in text and tokens.alice[:24] not in text
+
+
 # --- Origin ----------------------------------------------------------------------------------------
 
 
@@ -302,6 +344,51 @@ async def test_every_event_a_request_appended_records_who_caused_it_and_never_th
                     *await _stream_bytes(nc, "KV_" + keys.KEYS_BUCKET)])
     for token in (tokens.alice, tokens.bob, tokens.admin):
         assert token.encode() not in raw and token.split("_", 2)[2].encode() not in raw
+
+
+async def test_answers_and_uploads_record_who_caused_them(settings: Settings, tokens: Tokens, nc) -> None:
+    """accept/reject of a confirmation, a confirm_response and an input_file_response, over REST and the
+    WebSocket: each records the key's owner, key id and address."""
+    async with Stack(settings, [HITL], parts=("scheduler", "executor", "gateway")) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, headers=auth(tokens.alice), timeout=30) as http:
+        client = Client(await websockets.connect(stack.ws_url("hitl"), additional_headers=auth(tokens.alice)))
+        try:
+            sid = (await client.until("session_created"))["value"]
+            base = f"/bots/hitl/sessions/{sid}"
+
+            def marker(location: str, **data: Any) -> dict[str, Any]:
+                return {"type": "marker_added", "value": {"location": location, "data": data}}
+
+            await client.send(marker("Order", id=1))
+            task = (await client.until("confirm_transition"))["metadata"]["task_id"]
+            accepted = await http.post(f"{base}/confirmations/{task}", json={"accepted": True})
+            assert accepted.status_code == 201, accepted.text
+            await client.send(marker("Ticket", id=2))
+            task = (await client.until("confirm_transition"))["metadata"]["task_id"]
+            await client.send({"type": "reject_transition", "value": task})
+            await client.until("reject_transition")
+            await client.send(marker("Refund", amount=5))
+            asked = await client.until("confirm_request")
+            await client.send({"type": "confirm_response",
+                               "value": {"request_id": asked["metadata"]["request_id"], "accepted": True}})
+            await client.until("confirm_response")
+            await client.send(marker("Upload", description="a receipt"))
+            wanted = (await client.until("input_file_request"))["value"]
+            uploaded = await http.put(wanted["upload_url"], content=b"receipt")
+            assert uploaded.status_code == 201, uploaded.text
+            await client.until("input_file_response")
+        finally:
+            await client.close()
+
+    key_id = tokens.alice.split("_")[1]
+    log = await EventLog(nc).read("hitl", sid)
+    answers = [ev for _, ev in log if ev.type in ("accept_transition", "reject_transition", "confirm_response",
+                                                  "input_file_response")]
+    assert sorted(ev.type for ev in answers) == ["accept_transition", "confirm_response", "input_file_response",
+                                                 "reject_transition"]
+    assert {(a.actor.owner, a.actor.key_id, a.actor.address) for a in answers if a.actor} == {
+        ("alice", key_id, "127.0.0.1")}
+    assert all(a.actor is not None for a in answers)
 
 
 async def _stream_bytes(nc: Any, stream: str) -> list[bytes]:

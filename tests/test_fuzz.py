@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import string
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -37,6 +38,7 @@ HIDDEN = ["Cancelled", "Escalated", "Closed", "RefundDecision", "Received"]
 # An answered task and a made-up id the messages may name; filled in once the session exists.
 IDS: dict[str, str] = {}
 KEY = re.compile(r"[\x21-\x7e]{1,128}")  # what a request_id (an idempotency key) may be
+TOKEN_CHARS = string.ascii_letters + string.digits + "-_"  # a token's secret: url-safe base64
 PAIR = re.compile(r"[A-Za-z0-9_-]{1,128}")  # what a pair_id may be (an id as an event gave it)
 EXPECTED_CODES = {
     "invalid_json", "not_an_object", "unknown_field", "unknown_type", "invalid_value", "invalid_input",
@@ -117,6 +119,11 @@ messages = st.one_of(
                                                          + "\\u00e9" * (n // 6) + '", "x": 1}'),
     st.integers(100, 400).map(lambda n: _frame({f"k{i}": i for i in range(n)})),
     st.binary(max_size=40).map(lambda b: b'{"type": "user_message", "value": "' + b + b'\xff\xfe"}'),
+    # An auth message is read before anything else: deep (closed or not), or cut short with its token in it.
+    st.builds(lambda n, closed: '{"type": "auth", "token": ' + "[" * n + ("]" * n + "}" if closed else ""),
+              st.integers(65, 1000), st.booleans()),
+    st.builds(lambda key, rest: '{"type": "auth", "token": "pb_' + key + "_" + rest,
+              st.text("0123456789abcdef", min_size=16, max_size=16), st.text(TOKEN_CHARS, max_size=43)),
 )
 
 

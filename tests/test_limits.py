@@ -175,3 +175,73 @@ async def test_the_session_quota_is_per_owner_of_the_api_key(settings: Settings,
         again = await http.post("/bots/counter/sessions", headers=as_(alice))
         assert again.status_code == 429 and "owner 'alice'" in again.json()["message"]
         assert (await http.post("/bots/counter/sessions", headers=as_(bob))).status_code == 201
+
+
+async def test_a_body_is_shape_checked_whatever_its_content_type_says(stack: Stack, http: httpx.AsyncClient) -> None:
+    sid = (await http.post("/bots/counter/sessions")).json()["session_id"]
+    url = f"/bots/counter/sessions/{sid}/markers"
+    before = await EventLog(stack.gateway.nc).count("counter", sid)
+    nested = json.loads("[" * 900 + "]" * 900)  # parses, and is deeper than any client message may be
+    body = json.dumps({"location": "Item", "data": {"n": 1, "x": nested}}).encode()
+    for kind in ("application/JSON", "Application/Json; charset=utf-8", "text/plain", "application/vnd.x+json"):
+        deep = await http.post(url, content=body, headers={"content-type": kind})
+        assert deep.status_code == 422 and deep.json()["code"] == "too_deep", (kind, deep.status_code, deep.text)
+        deeper = await http.post(url, content=b"[" * 100_000, headers={"content-type": kind})
+        assert deeper.status_code == 422 and deeper.json()["code"] == "too_deep", (kind, deeper.text)
+    assert await EventLog(stack.gateway.nc).count("counter", sid) == before  # nothing of it was stored
+    fine = await http.post(url, json={"location": "Item", "data": {"n": 2}},
+                           headers={"content-type": "Application/JSON"})
+    assert fine.status_code == 201, fine.text
+
+
+def _as(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_a_fork_is_a_new_session_under_the_owners_quota_and_the_storage_check(
+    settings: Settings, nc: Any
+) -> None:
+    from petribus import keys
+
+    alice = (await keys.create(nc.jetstream(), "alice"))[0]
+    small = settings.model_copy(update={"max_sessions_per_owner": 2})
+    async with Stack(small, [COUNTER], parts=("scheduler", "gateway")) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, headers=_as(alice), timeout=10) as http:
+        sid = (await http.post("/bots/counter/sessions")).json()["session_id"]
+        forked = await http.post(f"/bots/counter/sessions/{sid}/fork", json={"at": 1})
+        assert forked.status_code == 201, forked.text
+        refused = [await http.post(f"/bots/counter/sessions/{sid}/fork", json={"at": 1}) for _ in range(2)]
+        assert [(r.status_code, r.json()["code"]) for r in refused] == [(429, "session_quota")] * 2
+        assert "owner 'alice'" in refused[0].json()["message"]
+        listed = (await http.get("/bots/counter/sessions")).json()["sessions"]
+        assert len(listed) == 2  # the session and its one fork
+        _limits(stack)._storage = (float("inf"), 100, 100)  # the log as full as it may be for new sessions
+        await http.delete(f"/bots/counter/sessions/{forked.json()['session_id']}")
+        _limits(stack).counted_at = float("-inf")
+        full = await http.post(f"/bots/counter/sessions/{sid}/fork", json={"at": 1})
+        assert full.status_code == 507 and full.json()["code"] == "storage_full", full.text
+
+
+async def test_a_websocket_that_sends_its_key_first_is_charged_to_the_keys_owner(settings: Settings, nc: Any) -> None:
+    from petribus import keys
+
+    alice = (await keys.create(nc.jetstream(), "alice"))[0]
+    bob = (await keys.create(nc.jetstream(), "bob"))[0]
+    small = settings.model_copy(update={"max_sessions_per_owner": 1})
+    async with Stack(small, [COUNTER], parts=("scheduler", "gateway")) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as http:
+        assert (await http.post("/bots/counter/sessions", headers=_as(alice))).status_code == 201
+        async with websockets.connect(stack.ws_url("counter")) as ws:  # a browser: the key as its first message
+            await ws.send(json.dumps({"type": "auth", "token": alice}))
+            error = json.loads(await ws.recv())
+            assert error["type"] == "error" and error["value"]["code"] == "session_quota", error
+            assert "owner 'alice'" in error["value"]["message"]
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4429
+        assert len((await http.get("/bots/counter/sessions", headers=_as(alice))).json()["sessions"]) == 1
+        # From the same address, bob's key starts his own (the address is not what is charged).
+        async with websockets.connect(stack.ws_url("counter")) as ws:
+            await ws.send(json.dumps({"type": "auth", "token": bob}))
+            created = json.loads(await ws.recv())
+            assert created["type"] == "session_created" and created["metadata"]["actor"]["owner"] == "bob"

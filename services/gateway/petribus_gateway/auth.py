@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from starlette.websockets import WebSocket
 
 from petribus import logs, subjects
 from petribus.deploy import split_internal
-from petribus.errors import PetribusError, UnknownBot
+from petribus.errors import InvalidInput, PetribusError, UnknownBot
 from petribus.events import Actor, ErrorEvent, SessionCreated, SessionForked, decode, to_client
 from petribus.keys import KeyStore, Principal
 from petribus.net import Net
@@ -59,6 +60,8 @@ CLOSE_POLICY = 1008  # RFC 6455 "Policy Violation": a foreign Origin
 CLOSE_UNAUTHORIZED = 4401
 AUTH_DEADLINE_S = 5.0  # how long a WebSocket that needs a key and sent no header waits for its auth message
 OWNER_CACHE = 100_000  # sessions whose owner is remembered (an owner never changes)
+AUTH_TYPE = re.compile(r'"type"\s*:\s*"auth"')
+TOKEN_LIKE = re.compile(r"pb_[A-Za-z0-9_-]+")  # a token is pb_<key id>_<secret>, url-safe base64
 
 log = logs.get("petribus.gateway")
 
@@ -109,17 +112,33 @@ def bearer(value: str | None) -> str | None:
 
 
 def auth_message(text: str) -> str | None:
-    """The token of a WebSocket ``{"type": "auth", "token": ...}`` message; None when it is another message."""
+    """The token of a WebSocket ``{"type": "auth", "token": ...}`` message; None when it is another message.
+
+    Its shape is checked before it is parsed, as every client message's is (``InvalidInput`` ``too_deep``:
+    the parser recurses). An auth message that is not valid JSON is refused without being quoted: the
+    usual error quotes the start of the message, and here that is the token."""
+    from petribus_gateway.inputs import check_shape  # (inputs -> errors -> auth: imported when called)
+
     if '"auth"' not in text:
         return None
+    check_shape(text)
     try:
         payload = json.loads(text)
     except ValueError:
-        return None
+        if AUTH_TYPE.search(text) is None:
+            return None  # another broken message that mentions "auth": inputs.parse says what is wrong
+        raise InvalidInput("the auth message is not valid JSON (not quoted here: it holds a token); send "
+                           "{\"type\": \"auth\", \"token\": \"<token>\"}", code="invalid_json") from None
     if not (isinstance(payload, dict) and payload.get("type") == "auth"):
         return None
     token = payload.get("token")
     return token if isinstance(token, str) else ""
+
+
+def masked(text: str) -> str:
+    """``text`` with anything shaped like a token (``pb_...``) replaced, for log lines and errors that quote
+    what a client sent: a token must never reach a log."""
+    return TOKEN_LIKE.sub("pb_***", text)
 
 
 class Auth:

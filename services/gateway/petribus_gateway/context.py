@@ -12,6 +12,7 @@ in bounded time instead of waiting out request timeouts.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,10 @@ class GatewayContext:
     auth: Auth = field(init=False)
     files: FileStore = field(init=False)
     timeline: Timeline = field(init=False)
+    # What admits a new session (rate, storage, the owner's quota), or raises ``limits.Refused``: set by
+    # the limits middleware, which applies it to REST creations and forks itself; a WebSocket calls
+    # ``admit_session`` once its caller is known (its key may come in its first message).
+    session_gate: Callable[[Caller], Awaitable[None]] | None = field(default=None, init=False)
     _connected: asyncio.Event = field(init=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +70,11 @@ class GatewayContext:
 
     async def _down(self) -> None:
         self._connected.clear()
+
+    async def admit_session(self, caller: Caller) -> None:
+        """Let ``caller`` start one more session, or raise ``limits.Refused`` (see ``session_gate``)."""
+        if self.session_gate is not None:
+            await self.session_gate(caller)
 
     async def bus_ready(self) -> None:
         """Return once NATS is connected; ``BusUnavailable`` when it is not back within ``outage_s``."""

@@ -2,23 +2,25 @@
 
 Everything here answers before the request reaches a route, and never drops a connection:
 
-- **Bodies.** A JSON body (POST/PUT/PATCH outside the file routes, which have ``PETRIBUS_MAX_FILE_BYTES``)
+- **Bodies.** A body (POST/PUT/PATCH outside the file routes, which have ``PETRIBUS_MAX_FILE_BYTES``)
   over ``PETRIBUS_MAX_BODY_BYTES`` is refused with 413 ``body_too_large``: at once when its
   ``Content-Length`` says so, else as soon as the bytes read pass the limit (chunked bodies). A body that
   is not UTF-8, or nests deeper than ``inputs.MAX_DEPTH`` or has over ``inputs.MAX_MEMBERS`` members,
-  gets 422 before any parser sees it.
+  gets 422 before any parser sees it, whatever its ``Content-Type`` says: every such route takes JSON.
 - **Rates** (token buckets: an average rate and a burst). Per API key (per client address without one):
   ``PETRIBUS_KEY_REQUEST_RATE`` requests and WebSocket messages per second, else 429 ``rate_limited`` with
   ``Retry-After``. Per WebSocket connection: ``PETRIBUS_WS_MESSAGE_RATE`` messages per second; an excess
   message is not processed and its sender gets an ``error`` event (``rate_limited``); the connection stays
   open. The middleware owns the socket's send side for that (one lock), so the error never interleaves
   with the gateway's own frames.
-- **New sessions** (``POST /bots/{bot}/sessions``, a WebSocket without ``session_id``): per client address
-  ``PETRIBUS_SESSION_CREATE_RATE``; per owner (the key's owner; without a key, the client address)
-  ``PETRIBUS_MAX_SESSIONS_PER_OWNER`` sessions at once (429 ``session_quota``); none once PB_EVENTS holds
-  ``PETRIBUS_NEW_SESSIONS_MAX_FILL`` of its ``max_bytes`` (507 ``storage_full``), so the room left is for
-  the sessions already live. A refused WebSocket is sent the error and closed with 4429 (quota, rate) or
-  4507 (storage).
+- **New sessions** (``POST /bots/{bot}/sessions``, ``POST .../sessions/{id}/fork``, a WebSocket without
+  ``session_id``): per client address ``PETRIBUS_SESSION_CREATE_RATE``; per owner (the key's owner;
+  without a key, the client address) ``PETRIBUS_MAX_SESSIONS_PER_OWNER`` sessions at once (429
+  ``session_quota``); none once PB_EVENTS holds ``PETRIBUS_NEW_SESSIONS_MAX_FILL`` of its ``max_bytes``
+  (507 ``storage_full``), so the room left is for the sessions already live. A WebSocket is admitted by
+  ``ws.py`` through ``GatewayContext.admit_session`` once its caller is known (a browser's key comes in
+  its first message), so its session is charged to the key's owner; a refused one is sent the error and
+  closed with 4429 (quota, rate) or 4507 (storage).
 
 Buckets live in this process: with several gateways each enforces its own share. Session counts per owner
 are the log's (its subjects and each session's first event), recounted at most every ``COUNT_S`` and
@@ -37,7 +39,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 from nats.js.errors import NotFoundError
-from starlette.datastructures import Headers, QueryParams
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from petribus import logs, subjects
@@ -50,6 +52,7 @@ log = logs.get("petribus.gateway")
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 NEW_SESSION = re.compile(r"^/bots/([^/]+)/sessions/?$")
+FORK = re.compile(r"^/bots/([^/]+)/sessions/[^/]+/fork/?$")  # a fork is a new session, its forker's
 NEW_SOCKET = re.compile(r"^/bots/([^/]+)/ws/?$")
 FILE_ROUTE = re.compile(r"/files(/|$)")
 CLOSE_LIMITED = 4429
@@ -122,6 +125,7 @@ class Limits:
         self._openers: OrderedDict[tuple[str, str], str] = OrderedDict()  # session -> who owns it
         self._count_lock = asyncio.Lock()
         self._storage: tuple[float, int, int] = (-math.inf, 0, -1)  # when read, bytes held, max_bytes
+        ctx.session_gate = self._admit_session  # a WebSocket's new session is admitted by ws.py
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -253,7 +257,11 @@ class Limits:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if body and "json" in Headers(scope=scope).get("content-type", "json"):
+        # Every route that takes a body here parses it as JSON, and FastAPI does so for any spelling of
+        # application/json (and for none): the shape is checked whatever the Content-Type says, or a
+        # deep body would reach the parser under "application/JSON". A body that is not JSON at all is
+        # refused by the route anyway.
+        if body:
             try:
                 inputs.check_shape(body.decode("utf-8"), "the request body")
             except UnicodeDecodeError as exc:
@@ -320,10 +328,11 @@ class Limits:
 
 
 def _creates_session(scope: Scope) -> bool:
-    if scope["type"] == "http":
-        return scope["method"] == "POST" and NEW_SESSION.match(scope["path"]) is not None
-    return (NEW_SOCKET.match(scope["path"]) is not None
-            and "session_id" not in QueryParams(scope.get("query_string", b"").decode("latin-1")))
+    """A REST request that starts a session (a new one or a fork). A WebSocket's is admitted by ``ws.py``
+    once its caller is known (``GatewayContext.admit_session``)."""
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return False
+    return NEW_SESSION.match(scope["path"]) is not None or FORK.match(scope["path"]) is not None
 
 
 def _owner_name(owner: str | None, address: str | None) -> str:

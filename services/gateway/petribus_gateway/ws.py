@@ -16,7 +16,9 @@ Who may connect (``auth.py``): the ``Authorization: Bearer`` header, or, from a 
 headers on a WebSocket), ``{"type": "auth", "token": ...}`` as the first message, awaited for
 ``AUTH_DEADLINE_S`` only when the bot needs a key and no header came. A bot that needs a key and gets
 none is closed with 4401; another owner's session is closed with 4404, exactly like an unknown one.
-Every event a client's message appends records the caller as its ``actor``.
+Every event a client's message appends records the caller as its ``actor``. A new session is admitted
+(rate, storage, the owner's quota: ``limits``) here, once the caller is known, so that it is charged to
+the key's owner even when the key came in the first message.
 
 Answers (accept/reject a confirmation, a confirm_response) are checked against a fold of the session
 that the connection keeps and brings up to date before each answer, and appended at the sequence they
@@ -56,8 +58,10 @@ from petribus_gateway.auth import (
     address,
     auth_message,
     bearer,
+    masked,
 )
 from petribus_gateway.context import GatewayContext, context
+from petribus_gateway.limits import Refused
 
 CLOSE_NOT_FOUND = 4404
 CLOSE_BAD_REQUEST = 4400
@@ -93,6 +97,10 @@ async def session_socket(
         return
     except InvalidInput as exc:
         await _refuse(websocket, bot, asked, exc, CLOSE_BAD_REQUEST)
+        return
+    except Refused as refused:  # a new session over the owner's quota, the rate, or a full log
+        ctx.log.info("connection refused", bot=bot, reason=refused.code, address=address(websocket))
+        await _refuse(websocket, bot, asked, PetribusError(refused.message, code=refused.code), refused.close)
         return
     except Exception as exc:
         bus = errors.bus_failure(exc)
@@ -152,6 +160,9 @@ async def _open(ctx: GatewayContext, net: Net, params: QueryParams, caller: Call
         if raw_since is not None:
             raise InvalidInput("since needs a session_id: pass the session_id it belongs to",
                                code="invalid_since")
+        # Admitted here, not by the limits middleware: only now is the owner known when the key came in
+        # the first message, and the session is charged to that owner, not to the client's address.
+        await ctx.admit_session(caller)
         session_id, _ = await ctx.create_session(net, caller.actor())
         return session_id, 0
     await ctx.require_visible(net, session_id, caller)
@@ -345,8 +356,9 @@ class SessionSocket:
             event = inputs.to_event(self.net, self.session_id, payload).model_copy(
                 update={"actor": self.caller.actor()})
         except InvalidInput as exc:
-            self.log.info("client message refused", code=exc.code, error=exc.message)
-            await self._error(exc.code, exc.message, request_id)
+            # The error quotes what the client sent, which may be a token (a broken auth message).
+            self.log.info("client message refused", code=exc.code, error=masked(exc.message))
+            await self._error(exc.code, masked(exc.message), request_id)
             return
         try:
             await self.ctx.bus_ready()
