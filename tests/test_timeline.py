@@ -10,15 +10,32 @@ import pytest
 
 from petribus.bus import EventLog
 from petribus.core import fold
-from petribus.events import Marker, MarkerAdded, TransitionCompleted, TransitionFailed, TransitionFired, new_id
+from petribus.events import (
+    AgentMessage,
+    ConfirmRequest,
+    ConfirmResponse,
+    HaltSet,
+    Marker,
+    MarkerAdded,
+    MemoryUpdated,
+    OutputFile,
+    TransitionCompleted,
+    TransitionFailed,
+    TransitionFired,
+    UserMessage,
+    new_id,
+)
 from petribus_gateway import timeline as timeline_module
 from petribus_gateway.timeline import Timeline
 
 
 def _runs(bot: str, session_id: str, count: int, rng: random.Random) -> list:
-    """Markers added, claimed, completed or failed (their markers come back): ``count`` runs of it."""
+    """Markers added, claimed, completed or failed (their markers come back): ``count`` runs of it. A run
+    may also chat, remember, ask a question (answered later, or never), send a file or change the halts,
+    so that every part of a state changes along the log."""
     events: list = []
     waiting: list[Marker] = []
+    asked: list[str] = []
     for n in range(count):
         m = Marker(location="Item", data={"n": n})
         events.append(MarkerAdded(bot=bot, session_id=session_id, marker=m))
@@ -35,6 +52,21 @@ def _runs(bot: str, session_id: str, count: int, rng: random.Random) -> list:
                 events.append(TransitionCompleted(
                     bot=bot, session_id=session_id, firing_id=firing, transition="work",
                     outputs=[Marker(location="Done", data={"n": taken.data["n"]})]))
+        roll = rng.random()
+        if roll < 0.1:
+            events.append(UserMessage(bot=bot, session_id=session_id, text=f"message {n}"))
+            events.append(AgentMessage(bot=bot, session_id=session_id, text=f"reply {n}", reply_to=events[-1].id))
+        elif roll < 0.2:
+            events.append(MemoryUpdated(bot=bot, session_id=session_id, memory={"n": n}))
+        elif roll < 0.3:
+            asked.append(new_id())
+            events.append(ConfirmRequest(bot=bot, session_id=session_id, request_id=asked[-1], description=f"ok {n}?"))
+        elif roll < 0.4 and asked:
+            events.append(ConfirmResponse(bot=bot, session_id=session_id, request_id=asked.pop(0), accepted=True))
+        elif roll < 0.45:
+            events.append(OutputFile(bot=bot, session_id=session_id, file_id=new_id(), name=f"f{n}.txt", size=n))
+        elif roll < 0.5:
+            events.append(HaltSet(bot=bot, session_id=session_id, before=["work"] if n % 2 else []))
     return events
 
 
@@ -56,10 +88,13 @@ async def test_state_at_every_seq_from_snapshots_is_the_fold_of_the_prefix(nc, m
         state = await timeline.state_at("b", "s1", seq)
         expected = fold(logged[: i + 1])
         assert state.last_seq == seq
-        assert state.marking() == expected.marking() and list(state.in_flight) == list(expected.in_flight)
-        assert state.blocked == expected.blocked
+        assert state == expected  # the whole state: chat, memory, questions, files and halts too
     session = timeline._cache[("b", "s1")]
     assert len(session.snapshots) > 5  # the answers above came from snapshots, not from zero
+    # Each part changed along the log, so a snapshot sharing any of them with a later state would show.
+    last = fold(logged)
+    assert last.chat and last.memory and last.pending_requests and last.closed_requests and last.files
+    assert any(isinstance(ev, HaltSet) and ev.before for _, ev in logged)
     # Appended after the first questions: caught up, and a past state is unchanged by it.
     logged += await _append(log, _runs("b", "s1", 30, rng))
     assert (await timeline.state_at("b", "s1")).marking() == fold(logged).marking()
