@@ -245,3 +245,26 @@ async def test_a_websocket_that_sends_its_key_first_is_charged_to_the_keys_owner
             await ws.send(json.dumps({"type": "auth", "token": bob}))
             created = json.loads(await ws.recv())
             assert created["type"] == "session_created" and created["metadata"]["actor"]["owner"] == "bob"
+
+
+async def test_every_stream_is_bounded_and_the_per_session_limit_counts_each_kind_of_event(
+    settings: Settings, nc: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PETRIBUS_EVENTS_MAX_PER_SESSION", "3")
+    monkeypatch.setenv("PETRIBUS_WORK_MAX_BYTES", str(4 * 1024 * 1024))
+    async with Stack(settings, [COUNTER], parts=("scheduler", "gateway")) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as http:
+        js = nc.jetstream()
+        for stream in (subjects.WORK_STREAM, subjects.TIMERS_STREAM, subjects.IDLE_STREAM):
+            config = (await js.stream_info(stream)).config
+            assert (config.max_bytes, config.discard) == (4 * 1024 * 1024, "new"), stream
+        events = (await js.stream_info(subjects.EVENTS_STREAM)).config
+        assert "one subject per session" not in (events.description or "")
+        # A subject per kind of event of each session: the limit holds for each kind, not for their sum.
+        sid = (await http.post("/bots/counter/sessions")).json()["session_id"]
+        said = [await http.post(f"/bots/counter/sessions/{sid}/messages", json={"text": f"m{i}"}) for i in range(4)]
+        assert [s.status_code for s in said] == [201, 201, 201, 507]
+        assert said[-1].json()["code"] == "storage_full"
+        halted = await http.put(f"/bots/counter/sessions/{sid}/halt", json={"before": []})
+        assert halted.status_code == 201, halted.text  # another kind of event still lands
+        assert await EventLog(nc).count("counter", sid) == 5  # session_created, 3 user_message, halt_set

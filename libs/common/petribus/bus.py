@@ -212,12 +212,14 @@ async def _ensure_streams(js: JetStreamContext, duplicate_window_s: float, repli
         StreamConfig(
             name=subjects.EVENTS_STREAM, subjects=[subjects.all_events()], storage=StorageType.FILE,
             # discard=new: a full log refuses appends (the writer sees an error) rather than dropping the
-            # oldest events of live sessions; per session too (discard_new_per_subject).
+            # oldest events of live sessions; per subject too (discard_new_per_subject), and a subject is
+            # one kind of event of one session: events_max_per_session bounds each kind, not their sum.
             retention=RetentionPolicy.LIMITS, discard=DiscardPolicy.NEW, max_bytes=limits.events_max_bytes,
             max_msgs_per_subject=per_session, discard_new_per_subject=per_session > 0,
             duplicate_window=duplicate_window_s,
             allow_direct=True, allow_atomic=True, num_replicas=replicas,
-            description="petribus session logs: one subject per session",
+            description="petribus session logs: pb.ev.<bot>.<session>.<kind>, a subject per kind of event "
+                        "of each session",
         ),
         StreamConfig(
             name=subjects.WORK_STREAM, subjects=[f"{subjects.WORK_PREFIX}.>"], storage=StorageType.FILE,
@@ -228,7 +230,7 @@ async def _ensure_streams(js: JetStreamContext, duplicate_window_s: float, repli
         StreamConfig(
             name=subjects.TIMERS_STREAM, subjects=[f"{subjects.TIMERS_PREFIX}.>"], storage=StorageType.FILE,
             retention=RetentionPolicy.WORK_QUEUE, duplicate_window=max(duplicate_window_s, 600.0),
-            num_replicas=replicas,
+            discard=DiscardPolicy.NEW, max_bytes=limits.work_max_bytes, num_replicas=replicas,
             description="petribus durable timers: a message per deadline, redelivered when it is due",
         ),
         StreamConfig(

@@ -80,10 +80,15 @@ class Settings(BaseSettings):
         "At the limit appends are refused (discard=new), never an older event dropped; new sessions are "
         "refused earlier, at new_sessions_max_fill of it.")
     events_max_per_session: int = Field(
-        default=1_000_000, description="Most events one session's log may hold; -1: no limit. At the limit "
-        "the session's appends are refused (an error), its older events are never dropped.")
-    work_max_bytes: int = Field(default=1024**3, description="Most bytes of work items PB_WORK may hold "
-                                "(-1: no limit); at the limit a claim's dispatch is refused and retried.")
+        default=1_000_000, description="Most events of one kind (one type: user_message, marker_added, ...) "
+        "one session's log may hold; -1: no limit. PB_EVENTS has a subject per kind of event of each session "
+        "and JetStream bounds each subject, so a session may hold this many of every kind; events_max_bytes "
+        "bounds them all. At the limit the session's appends of that kind are refused (an error), its older "
+        "events are never dropped.")
+    work_max_bytes: int = Field(default=1024**3, description="Most bytes each of PB_WORK (work items), "
+                                "PB_TIMERS (leases, confirmation deadlines) and PB_IDLE (expiry timers) may hold "
+                                "(-1: no limit); at the limit a claim's dispatch or a timer is refused and the "
+                                "session is retried.")
     files_max_bytes: int = Field(default=8 * 1024**3, description="Most bytes the PB_FILES object store may "
                                  "hold (-1: no limit); at the limit a send_file or an upload is refused.")
     new_sessions_max_fill: float = Field(
