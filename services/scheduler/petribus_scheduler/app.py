@@ -64,7 +64,15 @@ from petribus.consumer import PullConsumer
 from petribus.core import Firing, PlannedFiring, SessionState, apply, choose_firings, fold
 from petribus.deletion import SessionDeleted, Tombstones
 from petribus.errors import PetribusError
-from petribus.events import ConfirmTransition, ErrorEvent, TransitionFailed, TransitionFired, decode, new_id
+from petribus.events import (
+    EVENT_TYPES,
+    ConfirmTransition,
+    ErrorEvent,
+    TransitionFailed,
+    TransitionFired,
+    decode,
+    new_id,
+)
 from petribus.files import FileStore
 from petribus.net import Net
 from petribus.registry import Registry
@@ -85,6 +93,11 @@ ENABLING = frozenset({"marker_added", "transition_completed", "transition_failed
                       "accept_transition"})
 OPENINGS = ("session_created", "session_forked")  # how a session's log begins (unless a test wrote it)
 IN_FLIGHT = ("claimed", "started")  # a firing whose work item is in PB_WORK (or should be)
+# The events this service is delivered (its consumer's filter): all but ``transition_started``, a quarter
+# of a busy log, which decides nothing. Its status is for readers of the log: this process treats a
+# started firing as claimed (both are in flight; work it sent is not sent again, and a rebuild reads
+# the whole log), and reads the log itself where the difference counts (pools.py).
+SCHEDULER_KINDS = tuple(kind for kind in EVENT_TYPES if kind != "transition_started")
 MAX_CONFLICT_RETRIES = 50
 CLAIM_BATCH = MAX_BATCH  # firings claimed by one atomic append: the most the server takes
 SCHEDULER_FAILED = "scheduler_failed"
@@ -179,7 +192,8 @@ class Scheduler(Service):
                                                      data_dir=self.settings.data_dir, add_net=self.add_net,
                                                      replicas=self.settings.replicas)
         async def ensure() -> None:
-            await ensure_event_consumer(self.js, subjects.SCHEDULER_DURABLE, ack_wait_s=self.ack_wait_s)
+            await ensure_event_consumer(self.js, subjects.SCHEDULER_DURABLE, ack_wait_s=self.ack_wait_s,
+                                        kinds=SCHEDULER_KINDS)
 
         await ensure()
         # Before the first dispatch: whether a pool has executors is asked at every one (pools.py).
