@@ -155,3 +155,18 @@ async def test_sessions_older_than_expiry_get_an_idle_check_when_it_is_first_tur
 
         await asyncio.wait_for(gone(), 30)
         assert stack.services["scheduler"].idle.expired == 1
+
+
+async def test_a_message_that_lands_after_a_deletion_gets_no_answer(settings: Settings, nc: Any) -> None:
+    """The LLM service appends nothing for a deleted session (and asks no model): a user message that
+    slipped past the deletion is acked unanswered, so the session does not reappear with a reply."""
+    async with Stack(settings, [SLOW], parts=("llm", "gateway")) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as http:
+        llm = stack.services["llm"]
+        sid = (await http.post("/bots/limits_slow/sessions")).json()["session_id"]
+        assert (await http.delete(f"/bots/limits_slow/sessions/{sid}")).status_code == 204
+        await _until(lambda: llm.tombstones.deleted("limits_slow", sid))
+        late = await EventLog(nc).append(UserMessage(bot="limits_slow", session_id=sid, text="late"))
+        await _until(lambda: llm.stats["deleted"] == 1)
+        assert llm.stats["answered"] == 0
+        assert [seq for seq, _ in await EventLog(nc).read("limits_slow", sid)] == [late]  # no reply after it

@@ -162,8 +162,8 @@ def test_to_client_shape(type_):
     shown = to_client(event, seq=42)
     assert set(shown) == {"type", "value", "metadata", "pair_id"}  # Beam's BotEvent fields
     assert shown["type"] == type_
-    paired = {"confirm_request": "r1", "confirm_response": "r1", "input_file_request": "file1",
-              "input_file_response": "file1"}
+    paired = {"confirm_request": "r1", "confirm_response": "r1", "prompt_request": "r1", "prompt_response": "r1",
+              "input_file_request": "file1", "input_file_response": "file1"}
     assert shown["pair_id"] == paired.get(type_, "")
     meta = shown["metadata"]
     assert {"session_id", "request_id", "task_id", "transition_name", "seq"} <= set(meta)

@@ -42,11 +42,12 @@ from collections.abc import Iterable
 
 from nats.aio.msg import Msg
 from petribus import subjects, tracing
-from petribus.bus import EventLog, WrongLastSequence, ensure_event_consumer
+from petribus.bus import WrongLastSequence, ensure_event_consumer
 from petribus.consumer import PullConsumer
 from petribus.deploy import DEFAULT_ENV, split_internal
 from petribus.deployed import Deployed
 from petribus.deployed import follow as follow_deployments
+from petribus.deletion import GuardedEventLog, SessionDeleted, Tombstones
 from petribus.errors import BusError, InvalidInput
 from petribus.events import (
     Actor,
@@ -127,7 +128,8 @@ class LLMService(Service):
             self._serve, one_at_a_time=True, done=self._done, spawn=self.spawn, log=self.log)
         self.held: dict[int, Msg] = {}  # delivered, not yet acked (by id(msg)): heartbeated
         self.stats = {"answered": 0, "already_answered": 0, "caught_up": 0, "markers": 0, "failed": 0,
-                      "prompts": 0, "llm_errors": 0, "handoffs": 0}
+                      "prompts": 0, "llm_errors": 0, "handoffs": 0, "deleted": 0}
+        self.tombstones: Tombstones | None = None
 
     def add_net(self, net: Net) -> None:
         """Answer ``net``'s sessions too, from now on (a deployed version loaded while running)."""
@@ -137,7 +139,10 @@ class LLMService(Service):
     async def start(self) -> None:
         nc = await self.connect()
         js = nc.jetstream()
-        self.events = EventLog(nc, js)
+        # A deleted session stays deleted: no answer is appended for it (nor a model asked).
+        self.tombstones = Tombstones(nc)
+        await self.tombstones.start()
+        self.events = GuardedEventLog(nc, js, tombstones=self.tombstones)
         if self.deployments:  # every deployed version, before the first message is taken
             self._deployed = await follow_deployments(nc, role="llm", instance=self.instance,
                                                       data_dir=self.settings.data_dir, add_net=self.add_net,
@@ -162,6 +167,8 @@ class LLMService(Service):
         await self.queues.idle()  # sessions answer what they already hold; unacked rest is redelivered
         if self._deployed is not None:
             await self._deployed.close()
+        if self.tombstones is not None:
+            await self.tombstones.close()
 
     async def stop(self, timeout: float = 10.0) -> None:
         try:
@@ -237,6 +244,12 @@ class LLMService(Service):
             await self._answer(key, asked)
             await msg.ack()
             return
+        except SessionDeleted as exc:  # nothing to answer: the session is gone for good
+            self._forget(key)
+            self.stats["deleted"] += 1
+            log.info("session deleted; not answered", reason=exc.message)
+            await msg.ack()
+            return
         except Exception as exc:
             self.stats["failed"] += 1
             self._forget(key)
@@ -253,6 +266,9 @@ class LLMService(Service):
             log.error("could not settle message", error=repr(exc))
 
     async def _answer(self, key: Key, asked: Askable) -> None:
+        if self.tombstones is not None and self.tombstones.deleted(*key):
+            raise SessionDeleted(f"session {key[1]!r} of bot {key[0]!r} was deleted before its "
+                                 f"{asked.type} was answered")
         conv = await self._conversation(key)
         if asked.id in conv.replied:
             self.stats["already_answered"] += 1
