@@ -18,7 +18,7 @@ from petribus.events import UserMessage, decode
 from petribus.settings import Settings
 
 from .conftest import app
-from .harness import Stack
+from .harness import Client, Stack
 
 SLOW = app("limits_slow")
 
@@ -170,3 +170,25 @@ async def test_a_message_that_lands_after_a_deletion_gets_no_answer(settings: Se
         await _until(lambda: llm.stats["deleted"] == 1)
         assert llm.stats["answered"] == 0
         assert [seq for seq, _ in await EventLog(nc).read("limits_slow", sid)] == [late]  # no reply after it
+
+
+async def test_a_message_on_a_socket_opened_before_the_deletion_is_refused(settings: Settings, nc: Any) -> None:
+    """The gateway appends nothing for a deleted session: a client still connected to it gets an error
+    (as for a session that does not exist) and the purged log stays empty."""
+    async with Stack(settings, [SLOW], parts=("gateway",)) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as http:
+        sid = (await http.post("/bots/limits_slow/sessions")).json()["session_id"]
+        client = await Client.connect(stack.ws_url("limits_slow", session_id=sid))
+        try:
+            await client.until("session_created")
+            assert (await http.delete(f"/bots/limits_slow/sessions/{sid}")).status_code == 204
+            tombstones = stack.gateway.app.state.gateway.events.tombstones
+            await _until(lambda: tombstones.deleted("limits_slow", sid))
+            await client.send({"type": "user_message", "value": "still there?"})
+            error = await client.until("error")
+        finally:
+            await client.close()
+        assert error["value"]["code"] == "session_deleted", error
+        assert await _count(nc, sid) == 0  # nothing landed after the purge
+        posted = await http.post(f"/bots/limits_slow/sessions/{sid}/messages", json={"text": "and now?"})
+        assert posted.status_code == 404 and await _count(nc, sid) == 0

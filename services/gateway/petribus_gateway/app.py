@@ -17,7 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 import petribus
-from petribus.bus import EventLog
+from petribus.deletion import GuardedEventLog, Tombstones
 from petribus.errors import PetribusError
 from petribus.keys import KeyStore
 from petribus.net import Net
@@ -122,7 +122,7 @@ class Gateway(Service):
         self._serving: asyncio.Task[None] | None = None
         self.keys: KeyStore | None = None
         self.deployments = False  # run what is deployed (``--deployments``): petribus_gateway.deployments
-        self._closers: list[Callable[[], Awaitable[None]]] = []  # what follows the deployments, closed at stop
+        self._closers: list[Callable[[], Awaitable[None]]] = []  # watches (tombstones, deployments), closed at stop
 
     def add_net(self, net: Net) -> None:
         """Serve ``net`` too, from now on (a deployed version loaded while running)."""
@@ -142,8 +142,13 @@ class Gateway(Service):
         self._check_exposure(self.keys)
         ready = asyncio.Event()
         outage_s = min(self.settings.bus_outage_s, errors.REQUEST_OUTAGE_S)
-        ctx = GatewayContext(self.settings, self.nets, nc, EventLog(nc, outage_s=outage_s), outage_s=outage_s,
-                             keys=self.keys)
+        # A deleted session stays deleted: a message sent on a socket opened before its deletion, or any
+        # other append for it, is refused (answered as for a session that does not exist).
+        tombstones = Tombstones(nc)
+        await tombstones.start()
+        self._closers.append(tombstones.close)
+        events = GuardedEventLog(nc, outage_s=outage_s, tombstones=tombstones)
+        ctx = GatewayContext(self.settings, self.nets, nc, events, outage_s=outage_s, keys=self.keys)
         self.app = create_app(ctx, on_ready=ready.set)
         if self.deployments:
             await self._follow_deployments(nc)
@@ -179,7 +184,7 @@ class Gateway(Service):
         await reports.start()
         registry = await Registry(nc.jetstream(), heartbeat_s=self.settings.registry_heartbeat_s,
                                   replicas=self.settings.replicas).watch()
-        self._closers = [deployed.close, reports.close, registry.stop]
+        self._closers += [deployed.close, reports.close, registry.stop]
         assert self.app is not None
         self.app.add_middleware(DeploymentRoutes, routing=Routing(nc.jetstream(), deployed.catalog, reports,
                                                                   registry, self.nets))

@@ -26,6 +26,7 @@ from petribus.errors import (
     UnknownRequest,
     UnknownSession,
 )
+from petribus.deletion import SessionDeleted
 from petribus.outage import is_unavailable
 from petribus_gateway.auth import Unauthorized
 from petribus_gateway.models import ErrorBody
@@ -86,7 +87,7 @@ def unavailable_message(request: Request) -> str:
 def status_of(exc: PetribusError) -> int:
     if isinstance(exc, Unauthorized):
         return 401
-    if isinstance(exc, (UnknownBot, UnknownSession, UnknownRequest)):
+    if isinstance(exc, (UnknownBot, UnknownSession, UnknownRequest, SessionDeleted)):
         return 404
     if isinstance(exc, (AlreadyAnswered, IdempotencyKeyReused)):
         return 409

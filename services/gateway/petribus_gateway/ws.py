@@ -44,6 +44,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected, Web
 
 from petribus import subjects, tracing
 from petribus.core import SessionState
+from petribus.deletion import SessionDeleted
 from petribus.errors import AlreadyAnswered, InvalidInput, PetribusError, UnknownBot, UnknownSession
 from petribus.events import ConfirmResponse, ErrorEvent, decode, to_client
 from petribus.net import Net
@@ -365,6 +366,10 @@ class SessionSocket:
             seq, replayed = await self._append(event, request_id)
         except InvalidInput as exc:  # nothing (or no longer anything) to answer; a key reused
             self.log.info("client message refused", code=exc.code, error=exc.message)
+            await self._error(exc.code, exc.message, request_id)
+            return
+        except SessionDeleted as exc:  # deleted while this socket was open: every message is refused
+            self.log.info("client message refused: its session was deleted")
             await self._error(exc.code, exc.message, request_id)
             return
         except Exception as exc:
