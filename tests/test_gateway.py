@@ -302,6 +302,10 @@ async def test_rest_lists_reads_writes_and_deletes_sessions(
 
     detail = (await http.get(f"/bots/counter/sessions/{session_id}")).json()
     assert [e["metadata"]["seq"] for e in detail["events"]] == log_seqs
+    # Served from the timeline's kept JSON: each event has exactly the documented shape (ClientEvent).
+    from petribus_gateway.models import ClientEvent
+    assert all(ClientEvent.model_validate(e).model_dump(mode="json") == e for e in detail["events"])
+    assert detail["events"][-1] == said.json()["event"]  # as the REST write answered it
     assert detail["last_seq"] == log_seqs[-1]
     assert detail["marking"] == {"Left": [left["value"]]}  # the Item was consumed by its firing
     [firing] = detail["in_flight"]

@@ -3,8 +3,9 @@ at any sequence and any page of its history cost a short fold from the nearest s
 from zero and never a read of the log.
 
 The first question about a session reads its log once (batch by batch) and keeps each event's bytes
-as stored (and, once a body asks for it, its client form as JSON), folding them as they come and keeping a copy of the state every ``every`` events (1,000, or
-more for a long session so that it keeps at most ``SNAPSHOTS`` copies). Later questions decode and fold
+as stored (and, once a body asks for it, its client form as JSON), folding them as they come and
+keeping a copy of the state every ``every`` events (1,000, or more for a long session so that it keeps
+at most ``SNAPSHOTS`` copies). Later questions decode and fold
 only the stored events between the nearest snapshot and the sequence asked for (at most ``every``),
 after reading what was appended since the last question. Bytes, unlike decoded events, cost the
 garbage collector nothing: it never walks them.
@@ -37,6 +38,7 @@ SESSIONS = 16
 BUDGET_BYTES = 256 * 1024 * 1024
 ENTRY_BYTES = 60  # a set entry in a snapshot: its slot and its share of the table
 EVENT_BYTES = 40  # per stored event besides its payload: the bytes object's header and list slots
+OPTIONAL_METADATA = ("actor", "parent")  # what the WebSocket's shape leaves out when there is none
 
 Key = tuple[str, str]
 
@@ -130,7 +132,10 @@ class Timeline:
         shown = session.shown
         for i in range(end):
             if shown[i] is None:
-                data = to_json(to_client(decode(session.payloads[i]), session.seqs[i]))
+                form = to_client(decode(session.payloads[i]), session.seqs[i])
+                for name in OPTIONAL_METADATA:  # the REST body names them always (``EventMetadata``)
+                    form["metadata"].setdefault(name, None)
+                data = to_json(form)
                 shown[i] = data
                 session.stored += len(data)
         self._trim()
