@@ -338,3 +338,30 @@ async def test_the_lease_moves_to_the_oldest_firing_in_flight_and_resends_only_l
 
     assert again.firing_id == second.firing_id and redispatched == 1
     assert lease.firing_id == second.firing_id  # one lease for the session, keyed by its oldest in flight
+
+
+async def test_the_scheduler_is_not_sent_starts_and_an_older_durable_is_narrowed_in_place(settings, nc):
+    """``transition_started`` decides nothing: the server never delivers it to the scheduler. A durable made
+    by an older version over every event keeps its position and is narrowed to the other kinds."""
+    from nats.js.api import DeliverPolicy
+
+    js = nc.jetstream()
+    await js.add_consumer(subjects.EVENTS_STREAM, ConsumerConfig(  # as the service made it before
+        durable_name=subjects.SCHEDULER_DURABLE, filter_subject=subjects.all_events(),
+        ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=30, max_ack_pending=20_000,
+        max_deliver=-1))
+    log = EventLog(nc)
+    async with Stack(settings, [COUNTER], parts=("scheduler", "executor")):
+        for i in range(3):
+            await log.append(MarkerAdded(bot="counter", session_id="starts",
+                                         marker=Marker(location="Item", data={"n": i})))
+        async with asyncio.timeout(60):
+            while Counter(e.type for _, e in await log.read("counter", "starts"))["transition_completed"] < 3:
+                await asyncio.sleep(0.05)
+        info = await js.consumer_info(subjects.EVENTS_STREAM, subjects.SCHEDULER_DURABLE)
+    kinds = Counter(e.type for _, e in await log.read("counter", "starts"))
+    assert kinds["transition_started"] == 3  # the executor appended its starts ...
+    assert subjects.kinds("transition_started")[0] not in info.config.filter_subjects
+    assert subjects.kinds("transition_completed")[0] in info.config.filter_subjects
+    assert info.delivered.consumer_seq == sum(kinds.values()) - kinds["transition_started"]  # ... never sent
+    assert info.num_ack_pending == 0 and info.num_pending == 0
