@@ -507,3 +507,92 @@ async def test_each_versions_executor_reports_its_firings_on_the_parents_metrics
     assert moved(after, before, "petribus_firings_started_total", **labels) == 2
     assert moved(after, before, "petribus_firing_duration_seconds_count", outcome="ok", **labels) == 2
     assert metrics._children == children_before  # the stopped child's port is no longer read
+
+
+async def test_bots_lists_each_deployment_once_by_name_as_its_environment_runs_it(
+        settings: Settings, nc, tmp_path: Path) -> None:
+    """``GET /bots`` names a deployment, never a version's own bot: once, with the version a new session of
+    the request's environment gets, in a plain bot's shape; it follows a release; an environment whose
+    policy needs a key hides it from a caller without one, as ``GET /bots`` hides an authorized plain bot.
+    The dashboard's recent sessions of a deployment span its versions."""
+    from petribus import keys
+    from petribus.loader import load_net
+
+    from .conftest import app
+
+    js = nc.jetstream()
+    v1, _ = await deploy.deploy(js, write_app(tmp_path / "v1", "v1"), "shop")
+    v2, _ = await deploy.deploy(js, write_app(tmp_path / "v2", "v2"), "shop", env="staging")
+    await deploy.set_policies(js, "shop", env="default", actor="test", policies=deploy.Policies(authorized=False))
+    await deploy.set_policies(js, "shop", env="prod", actor="test", policies=deploy.Policies(authorized=True))
+    token, _ = await keys.create(js, "ops")  # keys are required from now on
+    key = {"Authorization": f"Bearer {token}"}
+
+    plain = load_net(app("auth_public"))
+    scheduler, llm, gateway = Scheduler(settings, []), LLMService(settings, []), Gateway(settings, [plain])
+    for service in (scheduler, llm, gateway):
+        service.deployments = True
+    executors = DeployedExecutors(settings, pools=["cpu"])
+    await executors.start()
+    for service in (scheduler, llm, gateway):
+        await service.start()
+    try:
+        await _wait_ready(js, v1.version, gateway)
+        await _wait_ready(js, v2.version, gateway)
+        routing = _routing(gateway)
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+            async def listed(path: str = "/bots", headers: dict | None = None) -> dict[str, dict]:
+                answer = await http.get(path, headers=headers or {})
+                assert answer.status_code == 200, answer.text
+                names = [b["name"] for b in answer.json()]
+                assert len(names) == len(set(names)), names  # each once
+                return {b["name"]: b for b in answer.json()}
+
+            # Two versions deployed, v1 active in default: listed once, by name, with v1; the plain bot as ever.
+            bots = await listed()
+            assert sorted(bots) == ["public", "shop"]
+            assert bots["shop"]["version"] == v1.version and bots["public"]["version"] is None
+            assert bots["shop"].keys() == bots["public"].keys()  # a plain bot's shape
+            assert [t["name"] for t in bots["shop"]["transitions"]] == ["ship"]
+            assert sorted(await listed(headers=key)) == ["public", "shop"]  # a key sees no version either
+            described = await http.get("/bots/shop")
+            assert described.status_code == 200 and described.json() == bots["shop"]
+            # staging runs v2; its policy says nothing, so the bot's own authorized holds: a key is needed.
+            assert await listed("/envs/staging/bots") == {}
+            staged = await listed("/envs/staging/bots", key)
+            assert list(staged) == ["shop"] and staged["shop"]["version"] == v2.version
+            first = (await http.post("/bots/shop/sessions", headers=key)).json()["session_id"]
+
+            # Released to default: the listing follows.
+            await deploy.release(js, "shop", src="staging", dst="default", actor="test")
+            await _until(lambda: routing.catalog.deployments()[("default", "shop")].active == v2.version)
+            bots = await listed()
+            assert sorted(bots) == ["public", "shop"] and bots["shop"]["version"] == v2.version
+            assert (await http.get("/bots/shop")).json()["version"] == v2.version
+            second = (await http.post("/bots/shop/sessions", headers=key)).json()["session_id"]
+            assert {await _bot_of(js, first), await _bot_of(js, second)} == {v1.bot, v2.bot}
+            # The dashboard's list of the deployment's sessions: both versions', each read from its own log.
+            recent = await http.get("/bots/shop/recent", headers=key)
+            assert recent.status_code == 200, recent.text
+            assert recent.json()["bot"] == "shop"
+            assert {s["session_id"] for s in recent.json()["sessions"]} == {first, second}
+
+            # prod needs a key by policy: without one it lists nothing and describes nothing.
+            await deploy.release(js, "shop", src="default", dst="prod", actor="test")
+            await _until(lambda: ("prod", "shop") in routing.catalog.deployments())
+            assert await listed("/envs/prod/bots") == {}
+            assert (await http.get("/envs/prod/bots/shop")).status_code == 401
+            shown = await listed("/envs/prod/bots", key)
+            assert list(shown) == ["shop"] and shown["shop"]["version"] == v2.version
+            assert (await http.get("/envs/prod/bots/shop", headers=key)).json()["version"] == v2.version
+
+            # Deactivated: still listed (its sessions run on), saying it takes no new ones.
+            await deploy.deactivate(js, "shop", actor="test")
+            await _until(lambda: routing.catalog.deployments()[("default", "shop")].state == "deactivated")
+            assert (await listed())["shop"]["deactivated"] is True
+            assert (await http.get("/bots/shop")).json()["deactivated"] is True
+            assert (await listed("/envs/prod/bots", key))["shop"]["deactivated"] is False
+    finally:
+        for service in (gateway, llm, scheduler):
+            await service.stop()
+        await executors.stop()

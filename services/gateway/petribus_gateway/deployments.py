@@ -16,8 +16,14 @@ name the deployment, not the version:
 - A **deactivated** deployment refuses new sessions with 409 ``deployment_deactivated`` (WebSocket close
   4409); its existing sessions run on to their end. ``petribus activate`` or ``rollback`` undo it.
 - The environment's policy ``authorized`` (when set) is the bot's ``authorized`` in that environment.
-- ``GET /bots/{name}`` describes the version a new session would get; ``GET /bots/{name}/sessions``
-  lists the caller's sessions of every version loaded here, each with its version's bot.
+- ``GET /bots/{name}`` describes the version a new session would get (``Routing.shown``);
+  ``GET /bots/{name}/sessions`` lists the caller's sessions of every version loaded here, each with its
+  version's bot.
+- ``GET /bots`` (the default environment) and ``GET /envs/{env}/bots`` list each deployment of that
+  environment once, by its name, described as ``GET /bots/{name}`` describes it, and under the
+  environment's key policy: where it needs a key, a caller without one does not see it (as an authorized
+  plain bot). A version's own bot name is never listed; plain bots are listed in the default environment,
+  as without deployments.
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from nats.js import JetStreamContext
@@ -40,6 +49,8 @@ from petribus.registry import RegistryView
 from petribus_gateway import reasons
 
 ROUTED = re.compile(r"^(?:/envs/(?P<env>[^/]+))?/bots/(?P<name>[^/]+)(?P<rest>(?:/.*)?)$")
+LISTING = re.compile(r"^(?:/envs/(?P<env>[^/]+))?/bots/?$")
+DESCRIBED = ("", "/net")  # GETs that describe a deployment rather than start or read a session
 SESSION = re.compile(r"^/sessions/(?P<sid>[^/]+)")
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # what a session id may be (context.check_session_id)
 CLOSE_DEACTIVATED = 4409
@@ -50,6 +61,18 @@ SESSIONS_REMEMBERED = 100_000
 ENV: ContextVar[str | None] = ContextVar("petribus_env", default=None)
 AUTHORIZED: ContextVar[bool | None] = ContextVar("petribus_authorized", default=None)
 DEPLOYMENT: ContextVar[str | None] = ContextVar("petribus_deployment", default=None)
+ROUTING: ContextVar[Routing | None] = ContextVar("petribus_routing", default=None)
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A deployment as a listing shows it: by its name, described by the version ``bot``."""
+
+    name: str
+    bot: str
+    version: str
+    deactivated: bool
+    authorized: bool | None  # the environment's key policy (None: the bot's own)
 
 
 def current_deployment() -> str | None:
@@ -73,6 +96,35 @@ def needs_key(net: Any) -> bool:
 def current_env() -> str | None:
     """The environment of the request being served (None: not routed by deployment)."""
     return ENV.get()
+
+
+def listing() -> list[Listed] | None:
+    """The deployments ``GET /bots`` lists for the request being served (its environment's); None when the
+    gateway does not run deployments."""
+    routing = ROUTING.get()
+    return None if routing is None else routing.listing(ENV.get() or DEFAULT_ENV)
+
+
+def described(bot: str) -> tuple[str, str | None, bool]:
+    """How ``bot`` is named when described: (name, version, deactivated). A version is named by its
+    deployment; deactivated only as seen from the environment the request was routed through."""
+    named = split_internal(bot)
+    if named is None:
+        return bot, None, False
+    routing, env = ROUTING.get(), ENV.get()
+    dep = None if routing is None or env is None else routing.catalog.deployments().get((env, named[0]))
+    return named[0], named[1], dep is not None and dep.state != "active"
+
+
+@contextmanager
+def policy(authorized: bool | None) -> Iterator[None]:
+    """Judge keys (``needs_key``) under an environment's ``authorized`` policy, as a request routed through
+    that environment is judged."""
+    token = AUTHORIZED.set(authorized)
+    try:
+        yield
+    finally:
+        AUTHORIZED.reset(token)
 
 
 class Routing:
@@ -111,6 +163,44 @@ class Routing:
             why = why or f"version {version}: {reason}"
         raise PetribusError(f"no version of {name!r} in {env!r} is ready for new sessions yet ({why}); try "
                             "again shortly", code="version_not_ready")
+
+    def shown(self, env: str, name: str) -> str | None:
+        """The bot that describes ``name`` in ``env``: the version a new session gets (``for_new``), else,
+        deactivated or with none ready, the newest of those that would get one that is loaded here (the
+        active version first); None when this gateway has loaded none of them."""
+        dep = self.catalog.deployments().get((env, name))
+        if dep is None or dep.active is None:
+            return None
+        versions = self.catalog.versions()
+        candidates = [v for v in self._candidates(dep) if v in versions and versions[v].bot in self.served]
+        if dep.state == "active":
+            for version in candidates:
+                if self.ready(version)[0]:
+                    return versions[version].bot
+        return versions[candidates[0]].bot if candidates else None
+
+    def describe(self, env: str, name: str) -> str:
+        """``shown``, refused as ``unknown_bot`` or ``version_not_ready`` when there is nothing to show."""
+        dep = self.deployment(env, name)
+        bot = self.shown(env, name)
+        if bot is None:
+            raise PetribusError(f"no version of {name!r} in {env!r} is loaded by this gateway yet (active: "
+                                f"{dep.active}); try again shortly", code="version_not_ready")
+        return bot
+
+    def listing(self, env: str) -> list[Listed]:
+        """Each deployment of ``env`` once, by name, as ``shown`` describes it. In the default environment
+        a plain bot of the same name is what ``/bots/{name}`` reaches, so the deployment is left out."""
+        out = []
+        for (where, name), dep in sorted(self.catalog.deployments().items()):
+            if where != env or (env == DEFAULT_ENV and name in self.served):
+                continue
+            bot = self.shown(env, name)
+            named = None if bot is None else split_internal(bot)
+            if bot is not None and named is not None:
+                out.append(Listed(name=name, bot=bot, version=named[1], deactivated=dep.state != "active",
+                                  authorized=dep.policies.authorized))
+        return out
 
     def _candidates(self, dep: Deployment) -> list[str]:
         """The active version, then those active before it, newest first (each once)."""
@@ -173,6 +263,21 @@ class DeploymentRoutes:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
+        routing = ROUTING.set(self.routing)
+        try:
+            return await self._route(scope, receive, send)
+        finally:
+            ROUTING.reset(routing)
+
+    async def _route(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        listed = LISTING.match(scope["path"])
+        if listed is not None:  # GET [/envs/{env}]/bots: the route lists the environment's deployments
+            scope = {**scope, "path": "/bots", "raw_path": b"/bots"}
+            token = ENV.set(listed["env"] or DEFAULT_ENV)
+            try:
+                return await self.app(scope, receive, send)
+            finally:
+                ENV.reset(token)
         match = ROUTED.match(scope["path"])
         if match is None:
             return await self.app(scope, receive, send)
@@ -212,7 +317,10 @@ class DeploymentRoutes:
                 return bot
             # No such session: the active version answers it (404, as for any unknown session).
             return self.routing.catalog.versions()[self.routing.deployment(env, name).active].bot
-        if session or (scope["type"] == "http" and scope.get("method") == "GET" and rest.startswith("/sessions")):
+        reading = scope["type"] == "http" and scope.get("method") in ("GET", "HEAD")
+        if reading and rest in DESCRIBED:
+            return self.routing.describe(env, name)
+        if session or (reading and rest.startswith(("/sessions", "/recent"))):
             return self.routing.catalog.versions()[self.routing.deployment(env, name).active].bot
         return self.routing.for_new(env, name)
 

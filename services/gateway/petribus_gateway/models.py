@@ -56,7 +56,11 @@ class TransitionInfo(BaseModel):
 
 
 class BotInfo(BaseModel):
-    name: str
+    name: str = Field(description="The name to reach it by: a bot's, or a deployment's (docs/deployments.md).")
+    version: str | None = Field(default=None, description="A deployment: the version this describes, the one "
+                                "a new session gets (its bot is <name>--<version>); a plain bot: not set.")
+    deactivated: bool = Field(default=False, description="A deployment deactivated in this environment: it "
+                              "takes no new sessions (existing ones run on).")
     description: str
     model: str | None = Field(default=None, description="The LLM model the bot talks through.")
     welcome_message: str | None = None

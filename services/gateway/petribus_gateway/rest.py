@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from petribus import deletion, subjects, tracing
 from petribus.bus import WrongLastSequence
 from petribus.core import SessionState
+from petribus.deploy import DEFAULT_ENV
 from petribus.errors import AlreadyAnswered, InvalidInput
 from petribus.events import HaltSet, InputFileResponse, SessionForked, _Event, new_id, to_client
 from petribus.net import Net
@@ -119,19 +120,42 @@ async def _pools_line(ctx: Any) -> str | None:
 @router.get("/bots", response_model=list[BotInfo], tags=["bots"])
 async def list_bots(ctx: Ctx, caller: CallerDep) -> list[BotInfo]:
     """Every bot this gateway serves to the caller, with its exposed locations (and their JSON schemas)
-    and transitions."""
-    return [
-        BotInfo(
-            name=net.bot, description=net.description, model=net.model, welcome_message=net.welcome_message,
-            locations=[LocationInfo(name=loc.name, description=loc.description, json_schema=loc.json_schema())
-                       for loc in net.locations.values() if loc.expose],
-            transitions=[TransitionInfo(name=t.name, description=t.description, inputs=dict(t.inputs),
-                                        outputs=list(t.outputs), confirm=t.confirm)
-                         for t in net.transitions if t.expose],
-            handoffs=[h.bot for h in net.handoffs],
-        )
-        for net in ctx.nets.values() if ctx.auth.may_use(caller, net)
-    ]
+    and transitions. Under ``--deployments`` (docs/deployments.md), ``GET /bots`` and
+    ``GET /envs/{env}/bots`` list each deployment of that environment once, by its name, with the
+    version a new session gets; one whose environment needs a key is left out for a caller without one."""
+    deployed = deployments.listing()
+    if deployed is None:
+        return [bot_info(net) for net in ctx.nets.values() if ctx.auth.may_use(caller, net)]
+    plain = ([net for net in ctx.nets.values() if deployments.deployment_of(net.bot) is None]
+             if (deployments.current_env() or DEFAULT_ENV) == DEFAULT_ENV else [])
+    shown = [bot_info(net) for net in plain if ctx.auth.may_use(caller, net)]
+    for each in deployed:
+        net = ctx.nets.get(each.bot)
+        with deployments.policy(each.authorized):
+            if net is not None and ctx.auth.may_use(caller, net):
+                shown.append(bot_info(net, name=each.name, version=each.version, deactivated=each.deactivated))
+    return shown
+
+
+@router.get("/bots/{bot}", response_model=BotInfo, responses=NOT_FOUND, tags=["bots"])
+async def get_bot(net: BotNet) -> BotInfo:
+    """The bot as ``GET /bots`` lists it. By a deployment's name: the version a new session gets."""
+    name, version, deactivated = deployments.described(net.bot)
+    return bot_info(net, name=name, version=version, deactivated=deactivated)
+
+
+def bot_info(net: Net, *, name: str | None = None, version: str | None = None, deactivated: bool = False
+             ) -> BotInfo:
+    return BotInfo(
+        name=name or net.bot, version=version, deactivated=deactivated, description=net.description,
+        model=net.model, welcome_message=net.welcome_message,
+        locations=[LocationInfo(name=loc.name, description=loc.description, json_schema=loc.json_schema())
+                   for loc in net.locations.values() if loc.expose],
+        transitions=[TransitionInfo(name=t.name, description=t.description, inputs=dict(t.inputs),
+                                    outputs=list(t.outputs), confirm=t.confirm)
+                     for t in net.transitions if t.expose],
+        handoffs=[h.bot for h in net.handoffs],
+    )
 
 
 @router.get("/bots/{bot}/sessions", response_model=SessionList, responses=ERRORS, tags=["sessions"],

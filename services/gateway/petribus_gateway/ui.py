@@ -92,22 +92,24 @@ async def recent(net: rest.BotNet, ctx: Ctx, caller: CallerDep,
                  limit: Annotated[int, Query(ge=1, le=200, description="Sessions to answer.")] = 50,
                  ) -> RecentList:
     """The caller's sessions of the bot (as ``GET /bots/{bot}/sessions`` lists them), most recently active
-    first, each with its status."""
-    listed = (await rest.list_sessions(net, ctx, caller)).sessions
-    newest: list[tuple[int, str, int, Event]] = []
-    for s in listed:
+    first, each with its status. By a deployment's name: its sessions on every version, each read from its
+    own version's log."""
+    listing = await rest.list_sessions(net, ctx, caller)
+    newest: list[tuple[int, str, int, Event, Net]] = []
+    for s in listing.sessions:
+        on = ctx.nets.get(s.bot, net) if s.bot else net
         try:
-            msg = await ctx.events.js.get_last_msg(subjects.EVENTS_STREAM, subjects.events(net.bot, s.session_id))
+            msg = await ctx.events.js.get_last_msg(subjects.EVENTS_STREAM, subjects.events(on.bot, s.session_id))
         except NotFoundError:
             continue  # deleted since it was listed
-        newest.append((int(msg.seq or 0), s.session_id, s.events, decode(msg.data or b"")))
+        newest.append((int(msg.seq or 0), s.session_id, s.events, decode(msg.data or b""), on))
     newest.sort(key=lambda found: found[0], reverse=True)
     out = []
-    for last_seq, session_id, count, last in newest[:limit]:
-        status, forked_from = await _status(ctx, net, session_id, last_seq, last)
+    for last_seq, session_id, count, last, on in newest[:limit]:
+        status, forked_from = await _status(ctx, on, session_id, last_seq, last)
         out.append(RecentSession(session_id=session_id, events=count, last_seq=last_seq, updated=last.ts,
                                  status=status, forked_from=forked_from))
-    return RecentList(bot=net.bot, sessions=out, more=max(0, len(newest) - limit))
+    return RecentList(bot=listing.bot, sessions=out, more=max(0, len(newest) - limit))
 
 
 async def _status(ctx: GatewayContext, net: Net, session_id: str, last_seq: int, last: Event
