@@ -268,3 +268,61 @@ async def test_every_stream_is_bounded_and_the_per_session_limit_counts_each_kin
         halted = await http.put(f"/bots/counter/sessions/{sid}/halt", json={"before": []})
         assert halted.status_code == 201, halted.text  # another kind of event still lands
         assert await EventLog(nc).count("counter", sid) == 5  # session_created, 3 user_message, halt_set
+
+
+async def test_a_browser_sockets_messages_spend_its_keys_request_budget_with_its_rest_calls(
+    settings: Settings, nc: Any
+) -> None:
+    from petribus import keys
+
+    alice = (await keys.create(nc.jetstream(), "alice"))[0]
+    strict = settings.model_copy(update={"key_request_rate": 0.001, "key_request_burst": 3})
+    async with Stack(strict, [COUNTER], parts=("scheduler", "gateway")) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, headers=_as(alice), timeout=10) as http:
+        client = await Client.connect(stack.ws_url("counter"))  # a browser: no header, the key comes first
+        await client.send({"type": "auth", "token": alice})
+        sid = (await client.until("session_created"))["metadata"]["session_id"]
+        for n in range(2):
+            await client.send({"type": "marker_added", "value": {"location": "Item", "data": {"n": n}}})
+        # From the key's budget, not the address's (which the handshake and the auth message have spent
+        # down to one request).
+        answered = [await client.until(lambda e: e["type"] in ("marker_added", "error")) for _ in range(2)]
+        assert [e["type"] for e in answered] == ["marker_added"] * 2, answered
+        # The socket spent two of the key's three requests: its REST calls have one left.
+        answers = [await http.get("/bots") for _ in range(2)]
+        assert [a.status_code for a in answers] == [200, 429]
+        assert "this API key" in answers[-1].json()["message"]
+        # And the key's REST calls spent what the socket had left.
+        await client.send({"type": "marker_added", "value": {"location": "Item", "data": {"n": 2}}})
+        error = await client.until("error")
+        assert error["value"]["code"] == "rate_limited" and "this API key" in error["value"]["message"], error
+        logged = await EventLog(nc).read("counter", sid)
+        assert [e.marker.data["n"] for _, e in logged if e.type == "marker_added"] == [0, 1]
+        await client.close()
+
+
+@pytest.mark.parametrize("limit, code", [
+    ({"max_sessions_per_owner": 2}, "session_quota"),
+    ({"session_create_rate": 0.001, "session_create_burst": 2}, "rate_limited"),
+])
+async def test_a_fork_retried_with_its_idempotency_key_is_answered_again_and_not_charged_again(
+    settings: Settings, nc: Any, limit: dict[str, Any], code: str
+) -> None:
+    from petribus import keys
+
+    alice = (await keys.create(nc.jetstream(), "alice"))[0]
+    async with Stack(settings.model_copy(update=limit), [COUNTER], parts=("scheduler", "gateway")) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, headers=_as(alice), timeout=10) as http:
+        sid = (await http.post("/bots/counter/sessions")).json()["session_id"]
+        url = f"/bots/counter/sessions/{sid}/fork"
+        first = await http.post(url, json={"at": 1}, headers={"Idempotency-Key": "fork-1"})
+        assert first.status_code == 201 and not first.json()["replayed"], first.text
+        # The session and its fork use up the quota (or the new-session burst): a retry is no new session.
+        retries = [await http.post(url, json={"at": 1}, headers={"Idempotency-Key": "fork-1"}) for _ in range(2)]
+        assert [(r.status_code, r.json().get("code")) for r in retries] == [(201, None)] * 2, retries[0].text
+        assert {r.json()["session_id"] for r in retries} == {first.json()["session_id"]}
+        assert all(r.json()["replayed"] and r.headers["Idempotent-Replayed"] == "true" for r in retries)
+        # A fresh key is a new fork, and charged as one.
+        fresh = await http.post(url, json={"at": 1}, headers={"Idempotency-Key": "fork-2"})
+        assert fresh.status_code == 429 and fresh.json()["code"] == code, fresh.text
+        assert len((await http.get("/bots/counter/sessions")).json()["sessions"]) == 2

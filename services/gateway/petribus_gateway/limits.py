@@ -1,6 +1,7 @@
 """Bounded input and fair use at the gateway's door: an ASGI middleware around the whole app (docs/limits.md).
 
-Everything here answers before the request reaches a route, and never drops a connection:
+Everything here answers before the request reaches a route (but for the new sessions that a route admits
+through ``GatewayContext.admit_session``, below), and never drops a connection:
 
 - **Bodies.** A body (POST/PUT/PATCH outside the file routes, which have ``PETRIBUS_MAX_FILE_BYTES``)
   over ``PETRIBUS_MAX_BODY_BYTES`` is refused with 413 ``body_too_large``: at once when its
@@ -9,18 +10,23 @@ Everything here answers before the request reaches a route, and never drops a co
   gets 422 before any parser sees it, whatever its ``Content-Type`` says: every such route takes JSON.
 - **Rates** (token buckets: an average rate and a burst). Per API key (per client address without one):
   ``PETRIBUS_KEY_REQUEST_RATE`` requests and WebSocket messages per second, else 429 ``rate_limited`` with
-  ``Retry-After``. Per WebSocket connection: ``PETRIBUS_WS_MESSAGE_RATE`` messages per second; an excess
-  message is not processed and its sender gets an ``error`` event (``rate_limited``); the connection stays
-  open. The middleware owns the socket's send side for that (one lock), so the error never interleaves
-  with the gateway's own frames.
+  ``Retry-After``. One bucket per key, however the key came: a WebSocket's messages spend its key's bucket
+  from the moment ``ws.py`` knows the key, from the header at once, from a browser's first message as soon
+  as that message is read (``bill_socket``). Per WebSocket connection: ``PETRIBUS_WS_MESSAGE_RATE``
+  messages per second; an excess message is not processed and its sender gets an ``error`` event
+  (``rate_limited``); the connection stays open. The middleware owns the socket's send side for that (one
+  lock), so the error never interleaves with the gateway's own frames.
 - **New sessions** (``POST /bots/{bot}/sessions``, ``POST .../sessions/{id}/fork``, a WebSocket without
   ``session_id``): per client address ``PETRIBUS_SESSION_CREATE_RATE``; per owner (the key's owner;
   without a key, the client address) ``PETRIBUS_MAX_SESSIONS_PER_OWNER`` sessions at once (429
   ``session_quota``); none once PB_EVENTS holds ``PETRIBUS_NEW_SESSIONS_MAX_FILL`` of its ``max_bytes``
-  (507 ``storage_full``), so the room left is for the sessions already live. A WebSocket is admitted by
-  ``ws.py`` through ``GatewayContext.admit_session`` once its caller is known (a browser's key comes in
-  its first message), so its session is charged to the key's owner; a refused one is sent the error and
-  closed with 4429 (quota, rate) or 4507 (storage).
+  (507 ``storage_full``), so the room left is for the sessions already live. This middleware admits
+  ``POST /bots/{bot}/sessions`` itself. The others are admitted through ``GatewayContext.admit_session``
+  where the answer is known: a WebSocket by ``ws.py`` once its caller is known (a browser's key comes in
+  its first message), so its session is charged to the key's owner, and refused with the error and close
+  4429 (quota, rate) or 4507 (storage); a fork by its route, after it has looked for the fork a keyed
+  retry names, so that a retry of a fork that landed is answered as the first time and not charged again
+  (a fresh key names a fork that does not exist yet, and is charged).
 
 Buckets live in this process: with several gateways each enforces its own share. Session counts per owner
 are the log's (its subjects and each session's first event), recounted at most every ``COUNT_S`` and
@@ -52,7 +58,6 @@ log = logs.get("petribus.gateway")
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 NEW_SESSION = re.compile(r"^/bots/([^/]+)/sessions/?$")
-FORK = re.compile(r"^/bots/([^/]+)/sessions/[^/]+/fork/?$")  # a fork is a new session, its forker's
 NEW_SOCKET = re.compile(r"^/bots/([^/]+)/ws/?$")
 FILE_ROUTE = re.compile(r"/files(/|$)")
 CLOSE_LIMITED = 4429
@@ -60,6 +65,7 @@ CLOSE_STORAGE = 4507
 BUCKETS = 100_000  # keys, addresses and owners remembered (least recently used forgotten)
 COUNT_S = 10.0  # how long a count of sessions per owner is trusted (plus what this process created since)
 STORAGE_S = 1.0  # how long PB_EVENTS' usage is trusted
+BILLED = "petribus.limits.billed"  # scope key of a WebSocket's ``Billed``
 
 
 class Refused(Exception):
@@ -69,6 +75,33 @@ class Refused(Exception):
                  close: int = CLOSE_LIMITED) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.retry_after, self.close = status, code, message, retry_after, close
+
+
+class Billed:
+    """Whose request budget a WebSocket's messages spend: the caller's key, or its address while no key is
+    known (a browser's first message, which brings it, is the address's); None for a header key that is
+    not valid (the connection's own rate only: ``ws.py`` closes it with 4401). Held in the connection's
+    scope, so that ``ws.py`` can name the key that came in a message (``bill_socket``)."""
+
+    __slots__ = ("caller",)
+
+    def __init__(self, caller: Caller | None) -> None:
+        self.caller = caller
+
+
+def bill_socket(scope: Scope, caller: Caller) -> None:
+    """Charge the WebSocket's next messages to ``caller``'s key: the same bucket as that key's REST calls.
+    ``ws.py`` calls it once it knows the key, whether from the header or from a message."""
+    billed = scope.get(BILLED)
+    if isinstance(billed, Billed) and caller.principal is not None:
+        billed.caller = caller
+
+
+def refusal(refused: Refused) -> JSONResponse:
+    """The HTTP answer to a refusal: its status, ``{"code", "message"}`` and Retry-After when waiting helps."""
+    headers = {"Retry-After": str(max(1, math.ceil(refused.retry_after)))} if refused.retry_after else None
+    return JSONResponse({"code": refused.code, "message": refused.message}, status_code=refused.status,
+                        headers=headers)
 
 
 class Bucket:
@@ -277,6 +310,7 @@ class Limits:
         """Pass the connection on, counting its messages; one over the rate is answered here, not processed."""
         lock = asyncio.Lock()
         accepted = False
+        billed = scope[BILLED] = Billed(caller)  # a key that comes in a message is named here by ws.py
         mine = Bucket(self.settings.ws_message_rate, self.settings.ws_message_burst)
         bot = (NEW_SOCKET.match(scope["path"]) or re.match(r"^/bots/([^/]+)/", scope["path"]) or [None, ""])[1]
 
@@ -298,8 +332,8 @@ class Limits:
                                       f"{self.settings.ws_message_rate:g} a second (bursts of "
                                       f"{self.settings.ws_message_burst}); this one was not processed, send "
                                       f"it again in {wait:.1f} s", retry_after=wait)
-                    if caller is not None:
-                        self._rate(caller)
+                    if billed.caller is not None:
+                        self._rate(billed.caller)
                 except Refused as refused:
                     error = ErrorEvent(bot=bot, session_id="", code=refused.code, message=refused.message)
                     async with lock:
@@ -311,11 +345,8 @@ class Limits:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, refused: Refused) -> None:
         log.info("request refused", code=refused.code, path=scope.get("path"), address=_address(scope))
-        headers = {"Retry-After": str(max(1, math.ceil(refused.retry_after)))} if refused.retry_after else None
         if scope["type"] == "http":
-            answer = JSONResponse({"code": refused.code, "message": refused.message}, status_code=refused.status,
-                                  headers=headers)
-            await answer(scope, receive, send)
+            await refusal(refused)(scope, receive, send)
             return
         # Accept, then refuse: a close during the handshake reaches a client as a bare HTTP 403.
         await receive()  # websocket.connect
@@ -328,11 +359,12 @@ class Limits:
 
 
 def _creates_session(scope: Scope) -> bool:
-    """A REST request that starts a session (a new one or a fork). A WebSocket's is admitted by ``ws.py``
-    once its caller is known (``GatewayContext.admit_session``)."""
+    """``POST /bots/{bot}/sessions``, which always starts a session. A fork is admitted by its route, which
+    knows whether it is a keyed retry of one that landed; a WebSocket's session by ``ws.py`` once its
+    caller is known (both through ``GatewayContext.admit_session``)."""
     if scope["type"] != "http" or scope["method"] != "POST":
         return False
-    return NEW_SESSION.match(scope["path"]) is not None or FORK.match(scope["path"]) is not None
+    return NEW_SESSION.match(scope["path"]) is not None
 
 
 def _owner_name(owner: str | None, address: str | None) -> str:

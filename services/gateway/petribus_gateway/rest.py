@@ -8,16 +8,17 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import JSONResponse
+from nats.js.errors import NotFoundError
 
 from petribus import deletion, subjects, tracing
 from petribus.bus import WrongLastSequence
 from petribus.core import SessionState
 from petribus.deploy import DEFAULT_ENV
 from petribus.errors import AlreadyAnswered, InvalidInput
-from petribus.events import HaltSet, InputFileResponse, SessionForked, _Event, new_id, to_client
+from petribus.events import HaltSet, InputFileResponse, SessionForked, _Event, decode, new_id, to_client
 from petribus.net import Net
 from petribus_gateway import fork as forking
-from petribus_gateway import deployments, idempotency, inputs
+from petribus_gateway import deployments, idempotency, inputs, limits
 from petribus_gateway.auth import CallerDep, guard
 from petribus_gateway.context import GatewayContext, bus_ready, check_session_id, context, unknown_session
 from petribus_gateway.models import (
@@ -63,6 +64,11 @@ ERRORS: Responses = {**NOT_FOUND, **INVALID, **UNAVAILABLE}
 KEYED: Responses = {
     400: {"model": ErrorBody, "description": "An Idempotency-Key that is not 1-128 printable ASCII characters."},
     409: {"model": ErrorBody, "description": "The Idempotency-Key already named a different request."},
+}
+LIMITED: Responses = {
+    429: {"model": ErrorBody, "description": "Over the owner's session quota (session_quota) or the new-session "
+          "rate (rate_limited, with Retry-After)."},
+    507: {"model": ErrorBody, "description": "The session log is too full for new sessions (storage_full)."},
 }
 ANSWER_ERRORS: Responses = {
     404: {"model": ErrorBody, "description": "No such bot, session, task or request."},
@@ -270,40 +276,73 @@ async def history(net: BotNet, session_id: str, ctx: Ctx,
 
 
 @router.post("/bots/{bot}/sessions/{session_id}/fork", response_model=ForkedInfo, status_code=201,
-             responses={**ERRORS, **KEYED}, tags=["time travel"], dependencies=[Depends(bus_ready)])
+             responses={**ERRORS, **KEYED, **LIMITED}, tags=["time travel"], dependencies=[Depends(bus_ready)])
 async def fork_session(net: BotNet, session_id: str, body: ForkRequest, ctx: Ctx, response: Response,
-                       caller: CallerDep, idempotency_key: IdempotencyKey = None) -> ForkedInfo:
+                       caller: CallerDep, idempotency_key: IdempotencyKey = None) -> ForkedInfo | JSONResponse:
     """A new session that starts from this one's state at ``at`` (see docs/time-travel.md): the marking
     (with the markers of firings in flight then put back), chat, memory and files. This session is
-    untouched. With ``bot``, the fork runs on another bot, if every marker fits its net."""
+    untouched. With ``bot``, the fork runs on another bot, if every marker fits its net.
+
+    A fork is a new session of whoever forks (quota, new-session rate, storage: docs/limits.md), admitted
+    here rather than by the limits middleware: a retry with the same ``Idempotency-Key`` of a fork that
+    landed is answered as the first time and is no new session, so it is not charged again."""
     check_session_id(session_id)
     target = ctx.auth.net(ctx.nets, body.bot, caller) if body.bot is not None else net
+    key = None if idempotency_key is None else idempotency.check_key(idempotency_key)
+    new_session = (new_id() if key is None
+                   else uuid.uuid5(idempotency.NAMESPACE, f"fork:{net.bot}:{session_id}:{key}").hex)
+    if key is not None:
+        replayed = await _landed_fork(ctx, target, new_session, session_id, body.at, key)
+        if replayed is not None:
+            response.headers[REPLAYED] = "true"
+            return replayed
     source = await _state_at(ctx, net, session_id, body.at)
     last = (await ctx.timeline.state_at(net.bot, session_id, None)).last_seq
     if body.at > last:
         raise InvalidInput(f"at={body.at} is past session {session_id}'s last event (seq {last}): a fork "
                            f"starts from a step that happened; use at <= {last}", code="invalid_seq")
-    key = None if idempotency_key is None else idempotency.check_key(idempotency_key)
-    new_session = (new_id() if key is None
-                   else uuid.uuid5(idempotency.NAMESPACE, f"fork:{net.bot}:{session_id}:{key}").hex)
+    try:
+        await ctx.admit_session(caller)
+    except limits.Refused as refused:
+        ctx.log.info("fork refused", bot=net.bot, session_id=session_id, code=refused.code,
+                     owner=caller.owner, address=caller.address)
+        return limits.refusal(refused)
     try:
         seq = await forking.fork(ctx.events, ctx.files, target, source, body.at, new_session, caller.actor())
     except WrongLastSequence:
-        # Only a keyed retry names a session that exists: answer it as the first time, if it is that fork.
-        first = (await ctx.events.read(target.bot, new_session))[:1] if key else []
-        forked = first[0][1] if first else None
-        if not (isinstance(forked, SessionForked) and forked.source_session == session_id
-                and forked.source_seq == body.at):
-            raise idempotency.IdempotencyKeyReused(
-                f"Idempotency-Key {key!r} already named another fork of session {session_id}; use a new key",
-                code="idempotency_key_reused") from None
+        # Only a keyed retry names a session that exists: one racing the first try, which landed meanwhile.
+        # (Both were admitted; the owner's count is read again from the log within limits.COUNT_S.)
+        replayed = await _landed_fork(ctx, target, new_session, session_id, body.at, key) if key else None
+        if replayed is None:
+            raise _fork_key_reused(key, session_id) from None
         response.headers[REPLAYED] = "true"
-        return ForkedInfo(session_id=new_session, bot=target.bot, seq=first[0][0], source_session=session_id,
-                          source_seq=body.at, replayed=True)
+        return replayed
     ctx.log.info("session forked", bot=net.bot, session_id=session_id, at=body.at, fork=new_session,
                  fork_bot=target.bot)
     return ForkedInfo(session_id=new_session, bot=target.bot, seq=seq, source_session=session_id,
                       source_seq=body.at)
+
+
+async def _landed_fork(ctx: GatewayContext, target: Net, new_session: str, session_id: str, at: int,
+                       key: str) -> ForkedInfo | None:
+    """The first answer to the keyed fork ``new_session``, if it landed (None: it did not); 409 when the
+    session under that id is not this fork (the key named another fork of the session)."""
+    try:  # its first event only, from the stream leader (a fork's log grows once it runs)
+        msg = await ctx.events.js.get_msg(subjects.EVENTS_STREAM, seq=1, next=True,
+                                          subject=subjects.events(target.bot, new_session))
+    except NotFoundError:
+        return None
+    forked = decode(msg.data or b"")
+    if not (isinstance(forked, SessionForked) and forked.source_session == session_id and forked.source_seq == at):
+        raise _fork_key_reused(key, session_id)
+    return ForkedInfo(session_id=new_session, bot=target.bot, seq=msg.seq, source_session=session_id,
+                      source_seq=at, replayed=True)
+
+
+def _fork_key_reused(key: str | None, session_id: str) -> idempotency.IdempotencyKeyReused:
+    return idempotency.IdempotencyKeyReused(
+        f"Idempotency-Key {key!r} already named another fork of session {session_id}; use a new key",
+        code="idempotency_key_reused")
 
 
 @router.put("/bots/{bot}/sessions/{session_id}/halt", response_model=Appended, status_code=201,

@@ -16,7 +16,9 @@ Who may connect (``auth.py``): the ``Authorization: Bearer`` header, or, from a 
 headers on a WebSocket), ``{"type": "auth", "token": ...}`` as the first message, awaited for
 ``AUTH_DEADLINE_S`` only when the bot needs a key and no header came. A bot that needs a key and gets
 none is closed with 4401; another owner's session is closed with 4404, exactly like an unknown one.
-Every event a client's message appends records the caller as its ``actor``. A new session is admitted
+Every event a client's message appends records the caller as its ``actor``, and once the key is known
+the connection's messages spend that key's request budget, the one its REST calls spend too
+(``limits.bill_socket``). A new session is admitted
 (rate, storage, the owner's quota: ``limits``) here, once the caller is known, so that it is charged to
 the key's owner even when the key came in the first message.
 
@@ -62,7 +64,7 @@ from petribus_gateway.auth import (
     masked,
 )
 from petribus_gateway.context import GatewayContext, context
-from petribus_gateway.limits import Refused
+from petribus_gateway.limits import Refused, bill_socket
 
 CLOSE_NOT_FOUND = 4404
 CLOSE_BAD_REQUEST = 4400
@@ -87,6 +89,7 @@ async def session_socket(
     asked = websocket.query_params.get("session_id") or ""
     try:
         caller = await _authenticate(ctx, websocket, bot)
+        bill_socket(websocket.scope, caller)  # a key from the first message spends its own budget from now on
         net = ctx.auth.net(ctx.nets, bot, caller)
         session_id, since = await _open(ctx, net, websocket.query_params, caller)
     except Unauthorized as exc:
@@ -418,6 +421,7 @@ class SessionSocket:
             await self._error("unauthorized", f"this key may not use bot {self.net.bot!r}", None)
             return
         self.caller = caller
+        bill_socket(self.ws.scope, caller)
 
     async def _append(self, event: Any, request_id: str | None) -> tuple[int, bool]:
         """Append a client's event, once per ``request_id`` (its idempotency key); (seq, replayed)."""
