@@ -163,6 +163,10 @@ async def test_versions_run_side_by_side_blue_green_deactivate_rollback_and_envs
             detail = await http.get(f"/bots/shop/sessions/{old_id}")
             assert detail.status_code == 200, detail.text
             assert [m["data"]["by"] for m in detail.json()["marking"].get("Shipped", [])] == ["v1"] * 3
+            # The net the dashboard draws for a session is its own version's (?session_id=), while the
+            # deployment's own net is the version a new session gets.
+            assert (await http.get(f"/bots/shop/net?session_id={old_id}")).json()["bot"] == v1.bot
+            assert (await http.get("/bots/shop/net")).json()["bot"] == v2.bot
 
             # Listed by the deployment's name: its sessions on every version, each saying which.
             listed = (await http.get("/bots/shop/sessions")).json()

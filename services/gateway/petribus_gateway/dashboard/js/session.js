@@ -25,7 +25,7 @@ export async function openSession(main, bot, id) {
   try {
     [botInfo, net, live] = await Promise.all([
       get('/bots').then((bots) => bots.find((b) => b.name === bot)),
-      get(`/bots/${enc(bot)}/net`),
+      get(`/bots/${enc(bot)}/net?session_id=${enc(id)}`),  // under deployments: the session's version
       get(`${base}?events=false`),
     ]);
   } catch (err) {
