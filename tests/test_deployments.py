@@ -559,6 +559,10 @@ async def test_bots_lists_each_deployment_once_by_name_as_its_environment_runs_i
             assert bots["shop"].keys() == bots["public"].keys()  # a plain bot's shape
             assert [t["name"] for t in bots["shop"]["transitions"]] == ["ship"]
             assert sorted(await listed(headers=key)) == ["public", "shop"]  # a key sees no version either
+            # A bot that is not there is answered with the names a caller may use, never a version's.
+            missing = await http.get("/bots/shop--0000000000/sessions", headers=key)
+            assert missing.status_code == 404 and "['public', 'shop']" in missing.json()["message"], missing.text
+            assert "shop--" not in missing.json()["message"].split(";", 1)[1]
             described = await http.get("/bots/shop")
             assert described.status_code == 200 and described.json() == bots["shop"]
             # staging runs v2; its policy says nothing, so the bot's own authorized holds: a key is needed.

@@ -53,7 +53,7 @@ from petribus.events import Actor, ErrorEvent, SessionCreated, SessionForked, de
 from petribus.keys import KeyStore, Principal
 from petribus.net import Net
 from petribus.settings import Settings
-from petribus_gateway.deployments import needs_key
+from petribus_gateway.deployments import needs_key, public_names
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CLOSE_POLICY = 1008  # RFC 6455 "Policy Violation": a foreign Origin
@@ -183,7 +183,8 @@ class Auth:
         if net is not None and caller.principal is None:
             self.admit(caller, net)
         if net is None or not self.may_use(caller, net):
-            visible = sorted(n.bot for n in nets.values() if self.may_use(caller, n))
+            visible = public_names((n.bot for n in nets.values() if self.may_use(caller, n)),
+                                   keyed=caller.principal is not None)
             raise UnknownBot(f"unknown bot {bot!r}; this gateway serves {visible} (see GET /bots)")
         return net
 

@@ -29,7 +29,7 @@ from petribus.net import Net, check_handoffs
 from petribus.outage import on_disconnect, on_reconnect
 from petribus.settings import Settings
 from petribus_gateway.auth import Auth, Caller
-from petribus_gateway.deployments import SESSION_ID_RE, current_env
+from petribus_gateway.deployments import SESSION_ID_RE, current_env, public_names
 from petribus_gateway.timeline import Timeline
 
 # A session id is one subject token: no '.', and no '*' or '>' that would widen a read or a purge.
@@ -91,7 +91,7 @@ class GatewayContext:
     def net(self, bot: str) -> Net:
         net = self.nets.get(bot)
         if net is None:
-            raise UnknownBot(f"unknown bot {bot!r}; this gateway serves {sorted(self.nets)} (see GET /bots)")
+            raise UnknownBot(f"unknown bot {bot!r}; this gateway serves {public_names(self.nets)} (see GET /bots)")
         return net
 
     async def require_session(self, bot: str, session_id: str) -> int:

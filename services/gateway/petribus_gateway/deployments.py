@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -103,6 +103,17 @@ def listing() -> list[Listed] | None:
     gateway does not run deployments."""
     routing = ROUTING.get()
     return None if routing is None else routing.listing(ENV.get() or DEFAULT_ENV)
+
+
+def public_names(bots: Iterable[str], *, keyed: bool = True) -> list[str]:
+    """The names a caller may use for ``bots``: a plain bot's own; a deployment's (of the request's
+    environment) instead of its versions' internal ones, if its version is among ``bots`` and, when the
+    environment asks for a key, the caller has one (``keyed``)."""
+    bots = set(bots)
+    names = {bot for bot in bots if split_internal(bot) is None}
+    names.update(each.name for each in listing() or []
+                 if each.bot in bots and (keyed or not each.authorized))
+    return sorted(names)
 
 
 def described(bot: str) -> tuple[str, str | None, bool]:
