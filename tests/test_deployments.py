@@ -167,6 +167,8 @@ async def test_versions_run_side_by_side_blue_green_deactivate_rollback_and_envs
             # deployment's own net is the version a new session gets.
             assert (await http.get(f"/bots/shop/net?session_id={old_id}")).json()["bot"] == v1.bot
             assert (await http.get("/bots/shop/net")).json()["bot"] == v2.bot
+            assert (await http.get(f"/bots/shop?session_id={old_id}")).json()["version"] == v1.version
+            assert (await http.get("/bots/shop")).json()["version"] == v2.version
 
             # Listed by the deployment's name: its sessions on every version, each saying which.
             listed = (await http.get("/bots/shop/sessions")).json()

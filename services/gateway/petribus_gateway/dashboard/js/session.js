@@ -24,8 +24,9 @@ export async function openSession(main, bot, id) {
   let botInfo, net, live;
   try {
     [botInfo, net, live] = await Promise.all([
-      get('/bots').then((bots) => bots.find((b) => b.name === bot)),
-      get(`/bots/${enc(bot)}/net?session_id=${enc(id)}`),  // under deployments: the session's version
+      // Under deployments, both as the session's own version has them (?session_id=).
+      get(`/bots/${enc(bot)}?session_id=${enc(id)}`),
+      get(`/bots/${enc(bot)}/net?session_id=${enc(id)}`),
       get(`${base}?events=false`),
     ]);
   } catch (err) {
