@@ -1,8 +1,8 @@
 """The LLM service: answers every user message and transition prompt of every session, exactly once,
 in order per session.
 
-One durable consumer (``llm``) over all of PB_EVENTS, shared by every LLM process; only
-``user_message`` and ``prompt_request`` events are acted on, the rest are acked at once. Sessions are
+One durable consumer (``llm``) over PB_EVENTS, shared by every LLM process, filtered by the server on
+what it answers (``user_message`` and ``prompt_request``: ``LLM_KINDS``). Sessions are
 served in parallel; within a session, messages are answered one after the other (a
 ``petribus.session_queues.SessionQueues``, one message at a time). Messages held here are heartbeated
 (``in_progress``) so a slow model does not get them redelivered.
@@ -15,6 +15,10 @@ and each proposed marker with ``marker:<id>:<n>``; a prompt's answer with ``prom
 two processes racing on one redelivered message still land one reply. The message is acked only after
 its answer is in the log. Order holds across processes too: a message is answered only after every
 older unanswered message of its session (answering those first if need be).
+
+A deleted session stays deleted (``petribus.deletion``): the service watches the tombstones and appends
+through ``GuardedEventLog``, so a message of a session deleted before its answer is acked unanswered,
+with no model call and nothing appended.
 
 A hand-off (``Bot(handoffs=...)``, docs/handoffs.md): when the model calls ``transfer_to_<bot>``, the
 target session is opened first, as one atomic batch at sequence 0 (``session_created`` naming this

@@ -1,6 +1,7 @@
 """The scheduler: folds every session's log and appends the firings its marking allows.
 
-One durable consumer (``scheduler``) over all of PB_EVENTS, shared by every scheduler process. Events
+One durable consumer (``scheduler``) over PB_EVENTS, shared by every scheduler process: every kind of
+event but ``transition_started``, which decides nothing (``SCHEDULER_KINDS``, filtered by the server). Events
 go to a queue per session (``petribus.session_queues``): sessions in parallel, one session's events in
 order, everything queued for a session folded together and decided on once. Each session's state is
 cached and, when not cached, rebuilt from the session's subject.
