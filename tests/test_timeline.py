@@ -162,3 +162,37 @@ async def test_history_pages_cover_the_log_once(nc, limit):
         seen += [s.seq for s in steps]
         after = steps[-1].seq
     assert seen == [seq for seq, _ in logged] and last == logged[-1][0]
+
+
+async def test_a_question_reads_the_log_only_as_far_as_it_asks_and_a_known_deletion_needs_no_read(nc):
+    """With the gateway's tombstones at hand, a first question about an early point of a long session reads
+    its log up to that point only; one about a point read already reads nothing; and a session known to
+    be deleted is forgotten without a read (here its log is left in place, so a read would have found it)."""
+    import asyncio
+
+    from petribus import deletion, subjects
+    from petribus.deletion import GuardedEventLog, Tombstones
+
+    tombstones = Tombstones(nc)
+    await tombstones.start()
+    try:
+        log = GuardedEventLog(nc, tombstones=tombstones)
+        logged = await _append(log, _runs("b", "lazy", 150, random.Random(5)))
+        timeline = Timeline(log)
+        early = logged[40][0]
+        assert await timeline.state_at("b", "lazy", early) == fold(logged[:41])
+        session = timeline._cache[("b", "lazy")]
+        assert session.head.last_seq == early and len(session.payloads) == 41  # read that far, no further
+        assert await timeline.state_at("b", "lazy", logged[5][0]) == fold(logged[:6])
+        assert len(session.payloads) == 41  # a point read already: nothing read
+        assert (await timeline.state_at("b", "lazy")).last_seq == logged[-1][0]  # now: the whole log
+        assert len(session.payloads) == len(logged)
+
+        await (await deletion.bucket(nc.jetstream())).put(subjects.tombstone("b", "lazy"), b"{}")
+        async with asyncio.timeout(10):
+            while not tombstones.deleted("b", "lazy"):
+                await asyncio.sleep(0.01)
+        assert (await timeline.state_at("b", "lazy", early)).last_seq == 0  # forgotten, as if never there
+        assert ("b", "lazy") not in timeline._cache or not timeline._cache[("b", "lazy")].payloads
+    finally:
+        await tombstones.close()

@@ -95,7 +95,7 @@ class Timeline:
     async def state_at(self, bot: str, session_id: str, at: int | None = None) -> SessionState:
         """The session's state after its events up to ``at`` (None: all of them), as a state of the
         caller's own. Its ``last_seq`` is 0 when the session has no events up to ``at``."""
-        session = await self._session(bot, session_id)
+        session = await self._session(bot, session_id, until=at)
         if at is None or at >= session.head.last_seq:
             return session.head.copy()
         state = session.nearest(at).copy()
@@ -127,7 +127,7 @@ class Timeline:
 
         Each event's client form is made once, the first time a body asks for it, and kept beside its
         stored bytes: a later body up to any sequence is a join of kept bytes, with no decoding."""
-        session = await self._session(bot, session_id)
+        session = await self._session(bot, session_id, until=until)
         end = bisect.bisect_right(session.seqs, until)
         shown = session.shown
         for i in range(end):
@@ -144,8 +144,10 @@ class Timeline:
     def forget(self, bot: str, session_id: str) -> None:
         self._cache.pop((bot, session_id), None)
 
-    async def _session(self, bot: str, session_id: str) -> _Session:
-        """The session's stored log and snapshots, caught up with its log."""
+    async def _session(self, bot: str, session_id: str, until: int | None = None) -> _Session:
+        """The session's stored log and snapshots, caught up with its log, or (``until``) at least up to
+        that sequence: a question about an early point of a long session that was never read waits for
+        its log up to that point only, and one about a point read already reads nothing."""
         key = (bot, session_id)
         session = self._cache.get(key)
         if session is None:
@@ -155,10 +157,18 @@ class Timeline:
         self._cache.move_to_end(key)
         async with session.lock:
             before = session.head.last_seq
+            tombstones = getattr(self.events, "tombstones", None)  # the gateway's log watches them
+            if until is not None and 0 < until <= before and tombstones is not None:
+                # Read already, and a deletion is known without a read: nothing to ask the log.
+                if tombstones.deleted(bot, session_id):
+                    self.forget(bot, session_id)
+                    session = _Session(head=SessionState(bot=bot, session_id=session_id))
+                    session.keep()
+                return session
             if before == 0:  # a first read: space the snapshots out by the length of the log
                 count = await self.events.count(bot, session_id)
                 session.every = max(MIN_EVERY, -(-count // SNAPSHOTS))
-            async for batch in self.events.scan(bot, session_id, after=before, raw=True):
+            async for batch in self.events.scan(bot, session_id, after=before, until=until, raw=True):
                 for seq, payload in batch:
                     apply(session.head, seq, decode(payload))
                     session.seqs.append(seq)
