@@ -8,13 +8,17 @@ in one line (what their transition writes), so every output says which code ran 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import textwrap
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import websockets
 from petribus import deploy, subjects
+from petribus.net import Net
 from petribus.settings import Settings
 from petribus_executor.deployed import DeployedExecutors
 from petribus_gateway.app import Gateway
@@ -57,6 +61,37 @@ def write_app(folder: Path, tag: str, *, pool: str | None = None, extra: str = "
     (folder / "shop.py").write_text(textwrap.dedent(APP).format(
         tag=tag, pool=f", pool={pool!r}" if pool else "", extra=extra))
     return f"{folder / 'shop.py'}:bot"
+
+
+class Services(NamedTuple):
+    scheduler: Scheduler
+    llm: LLMService
+    gateway: Gateway
+    executors: DeployedExecutors | None
+
+
+@contextlib.asynccontextmanager
+async def _services(settings: Settings, *, plain: Sequence[Net] = (),
+                    pools: Sequence[str] = ("cpu",)) -> AsyncIterator[Services]:
+    """The services as ``--deployments`` runs them, in this process (the executors' versions in processes
+    of their own; none when ``pools`` is empty); stopped again in reverse."""
+    scheduler, llm, gateway = Scheduler(settings, []), LLMService(settings, []), Gateway(settings, list(plain))
+    for service in (scheduler, llm, gateway):
+        service.deployments = True
+    executors = DeployedExecutors(settings, pools=list(pools)) if pools else None
+    started: list = []
+    try:
+        if executors is not None:
+            await executors.start()
+        for service in (scheduler, llm, gateway):
+            await service.start()
+            started.append(service)
+        yield Services(scheduler, llm, gateway, executors)
+    finally:
+        for service in reversed(started):
+            await service.stop()
+        if executors is not None:
+            await executors.stop()
 
 
 async def _order(client: Client, item: str) -> dict:
@@ -113,15 +148,7 @@ async def test_versions_run_side_by_side_blue_green_deactivate_rollback_and_envs
     v1, _ = await deploy.deploy(js, write_app(tmp_path / "v1", "v1"), "shop")
     assert v1.bot == f"shop--{v1.version}"
 
-    scheduler, llm, gateway = Scheduler(settings, []), LLMService(settings, []), Gateway(settings, [])
-    for service in (scheduler, llm, gateway):
-        service.deployments = True
-    cpu = DeployedExecutors(settings, pools=["cpu"])
-    big: DeployedExecutors | None = None
-    await cpu.start()
-    for service in (scheduler, llm, gateway):
-        await service.start()
-    try:
+    async with _services(settings) as (_, _, gateway, _), contextlib.AsyncExitStack() as later:
         ws = gateway.url.replace("http", "ws", 1)
         await _wait_ready(js, v1.version, gateway)
 
@@ -146,6 +173,7 @@ async def test_versions_run_side_by_side_blue_green_deactivate_rollback_and_envs
 
         big = DeployedExecutors(settings, pools=["big"])
         await big.start()
+        later.push_async_callback(big.stop)
         await _wait_ready(js, v2.version, gateway)
         new, _, bot = await _new_session(js, f"{ws}/bots/shop/ws")
         assert bot == v2.bot
@@ -220,12 +248,6 @@ async def test_versions_run_side_by_side_blue_green_deactivate_rollback_and_envs
             missing = await http.post("/envs/dev/bots/shop/sessions")
             assert missing.status_code == 404 and "no deployment 'shop' in environment 'dev'" in missing.json()["message"]
         await new.close()
-    finally:
-        for service in (gateway, llm, scheduler):
-            await service.stop()
-        for executors in (cpu, big):
-            if executors is not None:
-                await executors.stop()
 
 
 async def test_a_version_a_service_cannot_load_is_reported_and_gets_no_sessions(
@@ -241,12 +263,7 @@ async def test_a_version_a_service_cannot_load_is_reported_and_gets_no_sessions(
     bad, _ = await deploy.deploy(js, broken_src, "shop")
     monkeypatch.setenv("SHOP_BREAKS", "1")
 
-    scheduler, llm, gateway = Scheduler(settings, []), LLMService(settings, []), Gateway(settings, [])
-    for service in (scheduler, llm, gateway):
-        service.deployments = True
-    for service in (scheduler, llm, gateway):
-        await service.start()
-    try:
+    async with _services(settings, pools=()) as (scheduler, _, gateway, _):
         routing = _routing(gateway)
         assert good.bot in scheduler.nets and bad.bot not in scheduler.nets  # the fault happened
         ok, why = routing.ready(bad.version)
@@ -265,9 +282,6 @@ async def test_a_version_a_service_cannot_load_is_reported_and_gets_no_sessions(
         assert shown.exit_code == 0, shown.output
         assert f"version {bad.version}" in shown.output and "ready:        no, failed:" in shown.output
         assert "scheduler" in shown.output and "FAILED: " in shown.output and "no database here" in shown.output
-    finally:
-        for service in (gateway, llm, scheduler):
-            await service.stop()
 
 
 async def _until(check, timeout: float = 30.0) -> None:
@@ -283,24 +297,12 @@ async def test_deployments_run_on_a_closed_bus_without_a_permission_violation(
     """Each service reads the deployments, fetches the archives and reports in PB_READY as its own role;
     only admin (petribus deploy) writes deployments."""
     version, _ = await deploy.deploy(admin.jetstream(), write_app(tmp_path / "v", "closed"), "shop")
-    scheduler, llm = Scheduler(closed_settings, []), LLMService(closed_settings, [])
-    gateway = Gateway(closed_settings, [])
-    for service in (scheduler, llm, gateway):
-        service.deployments = True
-    executors = DeployedExecutors(closed_settings, pools=["cpu"])
-    await executors.start()
-    for service in (scheduler, llm, gateway):
-        await service.start()
-    try:
+    async with _services(closed_settings) as (_, _, gateway, _):
         await _wait_ready(admin.jetstream(), version.version, gateway)
         client, _, bot = await _new_session(admin.jetstream(), f"{gateway.url.replace('http', 'ws', 1)}/bots/shop/ws")
         assert bot == version.bot
         assert await _order(client, "tea") == {"item": "tea", "by": "closed"}
         await client.close()
-    finally:
-        for service in (gateway, llm, scheduler):
-            await service.stop()
-        await executors.stop()
     assert test_bus_auth._violations(closed_server) == [], "a service did something its role may not"
 
 
@@ -323,14 +325,7 @@ async def test_each_environment_applies_its_own_policies_to_its_sessions(
     await deploy.set_policies(js, "shop", env="prod", actor="test", policies=deploy.Policies(authorized=True))
     token, _ = await keys.create(js, "ops")
 
-    scheduler, llm, gateway = Scheduler(settings, []), LLMService(settings, []), Gateway(settings, [])
-    for service in (scheduler, llm, gateway):
-        service.deployments = True
-    executors = DeployedExecutors(settings, pools=["cpu"])
-    await executors.start()
-    for service in (scheduler, llm, gateway):
-        await service.start()
-    try:
+    async with _services(settings) as (_, _, gateway, _):
         await _wait_ready(js, version.version, gateway)
         async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
             assert (await http.post("/envs/prod/bots/shop/sessions")).status_code == 401
@@ -361,10 +356,6 @@ async def test_each_environment_applies_its_own_policies_to_its_sessions(
             peaks[session_id] = peak
         assert peaks[prod] > 1  # without the policy the firings overlap ...
         assert peaks[default] == 1  # ... with it, one at a time
-    finally:
-        for service in (gateway, llm, scheduler):
-            await service.stop()
-        await executors.stop()
 
 
 async def test_a_handoff_names_a_deployment_and_opens_its_active_version_in_the_same_environment(
@@ -396,14 +387,7 @@ async def test_a_handoff_names_a_deployment_and_opens_its_active_version_in_the_
         llm.when(ASKED, call(TOOL, request=REQUEST), say("I handed you over to billing."))
         llm.when(REQUEST, call("Refund", order="42"), say("Refund started for order 42."))
         modelled = settings.model_copy(update={"openai_api_key": SecretStr(KEY), "openai_base_url": llm.base_url})
-        scheduler, service, gateway = Scheduler(modelled, []), LLMService(modelled, []), Gateway(modelled, [])
-        for each in (scheduler, service, gateway):
-            each.deployments = True
-        executors = DeployedExecutors(modelled, pools=["cpu"])
-        await executors.start()
-        for each in (scheduler, service, gateway):
-            await each.start()
-        try:
+        async with _services(modelled) as (_, _, gateway, _):
             await _wait_ready(js, support.version, gateway)
             await _wait_ready(js, billing.active, gateway)
             ws = gateway.url.replace("http", "ws", 1)
@@ -426,10 +410,6 @@ async def test_a_handoff_names_a_deployment_and_opens_its_active_version_in_the_
             assert any(e.type == "transition_completed" for _, e in log), [e.type for _, e in log]
             handed = [e for _, e in await EventLog(nc).read(support.bot, source) if isinstance(e, HandedOff)]
             assert [(h.target_bot, h.target_session) for h in handed] == [(target_bot, target)]
-        finally:
-            for each in (gateway, service, scheduler):
-                await each.stop()
-            await executors.stop()
 
 
 async def test_a_fetch_that_meets_a_bus_timeout_is_tried_again_not_reported_failed(
@@ -483,14 +463,7 @@ async def test_each_versions_executor_reports_its_firings_on_the_parents_metrics
     js = nc.jetstream()
     version, _ = await deploy.deploy(js, write_app(tmp_path / "v", "metered"), "shop")
     children_before = list(metrics._children)
-    scheduler, llm, gateway = Scheduler(metered, []), LLMService(metered, []), Gateway(metered, [])
-    for service in (scheduler, llm, gateway):
-        service.deployments = True
-    executors = DeployedExecutors(metered, pools=["cpu"])
-    await executors.start()
-    for service in (scheduler, llm, gateway):
-        await service.start()
-    try:
+    async with _services(metered) as (_, _, gateway, executors):
         await _wait_ready(js, version.version, gateway)
         [child] = executors.children.values()
         assert child.settings.metrics_port not in (None, port)
@@ -504,10 +477,6 @@ async def test_each_versions_executor_reports_its_firings_on_the_parents_metrics
         await until_scraped(url, lambda s: value(s, "petribus_firings_completed_total", **labels)
                             - value(before, "petribus_firings_completed_total", **labels) >= 2)
         after = await scrape(url)
-    finally:
-        for service in (gateway, llm, scheduler):
-            await service.stop()
-        await executors.stop()
 
     assert moved(after, before, "petribus_firings_completed_total", **labels) == 2
     assert moved(after, before, "petribus_firings_started_total", **labels) == 2
@@ -535,14 +504,7 @@ async def test_bots_lists_each_deployment_once_by_name_as_its_environment_runs_i
     key = {"Authorization": f"Bearer {token}"}
 
     plain = load_net(app("auth_public"))
-    scheduler, llm, gateway = Scheduler(settings, []), LLMService(settings, []), Gateway(settings, [plain])
-    for service in (scheduler, llm, gateway):
-        service.deployments = True
-    executors = DeployedExecutors(settings, pools=["cpu"])
-    await executors.start()
-    for service in (scheduler, llm, gateway):
-        await service.start()
-    try:
+    async with _services(settings, plain=[plain]) as (_, _, gateway, _):
         await _wait_ready(js, v1.version, gateway)
         await _wait_ready(js, v2.version, gateway)
         routing = _routing(gateway)
@@ -602,7 +564,3 @@ async def test_bots_lists_each_deployment_once_by_name_as_its_environment_runs_i
             assert (await listed())["shop"]["deactivated"] is True
             assert (await http.get("/bots/shop")).json()["deactivated"] is True
             assert (await listed("/envs/prod/bots", key))["shop"]["deactivated"] is False
-    finally:
-        for service in (gateway, llm, scheduler):
-            await service.stop()
-        await executors.stop()
