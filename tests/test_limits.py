@@ -168,13 +168,11 @@ async def test_the_session_quota_is_per_owner_of_the_api_key(settings: Settings,
     small = settings.model_copy(update={"max_sessions_per_owner": 1})
     async with Stack(small, [COUNTER], parts=("scheduler", "gateway")) as stack, \
             httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as http:
-        def as_(token: str) -> dict[str, str]:
-            return {"Authorization": f"Bearer {token}"}
 
-        assert (await http.post("/bots/counter/sessions", headers=as_(alice))).status_code == 201
-        again = await http.post("/bots/counter/sessions", headers=as_(alice))
+        assert (await http.post("/bots/counter/sessions", headers=_as(alice))).status_code == 201
+        again = await http.post("/bots/counter/sessions", headers=_as(alice))
         assert again.status_code == 429 and "owner 'alice'" in again.json()["message"]
-        assert (await http.post("/bots/counter/sessions", headers=as_(bob))).status_code == 201
+        assert (await http.post("/bots/counter/sessions", headers=_as(bob))).status_code == 201
 
 
 async def test_a_body_is_shape_checked_whatever_its_content_type_says(stack: Stack, http: httpx.AsyncClient) -> None:

@@ -5,7 +5,6 @@ later, and a fork's chat reaches the model's prompt."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,6 +30,7 @@ from petribus_gateway import timeline as timeline_module
 from .conftest import app
 from .harness import Stack
 from .scripted_llm import ScriptedLLM, call, say
+from .test_time_travel import _wait
 
 BOT = "errands"
 ERRAND = "please run the errand: groceries"
@@ -58,14 +58,8 @@ async def http(settings: Settings, llm: ScriptedLLM, nc: Any, monkeypatch: pytes
 
 
 async def _until(log: EventLog, session_id: str, done: Any, timeout: float = 60.0) -> list:
-    """The session's events once ``done(events)`` holds (woken by each appended event, not a timer)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            events = await log.read(BOT, session_id)
-            if done(events):
-                return events
-            last = events[-1][0] if events else 0
-            await log.wait_for(BOT, session_id, after=last, match=lambda ev: True, timeout=timeout)
+    """The session's events once ``done(events)`` holds (``test_time_travel._wait``, on this bot)."""
+    return await _wait(log, BOT, session_id, done, timeout)
 
 
 def _one(kind: type, **fields: Any) -> Any:
