@@ -28,7 +28,7 @@ import nats
 from petribus import bus, subjects
 from petribus.bus import EventLog
 from petribus.embedded import NatsServer
-from petribus.events import Marker, MarkerAdded, decode
+from petribus.events import Marker, MarkerAdded, SessionCreated, decode
 
 HERE = Path(__file__).parent
 APP = f"{HERE / 'noop_bot.py'}:bot"
@@ -133,6 +133,10 @@ async def main() -> None:
             await nc.subscribe(subjects.bot_events("bench"), cb=watch.on_msg)
 
             # Warm up: worker processes started, consumers created, caches hot.
+            # Every session opens as the gateway opens one (session_created), before anything is timed.
+            await log.append_many([SessionCreated(bot="bench", session_id=f"{prefix}{i}")
+                                   for prefix, n in (("warm", 20), ("lat", args.latency_samples),
+                                                     ("tp", args.sessions)) for i in range(n)])
             for i in range(20):
                 fut = asyncio.get_running_loop().create_future()
                 watch.waiters[f"warm{i}"] = fut

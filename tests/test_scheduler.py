@@ -16,7 +16,8 @@ from nats.js.errors import NotFoundError
 from petribus import subjects
 from petribus.bus import EventLog
 from petribus.core import fold
-from petribus.events import ErrorEvent, Marker, MarkerAdded, TransitionCompleted, TransitionFired, decode
+from petribus.events import (ErrorEvent, Marker, MarkerAdded, SessionCreated, TransitionCompleted, TransitionFired,
+                             decode)
 from petribus.loader import load_net
 from petribus.work import WorkItem
 from petribus_scheduler.app import CLAIM_BATCH, Scheduler
@@ -87,16 +88,32 @@ async def test_markers_appended_while_claiming_do_not_refuse_claims_and_the_repl
     log = EventLog(nc)
     markers = [MarkerAdded(bot="counter", session_id="busy", marker=Marker(location="Item", data={"n": i}))
                for i in range(600)]
+    await log.append(SessionCreated(bot="counter", session_id="busy"))  # opened as the gateway opens one
     async with Stack(settings, [COUNTER], parts=("scheduler", "executor")) as stack:
         for start in range(0, len(markers), 20):
             await log.append_many(markers[start:start + 20])
         await _wait_for_fired(nc, "counter", expected=600)
-        stats = stack.services["scheduler"].stats
+        js = nc.jetstream()
+        async with asyncio.timeout(60):  # every outcome in the log, and every event handled by the scheduler
+            while Counter(e.type for _, e in await log.read("counter", "busy"))["transition_completed"] < 600:
+                await asyncio.sleep(0.05)
+            while (info := await js.consumer_info(subjects.EVENTS_STREAM, subjects.SCHEDULER_DURABLE)) \
+                    .num_ack_pending or info.num_pending:
+                await asyncio.sleep(0.05)
+        scheduler = stack.services["scheduler"]
+        stats, cached = scheduler.stats, scheduler.sessions[("counter", "busy")]
     events = await log.read("counter", "busy")
+    # The scheduler's fold, which took events in past its claims, is the log's.
+    whole = fold(events)
+    assert not scheduler.ahead and cached.last_seq == max(s for s, e in events if e.type != "transition_started")
+    assert {loc: list(ms) for loc, ms in cached.places.items() if ms} == \
+           {loc: list(ms) for loc, ms in whole.places.items() if ms}
+    assert cached.finished == whole.finished and not cached.in_flight and not whole.in_flight
     consumed = Counter(mid for _, e in events if isinstance(e, TransitionFired) for mid in e.consumed)
     assert set(consumed) == {m.marker.id for m in markers} and max(consumed.values()) == 1
     assert stats["claimed_past"] > 0  # claims landed past others' events: the case under test happened
     assert stats["conflicts"] == 0  # ... and none of those events refused a claim
+    assert stats["catchups"] == 0 and stats["rebuilds"] == 0  # ... they were folded as delivered, never read
     assert any(e.planned_at is not None and e.planned_at < s - 1 for s, e in events if isinstance(e, TransitionFired))
     report = replay(net, events)
     assert report.differences == [] and report.firings == 600
@@ -340,28 +357,35 @@ async def test_the_lease_moves_to_the_oldest_firing_in_flight_and_resends_only_l
     assert lease.firing_id == second.firing_id  # one lease for the session, keyed by its oldest in flight
 
 
-async def test_the_scheduler_is_not_sent_starts_and_an_older_durable_is_narrowed_in_place(settings, nc):
-    """``transition_started`` decides nothing: the server never delivers it to the scheduler. A durable made
-    by an older version over every event keeps its position and is narrowed to the other kinds."""
+async def test_starts_are_acked_on_arrival_and_a_durable_filtered_by_kind_is_widened_in_place(settings, nc):
+    """``transition_started`` decides nothing: the scheduler acks it as it arrives and never queues or folds
+    it. Its consumer takes every event through one filter: a durable made by the previous version, filtered
+    on every other kind (which cost nats-server a walk of a block's subjects per message), keeps its
+    position and is widened in place."""
     from nats.js.api import DeliverPolicy
 
+    from petribus.events import EVENT_TYPES
+
     js = nc.jetstream()
-    await js.add_consumer(subjects.EVENTS_STREAM, ConsumerConfig(  # as the service made it before
-        durable_name=subjects.SCHEDULER_DURABLE, filter_subject=subjects.all_events(),
+    await js.add_consumer(subjects.EVENTS_STREAM, ConsumerConfig(  # as the previous version made it
+        durable_name=subjects.SCHEDULER_DURABLE,
+        filter_subjects=subjects.kinds(*(k for k in EVENT_TYPES if k != "transition_started")),
         ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=30, max_ack_pending=20_000,
         max_deliver=-1))
     log = EventLog(nc)
-    async with Stack(settings, [COUNTER], parts=("scheduler", "executor")):
+    async with Stack(settings, [COUNTER], parts=("scheduler", "executor")) as stack:
         for i in range(3):
             await log.append(MarkerAdded(bot="counter", session_id="starts",
                                          marker=Marker(location="Item", data={"n": i})))
         async with asyncio.timeout(60):
             while Counter(e.type for _, e in await log.read("counter", "starts"))["transition_completed"] < 3:
                 await asyncio.sleep(0.05)
-        info = await js.consumer_info(subjects.EVENTS_STREAM, subjects.SCHEDULER_DURABLE)
+            while (info := await js.consumer_info(subjects.EVENTS_STREAM, subjects.SCHEDULER_DURABLE)) \
+                    .num_ack_pending or info.num_pending:
+                await asyncio.sleep(0.05)
+        stats = stack.services["scheduler"].stats
     kinds = Counter(e.type for _, e in await log.read("counter", "starts"))
     assert kinds["transition_started"] == 3  # the executor appended its starts ...
-    assert subjects.kinds("transition_started")[0] not in info.config.filter_subjects
-    assert subjects.kinds("transition_completed")[0] in info.config.filter_subjects
-    assert info.delivered.consumer_seq == sum(kinds.values()) - kinds["transition_started"]  # ... never sent
-    assert info.num_ack_pending == 0 and info.num_pending == 0
+    assert info.config.filter_subject == subjects.all_events() and not info.config.filter_subjects
+    assert info.delivered.consumer_seq == sum(kinds.values())  # ... delivered with everything else ...
+    assert stats["starts_acked"] == 3  # ... and acked on arrival

@@ -1,7 +1,7 @@
 """The scheduler: folds every session's log and appends the firings its marking allows.
 
-One durable consumer (``scheduler``) over PB_EVENTS, shared by every scheduler process: every kind of
-event but ``transition_started``, which decides nothing (``SCHEDULER_KINDS``, filtered by the server). Events
+One durable consumer (``scheduler``) over PB_EVENTS, shared by every scheduler process: every event;
+``transition_started``, which decides nothing, is acked as it arrives (``STARTED``). The others
 go to a queue per session (``petribus.session_queues``): sessions in parallel, one session's events in
 order, everything queued for a session folded together and decided on once. Each session's state is
 cached and, when not cached, rebuilt from the session's subject.
@@ -66,7 +66,6 @@ from petribus.core import Firing, PlannedFiring, SessionState, apply, choose_fir
 from petribus.deletion import SessionDeleted, Tombstones
 from petribus.errors import PetribusError
 from petribus.events import (
-    EVENT_TYPES,
     ConfirmTransition,
     ErrorEvent,
     TransitionFailed,
@@ -94,11 +93,13 @@ ENABLING = frozenset({"marker_added", "transition_completed", "transition_failed
                       "accept_transition"})
 OPENINGS = ("session_created", "session_forked")  # how a session's log begins (unless a test wrote it)
 IN_FLIGHT = ("claimed", "started")  # a firing whose work item is in PB_WORK (or should be)
-# The events this service is delivered (its consumer's filter): all but ``transition_started``, a quarter
-# of a busy log, which decides nothing. Its status is for readers of the log: this process treats a
-# started firing as claimed (both are in flight; work it sent is not sent again, and a rebuild reads
-# the whole log), and reads the log itself where the difference counts (pools.py).
-SCHEDULER_KINDS = tuple(kind for kind in EVENT_TYPES if kind != "transition_started")
+# ``transition_started`` decides nothing (a quarter of a busy log): it is acked as it arrives and never
+# folded. Its status is for readers of the log: this process treats a started firing as claimed (both
+# are in flight; work it sent is not sent again, and a rebuild reads the whole log), and reads the log
+# itself where the difference counts (pools.py). It is delivered all the same: a consumer filtered on
+# the other kinds costs nats-server a walk of every subject of a message block per message delivered
+# (measured in docs/benchmarks.md), against a parse and an ack here.
+STARTED = ".transition_started"
 MAX_CONFLICT_RETRIES = 50
 CLAIM_BATCH = MAX_BATCH  # firings claimed by one atomic append: the most the server takes
 SCHEDULER_FAILED = "scheduler_failed"
@@ -135,6 +136,46 @@ class StaleRead(PetribusError):
 READ_AGAIN = (0.05, 0.1, 0.2, 0.4, 0.8)  # pauses before reading a session again that came back behind
 
 
+class Ahead:
+    """This process's claims that landed past events it had not folded yet (others' markers, starts,
+    outputs appended between its fold and its claims), folded before those events.
+
+    The claims are checked against the session's claims only, so they hold whatever else landed; the
+    events in between are folded as they are delivered, in order, after the claims (``_fold_behind``):
+    the fold takes markers in and firings out by id, so the marking comes out as folded in log order.
+    Reading them from the log instead, at once, is a search of the stream from ``low`` for the
+    session's subjects: the costliest request nats-server serves here. No decision is made on the
+    session until the claims are delivered back (``pending`` empty): by then every event before them
+    was delivered (a consumer delivers in stream order), the fold is the log's up to its last sequence
+    again, and what the decision records (``planned_at``) replays exactly. A gap that deliveries
+    cannot close (another scheduler process was delivered some) is read from the log.
+    """
+
+    __slots__ = ("low", "top", "mine", "pending", "filled")
+
+    def __init__(self, low: int) -> None:
+        self.low = low  # the fold holds every event up to here
+        self.top = low  # the newest claim of this process folded
+        self.mine: set[int] = set()  # those claims' sequences
+        self.pending: set[int] = set()  # of those, the ones not delivered back yet
+        self.filled: set[int] = set()  # events between low and top folded since
+
+    def claimed(self, seqs: list[int]) -> None:
+        self.top = seqs[-1]
+        self.mine.update(seqs)
+        self.pending.update(seqs)
+
+
+def _fold_behind(state: SessionState, seq: int, event: Any) -> None:
+    """Fold an event that landed before claims already folded (``Ahead``)."""
+    top, fired = state.last_seq, state.last_fired
+    state.last_seq = seq - 1  # ``apply`` folds only what is past the last sequence
+    try:
+        apply(state, seq, event)
+    finally:
+        state.last_seq, state.last_fired = top, max(fired, state.last_fired)
+
+
 class LeaseCheck(NamedTuple):
     """A due lease, checked in its session's queue so it never races the session's own events."""
 
@@ -160,6 +201,7 @@ class Scheduler(Service):
         self.ack_wait_s = ack_wait_s
         self.sessions: OrderedDict[Key, SessionState] = OrderedDict()
         self.verified: dict[Key, int] = {}
+        self.ahead: dict[Key, Ahead] = {}  # sessions whose fold has own claims past events not yet folded
         self.epoch = 0
         self.last_consumer_seq = 0
         self.nakked: OrderedDict[int, None] = OrderedDict()  # stream seqs this process nak'ed
@@ -169,7 +211,8 @@ class Scheduler(Service):
         self.asked: OrderedDict[str, None] = OrderedDict()  # confirmations asked and given a deadline
         self.confirm_timeout = settings.confirm_timeout_s if settings.confirm_timeout_s > 0 else None
         self.stats = {"fired": 0, "claim_batches": 0, "conflicts": 0, "rebuilds": 0, "catchups": 0,
-                      "failed": 0, "redispatched": 0, "stalled": 0, "stale_reads": 0, "claimed_past": 0}
+                      "failed": 0, "redispatched": 0, "stalled": 0, "stale_reads": 0, "claimed_past": 0,
+                      "starts_acked": 0}
         self.log = self.log.bind(instance=self.instance)
         self._sweep_now = asyncio.Event()
         self.missing = MissingPools(self.log)
@@ -193,8 +236,7 @@ class Scheduler(Service):
                                                      data_dir=self.settings.data_dir, add_net=self.add_net,
                                                      replicas=self.settings.replicas)
         async def ensure() -> None:
-            await ensure_event_consumer(self.js, subjects.SCHEDULER_DURABLE, ack_wait_s=self.ack_wait_s,
-                                        kinds=SCHEDULER_KINDS)
+            await ensure_event_consumer(self.js, subjects.SCHEDULER_DURABLE, ack_wait_s=self.ack_wait_s)
 
         await ensure()
         # Before the first dispatch: whether a pool has executors is asked at every one (pools.py).
@@ -274,6 +316,11 @@ class Scheduler(Service):
                 if md.sequence.consumer != self.last_consumer_seq + 1 or foreign:
                     self.epoch += 1  # someone else saw events we did not: caches need checking
                 self.last_consumer_seq = md.sequence.consumer
+                if msg.subject.endswith(STARTED):  # decides nothing: acked as it arrives, never queued
+                    self.stats["starts_acked"] += 1
+                    await msg.ack()
+                    self.consumer.release()
+                    continue
                 try:
                     key = subjects.parse_events(msg.subject)
                 except ValueError:
@@ -459,12 +506,15 @@ class Scheduler(Service):
         state = self.sessions.get(key)
         decide = True
         if state is None:
-            state = await self._rebuild(key, at_least=seq)
+            # A session's first event needs no read: nothing precedes it (a fork's may enable firings).
+            state = self._opened(key, seq, msg) or await self._rebuild(key, at_least=seq)
             await self._reach(key, state, seq)
             self.verified[key] = epoch
             if self.idle is not None and state.last_seq:
                 await self.idle.watch(*key, state.last_seq)  # first fold here: the session's idle check
-        elif seq <= state.last_seq:
+        elif (ahead := self.ahead.get(key)) is not None and self.verified.get(key, -1) >= epoch:
+            decide = await self._fold_ahead(key, state, ahead, seq, msg)
+        elif seq <= state.last_seq and ahead is None:
             decide = False  # already folded (our own append, or read during a catch-up)
         elif self.verified.get(key, -1) < epoch:
             await self._catch_up(key, state, at_least=seq)
@@ -485,6 +535,57 @@ class Scheduler(Service):
             self.sessions[key] = state  # evicted meanwhile by another session's rebuild: keep it
         return state, decide
 
+    async def _fold_ahead(self, key: Key, state: SessionState, ahead: Ahead, seq: int, msg: Msg) -> bool:
+        """``_fold_one`` for a session with own claims folded ahead (``Ahead``): whether to decide now."""
+        if seq in ahead.pending:
+            ahead.pending.discard(seq)
+            if ahead.pending:
+                return False
+            del self.ahead[key]  # every event up to the claims is folded: decide on all of it
+            return True
+        if seq <= ahead.low or seq in ahead.mine or seq in ahead.filled:
+            return False  # folded already
+        if seq > ahead.top:  # past the claims, which were not delivered here: read what is missing
+            await self._catch_up(key, state, at_least=seq)
+            return True
+        try:
+            _fold_behind(state, seq, decode(msg.data))
+        except ValidationError:
+            self.log.error("undecodable event skipped", session_id=key[1], seq=seq)
+        ahead.filled.add(seq)
+        return False
+
+    def _opened(self, key: Key, seq: int, msg: Msg) -> SessionState | None:
+        """The state of a session whose first event ``msg`` is (``session_created``, ``session_forked``),
+        folded from it alone; None for any other event.
+
+        Every opening is appended to an empty subject (a fresh id, or ``expected_last_seq=0``), so
+        nothing precedes it and reading the subject would find only it: but that read is a search of
+        the stream from its start for the session's subject, the costliest request nats-server serves
+        here (once per new session, in proportion to the stream's size). Only on a first delivery: a
+        redelivered opening (a restart, a nak) may have later events acked already, which a read finds.
+        Events after it delivered to another scheduler process are a gap in this one's consumer
+        sequence, which the epoch check catches up on like any cached session's.
+        """
+        if msg.subject.rsplit(".", 1)[-1] not in OPENINGS or msg.metadata.num_delivered != 1:
+            return None  # pb.ev.<bot>.<session>.<kind>
+        try:
+            event = decode(msg.data)
+        except ValidationError:
+            return None  # the rebuild logs and skips it
+        state = fold([(seq, event)])
+        state.bot, state.session_id = key
+        self._cache(key, state)
+        return state
+
+    def _cache(self, key: Key, state: SessionState) -> None:
+        self.sessions[key] = state
+        self.ahead.pop(key, None)  # a state just folded from the log holds it all
+        while len(self.sessions) > self.cache_size:
+            old, _ = self.sessions.popitem(last=False)
+            self.verified.pop(old, None)
+            self.ahead.pop(old, None)
+
     async def _rebuild(self, key: Key, *, at_least: int | None = None) -> SessionState:
         self.stats["rebuilds"] += 1
         log = await self.events.read(*key, at_least=at_least)
@@ -493,15 +594,21 @@ class Scheduler(Service):
             raise SessionDeleted(f"session {key[1]} was deleted; its log holds only late events")
         state = fold(log)
         state.bot, state.session_id = key
-        self.sessions[key] = state
-        while len(self.sessions) > self.cache_size:
-            old, _ = self.sessions.popitem(last=False)
-            self.verified.pop(old, None)
+        self._cache(key, state)
         return state
 
     async def _catch_up(self, key: Key, state: SessionState, *, at_least: int | None = None) -> None:
         self.stats["catchups"] += 1
-        fold(await self.events.read(*key, after=state.last_seq, at_least=at_least), state)
+        ahead = self.ahead.pop(key, None)
+        if ahead is None:
+            fold(await self.events.read(*key, after=state.last_seq, at_least=at_least), state)
+            return
+        # Own claims folded ahead: fill in what landed before them, then go on past them.
+        for seq, event in await self.events.read(*key, after=ahead.low, at_least=at_least):
+            if seq > ahead.top:
+                apply(state, seq, event)
+            elif seq not in ahead.mine and seq not in ahead.filled:
+                _fold_behind(state, seq, event)
 
     async def _reach(self, key: Key, state: SessionState, seq: int) -> None:
         """Make sure the state includes event ``seq``, which was just delivered: a direct get may be served
@@ -525,6 +632,7 @@ class Scheduler(Service):
     def _forget(self, key: Key) -> None:
         self.sessions.pop(key, None)
         self.verified.pop(key, None)
+        self.ahead.pop(key, None)
 
     async def _advance(self, key: Key, state: SessionState) -> None:
         """Claim every firing the marking allows, then dispatch every claimed, undispatched firing.
@@ -602,12 +710,13 @@ class Scheduler(Service):
                                  or p.transition in state.halt_before, planned_at=state.last_seq) for p in plan]
         seqs = await self.events.append_batch(fired, expected_last_seq=state.last_fired, kind="transition_fired",
                                               msg_ids=[f"fire:{f.firing_id}" for f in fired])
-        if seqs[0] == state.last_seq + 1:
-            for seq, event in zip(seqs, fired):
-                apply(state, seq, event)
-        else:  # others' events landed between the fold and the claims: fold them, then the claims, in order
+        key = (net.bot, state.session_id)
+        if seqs[0] != state.last_seq + 1 or key in self.ahead:
+            # Others' events landed between the fold and the claims: folded when they are delivered.
             self.stats["claimed_past"] += 1
-            await self._catch_up((net.bot, state.session_id), state, at_least=seqs[-1])
+            self.ahead.setdefault(key, Ahead(state.last_seq)).claimed(seqs)
+        for seq, event in zip(seqs, fired):
+            apply(state, seq, event)
         self.stats["fired"] += len(fired)
         self.stats["claim_batches"] += 1
         self.log.debug("fired", session_id=state.session_id, firings=len(fired), first_seq=seqs[0])
