@@ -210,6 +210,36 @@ def test_one_decision_claimed_in_two_runs_with_an_event_between_is_no_difference
     assert replay(net(WORK), log.events).differences == []
 
 
+def test_one_decision_claimed_one_by_one_with_events_between_its_claims_is_no_difference():
+    """The scheduler claims a few firings one after another; others' events (a marker, a start) may land
+    between them. Every claim of the decision records the fold it was made on, and was made on that fold
+    with the decision's earlier claims in it: each run is checked against that, not against the log just
+    before it (where the new marker would be planned too) nor against the fold alone (where the earlier
+    claims' markers are still free)."""
+    log = Log()
+    items = [log.marker("Item", n=n) for n in range(3)]
+    decided = log.events[-1][0]
+    log.fire("work", items[0], planned_at=decided)
+    late = log.marker("Item", n=3)
+    log.fire("work", items[1], planned_at=decided)
+    log.add(UserMessage(bot="b", session_id="s", text="meanwhile"))
+    log.fire("work", items[2], planned_at=decided)
+    log.fire("work", late, planned_at=log.events[-1][0])  # the next decision, on the fold with the late one
+
+    assert replay(net(WORK), log.events).differences == []
+
+    # A claim of that decision on the marker that landed after its fold was not the net's to make there.
+    log = Log()
+    items = [log.marker("Item", n=n) for n in range(2)]
+    decided = log.events[-1][0]
+    log.fire("work", items[0], planned_at=decided)
+    late = log.marker("Item", n=2)
+    wrong, _ = log.fire("work", late, planned_at=decided)
+    log.fire("work", items[1], planned_at=log.events[-1][0])
+    assert [(d.seq, d.kind, d.marker_ids) for d in replay(net(WORK), log.events).differences][:1] == \
+           [(wrong, "not_chosen", (late,))]
+
+
 def test_a_firing_the_log_never_made_is_reported_where_the_scheduler_decided():
     log = Log()
     items = [log.marker("Item", n=n) for n in range(3)]

@@ -239,6 +239,35 @@ async def test_a_failing_session_is_reported_once_and_parked_while_the_others_ke
     assert set(consumed) == {m.marker.id for m in healthy} and max(consumed.values()) == 1
 
 
+async def test_a_few_firings_are_claimed_one_by_one_and_more_in_an_atomic_batch(settings, nc):
+    """On a one-replica stream nats-server stages an atomic batch in a file store of its own (made, fsynced
+    and removed per batch, several ms), so a decision of up to ``SEQUENTIAL_CLAIMS`` firings appends its
+    claims one after another, each checked against the one before; a larger one is still one batch. Both
+    consume every marker once and replay exactly."""
+    from petribus.replay import replay
+
+    from petribus_scheduler.app import SEQUENTIAL_CLAIMS
+
+    log = EventLog(nc)
+    few, many = SEQUENTIAL_CLAIMS - 3, SEQUENTIAL_CLAIMS + 12
+    for sid, n in (("few", few), ("many", many)):
+        await log.append(SessionCreated(bot="counter", session_id=sid))
+        await log.append_many([MarkerAdded(bot="counter", session_id=sid,
+                                           marker=Marker(location="Item", data={"n": i})) for i in range(n)])
+    async with Scheduler(settings, [load_net(COUNTER)]) as sched:
+        await _wait_for_fired(nc, "counter", expected=few + many)
+        stats = dict(sched.stats)
+    assert stats["fired"] == few + many and stats["conflicts"] == 0
+    assert stats["atomic_batches"] == 1  # the larger decision; the smaller one's claims went one by one
+    assert stats["claim_batches"] == few + 1
+    for sid, n in (("few", few), ("many", many)):
+        events = await log.read("counter", sid)
+        fired = [e for _, e in events if isinstance(e, TransitionFired)]
+        assert len(fired) == n and len({m for e in fired for m in e.consumed}) == n
+        assert len({e.planned_at for e in fired}) == 1  # one decision each
+        assert replay(load_net(COUNTER), events).differences == []
+
+
 async def test_a_fan_out_of_1000_markers_is_claimed_in_one_atomic_batch_while_other_writers_append(
     settings, nc
 ):

@@ -34,6 +34,7 @@ the first difference, later ones may be its consequences.
 
 from __future__ import annotations
 
+import bisect
 import copy
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -93,15 +94,17 @@ class Report:
                 "differences": [d.to_json() for d in self.differences]}
 
 
-def _planned_earlier(log: list[tuple[int, _Event]]) -> set[int]:
-    """The sequences a claim was decided on that are not the event just before it: the replay keeps a
-    copy of its fold there."""
-    wanted: set[int] = set()
+def _planned_earlier(log: list[tuple[int, _Event]]) -> Counter[int]:
+    """The sequences a run of claims was decided on that are not the event just before it, with how many
+    runs were: the replay keeps a copy of its fold there until the last of them."""
+    wanted: Counter[int] = Counter()
     for i, (_, event) in enumerate(log):
         if isinstance(event, TransitionFired) and event.planned_at is not None:
             before = log[i - 1][0] if i else 0
-            if event.planned_at != before:
-                wanted.add(event.planned_at)
+            previous = log[i - 1][1] if i else None
+            starts_run = not isinstance(previous, TransitionFired) or previous.planned_at != event.planned_at
+            if event.planned_at != before and starts_run:  # as ``_run_at`` splits runs
+                wanted[event.planned_at] += 1
     return wanted
 
 
@@ -121,8 +124,9 @@ class _Replay:
         self.where: dict[str, str] = {}  # marker id -> its location (a marker never moves between places)
         self.reported: set[FiringKey] = set()  # extra firings already reported, so each shows once
         self.deferred: list[tuple[int, PlannedFiring]] = []  # extras the next decision point may still make
-        self.wanted: set[int] = set()  # sequences whose fold a later claim was decided on (planned_at)
+        self.wanted: Counter[int] = Counter()  # sequences whose fold later claims were decided on (planned_at)
         self.folds: dict[int, SessionState] = {}  # copies of the fold at those sequences
+        self.claims: list[tuple[int, TransitionFired]] = []  # every claim folded, in order
 
     def run(self, log: list[tuple[int, _Event]], until: int | None) -> Report:
         self.wanted = _planned_earlier(log)
@@ -161,6 +165,8 @@ class _Replay:
             self.report.last_seq = seq
             self.report.bot = self.report.bot or event.bot
             self.report.session_id = self.report.session_id or event.session_id
+        if isinstance(event, TransitionFired):
+            self.claims.append((seq, event))
         if seq in self.wanted:
             self.folds[seq] = copy.deepcopy(self.state)
 
@@ -179,37 +185,72 @@ class _Replay:
         # The fold the decision was made on: the claim records it (other kinds of event may have landed
         # between it and the claim); without it, the event just before the claim.
         planned_at = run[0][1].planned_at
-        basis = self.folds.pop(planned_at, state) if planned_at is not None else state
+        basis = state if planned_at is None or planned_at == state.last_seq else self._basis(planned_at, first_seq)
         self.state = basis
         try:
             self._decide_on(run, made, state, first_seq)
         finally:
             self.state = state
 
+    def _basis(self, planned_at: int, first_seq: int) -> SessionState:
+        """The fold a run of claims at ``first_seq`` was decided on: the log's at ``planned_at``, and the
+        claims made since (only the scheduler claims, and a claim lands only on a fold that has every claim
+        before it: one decision's claims landed one by one, with others' events between them, or a
+        decision's claims folded before events that landed just ahead of them)."""
+        basis = self.folds.get(planned_at)
+        if basis is None:  # the fold just before the run
+            return self.state
+        self.wanted[planned_at] -= 1
+        since = self.claims[bisect.bisect_right(self.claims, planned_at, key=lambda c: c[0]):
+                            bisect.bisect_left(self.claims, first_seq, key=lambda c: c[0])]
+        if self.wanted[planned_at] <= 0:
+            del self.folds[planned_at]
+        elif since:
+            basis = copy.deepcopy(basis)  # later runs decided on the same fold want it as it was
+        for seq, event in since:
+            apply(basis, seq, event)
+        return basis
+
     def _decide_on(self, run: list[tuple[int, TransitionFired]], made: set[FiringKey], state: SessionState,
                    first_seq: int) -> None:
         """``_decide`` with ``self.state`` the fold the decision was made on and ``state`` the fold now."""
         plan = self._plan()
         planned = {self._key(p.transition, p.consumed): p for p in plan}
-        # Extras of the last decision point that this one makes were one decision split across two runs.
-        self._report_extras([(s, p) for s, p in self.deferred
-                             if self._key(p.transition, p.consumed) not in made])
+        # Extras of the last decision point that this one makes were one decision split across two runs;
+        # those it still plans and does not make wait for the next one (a decision claimed one by one,
+        # with others' events or a rival's claims between its claims), where they were first wanted.
+        first_wanted: dict[FiringKey, int] = {}
+        superseded = []
+        for s, p in self.deferred:
+            key = self._key(p.transition, p.consumed)
+            if key in made:
+                continue
+            if key in planned:
+                first_wanted[key] = s
+            else:
+                superseded.append((s, p))
+        self._report_extras(superseded)
         claimed: set[str] = set()
         fired = Counter[str]()
         for seq, event in run:
             ids = event.consumed
             if (event.firing_id in state.in_flight or event.firing_id in state.finished
                     or len(set(ids)) != len(ids) or claimed.intersection(ids)
-                    or not all(self._placed(mid) for mid in ids)):
+                    or not all(self._placed(mid, state) for mid in ids)):
                 continue  # the fold ignores it whatever the net: a repeat, or markers no longer there
             claimed.update(ids)
             self.report.firings += 1
-            if self._key(event.transition, tuple(ids)) in planned:
+            if not all(self._placed(mid) for mid in ids):
+                late = [mid for mid in ids if not self._placed(mid)]
+                self._add(seq, "not_chosen", event.transition, event.firing_id, tuple(ids),
+                          f"{event.transition!r} fired on {self._markers(tuple(ids))}, but {', '.join(late)} "
+                          f"landed after the fold it was decided on (seq {event.planned_at})")
+            elif self._key(event.transition, tuple(ids)) in planned:
                 self._check_confirm(seq, event)
             else:
                 self._not_chosen(seq, event, plan, fired)
             fired[event.transition] += 1
-        self.deferred = [(first_seq, p) for key, p in planned.items() if key not in made]
+        self.deferred = [(first_wanted.get(key, first_seq), p) for key, p in planned.items() if key not in made]
 
     def _at_end(self) -> None:
         self.report.decisions += 1
@@ -324,9 +365,9 @@ class _Replay:
 
     # ------------------------------------------------------------------ helpers
 
-    def _placed(self, marker_id: str) -> bool:
+    def _placed(self, marker_id: str, state: SessionState | None = None) -> bool:
         loc = self.where.get(marker_id)
-        return loc is not None and marker_id in self.state.places.get(loc, {})
+        return loc is not None and marker_id in (self.state if state is None else state).places.get(loc, {})
 
     def _key(self, transition: str, consumed: Sequence[str]) -> FiringKey:
         """A firing by what it takes, independent of the order the net lists its inputs in."""
@@ -346,7 +387,8 @@ class _Replay:
 def _run_at(log: list[tuple[int, _Event]], i: int) -> list[tuple[int, TransitionFired]]:
     """The run of consecutive ``transition_fired`` events that starts at ``log[i]`` (empty if none does)."""
     run: list[tuple[int, TransitionFired]] = []
-    while i < len(log) and isinstance(event := log[i][1], TransitionFired):
+    while i < len(log) and isinstance(event := log[i][1], TransitionFired) and (
+            not run or event.planned_at == run[0][1].planned_at):  # a claim decided on another fold: another run
         run.append((log[i][0], event))
         i += 1
     return run

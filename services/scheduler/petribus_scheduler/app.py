@@ -6,10 +6,11 @@ go to a queue per session (``petribus.session_queues``): sessions in parallel, o
 order, everything queued for a session folded together and decided on once. Each session's state is
 cached and, when not cached, rebuilt from the session's subject.
 
-Claims: the firings a decision allows are appended as ``transition_fired`` events in atomic batches of
-up to ``CLAIM_BATCH`` (``EventLog.append_batch``), each at the expected last subject sequence, so two
-schedulers can never both consume a marker (the loser's whole batch is refused; it re-folds and decides
-again) and a fan-out of 1,000 costs one round trip, not 1,000. A decision with more firings continues
+Claims: the firings a decision allows are appended as ``transition_fired`` events, each at the expected
+last sequence of the session's claims, so two schedulers can never both consume a marker (the loser's
+claim is refused; it re-folds and decides again): a few one after another (``SEQUENTIAL_CLAIMS``, on a
+one-replica stream, where nats-server stages an atomic batch on disk), more in atomic batches of up to
+``CLAIM_BATCH`` (``EventLog.append_batch``), so a fan-out of 1,000 costs one round trip, not 1,000. A decision with more firings continues
 with the rest of its plan in the same call. Work is sent right after each commit, pipelined, with a
 ``Nats-Msg-Id`` made from the firing id, and an event is acked only once its consequences are in the
 log, so a scheduler killed anywhere leaves nothing undone for the next one.
@@ -102,6 +103,11 @@ IN_FLIGHT = ("claimed", "started")  # a firing whose work item is in PB_WORK (or
 STARTED = ".transition_started"
 MAX_CONFLICT_RETRIES = 50
 CLAIM_BATCH = MAX_BATCH  # firings claimed by one atomic append: the most the server takes
+# Up to this many firings of one decision are claimed one after another rather than in an atomic batch,
+# when the stream has one replica: nats-server stages such a batch in a file store of its own, made,
+# fsynced and removed for every batch (3.6 ms for two events, 4.3 ms for six, where one guarded append
+# is 0.4 ms; measured in docs/benchmarks.md). A replicated stream stages batches in memory.
+SEQUENTIAL_CLAIMS = 8
 SCHEDULER_FAILED = "scheduler_failed"
 ENVELOPE_BYTES = 4096  # room left in max_payload for the subject, the headers and the protocol line
 
@@ -198,6 +204,7 @@ class Scheduler(Service):
         self.deployed: Deployed | None = None
         self.instance = instance or f"scheduler-{uuid.uuid4().hex[:8]}"
         self.cache_size = cache_size
+        self.sequential_claims = SEQUENTIAL_CLAIMS if settings.replicas <= 1 else 1
         self.ack_wait_s = ack_wait_s
         self.sessions: OrderedDict[Key, SessionState] = OrderedDict()
         self.verified: dict[Key, int] = {}
@@ -212,7 +219,7 @@ class Scheduler(Service):
         self.confirm_timeout = settings.confirm_timeout_s if settings.confirm_timeout_s > 0 else None
         self.stats = {"fired": 0, "claim_batches": 0, "conflicts": 0, "rebuilds": 0, "catchups": 0,
                       "failed": 0, "redispatched": 0, "stalled": 0, "stale_reads": 0, "claimed_past": 0,
-                      "starts_acked": 0}
+                      "starts_acked": 0, "atomic_batches": 0}
         self.log = self.log.bind(instance=self.instance)
         self._sweep_now = asyncio.Event()
         self.missing = MissingPools(self.log)
@@ -637,11 +644,11 @@ class Scheduler(Service):
     async def _advance(self, key: Key, state: SessionState) -> None:
         """Claim every firing the marking allows, then dispatch every claimed, undispatched firing.
 
-        The plan is claimed in atomic batches of up to ``CLAIM_BATCH``; after a batch commits the rest
-        of the plan still holds (only our own claims changed the state), so the next batch follows at
-        once. A refused batch (the session moved on) re-folds and plans again. Each batch's work is sent
-        right after its commit, and every send is acknowledged before this returns, so the triggering
-        event is acked only after all of it.
+        The plan is claimed one by one (up to ``SEQUENTIAL_CLAIMS`` firings) or in atomic batches of up to
+        ``CLAIM_BATCH``; after a batch commits the rest of the plan still holds (only our own claims
+        changed the state), so the next batch follows at once. A refused claim (another claim landed)
+        re-folds and plans the rest again. Each claim's work is sent right after its commit, and every
+        send is acknowledged before this returns, so the triggering event is acked only after all of it.
         """
         net = self.nets[key[0]]
         # Only nets with a ``when=`` pay for guard calls (and for the guard's wider candidate search).
@@ -657,8 +664,10 @@ class Scheduler(Service):
                 with tracing.span("scheduler claim", attributes={"petribus.firings": firings}):
                     past = self.stats["claimed_past"]
                     try:
-                        claimed = await self._claim(net, state, plan[:CLAIM_BATCH])
+                        refused = await self._claim(net, state, plan[:CLAIM_BATCH], sent)
                     except WrongLastSequence:
+                        refused = True
+                    if refused:
                         self.stats["conflicts"] += 1
                         conflicts += 1
                         if conflicts >= MAX_CONFLICT_RETRIES:
@@ -669,12 +678,9 @@ class Scheduler(Service):
                         continue
                     plan = plan[CLAIM_BATCH:]
                     if self.stats["claimed_past"] != past:
-                        # Others' events were folded with the claims: the rest of the plan was made on a
-                        # fold that is not the one before the next claim; plan again (below) on this one.
+                        # Others' events are still to be folded: the rest of the plan waits for the fold
+                        # to reach the claims again (``Ahead``), and is then decided on that fold.
                         plan = []
-                    for firing in claimed:
-                        if firing.status == "claimed":
-                            sent[firing.id] = await self._send_work(net, state, firing, fresh=True)
             await self._dispatch(net, state, sent)
             if self.stats["catchups"] == catchups:
                 return
@@ -699,19 +705,43 @@ class Scheduler(Service):
         dep = self.deployed.catalog.deployments().get((state.env or deploy.DEFAULT_ENV, named[0]))
         return None if dep is None else dep.policies.max_concurrent_firings
 
-    async def _claim(self, net: Net, state: SessionState, plan: list[PlannedFiring]) -> list[Firing]:
-        """Append one ``transition_fired`` per planned firing, all at once, if no claim landed since the
-        last one folded: only claims consume markers, so events of other kinds appended meanwhile (a
-        marker, a firing's start or outputs) leave the plan valid and do not refuse it. Those are folded
-        before the claims then, read from the log, so the cached state misses nothing."""
+    async def _claim(self, net: Net, state: SessionState, plan: list[PlannedFiring],
+                     sent: dict[str, asyncio.Future]) -> bool:
+        """Append one ``transition_fired`` per planned firing if no claim landed since the last one
+        folded, and send the work of each as it lands (into ``sent``); whether a claim was refused.
+
+        Only claims consume markers, so events of other kinds appended meanwhile (a marker, a firing's
+        start or outputs) leave the plan valid and do not refuse it; they are folded after the claims, as
+        they are delivered (``Ahead``). A few firings are claimed one after another, each checked against
+        the one before (``SEQUENTIAL_CLAIMS``); more, in one atomic batch. Claimed one by one, a plan may
+        land in part: the claims that landed hold, and the caller plans the rest again.
+        """
         fired = [TransitionFired(bot=net.bot, session_id=state.session_id, firing_id=new_id(),
                                  transition=p.transition, consumed=list(p.consumed),
                                  confirm=net.transition(p.transition).confirm
                                  or p.transition in state.halt_before, planned_at=state.last_seq) for p in plan]
-        seqs = await self.events.append_batch(fired, expected_last_seq=state.last_fired, kind="transition_fired",
-                                              msg_ids=[f"fire:{f.firing_id}" for f in fired])
         key = (net.bot, state.session_id)
-        if seqs[0] != state.last_seq + 1 or key in self.ahead:
+        if len(fired) > self.sequential_claims:
+            seqs = await self.events.append_batch(fired, expected_last_seq=state.last_fired, kind="transition_fired",
+                                                  msg_ids=[f"fire:{f.firing_id}" for f in fired])
+            self.stats["atomic_batches"] += 1
+            self._claimed(key, state, seqs, fired)
+            await self._send_claimed(net, state, fired, sent)
+            return False
+        for i, event in enumerate(fired):
+            try:
+                seq = await self.events.append(event, expected_last_seq=state.last_fired, kind="transition_fired",
+                                               msg_id=f"fire:{event.firing_id}")
+            except WrongLastSequence:
+                if i == 0:
+                    raise
+                return True  # another claim landed: the rest of the plan is made again on a fresh fold
+            self._claimed(key, state, [seq], [event])
+            await self._send_claimed(net, state, [event], sent)
+        return False
+
+    def _claimed(self, key: Key, state: SessionState, seqs: list[int], fired: list[TransitionFired]) -> None:
+        if seqs[-1] - state.last_seq != len(seqs) or key in self.ahead:
             # Others' events landed between the fold and the claims: folded when they are delivered.
             self.stats["claimed_past"] += 1
             self.ahead.setdefault(key, Ahead(state.last_seq)).claimed(seqs)
@@ -720,7 +750,13 @@ class Scheduler(Service):
         self.stats["fired"] += len(fired)
         self.stats["claim_batches"] += 1
         self.log.debug("fired", session_id=state.session_id, firings=len(fired), first_seq=seqs[0])
-        return [state.in_flight[f.firing_id] for f in fired if f.firing_id in state.in_flight]
+
+    async def _send_claimed(self, net: Net, state: SessionState, fired: list[TransitionFired],
+                            sent: dict[str, asyncio.Future]) -> None:
+        for event in fired:
+            firing = state.in_flight.get(event.firing_id)
+            if firing is not None and firing.status == "claimed":
+                sent[firing.id] = await self._send_work(net, state, firing, fresh=True)
 
     async def _ask(self, net: Net, state: SessionState, asks: list[Firing]) -> None:
         """Ask the user about each confirm firing (once: Msg-Id and fold) and arm its deadline."""
