@@ -306,8 +306,23 @@ def _full(subject: str, why: str | None) -> str:
             "(docs/limits.md)")
 
 
-async def _seq_of(ack: asyncio.Future[PubAck]) -> int:
-    return (await ack).seq
+def _seq_of(ack: asyncio.Future[PubAck]) -> asyncio.Future[int]:
+    """A future of the sequence ``ack`` gives (a callback, not a task per append)."""
+    seq: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def settle(answered: asyncio.Future[PubAck]) -> None:
+        exc = None if answered.cancelled() else answered.exception()  # always taken: never "not retrieved"
+        if seq.done():
+            return
+        if answered.cancelled():
+            seq.cancel()
+        elif exc is not None:
+            seq.set_exception(exc)
+        else:
+            seq.set_result(answered.result().seq)
+
+    ack.add_done_callback(settle)
+    return seq
 
 
 async def _get_by(queue: asyncio.Queue[Msg], deadline: float) -> Msg:
@@ -582,7 +597,7 @@ class EventLog:
         sent = await self.publisher.publish_soon(subjects.event(event.bot, event.session_id, event.type),  # type: ignore[attr-defined]
                                                  encode(event), msg_id=msg_id or event.id, timeout=timeout,
                                                  headers=_trace_header(event))
-        return asyncio.ensure_future(_seq_of(sent))
+        return _seq_of(sent)
 
     async def append_many(self, events: Iterable[_Event], *, msg_ids: Iterable[str] | None = None,
                           timeout: float = 5.0) -> list[int]:

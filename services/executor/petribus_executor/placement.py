@@ -85,17 +85,17 @@ class Placement(Generic[H]):
         """A lease on the best worker of ``key`` with room for a firing of this kind now, if there is one."""
         if not asynchronous:
             for host in self.hosts:
-                if host.key == key and host.load == 0 and not host.jobs:
+                if host.load == 0 and not host.jobs and (host.key is key or host.key == key):
                     return self._lease(host, False)
             return None
         shared: list[H] = self.hosts
         queue = self._queues.get(key)
         if queue is not None and queue.sync_waiting:
-            shared = sorted((h for h in self.hosts if not h.exclusive and h.key == key),
+            shared = sorted((h for h in self.hosts if not h.exclusive and (h.key is key or h.key == key)),
                             key=_load)[queue.sync_waiting:]
         best: H | None = None
         for host in shared:
-            if (host.key == key and not host.exclusive and host.load < self.concurrency
+            if (not host.exclusive and host.load < self.concurrency and (host.key is key or host.key == key)
                     and (best is None or host.load < best.load)):
                 best = host
         return None if best is None else self._lease(best, True)

@@ -106,9 +106,20 @@ def profile_for(t: Any, *, kind: str, max_files: int, env: tuple[tuple[str, str]
     are kept per transition and image.
     """
     container = kind == "container"
-    return Profile(
+    profile = Profile(
         memory_mib=int(t.memory), cpus=cpus_for(t.cpu), max_files=max_files, env=env,
         secret_names=tuple(name for name, _ in env), devices=devices, kind=kind,
         image=image if container else None, network=bool(t.network) if container else False,
         volumes=volumes, transition=t.name if container else None,
     )
+    if env:
+        return profile  # not kept: it holds secrets' values, which may be rotated
+    # One object per distinct profile: a worker is matched to a firing by its profile, and the same
+    # object compares by identity (``placement``) instead of field by field, a few times per firing.
+    known = _PROFILES.setdefault(profile, profile)
+    if len(_PROFILES) > 4096:  # profiles come from transitions: a handful; bound it anyway
+        _PROFILES.clear()
+    return known
+
+
+_PROFILES: dict[Profile, Profile] = {}
