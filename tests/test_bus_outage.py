@@ -133,11 +133,24 @@ async def test_an_append_whose_answer_was_lost_is_not_doubled(nc) -> None:
         return ack
 
     log.js.publish = publish_losing_the_first_answer  # type: ignore[method-assign]
-    plain = _marker(i=1)
-    seq = await log.append(plain)
-    assert lost == [seq] and await landed(log, plain.id) == [seq]
+    # A plain append goes through the publisher (``publish_async``): its answer is lost by never coming,
+    # and the publisher's deadline sends it again.
+    real_async = log.js.publish_async
+    lost_async: list[int] = []
 
-    lost.clear()
+    async def publish_async_losing_the_first_answer(*args, **kwargs):
+        answer = await real_async(*args, **kwargs)
+        if lost_async:
+            return answer
+        lost_async.append((await answer).seq)
+        return asyncio.get_running_loop().create_future()  # never answered
+
+    log.js.publish_async = publish_async_losing_the_first_answer  # type: ignore[method-assign]
+    plain = _marker(i=1)
+    seq = await log.append(plain, timeout=0.5)
+    assert lost_async == [seq] and await landed(log, plain.id) == [seq]
+
+    lost.clear()  # the resend went through ``publish``, and lost its answer once too
     guarded = _marker(i=2)
     seq2 = await log.append(guarded, expected_last_seq=seq)
     assert lost == [seq2] and await landed(log, guarded.id) == [seq2]

@@ -403,6 +403,19 @@ class EventLog:
         bus is retried for up to ``outage_s`` with the same Msg-Id (and expected sequence), then
         ``BusUnavailable``.
         """
+        if expected_last_seq is None and kind is None and not tracing.active():
+            # Unchecked: through the publisher (a callback and one timer heap, not a request, a timer and
+            # a retry loop per append; resent the same way when the bus fails under it).
+            subject = subjects.event(event.bot, event.session_id, event.type)  # type: ignore[attr-defined]
+            sent = await self.publisher.publish_soon(subject, encode(event), msg_id=msg_id or event.id,
+                                                     timeout=timeout, headers=_trace_header(event))
+            try:
+                return (await sent).seq
+            except BusError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, APIError) and cause.err_code == STORE_FULL:
+                    raise StorageFull(_full(subject, cause.description)) from cause
+                raise
         return (await self._publish(event, expected_last_seq, msg_id, timeout, kind=kind))[0].seq
 
     async def append_once(

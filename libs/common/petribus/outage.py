@@ -225,7 +225,9 @@ class Publisher:
         elif is_unavailable(exc):
             self._resend(out, send.subject, send.payload, send.msg_id, send.timeout, send.headers)
         elif isinstance(exc, nats.errors.Error):
-            out.set_exception(BusError(f"publish to {send.subject} failed: {exc}"))
+            failed = BusError(f"publish to {send.subject} failed: {exc}")
+            failed.__cause__ = exc  # what the server said (an APIError's err_code), for callers that tell apart
+            out.set_exception(failed)
         else:
             out.set_exception(exc)
 
