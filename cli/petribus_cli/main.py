@@ -180,6 +180,9 @@ def serve(
             if reload:
                 return asyncio.run(_serve_reloading(settings, spec, net, chat=chat, session=session,
                                                     embedded=embedded, log_file=log_file))
+            from petribus.service import settle_collector
+
+            settle_collector()
             return asyncio.run(_serve(settings, spec, net, chat=chat and not lifeline, session=session,
                                       embedded=embedded, log_file=log_file, lifeline=lifeline))
 
@@ -472,6 +475,9 @@ def _service(start: Callable[[Settings, list[Net], list[str]], Coroutine[Any, An
         with _logging(settings, None):
             nets = _load(specs)
             asyncio.run(_probe(settings, role))
+            from petribus.service import settle_collector
+
+            settle_collector()
             asyncio.run(start(settings, nets, [_absolute(s) for s in specs]))
         return 0
 

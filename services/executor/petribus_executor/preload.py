@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 import petribus_executor.worker  # noqa: F401  (petribus, pydantic and the worker code, imported once)
+from petribus.service import settle_collector
 
 ENV = "PETRIBUS_EXECUTOR_PRELOAD"
 MAIN_ENV = "PETRIBUS_EXECUTOR_MAIN"
@@ -40,6 +41,8 @@ def _preload() -> None:
             load_bot(spec).net()
         except Exception:  # the fork server must survive a broken app; the worker will say what is wrong
             pass
+    # Workers inherit it frozen: their collections never walk what was loaded here (nor touch its pages).
+    settle_collector()
 
 
 _preload()

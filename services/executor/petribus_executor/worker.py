@@ -45,6 +45,7 @@ from typing import Any
 from petribus.errors import AlreadyAnswered, FileTooLarge, InvalidInput, PetribusError
 from petribus.loader import load_bot
 from petribus.net import Net
+from petribus.service import settle_collector
 from petribus_executor import protocol as p
 from petribus_executor.failures import describe, error_message
 from petribus_executor.invoke import cancelled, run_async, run_sync
@@ -67,6 +68,7 @@ def main(conn: Conn, apps: list[str], boot: dict[str, Any] | None = None) -> Non
     sandbox = Sandbox(boot)
     try:
         nets = {net.bot: net for net in (load_bot(spec).net() for spec in apps)}
+        settle_collector(collect=False)  # what it loaded is kept out of every collection its runs cause
         sandbox.enter()
     except Exception as exc:
         p.write(conn.fileno(), p.frame((p.BOOT_FAILED, f"{type(exc).__name__}: {exc}")))
