@@ -5,6 +5,7 @@ what they were told exists, and pull consumers come back by themselves."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import nats
@@ -118,6 +119,21 @@ async def test_a_batch_across_a_restart_lands_once_and_whole(nats_server, conn) 
     assert seqs == list(range(seqs[0], seqs[0] + 5))
 
 
+def _swallow_first_answer(publisher: Publisher) -> list[int]:
+    """Make the publisher's first answer never arrive (it landed; the caller is never told); the sequence
+    it carried is put in the list returned."""
+    real = publisher._on_answer
+    swallowed: list[int] = []
+
+    async def losing_the_first(msg):  # type: ignore[no-untyped-def]
+        if swallowed:
+            return await real(msg)
+        swallowed.append(json.loads(msg.data)["seq"])
+
+    publisher._on_answer = losing_the_first  # type: ignore[method-assign]
+    return swallowed
+
+
 async def test_an_append_whose_answer_was_lost_is_not_doubled(nc) -> None:
     """The first try lands but its answer never comes (a timeout): the retry must not append it again,
     with or without an expected sequence (the server may answer the retry with 'wrong last sequence')."""
@@ -133,19 +149,9 @@ async def test_an_append_whose_answer_was_lost_is_not_doubled(nc) -> None:
         return ack
 
     log.js.publish = publish_losing_the_first_answer  # type: ignore[method-assign]
-    # A plain append goes through the publisher (``publish_async``): its answer is lost by never coming,
-    # and the publisher's deadline sends it again.
-    real_async = log.js.publish_async
-    lost_async: list[int] = []
-
-    async def publish_async_losing_the_first_answer(*args, **kwargs):
-        answer = await real_async(*args, **kwargs)
-        if lost_async:
-            return answer
-        lost_async.append((await answer).seq)
-        return asyncio.get_running_loop().create_future()  # never answered
-
-    log.js.publish_async = publish_async_losing_the_first_answer  # type: ignore[method-assign]
+    # A plain append goes through the publisher: its answer is lost by never coming, and the publisher's
+    # deadline sends it again.
+    lost_async = _swallow_first_answer(log.publisher)
     plain = _marker(i=1)
     seq = await log.append(plain, timeout=0.5)
     assert lost_async == [seq] and await landed(log, plain.id) == [seq]
@@ -306,24 +312,14 @@ async def test_a_pull_consumer_whose_durable_was_deleted_recreates_it_and_goes_o
 
 
 async def test_a_pipelined_publish_whose_answer_never_comes_settles_once(nc) -> None:
-    """nats-py never fails a publish_async whose answer was lost with its server: the future must still
-    settle, and the resend must not land a second message."""
+    """An answer lost with its server never comes: the future must still settle, and the resend must not
+    land a second message."""
     publisher = Publisher(nc, outage_s=10)
-    real = publisher.js.publish_async
-    swallowed = []
-
-    async def publish_async_losing_the_first_answer(*args, **kwargs):
-        fut = await real(*args, **kwargs)
-        if swallowed:
-            return fut
-        swallowed.append(await fut)  # it landed; the caller is never told
-        return asyncio.get_running_loop().create_future()
-
-    publisher.js.publish_async = publish_async_losing_the_first_answer  # type: ignore[method-assign]
+    swallowed = _swallow_first_answer(publisher)
     subject = "pb.work.cpu.b.s.f1"
     ack = await asyncio.wait_for(await publisher.publish_soon(subject, b"{}", msg_id="work:f1", timeout=0.5), BOUND_S)
 
-    assert swallowed[0].seq == ack.seq and ack.duplicate  # the resend found the first one
+    assert swallowed == [ack.seq] and ack.duplicate  # the resend found the first one
     assert (await nc.jetstream().stream_info(subjects.WORK_STREAM)).state.messages == 1
 
 

@@ -97,19 +97,34 @@ WEBSOCKET_CLIENTS = Gauge(
 # ---------------------------------------------------------------- hooks: one call where it happens
 
 
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, remembered: a firing counts itself four times, and ``labels`` takes a
+    lock and builds a key each time. Bounded like the label values (bots and transitions)."""
+    key = (id(metric), labels)
+    child = _CHILDREN.get(key)
+    if child is None:
+        if len(_CHILDREN) > 10_000:
+            _CHILDREN.clear()
+        child = _CHILDREN[key] = metric.labels(*labels)
+    return child
+
+
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
 def firing_started(bot: str, transition: str, queued_s: float | None = None) -> None:
     """A run began; ``queued_s``, for a firing's first run only, is how long its work item waited."""
-    FIRINGS_STARTED.labels(bot, transition).inc()
+    _child(FIRINGS_STARTED, bot, transition).inc()
     if queued_s is not None:
-        QUEUE_WAIT.labels(bot, transition).observe(max(0.0, queued_s))
+        _child(QUEUE_WAIT, bot, transition).observe(max(0.0, queued_s))
 
 
 def firing_ran(bot: str, transition: str, ok: bool, duration_ms: float) -> None:
-    FIRING_DURATION.labels(bot, transition, "ok" if ok else "error").observe(max(0.0, duration_ms) / 1000)
+    _child(FIRING_DURATION, bot, transition, "ok" if ok else "error").observe(max(0.0, duration_ms) / 1000)
 
 
 def firing_completed(bot: str, transition: str) -> None:
-    FIRINGS_COMPLETED.labels(bot, transition).inc()
+    _child(FIRINGS_COMPLETED, bot, transition).inc()
 
 
 def firing_failed(bot: str, transition: str, final: bool) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import json
 import os
 import random
 import time
@@ -30,6 +31,7 @@ from typing import TypeVar
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import APIError
@@ -171,6 +173,10 @@ class Publisher:
         self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._resends: set[asyncio.Task[PubAck]] = set()
+        self._reply_prefix = ""  # "<inbox>.": publish_soon's answers come to <inbox>.<token>
+        self._listen_lock = asyncio.Lock()
+        self._tokens = itertools.count()
+        self._waiting: dict[str, _Send] = {}  # token -> a send whose answer has not come
 
     async def publish(self, subject: str, payload: bytes, *, msg_id: str, timeout: float = 5.0,
                       landed: bool = False, headers: dict[str, str] | None = None) -> PubAck:
@@ -196,32 +202,67 @@ class Publisher:
         (same Msg-Id) through the outage. Messages sent on one connection land in the order sent,
         unless the bus fails under them: a resent one lands after whatever got through meanwhile.
 
-        Cheap per message (the scheduler sends one per firing): a callback on nats-py's future and an
-        entry in one heap of deadlines, watched by one timer, instead of a task and a ``wait_for`` (a
-        timer, a future and a task of its own) per message, which were a tenth of the scheduler's CPU.
+        Cheap per message (the scheduler and the executor send two or three per firing): the answer
+        comes to one reply subscription of this publisher, named by a counter, and settles the future
+        from a callback; its deadline is an entry in one heap watched by one timer. nats-py's
+        ``publish_async`` cost twice the CPU (a random token and a unique id per message, a semaphore,
+        the ack parsed into a dataclass field by field), and a task and a ``wait_for`` per message
+        before that were a tenth of the scheduler's CPU.
         """
         loop = asyncio.get_running_loop()
         out: asyncio.Future[PubAck] = loop.create_future()
+        send = _Send(out, "", subject, payload, msg_id, timeout, headers)
         try:
-            sent = await self.js.publish_async(subject, payload, headers=_with_id(headers, msg_id))
+            prefix = self._reply_prefix or await self._listen()
+            send.token = str(next(self._tokens))
+            self._waiting[send.token] = send
+            await self.nc.publish(subject, payload, reply=prefix + send.token, headers=_with_id(headers, msg_id))
         except Exception as exc:
+            self._waiting.pop(send.token, None)
             if self.nc.is_closed or not is_unavailable(exc):
                 raise BusError(f"publish to {subject} failed: {exc}") from exc
             self._resend(out, subject, payload, msg_id, timeout, headers)
             return out
-        send = _Send(out, sent, subject, payload, msg_id, timeout, headers)
-        sent.add_done_callback(lambda answered: self._answered(send, answered))
         self._watch(loop, send)
         return out
 
-    def _answered(self, send: _Send, answered: asyncio.Future[PubAck]) -> None:
-        out = send.out
-        if out.done() or answered.cancelled():  # cancelled: its time ran out, and it is being resent
+    async def _listen(self) -> str:
+        """Subscribe to this publisher's answers (once; nats-py subscribes again after a reconnect)."""
+        async with self._listen_lock:
+            if not self._reply_prefix:
+                prefix = self.nc.new_inbox() + "."
+                await self.nc.subscribe(prefix + "*", cb=self._on_answer)
+                self._reply_prefix = prefix
+        return self._reply_prefix
+
+    async def _on_answer(self, msg: Msg) -> None:
+        send = self._waiting.pop(msg.subject[len(self._reply_prefix):], None)
+        if send is None or send.out.done():
+            return  # resent already (its time ran out), or settled
+        if msg.headers and msg.headers.get("Status") == "503":
+            self._answered(send, nats.js.errors.NoStreamResponseError())  # no stream leader (yet)
             return
-        exc = answered.exception()
+        try:
+            answer = json.loads(msg.data)
+            error = answer.get("error")
+            if error:
+                self._answered(send, APIError.from_error(error))
+                return
+            ack = PubAck(stream=answer["stream"], seq=answer["seq"], domain=answer.get("domain"),
+                         duplicate=answer.get("duplicate"))
+        except (ValueError, KeyError, TypeError) as exc:
+            self._answered(send, BusError(f"publish to {send.subject}: unreadable answer {msg.data[:200]!r}"))
+            log.error("unreadable publish answer", subject=send.subject, error=repr(exc))
+            return
+        self._answered(send, None, ack)
+
+    def _answered(self, send: _Send, exc: BaseException | None, ack: PubAck | None = None) -> None:
+        out = send.out
+        if out.done():
+            return
         if exc is None:
             send.payload = b""  # answered: the heap need not hold the message until its deadline
-            out.set_result(answered.result())
+            out.set_result(ack)  # type: ignore[arg-type]
         elif is_unavailable(exc):
             self._resend(out, send.subject, send.payload, send.msg_id, send.timeout, send.headers)
         elif isinstance(exc, nats.errors.Error):
@@ -232,7 +273,7 @@ class Publisher:
             out.set_exception(exc)
 
     def _watch(self, loop: asyncio.AbstractEventLoop, send: _Send) -> None:
-        """Bounded: nats-py never fails a pipelined publish whose answer was lost with its server."""
+        """Bounded: an answer lost with its server never comes."""
         deadline = loop.time() + send.timeout
         heapq.heappush(self._deadlines, (deadline, next(self._order), send))
         if self._timer is None or deadline < self._timer.when():
@@ -247,7 +288,7 @@ class Publisher:
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, send = heapq.heappop(self._deadlines)
             if not send.out.done():
-                send.sent.cancel()  # nats-py forgets it (and frees its slot); it may have landed
+                self._waiting.pop(send.token, None)  # a late answer is not waited for: it may have landed
                 self._resend(send.out, send.subject, send.payload, send.msg_id, send.timeout, send.headers)
         if self._deadlines:
             self._timer = loop.call_at(self._deadlines[0][0], self._expire)
@@ -281,13 +322,13 @@ class _Send:
     """A message ``publish_soon`` sent and has not heard back about yet."""
 
     # payload: dropped once answered
-    __slots__ = ("headers", "msg_id", "out", "payload", "sent", "subject", "timeout")
+    __slots__ = ("headers", "msg_id", "out", "payload", "subject", "timeout", "token")
 
-    def __init__(self, out: asyncio.Future[PubAck], sent: asyncio.Future[PubAck], subject: str, payload: bytes,
+    def __init__(self, out: asyncio.Future[PubAck], token: str, subject: str, payload: bytes,
                  msg_id: str, timeout: float, headers: dict[str, str] | None = None) -> None:
         self.headers = headers
         self.out = out
-        self.sent = sent
+        self.token = token  # the last token of its answer's subject
         self.subject = subject
         self.payload = payload
         self.msg_id = msg_id

@@ -146,7 +146,7 @@ class Placement(Generic[H]):
     def _evict_for(self, key: Any) -> bool:
         """Take an idle worker of another key out of service, so that one of ``key`` may start."""
         for host in self.hosts:
-            if host.key != key and host.load == 0 and not host.jobs:
+            if host.load == 0 and not host.jobs and host.key is not key and host.key != key:
                 self.hosts.remove(host)
                 if self.on_evict is not None:
                     self.on_evict(host)
