@@ -59,20 +59,23 @@ async def conn(nats_server: NatsServer) -> AsyncIterator[tuple]:
 
 
 def count_publishes(log: EventLog) -> list[BaseException | None]:
-    """Wrap the log's JetStream publish: one entry per try, the error it raised or None."""
+    """Wrap how the log tries a publish and waits for its answer (its publisher's ``ask``, for a checked
+    append; JetStream's ``publish``, for a resend): one entry per try, the error it raised or None."""
     tries: list[BaseException | None] = []
-    real = log.js.publish
 
-    async def publish(*args, **kwargs):
-        try:
-            ack = await real(*args, **kwargs)
-        except BaseException as exc:
-            tries.append(exc)
-            raise
-        tries.append(None)
-        return ack
+    def counted(real):  # type: ignore[no-untyped-def]
+        async def publish(*args, **kwargs):  # type: ignore[no-untyped-def]
+            try:
+                ack = await real(*args, **kwargs)
+            except BaseException as exc:
+                tries.append(exc)
+                raise
+            tries.append(None)
+            return ack
+        return publish
 
-    log.js.publish = publish  # type: ignore[method-assign]
+    log.js.publish = counted(log.js.publish)  # type: ignore[method-assign]
+    log.publisher.ask = counted(log.publisher.ask)  # type: ignore[method-assign]
     return tries
 
 
@@ -121,7 +124,7 @@ async def test_a_batch_across_a_restart_lands_once_and_whole(nats_server, conn) 
 
 def _swallow_first_answer(publisher: Publisher) -> list[int]:
     """Make the publisher's first answer never arrive (it landed; the caller is never told); the sequence
-    it carried is put in the list returned."""
+    it carried is put in the list returned. Clearing the list swallows the next answer too."""
     real = publisher._on_answer
     swallowed: list[int] = []
 
@@ -139,31 +142,30 @@ async def test_an_append_whose_answer_was_lost_is_not_doubled(nc) -> None:
     with or without an expected sequence (the server may answer the retry with 'wrong last sequence')."""
     log = EventLog(nc, outage_s=10)
     real = log.js.publish
-    lost = []
+    resent: list[int] = []
 
-    async def publish_losing_the_first_answer(*args, **kwargs):
+    async def publish_losing_the_first_answer(*args, **kwargs):  # a resend of the publisher's
         ack = await real(*args, **kwargs)
-        if not lost:
-            lost.append(ack.seq)
+        if not resent:
+            resent.append(ack.seq)
             raise nats.errors.TimeoutError
         return ack
 
     log.js.publish = publish_losing_the_first_answer  # type: ignore[method-assign]
-    # A plain append goes through the publisher: its answer is lost by never coming, and the publisher's
-    # deadline sends it again.
-    lost_async = _swallow_first_answer(log.publisher)
+    # Every append goes through the log's publisher; each part below loses the answer of its first try.
+    lost = _swallow_first_answer(log.publisher)
     plain = _marker(i=1)
-    seq = await log.append(plain, timeout=0.5)
-    assert lost_async == [seq] and await landed(log, plain.id) == [seq]
+    seq = await log.append(plain, timeout=0.5)  # resent by the publisher's deadline (and lost once more)
+    assert lost == [seq] and resent == [seq] and await landed(log, plain.id) == [seq]
 
-    lost.clear()  # the resend went through ``publish``, and lost its answer once too
+    lost.clear()
     guarded = _marker(i=2)
-    seq2 = await log.append(guarded, expected_last_seq=seq)
+    seq2 = await log.append(guarded, expected_last_seq=seq, timeout=0.5)  # tried again by the append itself
     assert lost == [seq2] and await landed(log, guarded.id) == [seq2]
 
     lost.clear()
     answer = _marker(i=3)
-    assert await log.append_once(answer, msg_id="answer:1") == lost[0]  # ours, not someone else's
+    assert await log.append_once(answer, msg_id="answer:1", timeout=0.5) == lost[0]  # ours, not someone else's
     assert await log.append_once(_marker(i=4), msg_id="answer:1") is None  # now really someone else's
 
 
@@ -205,7 +207,7 @@ async def test_a_replicated_streams_conflict_raises_wrong_last_sequence(nc, err_
     async def conflict(*args, **kwargs):
         raise APIError(code=400, err_code=err_code, description=description)
 
-    log.js.publish = conflict  # type: ignore[method-assign]
+    log.publisher.ask = conflict  # type: ignore[method-assign]  # how a checked append publishes
     with pytest.raises(WrongLastSequence):
         await log.append(_marker(), expected_last_seq=3)
 

@@ -468,7 +468,7 @@ class EventLog:
         async def attempt(maybe_landed: bool) -> PubAck:
             was_landed[0] = maybe_landed
             try:
-                return await self.js.publish(subject, data, headers=dict(headers), timeout=timeout)
+                return await self.publisher.ask(subject, data, headers=dict(headers), timeout=timeout)
             except APIError as exc:
                 if not is_wrong_last_sequence(exc.err_code, exc.description):
                     if is_unavailable(exc):

@@ -226,6 +226,25 @@ class Publisher:
         self._watch(loop, send)
         return out
 
+    async def ask(self, subject: str, payload: bytes, *, headers: dict[str, str], timeout: float) -> PubAck:
+        """Publish once and wait for the answer, as ``js.publish`` does (``APIError`` for a refusal,
+        ``NoStreamResponseError`` when no stream answers, ``nats.errors.TimeoutError`` after
+        ``timeout``), never resending: for a caller with its own retry (a checked append, whose retry
+        must know that an earlier try may have landed). Through this publisher's reply subscription:
+        no request inbox, random token or ``wait_for`` per message."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[PubAck] = loop.create_future()
+        send = _Send(out, str(next(self._tokens)), subject, b"", None, timeout, headers)
+        prefix = self._reply_prefix or await self._listen()
+        self._waiting[send.token] = send
+        late = loop.call_later(timeout, _time_out, out)
+        try:
+            await self.nc.publish(subject, payload, reply=prefix + send.token, headers=headers)
+            return await out
+        finally:
+            late.cancel()
+            self._waiting.pop(send.token, None)
+
     async def _listen(self) -> str:
         """Subscribe to this publisher's answers (once; nats-py subscribes again after a reconnect)."""
         async with self._listen_lock:
@@ -246,7 +265,10 @@ class Publisher:
             answer = json.loads(msg.data)
             error = answer.get("error")
             if error:
-                self._answered(send, APIError.from_error(error))
+                try:  # nats-py's from_error raises the right subclass (ServiceUnavailableError, ...)
+                    APIError.from_error(error)
+                except APIError as refused:
+                    self._answered(send, refused)
                 return
             ack = PubAck(stream=answer["stream"], seq=answer["seq"], domain=answer.get("domain"),
                          duplicate=answer.get("duplicate"))
@@ -259,6 +281,12 @@ class Publisher:
     def _answered(self, send: _Send, exc: BaseException | None, ack: PubAck | None = None) -> None:
         out = send.out
         if out.done():
+            return
+        if send.msg_id is None:  # ``ask``: what the server said, as it said it; its caller decides
+            if exc is None:
+                out.set_result(ack)  # type: ignore[arg-type]
+            else:
+                out.set_exception(exc)
             return
         if exc is None:
             send.payload = b""  # answered: the heap need not hold the message until its deadline
@@ -318,14 +346,19 @@ def _with_id(headers: dict[str, str] | None, msg_id: str) -> dict[str, str]:
     return {"Nats-Msg-Id": msg_id} if headers is None else {**headers, "Nats-Msg-Id": msg_id}
 
 
+def _time_out(answer: asyncio.Future[PubAck]) -> None:
+    if not answer.done():
+        answer.set_exception(nats.errors.TimeoutError())
+
+
 class _Send:
-    """A message ``publish_soon`` sent and has not heard back about yet."""
+    """A message ``publish_soon`` (or ``ask``: no ``msg_id``) sent and has not heard back about yet."""
 
     # payload: dropped once answered
     __slots__ = ("headers", "msg_id", "out", "payload", "subject", "timeout", "token")
 
     def __init__(self, out: asyncio.Future[PubAck], token: str, subject: str, payload: bytes,
-                 msg_id: str, timeout: float, headers: dict[str, str] | None = None) -> None:
+                 msg_id: str | None, timeout: float, headers: dict[str, str] | None = None) -> None:
         self.headers = headers
         self.out = out
         self.token = token  # the last token of its answer's subject
