@@ -174,6 +174,7 @@ class Publisher:
         self._timer: asyncio.TimerHandle | None = None
         self._resends: set[asyncio.Task[PubAck]] = set()
         self._reply_prefix = ""  # "<inbox>.": publish_soon's answers come to <inbox>.<token>
+        self._ask_prefix = ""  # ask's, to another inbox
         self._listen_lock = asyncio.Lock()
         self._tokens = itertools.count()
         self._waiting: dict[str, _Send] = {}  # token -> a send whose answer has not come
@@ -235,7 +236,8 @@ class Publisher:
         loop = asyncio.get_running_loop()
         out: asyncio.Future[PubAck] = loop.create_future()
         send = _Send(out, str(next(self._tokens)), subject, b"", None, timeout, headers)
-        prefix = self._reply_prefix or await self._listen()
+        # Answers of its own: a waiting caller's answer is not queued behind those of many sends.
+        prefix = self._ask_prefix or await self._listen(asking=True)
         self._waiting[send.token] = send
         late = loop.call_later(timeout, _time_out, out)
         try:
@@ -245,17 +247,21 @@ class Publisher:
             late.cancel()
             self._waiting.pop(send.token, None)
 
-    async def _listen(self) -> str:
-        """Subscribe to this publisher's answers (once; nats-py subscribes again after a reconnect)."""
+    async def _listen(self, *, asking: bool = False) -> str:
+        """Subscribe to this publisher's answers, of sends or of asks (once each; nats-py subscribes
+        again after a reconnect). A subscription's messages are handled in turn by one task."""
         async with self._listen_lock:
-            if not self._reply_prefix:
+            if not (self._ask_prefix if asking else self._reply_prefix):
                 prefix = self.nc.new_inbox() + "."
                 await self.nc.subscribe(prefix + "*", cb=self._on_answer)
-                self._reply_prefix = prefix
-        return self._reply_prefix
+                if asking:
+                    self._ask_prefix = prefix
+                else:
+                    self._reply_prefix = prefix
+        return self._ask_prefix if asking else self._reply_prefix
 
     async def _on_answer(self, msg: Msg) -> None:
-        send = self._waiting.pop(msg.subject[len(self._reply_prefix):], None)
+        send = self._waiting.pop(msg.subject.rpartition(".")[2], None)
         if send is None or send.out.done():
             return  # resent already (its time ran out), or settled
         if msg.headers and msg.headers.get("Status") == "503":
