@@ -10,6 +10,7 @@ never skip.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -354,6 +355,10 @@ async def executor(settings: Settings, engine: Any, built: str) -> AsyncIterator
             engine.api.remove_container(c["Id"], force=True)
         except docker.errors.NotFound:
             pass  # went with its worker
+        except docker.errors.APIError:  # stopping by itself (its worker saw the executor go): let it finish
+            with contextlib.suppress(docker.errors.NotFound):
+                engine.api.wait(c["Id"], timeout=30)
+                engine.api.remove_container(c["Id"], force=True)
     for scratch in (Path(tempfile.gettempdir()) / "petribus-containers").glob(f"{ex.proc.pid}-*"):
         shutil.rmtree(scratch)  # a killed executor cannot: the next launcher's sweep would
 
