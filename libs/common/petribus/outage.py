@@ -217,7 +217,8 @@ class Publisher:
             prefix = self._reply_prefix or await self._listen()
             send.token = str(next(self._tokens))
             self._waiting[send.token] = send
-            await self.nc.publish(subject, payload, reply=prefix + send.token, headers=_with_id(headers, msg_id))
+            await self.nc.publish(subject, payload, reply=prefix + send.token,
+                                  headers=_with_id(headers, msg_id))
         except Exception as exc:
             self._waiting.pop(send.token, None)
             if self.nc.is_closed or not is_unavailable(exc):
@@ -301,7 +302,7 @@ class Publisher:
             self._resend(out, send.subject, send.payload, send.msg_id, send.timeout, send.headers)
         elif isinstance(exc, nats.errors.Error):
             failed = BusError(f"publish to {send.subject} failed: {exc}")
-            failed.__cause__ = exc  # what the server said (an APIError's err_code), for callers that tell apart
+            failed.__cause__ = exc  # what the server said (an APIError's err_code), for callers to tell
             out.set_exception(failed)
         else:
             out.set_exception(exc)

@@ -124,7 +124,7 @@ class _Replay:
         self.where: dict[str, str] = {}  # marker id -> its location (a marker never moves between places)
         self.reported: set[FiringKey] = set()  # extra firings already reported, so each shows once
         self.deferred: list[tuple[int, PlannedFiring]] = []  # extras the next decision point may still make
-        self.wanted: Counter[int] = Counter()  # sequences whose fold later claims were decided on (planned_at)
+        self.wanted: Counter[int] = Counter()  # sequences later claims were decided on (planned_at)
         self.folds: dict[int, SessionState] = {}  # copies of the fold at those sequences
         self.claims: list[tuple[int, TransitionFired]] = []  # every claim folded, in order
 
@@ -185,7 +185,8 @@ class _Replay:
         # The fold the decision was made on: the claim records it (other kinds of event may have landed
         # between it and the claim); without it, the event just before the claim.
         planned_at = run[0][1].planned_at
-        basis = state if planned_at is None or planned_at == state.last_seq else self._basis(planned_at, first_seq)
+        basis = (state if planned_at is None or planned_at == state.last_seq
+                 else self._basis(planned_at, first_seq))
         self.state = basis
         try:
             self._decide_on(run, made, state, first_seq)
@@ -250,7 +251,8 @@ class _Replay:
             else:
                 self._not_chosen(seq, event, plan, fired)
             fired[event.transition] += 1
-        self.deferred = [(first_wanted.get(key, first_seq), p) for key, p in planned.items() if key not in made]
+        self.deferred = [(first_wanted.get(key, first_seq), p) for key, p in planned.items()
+                         if key not in made]
 
     def _at_end(self) -> None:
         self.report.decisions += 1
@@ -388,7 +390,7 @@ def _run_at(log: list[tuple[int, _Event]], i: int) -> list[tuple[int, Transition
     """The run of consecutive ``transition_fired`` events that starts at ``log[i]`` (empty if none does)."""
     run: list[tuple[int, TransitionFired]] = []
     while i < len(log) and isinstance(event := log[i][1], TransitionFired) and (
-            not run or event.planned_at == run[0][1].planned_at):  # a claim decided on another fold: another run
+            not run or event.planned_at == run[0][1].planned_at):  # decided on another fold: another run
         run.append((log[i][0], event))
         i += 1
     return run

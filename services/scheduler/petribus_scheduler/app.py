@@ -10,10 +10,12 @@ Claims: the firings a decision allows are appended as ``transition_fired`` event
 last sequence of the session's claims, so two schedulers can never both consume a marker (the loser's
 claim is refused; it re-folds and decides again): a few one after another (``SEQUENTIAL_CLAIMS``, on a
 one-replica stream, where nats-server stages an atomic batch on disk), more in atomic batches of up to
-``CLAIM_BATCH`` (``EventLog.append_batch``), so a fan-out of 1,000 costs one round trip, not 1,000. A decision with more firings continues
-with the rest of its plan in the same call. Work is sent right after each commit, pipelined, with a
-``Nats-Msg-Id`` made from the firing id, and an event is acked only once its consequences are in the
-log, so a scheduler killed anywhere leaves nothing undone for the next one.
+``CLAIM_BATCH`` (``EventLog.append_batch``), so a fan-out of 1,000 costs one round trip, not 1,000. A
+decision with more firings continues with the rest of its plan in the same call. Work is sent right
+after each commit, pipelined, with a ``Nats-Msg-Id`` made from the firing id, and an event is acked only
+once its consequences are in the log, so a scheduler killed anywhere leaves nothing undone for the next
+one. Claims that land past events not folded yet are folded first, and those events as they come
+(``Ahead``).
 
 A ``confirm=True`` firing is claimed like any other, then asked about (``confirm_transition``, Msg-Id
 ``confirm:<firing>``) and given a durable deadline (``deadlines.py``); it is dispatched once the log
