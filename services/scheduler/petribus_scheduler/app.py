@@ -107,9 +107,10 @@ MAX_CONFLICT_RETRIES = 50
 CLAIM_BATCH = MAX_BATCH  # firings claimed by one atomic append: the most the server takes
 # Up to this many firings of one decision are claimed one after another rather than in an atomic batch,
 # when the stream has one replica: nats-server stages such a batch in a file store of its own, made,
-# fsynced and removed for every batch (3.6 ms for two events, 4.3 ms for six, where one guarded append
-# is 0.4 ms; measured in docs/benchmarks.md). A replicated stream stages batches in memory.
-SEQUENTIAL_CLAIMS = 8
+# fsynced and removed for every batch (2.7-2.8 ms whatever its size, where 8, 12 and 16 guarded appends
+# one after another take 1.8, 2.5 and 3.3 ms; docs/benchmarks.md), and the staging is a quarter of its CPU
+# under load. A replicated stream stages batches in memory.
+SEQUENTIAL_CLAIMS = 12
 SCHEDULER_FAILED = "scheduler_failed"
 ENVELOPE_BYTES = 4096  # room left in max_payload for the subject, the headers and the protocol line
 
