@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import os
 import signal
 import statistics
@@ -21,14 +22,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import nats
 
 from petribus import bus, subjects
 from petribus.bus import EventLog
-from petribus.embedded import NatsServer
+from petribus.embedded import NatsServer, free_ports
 from petribus.events import Marker, MarkerAdded, SessionCreated
+
+import pprof_top  # bench/: run as a script, its folder is on sys.path
 
 HERE = Path(__file__).parent
 APP = f"{HERE / 'noop_bot.py'}:bot"
@@ -118,12 +122,19 @@ async def main() -> None:
     ap.add_argument("--sessions", type=int, default=200)
     ap.add_argument("--per-session", type=int, default=25)
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--server-profile", type=Path, metavar="FILE",
+                    help="also profile nats-server during the sustained run (its pprof, written to FILE) and "
+                         "print where its CPU went (bench/pprof_top.py reads FILE again)")
+    ap.add_argument("--server-profile-s", type=int, default=4, metavar="S",
+                    help="seconds of the sustained run to profile nats-server for (default 4)")
     args = ap.parse_args()
     # A killed bench stops what it started (its services run in sessions of their own): SIGTERM cancels
     # this task, so the finally below runs while the nats-server still does.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
 
-    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "nats") as server:
+    prof_port = free_ports(1)[0] if args.server_profile else None
+    profiled: concurrent.futures.Future[bytes] | None = None
+    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "nats", prof_port=prof_port) as server:
         raw = await raw_publish_rate(server.url)
         procs = start_services(server.url, args.workers, Path(tmp))
         try:
@@ -164,6 +175,10 @@ async def main() -> None:
             cpu0 = {n: tree_cpu(p.pid) for n, p in zip(names, procs)}
             cpu0["nats-server"] = cpu_seconds(server.proc.pid)
             cpu0["bench client"] = time.process_time()
+            if prof_port is not None:  # Go's profiler samples for S seconds, then answers
+                url = f"http://127.0.0.1:{prof_port}/debug/pprof/profile?seconds={args.server_profile_s}"
+                profiled = concurrent.futures.ThreadPoolExecutor(1).submit(
+                    lambda: urllib.request.urlopen(url, timeout=args.server_profile_s + 30).read())
             t0 = time.perf_counter()
             for i in range(0, len(events), 500):
                 await log.append_many(events[i:i + 500])
@@ -173,6 +188,8 @@ async def main() -> None:
             cpu = {n: tree_cpu(p.pid) - cpu0[n] for n, p in zip(names, procs)}
             cpu["nats-server"] = cpu_seconds(server.proc.pid) - cpu0["nats-server"]
             cpu["bench client"] = time.process_time() - cpu0["bench client"]
+            if profiled is not None:
+                args.server_profile.write_bytes(await asyncio.wrap_future(profiled))
             await nc.close()
         finally:
             for p in procs:
@@ -192,6 +209,12 @@ async def main() -> None:
           f"({rate * 4:.0f} events/s; {rate * 4 / raw:.1%} of raw publish rate)")
     print("CPU during the sustained run (share of one core):",
           "  ".join(f"{n} {c / elapsed:.0%}" for n, c in cpu.items()))
+    if args.server_profile:
+        samples, _, inclusive = pprof_top.top(args.server_profile.read_bytes())
+        print(f"nats-server profile ({samples} samples over {args.server_profile_s} s, {args.server_profile}); "
+              "its functions by share of samples, with what they called:")
+        for name, count in inclusive.most_common(15):
+            print(f"  {100 * count / max(samples, 1):5.1f}%  {name}")
 
 
 if __name__ == "__main__":

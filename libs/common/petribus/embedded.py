@@ -48,7 +48,8 @@ class NatsServer:
     own default is two minutes): it bounds what a machine crash can lose.
 
     ``server_name`` and ``cluster_name``/``cluster_port``/``routes`` make it one node of a cluster
-    (see :class:`NatsCluster`); ``http_port`` opens the monitoring endpoint (``/jsz``).
+    (see :class:`NatsCluster`); ``http_port`` opens the monitoring endpoint (``/jsz``); ``prof_port`` the
+    server's own profiler (``/debug/pprof/profile?seconds=N``; ``bench/pprof_top.py`` reads what it gives).
 
     ``auth`` closes it (``petribus.bus_auth``): only the users of those credentials get in, each with
     its role's permissions; the config file that holds them is the owner's alone. Without it the
@@ -59,7 +60,7 @@ class NatsServer:
                  sync_interval: str = "1s", log_file: str | Path | None = None,
                  server_name: str | None = None, cluster_name: str | None = None, cluster_port: int | None = None,
                  routes: Sequence[str] = (), http_port: int | None = None,
-                 auth: Credentials | None = None) -> None:
+                 auth: Credentials | None = None, prof_port: int | None = None) -> None:
         self.store_dir = Path(store_dir)
         self.port = port
         self.server_name = server_name
@@ -67,6 +68,7 @@ class NatsServer:
         self.cluster_port = cluster_port
         self.routes = list(routes)
         self.http_port = http_port
+        self.prof_port = prof_port  # nats-server's own profiler (Go pprof, on the host): for benchmarks
         self.auth = auth
         self.host = host
         self.sync_interval = sync_interval
@@ -89,6 +91,8 @@ class NatsServer:
             text += f'server_name: "{self.server_name}"\n'
         if self.http_port is not None:
             text += f'http: "{self.host}:{self.http_port}"\n'
+        if self.prof_port is not None:
+            text += f"prof_port: {self.prof_port}\n"
         if self.cluster_name:
             routes = ", ".join(f'"{r}"' for r in self.routes)
             text += (f'cluster {{\n  name: "{self.cluster_name}"\n  listen: "{self.host}:{self.cluster_port}"\n'
