@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -91,9 +92,7 @@ async def test_a_connection_over_its_message_rate_gets_errors_and_stays_open(set
 
 
 async def test_requests_over_the_callers_rate_get_429_with_retry_after(settings: Settings) -> None:
-    strict = settings.model_copy(update={"key_request_rate": 0.2, "key_request_burst": 3})
-    async with Stack(strict, [COUNTER], parts=("scheduler", "gateway")) as stack, \
-            httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as http:
+    async with _limited(settings, {"key_request_rate": 0.2, "key_request_burst": 3}) as (stack, http):
         answers = [await http.get("/bots") for _ in range(4)]
         assert [a.status_code for a in answers] == [200, 200, 200, 429]
         assert answers[-1].json()["code"] == "rate_limited"
@@ -101,9 +100,7 @@ async def test_requests_over_the_callers_rate_get_429_with_retry_after(settings:
 
 
 async def test_an_owner_over_its_session_quota_is_refused_on_rest_and_websocket(settings: Settings) -> None:
-    small = settings.model_copy(update={"max_sessions_per_owner": 2})
-    async with Stack(small, [COUNTER], parts=("scheduler", "gateway")) as stack, \
-            httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as http:
+    async with _limited(settings, {"max_sessions_per_owner": 2}) as (stack, http):
         assert [(await http.post("/bots/counter/sessions")).status_code for _ in range(2)] == [201, 201]
         third = await http.post("/bots/counter/sessions")
         assert third.status_code == 429 and third.json()["code"] == "session_quota"
@@ -137,8 +134,7 @@ async def test_a_full_log_refuses_appends_and_new_sessions_and_keeps_every_event
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PETRIBUS_EVENTS_MAX_BYTES", str(256 * 1024))
-    async with Stack(settings, [COUNTER], parts=("scheduler", "gateway")) as stack, \
-            httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as http:
+    async with _limited(settings, {}) as (stack, http):
         sid = (await http.post("/bots/counter/sessions")).json()["session_id"]
         log = EventLog(stack.gateway.nc)  # a full stream is an answer, not an outage: no waiting it out
         info = await log.js.stream_info(subjects.EVENTS_STREAM)
@@ -161,14 +157,8 @@ async def test_a_full_log_refuses_appends_and_new_sessions_and_keeps_every_event
 
 
 async def test_the_session_quota_is_per_owner_of_the_api_key(settings: Settings, nc: Any) -> None:
-    from petribus import keys
-
-    alice = (await keys.create(nc.jetstream(), "alice"))[0]
-    bob = (await keys.create(nc.jetstream(), "bob"))[0]
-    small = settings.model_copy(update={"max_sessions_per_owner": 1})
-    async with Stack(small, [COUNTER], parts=("scheduler", "gateway")) as stack, \
-            httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as http:
-
+    alice, bob = await _keys(nc, "alice", "bob")
+    async with _limited(settings, {"max_sessions_per_owner": 1}) as (stack, http):
         assert (await http.post("/bots/counter/sessions", headers=_as(alice))).status_code == 201
         again = await http.post("/bots/counter/sessions", headers=_as(alice))
         assert again.status_code == 429 and "owner 'alice'" in again.json()["message"]
@@ -196,15 +186,28 @@ def _as(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+async def _keys(nc: Any, *owners: str) -> list[str]:
+    """An API key for each owner, in order."""
+    from petribus import keys
+
+    return [(await keys.create(nc.jetstream(), owner))[0] for owner in owners]
+
+
+@contextlib.asynccontextmanager
+async def _limited(settings: Settings, limits: dict[str, Any],
+                   token: str | None = None) -> AsyncIterator[tuple[Stack, httpx.AsyncClient]]:
+    """The scheduler and a gateway under ``limits``, and a client of it (with ``token``'s key, if given)."""
+    async with Stack(settings.model_copy(update=limits), [COUNTER], parts=("scheduler", "gateway")) as stack, \
+            httpx.AsyncClient(base_url=stack.gateway.url, headers=_as(token) if token else None,
+                              timeout=10) as http:
+        yield stack, http
+
+
 async def test_a_fork_is_a_new_session_under_the_owners_quota_and_the_storage_check(
     settings: Settings, nc: Any
 ) -> None:
-    from petribus import keys
-
-    alice = (await keys.create(nc.jetstream(), "alice"))[0]
-    small = settings.model_copy(update={"max_sessions_per_owner": 2})
-    async with Stack(small, [COUNTER], parts=("scheduler", "gateway")) as stack, \
-            httpx.AsyncClient(base_url=stack.gateway.url, headers=_as(alice), timeout=10) as http:
+    [alice] = await _keys(nc, "alice")
+    async with _limited(settings, {"max_sessions_per_owner": 2}, alice) as (stack, http):
         sid = (await http.post("/bots/counter/sessions")).json()["session_id"]
         forked = await http.post(f"/bots/counter/sessions/{sid}/fork", json={"at": 1})
         assert forked.status_code == 201, forked.text
@@ -221,13 +224,8 @@ async def test_a_fork_is_a_new_session_under_the_owners_quota_and_the_storage_ch
 
 
 async def test_a_websocket_that_sends_its_key_first_is_charged_to_the_keys_owner(settings: Settings, nc: Any) -> None:
-    from petribus import keys
-
-    alice = (await keys.create(nc.jetstream(), "alice"))[0]
-    bob = (await keys.create(nc.jetstream(), "bob"))[0]
-    small = settings.model_copy(update={"max_sessions_per_owner": 1})
-    async with Stack(small, [COUNTER], parts=("scheduler", "gateway")) as stack, \
-            httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as http:
+    alice, bob = await _keys(nc, "alice", "bob")
+    async with _limited(settings, {"max_sessions_per_owner": 1}) as (stack, http):
         assert (await http.post("/bots/counter/sessions", headers=_as(alice))).status_code == 201
         async with websockets.connect(stack.ws_url("counter")) as ws:  # a browser: the key as its first message
             await ws.send(json.dumps({"type": "auth", "token": alice}))
@@ -250,8 +248,7 @@ async def test_every_stream_is_bounded_and_the_per_session_limit_counts_each_kin
 ) -> None:
     monkeypatch.setenv("PETRIBUS_EVENTS_MAX_PER_SESSION", "3")
     monkeypatch.setenv("PETRIBUS_WORK_MAX_BYTES", str(4 * 1024 * 1024))
-    async with Stack(settings, [COUNTER], parts=("scheduler", "gateway")) as stack, \
-            httpx.AsyncClient(base_url=stack.gateway.url, timeout=10) as http:
+    async with _limited(settings, {}) as (stack, http):
         js = nc.jetstream()
         for stream in (subjects.WORK_STREAM, subjects.TIMERS_STREAM, subjects.IDLE_STREAM):
             config = (await js.stream_info(stream)).config
@@ -271,12 +268,8 @@ async def test_every_stream_is_bounded_and_the_per_session_limit_counts_each_kin
 async def test_a_browser_sockets_messages_spend_its_keys_request_budget_with_its_rest_calls(
     settings: Settings, nc: Any
 ) -> None:
-    from petribus import keys
-
-    alice = (await keys.create(nc.jetstream(), "alice"))[0]
-    strict = settings.model_copy(update={"key_request_rate": 0.001, "key_request_burst": 3})
-    async with Stack(strict, [COUNTER], parts=("scheduler", "gateway")) as stack, \
-            httpx.AsyncClient(base_url=stack.gateway.url, headers=_as(alice), timeout=10) as http:
+    [alice] = await _keys(nc, "alice")
+    async with _limited(settings, {"key_request_rate": 0.001, "key_request_burst": 3}, alice) as (stack, http):
         client = await Client.connect(stack.ws_url("counter"))  # a browser: no header, the key comes first
         await client.send({"type": "auth", "token": alice})
         sid = (await client.until("session_created"))["metadata"]["session_id"]
@@ -306,11 +299,8 @@ async def test_a_browser_sockets_messages_spend_its_keys_request_budget_with_its
 async def test_a_fork_retried_with_its_idempotency_key_is_answered_again_and_not_charged_again(
     settings: Settings, nc: Any, limit: dict[str, Any], code: str
 ) -> None:
-    from petribus import keys
-
-    alice = (await keys.create(nc.jetstream(), "alice"))[0]
-    async with Stack(settings.model_copy(update=limit), [COUNTER], parts=("scheduler", "gateway")) as stack, \
-            httpx.AsyncClient(base_url=stack.gateway.url, headers=_as(alice), timeout=10) as http:
+    [alice] = await _keys(nc, "alice")
+    async with _limited(settings, limit, alice) as (stack, http):
         sid = (await http.post("/bots/counter/sessions")).json()["session_id"]
         url = f"/bots/counter/sessions/{sid}/fork"
         first = await http.post(url, json={"at": 1}, headers={"Idempotency-Key": "fork-1"})
