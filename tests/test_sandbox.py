@@ -314,3 +314,58 @@ def test_a_worker_cannot_widen_where_files_may_be_sent_from() -> None:
         assert payload["host_dir"] is None
         with pytest.raises(PetribusError, match="refused"):
             _inside(payload["path"], "/etc/passwd", payload["host_dir"], ())
+
+
+async def test_a_worker_between_def_and_async_runs_hands_each_its_own_folder_and_cpu_bound() -> None:
+    """A def run's CPU bound and folder stay set in its worker after it returns (limits.py: setting and
+    lifting them around every run was most of a no-op's cost): each def run still starts in its own
+    empty folder under a bound of its own, wherever the last one left the process, and an async run on
+    the same worker runs in the worker's folder with no bound at all."""
+    import resource
+    import uuid
+
+    from petribus_executor import protocol as p
+    from petribus_executor.pool import WorkerPool
+
+    def request(transition: str, location: str, cpu_seconds: float | None, **data: Any) -> p.Request:
+        return p.Request(bot="worker_state", session_id="s", firing_id=uuid.uuid4().hex, transition=transition,
+                         attempt=1, inputs=(p.InputMarker(uuid.uuid4().hex, location, data),),
+                         cpu_seconds=cpu_seconds)
+
+    async def no_calls(kind: str, payload: Any, timeout: float | None) -> Any:
+        raise AssertionError(f"unexpected context.{kind}")
+
+    async def state(req: p.Request) -> dict[str, Any]:
+        outcome = await pool.run(req, on_event=lambda kind, payload: None, on_call=no_calls, timeout=30,
+                                 asynchronous=req.transition == "look_async")
+        assert outcome.ok, (outcome.error_type, outcome.error, outcome.traceback)
+        [(location, data)] = outcome.outputs
+        assert location == "State"
+        return data
+
+    pool = WorkerPool([app("worker_state")], 1)  # one worker: every run below is in the same process
+    await pool.start()
+    try:
+        first = await state(request("look", "Look", 50.0, leave_file=True, wander=True))
+        second = await state(request("look", "Look", 50.0))
+        shared = await state(request("look_async", "AsyncLook", None))
+        third = await state(request("look", "Look", None))
+        fourth = await state(request("look", "Look", 50.0))
+    finally:
+        await pool.close()
+
+    assert len({s["pid"] for s in (first, second, shared, third, fourth)}) == 1
+    run_dir = first["cwd"]
+    root = os.path.dirname(run_dir)
+    assert os.path.basename(run_dir) == "run" and first["tmpdir"] == run_dir and first["found"] == []
+    # The first run chdir'd to / and left a file: the second starts back in its folder, emptied.
+    assert second["cwd"] == run_dir and second["found"] == [] and second["tmpdir"] == run_dir
+    unbounded = resource.RLIM_INFINITY if first["cpu_hard"] == resource.RLIM_INFINITY else first["cpu_hard"]
+    for bounded in (first, second, fourth):
+        assert bounded["cpu_soft"] != unbounded and bounded["cpu_soft"] >= 50, bounded
+    # After two bounded def runs, the async run shares the process: the worker's folder, no bound.
+    assert shared["cwd"] == root and shared["tmpdir"] == os.path.join(root, ".tmp"), shared
+    assert shared["cpu_soft"] == unbounded, shared
+    # A def run with no bound gets none, though the run before it had one; the next bounded one is bounded.
+    assert third["cwd"] == run_dir and third["cpu_soft"] == unbounded, third
+    assert fourth["cwd"] == run_dir and fourth["found"] == [], fourth

@@ -131,6 +131,12 @@ class Outbox:
         self._task.add_done_callback(lambda task: task.cancelled() or task.exception())
 
 
+def _retrieved(ack: asyncio.Future[Any]) -> None:
+    """A start's append that failed is not the firing's failure: its outcome is appended (or not) anyway."""
+    if not ack.cancelled():
+        ack.exception()
+
+
 class Delivery:
     """The newest delivery of a firing running here: heartbeats and the final ack go to it."""
 
@@ -353,7 +359,8 @@ class FiringRunner:
         # The executor holds more work than it has workers; a firing is started once it has one.
         worker = await self.workers.acquire(asynchronous=t.is_async, profile=profile)
         # Started is sent, not awaited: its round trip overlaps the run. It still lands before anything
-        # the run appends (same connection, same subject), and its ack is awaited before the outcome.
+        # the run appends (same connection, same subject). Its ack is not waited for either: the outcome
+        # goes out behind it, and a start that did not land leaves an outcome the fold takes anyway.
         try:
             started_ack = await self.events.append_soon(
                 TransitionStarted(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
@@ -389,7 +396,7 @@ class FiringRunner:
         finally:
             if self.interactions is not None:
                 self.interactions.cleanup(item.firing_id)
-        await started_ack
+        started_ack.add_done_callback(_retrieved)
         await outbox.flush()  # what it said lands before what it returned
         metrics.firing_ran(item.bot, t.name, outcome.ok, outcome.duration_ms)
         return outcome

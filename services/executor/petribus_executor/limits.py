@@ -8,10 +8,11 @@ At boot (``Sandbox.enter``), after the apps are imported and before the worker s
 - **Folder**: a private temporary folder (``root``), removed when the worker exits (the executor removes
   it when the worker is killed). Each run has a folder of its own inside it. A ``def`` run (alone in
   its process) has it as its working directory and its temporary files go there (``TMPDIR``); it is
-  emptied after the run if the run left anything. An ``async def`` run (which shares the process) gets
-  one made on first use of ``context.workdir`` or a file call, and removed after the run. Making and
-  removing a folder for every run cost 0.2-0.6 ms each (most runs write nothing). Volumes with
-  relative mount paths appear in them as links.
+  emptied after the run if the run left anything. The worker stays in it between ``def`` runs and goes
+  back to its own folder when an ``async def`` run starts (``leave_sync``). An ``async def`` run (which
+  shares the process) gets one made on first use of ``context.workdir`` or a file call, and removed after
+  the run. Making and removing a folder for every run cost 0.2-0.6 ms each (most runs write nothing).
+  Volumes with relative mount paths appear in them as links.
 - **CPUs**: not capped (a container is: ``cpu=`` becomes its CPU quota). Pinning each worker to
   ``cpu=`` CPUs was tried: 1,000 async no-op firings took 3-5x longer (``bench/bench_pool.py``), as
   busy workers could not move to an idle core.
@@ -23,6 +24,9 @@ At boot (``Sandbox.enter``), after the apps are imported and before the worker s
 - **CPU time** (``def`` runs): ``RLIMIT_CPU`` is set before each run at what the process has used plus
   the run's allowance. Past it, ``SIGXCPU`` raises ``CpuTimeExceeded`` in the run; a run that carries on
   (stuck in C code, or catching it) gets the signal's default action a second later: the worker dies.
+  The limit stays set after the run (an idle worker uses next to no CPU, and the next ``def`` run sets it
+  anew); it is lifted when an ``async def`` run starts, or a ``def`` run with no bound. Setting and
+  lifting it around every run, with the folder changes, was most of a no-op run's cost in the worker.
 
 Hard limits stay where they are, so a transition could raise its own soft limits: a process sandbox
 bounds mistakes, not hostile code (docs/sandboxes.md).
@@ -64,6 +68,12 @@ class Sandbox:
         self.baseline_mib = 0.0
         self.data_limit_mib: float | None = None
         self.cpu_seconds: float | None = None  # the running def's allowance, while it runs
+        self._cpu_hard = resource.RLIM_INFINITY  # RLIMIT_CPU's hard limit, read at boot
+        self._cpu_armed = False  # a def run's soft RLIMIT_CPU is in place
+        self._sync_made = False  # the def runs' folder exists (made on the first, again after a removal)
+        self._in_sync = False  # the working directory and TMPDIR are the def runs' folder
+        self._links = frozenset(os.path.normpath(m).split(os.sep)[0] for _, m in self.profile.volumes
+                                if not os.path.isabs(m))
 
     # ------------------------------------------------------------ boot
 
@@ -87,7 +97,8 @@ class Sandbox:
         nofile = self.profile.max_files if hard == resource.RLIM_INFINITY else min(self.profile.max_files, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
         resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
-        signal.signal(signal.SIGXCPU, _on_sigxcpu)
+        self._cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+        _install_sigxcpu()
 
     def limit_memory(self) -> None:
         """Cap the data segment at what the worker holds now plus ``memory=`` (after its threads started)."""
@@ -112,28 +123,40 @@ class Sandbox:
     def begin_sync(self) -> str:
         """Before a def run: its folder is the working directory, and temporary files go there too."""
         folder = self.sync_dir
-        if not os.path.isdir(folder):
-            os.makedirs(folder)
-            self._link_volumes(folder)
+        if not self._sync_made:
+            if not os.path.isdir(folder):
+                os.makedirs(folder)
+                self._link_volumes(folder)
+            self._sync_made = True
         if not self.confined:
             return folder
-        os.chdir(folder)
-        os.environ["TMPDIR"] = folder
+        os.chdir(folder)  # every time: the last run may have gone elsewhere
+        if os.environ.get("TMPDIR") != folder:
+            os.environ["TMPDIR"] = folder
         tempfile.tempdir = folder
+        self._in_sync = True
         return folder
 
     def end_sync(self) -> None:
-        """After a def run: back to the worker's folder; the run's folder is emptied if it left anything."""
-        if self.confined:
-            os.chdir(self.root)
-            os.environ["TMPDIR"] = tempfile.tempdir = os.path.join(self.root, ".tmp")
+        """After a def run: its folder is emptied if it left anything. The worker stays in it until an async
+        run starts (``leave_sync``): most runs come after another def run, which would come straight back."""
         folder = self.sync_dir
         try:
             left = set(os.listdir(folder))
         except OSError:
+            self._sync_made = False
             return
-        if left - self._volume_links():  # a listing costs microseconds; a removal and a mkdir, a hundred
+        if left - self._links:  # a listing costs microseconds; a removal and a mkdir, a hundred
             shutil.rmtree(folder, ignore_errors=True)
+            self._sync_made = False
+
+    def leave_sync(self) -> None:
+        """Before async runs (from any thread): the worker's own folder and temporary files, no CPU bound."""
+        self.disarm_cpu()
+        if self._in_sync:
+            self._in_sync = False
+            os.chdir(self.root)
+            os.environ["TMPDIR"] = tempfile.tempdir = os.path.join(self.root, ".tmp")
 
     def async_dir(self, job: int) -> str:
         """An async run's own folder, made when it first asks for it (most never do)."""
@@ -146,29 +169,36 @@ class Sandbox:
         if path is not None:
             shutil.rmtree(path, ignore_errors=True)
 
-    def _volume_links(self) -> set[str]:
-        return {os.path.normpath(m).split(os.sep)[0] for _, m in self.profile.volumes if not os.path.isabs(m)}
-
     def arm_cpu(self, seconds: float | None) -> None:
-        """Before a def run: allow it ``seconds`` more of CPU time (None: no bound)."""
+        """Before a def run (main thread): allow it ``seconds`` more of CPU time (None: no bound)."""
         self.cpu_seconds = seconds
-        if seconds is None or not self.confined:
+        if not self.confined:
+            return
+        if seconds is None:
+            self.disarm_cpu()
             return
         used = resource.getrusage(resource.RUSAGE_SELF)
         soft = math.ceil(used.ru_utime + used.ru_stime + seconds)
-        hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+        hard = self._cpu_hard
         if hard != resource.RLIM_INFINITY:
             soft = min(soft, hard)
-        signal.signal(signal.SIGXCPU, _on_sigxcpu)
-        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+        if _sigxcpu_spent:
+            _install_sigxcpu()  # the last run was stopped by it, and the run carried on
+        try:
+            resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+        except ValueError:  # a run lowered the hard limit itself
+            self._cpu_hard = hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+            resource.setrlimit(resource.RLIMIT_CPU, (min(soft, hard), hard))
+        self._cpu_armed = True
 
     def disarm_cpu(self) -> None:
-        if self.cpu_seconds is None or not self.confined:
-            return
+        """No CPU bound (any thread): before async runs, which share the process, and unbounded def runs."""
         self.cpu_seconds = None
+        if not self._cpu_armed:
+            return
+        self._cpu_armed = False
         hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
         resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
-        signal.signal(signal.SIGXCPU, _on_sigxcpu)
 
     def explain(self, request: p.Request, outcome: p.Outcome, cpu_seconds: float | None = None) -> p.Outcome:
         """An outcome that went over a limit, said as such: which limit, its value, what was used."""
@@ -215,9 +245,20 @@ class Sandbox:
             os.symlink(host_dir, link)
 
 
+_sigxcpu_spent = False  # the handler ran and left SIGXCPU at its default action
+
+
+def _install_sigxcpu() -> None:
+    global _sigxcpu_spent
+    signal.signal(signal.SIGXCPU, _on_sigxcpu)
+    _sigxcpu_spent = False
+
+
 def _on_sigxcpu(signum: int, frame: Any) -> None:
     # The next SIGXCPU (a second later, if the run carries on) takes the default action: the worker dies.
+    global _sigxcpu_spent
     signal.signal(signal.SIGXCPU, signal.SIG_DFL)
+    _sigxcpu_spent = True
     raise CpuTimeExceeded("the run used up its CPU time")
 
 

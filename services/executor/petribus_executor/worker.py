@@ -49,7 +49,7 @@ from petribus.service import settle_collector
 from petribus_executor import protocol as p
 from petribus_executor.failures import describe, error_message
 from petribus_executor.invoke import cancelled, run_async, run_sync
-from petribus_executor.limits import Sandbox
+from petribus_executor.limits import CpuTimeExceeded, Sandbox
 
 Conn = multiprocessing.connection.Connection
 READ_SIZE = 1 << 18
@@ -271,21 +271,27 @@ class Runner:
         sandbox.limit_memory()
         try:
             self.pipe.post((p.READY, os.getpid(), sandbox.root))
-            while (run := self.sync_runs.get()) is not None:
+            while (run := self._next_sync()) is not None:
                 job, request = run
                 self.pipe.post((p.DONE, job, self._run_sync(job, request)))
         except OSError:
             pass  # the executor is gone
 
+    def _next_sync(self) -> tuple[int, p.Request] | None:
+        while True:
+            try:
+                return self.sync_runs.get()
+            except CpuTimeExceeded:
+                # The last def run's CPU bound stays set while the worker waits (limits.py); waiting used
+                # what little it had left. Nothing runs: wait on, unbounded until the next run sets it.
+                self.sandbox.disarm_cpu()
+
     def _run_sync(self, job: int, request: p.Request) -> p.Outcome:
         sandbox = self.sandbox
         folder = sandbox.begin_sync()  # a def run has the process: its working directory and temp files
         try:
-            sandbox.arm_cpu(request.cpu_seconds)
-            try:
-                outcome = run_sync(self.nets, request, JobChannel(self.pipe, job, folder))
-            finally:
-                sandbox.disarm_cpu()
+            sandbox.arm_cpu(request.cpu_seconds)  # left set after the run: see limits.py
+            outcome = run_sync(self.nets, request, JobChannel(self.pipe, job, folder))
         finally:
             sandbox.end_sync()
         return sandbox.explain(request, outcome, request.cpu_seconds)
@@ -333,6 +339,7 @@ class Runner:
         return net.transition(request.transition).is_async
 
     def _start(self, runs: list[tuple[int, p.Request]]) -> None:
+        self.sandbox.leave_sync()  # the process is shared now: no def run's folder or CPU bound
         for job, request in runs:
             channel = self.channels[job] = JobChannel(self.pipe, job, functools.partial(self.sandbox.async_dir, job))
             task = self.loop.create_task(run_async(self.nets, request, channel))
