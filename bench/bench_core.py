@@ -212,6 +212,10 @@ async def main() -> None:
           f"({rate * 4:.0f} events/s; {rate * 4 / raw:.1%} of raw publish rate)")
     print("CPU during the sustained run (share of one core):",
           "  ".join(f"{n} {c / elapsed:.0%}" for n, c in cpu.items()))
+    # Steadier than the rate on a shared machine (another process's turn slows the run, not its CPU):
+    # compare changes by this too.
+    print(f"CPU per firing: {sum(cpu.values()) * 1e6 / total:.0f} us in all (",
+          ", ".join(f"{n} {c * 1e6 / total:.0f}" for n, c in cpu.items() if c * 1e6 / total >= 1), ")", sep="")
     if args.server_profile:
         samples, _, inclusive = pprof_top.top(args.server_profile.read_bytes())
         print(f"nats-server profile ({samples} samples over {args.server_profile_s} s, {args.server_profile}); "

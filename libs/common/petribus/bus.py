@@ -612,6 +612,20 @@ class EventLog:
                                                  headers=_trace_header(event))
         return _seq_of(sent)
 
+    async def send(self, event: _Event, *, msg_id: str | None = None) -> None:
+        """Send one event and ask for no answer: for a report nothing waits on (a firing's start). It lands
+        in order with what this connection sends after it (so before the firing's outcome), and is
+        de-duplicated by its Msg-Id as any append; but a bus that fails under it loses it, unresent. A
+        JetStream answer costs its sender and the server more than the report itself."""
+        if tracing.active():
+            event = _stamped(event)
+        try:
+            await self.nc.publish(subjects.event(event.bot, event.session_id, event.type),  # type: ignore[attr-defined]
+                                  encode(event), headers={**(_trace_header(event) or {}),
+                                                         "Nats-Msg-Id": msg_id or event.id})
+        except Exception as exc:
+            raise BusError(f"sending {event.type} failed: {exc}") from exc  # type: ignore[attr-defined]
+
     async def append_many(self, events: Iterable[_Event], *, msg_ids: Iterable[str] | None = None,
                           timeout: float = 5.0) -> list[int]:
         """Append several events pipelined (one round trip's wait for all); order on a subject is kept

@@ -144,6 +144,10 @@ class GuardedEventLog(EventLog):
         self.check(event)
         return await super().append_soon(event, **options)
 
+    async def send(self, event: _Event, **options) -> None:  # type: ignore[no-untyped-def, override]
+        self.check(event)
+        await super().send(event, **options)
+
     async def append_many(self, events, **options) -> list[int]:  # type: ignore[no-untyped-def, override]
         listed = list(events)
         for event in listed:

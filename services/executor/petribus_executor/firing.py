@@ -131,12 +131,6 @@ class Outbox:
         self._task.add_done_callback(lambda task: task.cancelled() or task.exception())
 
 
-def _retrieved(ack: asyncio.Future[Any]) -> None:
-    """A start's append that failed is not the firing's failure: its outcome is appended (or not) anyway."""
-    if not ack.cancelled():
-        ack.exception()
-
-
 class Delivery:
     """The newest delivery of a firing running here: heartbeats and the final ack go to it."""
 
@@ -358,11 +352,12 @@ class FiringRunner:
                              profile: Profile) -> p.Outcome:
         # The executor holds more work than it has workers; a firing is started once it has one.
         worker = await self.workers.acquire(asynchronous=t.is_async, profile=profile)
-        # Started is sent, not awaited: its round trip overlaps the run. It still lands before anything
-        # the run appends (same connection, same subject). Its ack is not waited for either: the outcome
-        # goes out behind it, and a start that did not land leaves an outcome the fold takes anyway.
+        # The start is sent with no answer asked for (EventLog.send): nothing waits on it. It lands before
+        # anything the run appends (same connection, in order); one the bus lost (it failed under it, and
+        # then the outcome's append fails too, or lands first on a resend) leaves an outcome the fold takes
+        # from "claimed", and one run fewer counted as lost, never one more.
         try:
-            started_ack = await self.events.append_soon(
+            await self.events.send(
                 TransitionStarted(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
                                   transition=t.name, executor=self.instance, attempt=attempt,
                                   cause=item.firing_id, trace=item.trace),
@@ -391,12 +386,10 @@ class FiringRunner:
                                 retryable=exc.retryable, duration_ms=(time.perf_counter() - started) * 1000)
         except BaseException:
             outbox.discard()
-            started_ack.cancel()
             raise
         finally:
             if self.interactions is not None:
                 self.interactions.cleanup(item.firing_id)
-        started_ack.add_done_callback(_retrieved)
         await outbox.flush()  # what it said lands before what it returned
         metrics.firing_ran(item.bot, t.name, outcome.ok, outcome.duration_ms)
         return outcome
