@@ -122,6 +122,9 @@ async def main() -> None:
     ap.add_argument("--sessions", type=int, default=200)
     ap.add_argument("--per-session", type=int, default=25)
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--rate", type=float, metavar="R",
+                    help="offer the sustained run's markers at R a second (default: as fast as they append); "
+                         "below capacity, CPU per firing is steadier to compare changes by")
     ap.add_argument("--server-profile", type=Path, metavar="FILE",
                     help="also profile nats-server during the sustained run (its pprof, written to FILE) and "
                          "print where its CPU went (bench/pprof_top.py reads FILE again)")
@@ -183,8 +186,14 @@ async def main() -> None:
                 profiled = concurrent.futures.ThreadPoolExecutor(1).submit(
                     lambda: urllib.request.urlopen(url, timeout=args.server_profile_s + 30).read())
             t0 = time.perf_counter()
-            for i in range(0, len(events), 500):
-                await log.append_many(events[i:i + 500])
+            if args.rate is None:
+                for i in range(0, len(events), 500):
+                    await log.append_many(events[i:i + 500])
+            else:  # a steady offer, in slices every 10 ms: CPU per firing without a backlog's batching
+                step = max(1, round(args.rate / 100))
+                for n, i in enumerate(range(0, len(events), step)):
+                    await asyncio.sleep(max(0.0, t0 + n * step / args.rate - time.perf_counter()))
+                    await log.append_many(events[i:i + step])
             await asyncio.wait_for(watch.all_done.wait(), 600)
             elapsed = time.perf_counter() - t0
             rate = total / elapsed
