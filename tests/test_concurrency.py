@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,7 +36,8 @@ from .harness import Stack
 from .test_executor import SessionLog, marking
 
 CONCURRENCY = app("concurrency")
-LOCATION = {"nap": "Nap", "sync_nap": "SyncNap", "block": "Block", "ask": "Question"}
+LOCATION = {"nap": "Nap", "sync_nap": "SyncNap", "block": "Block", "ask": "Question", "sync_ask": "SyncQuestion"}
+SYNC = ("sync_nap", "sync_ask")
 
 MakePool = Callable[..., Awaitable[WorkerPool]]
 
@@ -75,7 +77,7 @@ def run(pool: WorkerPool, transition: str, *, timeout: float | None = None,
         on_event: Callable[[str, Any], None] = lambda kind, payload: None,
         on_call: Callable[[str, Any, float | None], Awaitable[Any]] = no_calls, **data: Any) -> asyncio.Task[Any]:
     return asyncio.ensure_future(pool.run(request(transition, **data), on_event=on_event, on_call=on_call,
-                                          timeout=timeout, asynchronous=transition != "sync_nap"))
+                                          timeout=timeout, asynchronous=transition not in SYNC))
 
 
 class Arrivals:
@@ -263,6 +265,28 @@ async def test_awaited_context_calls_of_concurrent_firings_get_their_own_answers
     assert max(s["peak"] for s in spans) > 1
 
 
+async def test_a_def_run_and_its_threads_asking_at_once_each_get_their_own_answers(make_pool: MakePool) -> None:
+    """While a def run has the worker, nobody reads its pipe but a thread waiting for a reply: here the
+    run and four threads it started all wait at once, answered late and out of order; whichever reads
+    hands the others their replies. Then the worker goes on to the next run as usual."""
+    pool = await make_pool(1, concurrency=1)
+
+    async def on_call(kind: str, payload: Any, timeout: float | None) -> Any:
+        await asyncio.sleep(random.random() * 0.05)
+        asked = payload["description" if kind == "confirm" else "text"].split()[1]
+        return asked.endswith(("0", "2", "4")) if kind == "confirm" else f"reply to {asked}"
+
+    spans = []
+    for n in range(3):
+        spans.append(span(await run(pool, "sync_ask", n=n, threads=4, on_call=on_call)))
+        spans.append(span(await run(pool, "sync_nap", n=n)))
+
+    for n in range(3):
+        assert spans[2 * n]["answer"] == " ".join(f"{k % 2 == 0}/reply to {n}.{k}" for k in range(5))
+        assert spans[2 * n]["how"] == "sync" and spans[2 * n]["peak"] == 1
+    assert len({s["pid"] for s in spans}) == 1  # one worker: it read on between and after the runs
+
+
 async def test_a_worker_killed_with_sigkill_fails_every_firing_it_held(make_pool: MakePool) -> None:
     pool = await make_pool(1, concurrency=20)
     arrivals = Arrivals()
@@ -318,6 +342,37 @@ def test_a_run_cancelled_before_it_began_still_reports_done() -> None:
 
     assert (kind, job) == (p.DONE, 7)
     assert not outcome.ok and outcome.error_type == p.CANCELLED and outcome.retryable
+
+
+def test_a_container_style_worker_ends_mid_run_when_its_socket_closes() -> None:
+    """A worker with no parent process to watch (a container's: ``exit_on_eof``) exits when the other end
+    of its socket closes, though a def run holds its main thread and nothing reads the socket then: its
+    lifeline polls for the hang-up alone. A process worker's lifeline is its parent process instead."""
+    from petribus_executor import worker
+
+    ours, theirs = multiprocessing.Pipe()
+    child = multiprocessing.get_context("spawn").Process(
+        target=worker.main, args=(theirs, [CONCURRENCY], {"exit_on_eof": True}), daemon=True)
+    child.start()
+    theirs.close()
+    frames = p.Frames()
+
+    def receive(within: float) -> tuple[Any, ...]:
+        while not (msgs := frames.feed(os.read(ours.fileno(), 1 << 16) if ours.poll(within) else b"")):
+            raise AssertionError(f"the worker said nothing for {within}s")
+        return msgs[0]
+
+    try:
+        assert receive(60)[0] == p.READY
+        p.write(ours.fileno(), p.frame((p.RUN, 1, request("sync_nap", n=1, seconds=60))))
+        time.sleep(0.5)  # the run has begun: the main thread sleeps in it
+        assert child.is_alive() and not ours.poll(0)  # and it said nothing yet
+        ours.close()
+        child.join(10)
+        assert child.exitcode == 70, child.exitcode  # gone within seconds, not after its 60 s run
+    finally:
+        if child.is_alive():
+            child.kill()
 
 
 async def test_a_fan_out_runs_all_at_once_through_the_stack_with_default_credits(

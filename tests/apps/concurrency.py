@@ -34,6 +34,11 @@ class Question(BaseModel):
     blocking: bool = False
 
 
+class SyncQuestion(BaseModel):
+    n: int
+    threads: int = 0  # threads of its own, each asking too, while the run itself asks
+
+
 class Span(BaseModel):
     n: int
     pid: int
@@ -48,7 +53,7 @@ class Span(BaseModel):
 
 bot = Bot(
     name="concurrency",
-    locations=[BotLocation(marker=m) for m in (Nap, SyncNap, Block, Question, Span)],
+    locations=[BotLocation(marker=m) for m in (Nap, SyncNap, Block, Question, SyncQuestion, Span)],
     description="Firings that wait, block and ask, and say where they ran.",
 )
 
@@ -112,3 +117,26 @@ async def ask(context: BotContext, inputs):
         reply = await context.aprompt(f"prompt {item.n}")
     context.remember({"n": item.n})
     return _leave(item.n, started, "async", answer=f"{yes}/{reply}")
+
+
+@bot.transition(inputs={SyncQuestion: 1}, outputs=[Span])
+def sync_ask(context: BotContext, inputs):
+    """A def run that asks from its own thread and from threads it starts, all at once: each blocks on
+    its own answer while the others' cross the pipe."""
+    import threading
+
+    item = inputs[SyncQuestion][0]
+    started = _enter()
+    answers: dict[int, str] = {}
+
+    def ask(k: int) -> None:
+        yes = context.confirm(f"confirm {item.n}.{k}")
+        answers[k] = f"{yes}/{context.prompt(f'prompt {item.n}.{k}')}"
+
+    helpers = [threading.Thread(target=ask, args=(k,)) for k in range(1, item.threads + 1)]
+    for helper in helpers:
+        helper.start()
+    ask(0)
+    for helper in helpers:
+        helper.join()
+    return _leave(item.n, started, "sync", answer=" ".join(answers[k] for k in sorted(answers)))

@@ -4,27 +4,33 @@ A worker is forked from the executor's fork server (see ``pool.py``), so it star
 pydantic and, where they could be preloaded, the apps already imported. It lives for many firings.
 What one run does (inputs built, the function called, outputs checked) is ``invoke.py``'s.
 
-Three threads of its own share the work:
+Two threads share the work:
 
-- The **reader** reads the pipe and only dispatches, so nothing but the pipe ever holds it up:
-  ``run`` of an ``async def`` transition goes to the event loop (``call_soon_threadsafe``), ``run`` of a
-  plain ``def`` to the main thread, a ``reply`` to whoever waits for it (a blocked thread through a
-  ``threading.Event``, a coroutine through its loop), ``cancel`` to the loop, ``stop`` or the end of the
-  pipe ends the process.
+- The **main thread** reads the pipe while it has nothing to run, and dispatches: ``run`` of an
+  ``async def`` transition goes to the event loop (``call_soon_threadsafe``), a ``reply`` to whoever
+  waits for it (a blocked thread through a ``threading.Event``, a coroutine through its loop),
+  ``cancel`` to the loop, ``stop`` or the end of the pipe ends the process. ``run`` of a plain ``def``
+  it runs itself, where a ``def`` always ran (signal handlers, ``SIGXCPU``'s included, run there). The
+  executor sends one only to a worker with nothing else to do, and sends nothing more until it is done:
+  a sync firing has the process to itself, and can be stopped only by killing the process.
 - The **event loop** (a thread that lives as long as the process) runs every async firing as a task,
   so hundreds can wait on I/O at once; the executor bounds how many it sends
   (``PETRIBUS_WORKER_CONCURRENCY``). ``cancel`` cancels one task; the run then reports ``done``.
-- The **main thread** runs a ``def`` transition, where it always ran. The executor sends one only to a
-  worker with nothing else to do, and sends nothing more until it is done: a sync firing has the
-  process to itself, and can be stopped only by killing the process.
+
+While the main thread runs a ``def``, nobody reads the pipe unless a thread waits for a reply (a
+``context.confirm`` in the run, or in a thread it started): then that thread reads it, hands other
+waiters their replies and leaves anything else for the main thread, until its own reply comes. A
+``def`` run's hand-over thus wakes one thread, not a reader and then the main thread (a reader thread
+that handed each run over cost a tenth of a no-op run's CPU). Whoever reads holds ``Pipe._reader``.
 
 Sends come from all of them (and from threads a transition starts) and are serialised by one lock.
-Since the reader takes every reply, a blocking ``context.confirm`` waits safely in any thread, the
-loop's included, where it stalls the other async firings of the process; the ``a``-methods don't.
+A blocking ``context.confirm`` waits safely in any thread, the loop's included, where it stalls the
+other async firings of the process; the ``a``-methods don't.
 
 The executor kills the worker when a sync firing times out or is abandoned, and when an async one does
 not stop within a grace after ``cancel`` (its code blocks the loop). The worker exits on its own when
-the executor process dies, so a ``kill -9`` of the executor leaves no orphans running transitions.
+the executor process dies, so a ``kill -9`` of the executor leaves no orphans running transitions (a
+container's worker, which has no parent process to watch, when its socket's other end closes).
 """
 
 from __future__ import annotations
@@ -36,9 +42,10 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
-import queue
+import select
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +53,7 @@ from petribus.errors import AlreadyAnswered, FileTooLarge, InvalidInput, Petribu
 from petribus.loader import load_bot
 from petribus.net import Net
 from petribus.service import settle_collector
+
 from petribus_executor import protocol as p
 from petribus_executor.failures import describe, error_message
 from petribus_executor.invoke import cancelled, run_async, run_sync
@@ -104,6 +112,11 @@ class Pipe:
         self._lock = threading.Lock()
         self._waiting: dict[tuple[int, int], Callable[[Reply], None]] = {}  # (job, call id) -> deliver
         self._call_ids = itertools.count(1)
+        self._reader = threading.Lock()  # held by the thread reading the pipe
+        # Notified when a reply was delivered, a message left for the main thread, the pipe let go or ended.
+        self._turn = threading.Condition()
+        self._left: list[tuple[Any, ...]] = []  # read by a thread waiting for its reply: the main thread's
+        self.ended = False  # the other end closed
 
     def post(self, msg: tuple[Any, ...]) -> None:
         data = p.frame(msg)
@@ -111,13 +124,86 @@ class Pipe:
             p.write(self._fd, data)
 
     def read(self) -> list[tuple[Any, ...]]:
-        """The messages that have arrived, once at least one has (the reader thread's alone)."""
+        """The messages that have arrived, once at least one has (whoever holds ``_reader``)."""
         while True:
             data = os.read(self._fd, READ_SIZE)
             if not data:
+                self.ended = True
                 raise EOFError
             if msgs := self._frames.feed(data):
                 return msgs
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def _readable(self, timeout: float) -> bool:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+
+    def take(self) -> list[tuple[Any, ...]]:
+        """The main thread's next messages: those a waiting caller left it, or what it reads itself (it
+        waits meanwhile for a caller that reads the pipe). ``EOFError`` once the pipe has ended."""
+        with self._turn:
+            while not self._left:
+                if self.ended:
+                    raise EOFError
+                if self._reader.acquire(blocking=False):
+                    break
+                self._turn.wait()
+            else:
+                msgs, self._left = self._left, []
+                return msgs
+        try:
+            return self._hand_on(self.read(), keep=True)
+        finally:
+            self._let_go()
+
+    def _hand_on(self, msgs: list[tuple[Any, ...]], *, keep: bool) -> list[tuple[Any, ...]]:
+        """Replies to their callers, the rest returned (``keep``, to the main thread reading) or left for
+        the main thread; while the pipe is still held, so that a caller who takes it next has its reply
+        already, and the main thread finds what was left before it reads."""
+        kept = []
+        for msg in msgs:
+            if msg[0] == p.REPLY:
+                self.deliver(msg)
+            elif keep:
+                kept.append(msg)
+            else:
+                with self._turn:
+                    self._left.append(msg)
+        return kept
+
+    def _let_go(self) -> None:
+        self._reader.release()
+        with self._turn:
+            self._turn.notify_all()
+
+    def _wait(self, answered: threading.Event, timeout: float | None) -> None:
+        """Until ``answered`` is set, the pipe ends, or ``timeout``: reading the pipe meanwhile if no
+        other thread does (replies to their callers, anything else left for the main thread)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._turn:
+                while True:
+                    if answered.is_set() or self.ended:
+                        return
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return
+                    if self._reader.acquire(blocking=False):
+                        break
+                    self._turn.wait(left)
+            try:
+                if answered.is_set():
+                    return  # answered by the thread that had the pipe, before it let go
+                if left is not None and not self._readable(left):
+                    continue  # its time is up: the loop above says so
+                self._hand_on(self.read(), keep=False)
+            except EOFError:
+                return
+            finally:
+                self._let_go()
 
     def call(self, job: int, kind: str, payload: Any, timeout: float | None) -> Any:
         """Ask the executor; block this thread (whichever it is) until the reply or ``timeout``."""
@@ -131,7 +217,7 @@ class Pipe:
         key = self._expect(job, deliver)
         try:
             self.post((p.CALL, job, key[1], kind, payload, timeout))
-            answered.wait(timeout)
+            self._wait(answered, timeout)
         finally:
             self._forget(key)
         return _unpack(kind, timeout, replies[0] if replies else None)
@@ -161,6 +247,8 @@ class Pipe:
             deliver = self._waiting.pop((reply[1], reply[2]), None)
         if deliver is not None:
             deliver(reply)
+            with self._turn:  # a blocked caller waits on the turn, in case it has to read the pipe itself
+                self._turn.notify_all()
 
     def abort(self, job: int) -> None:
         """``job`` is being cancelled: its calls get an error now. That frees a thread blocked in one
@@ -171,6 +259,9 @@ class Pipe:
         for (_, call_id), deliver in zip(keys, delivers):
             deliver((p.REPLY, job, call_id, False,
                      {"message": "the firing was cancelled by its executor", "code": "cancelled"}))
+        if delivers:
+            with self._turn:
+                self._turn.notify_all()
 
     def _expect(self, job: int, deliver: Callable[[Reply], None]) -> tuple[int, int]:
         key = (job, next(self._call_ids))
@@ -262,29 +353,64 @@ class Runner:
         self.loop = asyncio.new_event_loop()
         self.tasks: dict[int, asyncio.Task[p.Outcome]] = {}  # the loop thread's alone
         self.channels: dict[int, JobChannel] = {}  # async runs' channels, the loop thread's alone
-        self.sync_runs: queue.SimpleQueue[tuple[int, p.Request] | None] = queue.SimpleQueue()
 
     def serve(self) -> None:
+        """The main thread's work (see the top of this module): read, dispatch, run the def runs."""
         threading.Thread(target=self._run_loop, name="petribus-loop", daemon=True).start()
-        threading.Thread(target=self._read, name="petribus-reader", daemon=True).start()
+        if self.exit_on_eof:
+            threading.Thread(target=self._watch_end, name="petribus-lifeline", daemon=True).start()
         sandbox = self.sandbox
         sandbox.limit_memory()
         try:
             self.pipe.post((p.READY, os.getpid(), sandbox.root))
-            while (run := self._next_sync()) is not None:
-                job, request = run
-                self.pipe.post((p.DONE, job, self._run_sync(job, request)))
-        except OSError:
-            pass  # the executor is gone
+            while True:
+                try:
+                    msgs = self.pipe.take()
+                except CpuTimeExceeded:
+                    # The last def run's CPU bound stays set while the worker waits (limits.py); waiting
+                    # used what little it had left. Nothing runs: wait on, unbounded until the next run.
+                    self.sandbox.disarm_cpu()
+                    continue
+                if not self._dispatch(msgs):
+                    return
+        except (EOFError, OSError):
+            if self.exit_on_eof:
+                self.sandbox.exit()
+                os._exit(70)  # nobody to report to
 
-    def _next_sync(self) -> tuple[int, p.Request] | None:
+    def _dispatch(self, msgs: list[tuple[Any, ...]]) -> bool:
+        """Hand out what was read, then run its def runs here, in order; False once told to stop."""
+        runs: list[tuple[int, p.Request]] = []  # async runs that came together start together
+        sync: list[tuple[int, p.Request]] = []
+        going = True
+        for msg in msgs:
+            kind = msg[0]
+            if kind == p.RUN:
+                (runs if self._is_async(msg[2]) else sync).append((msg[1], msg[2]))
+            elif kind == p.REPLY:
+                self.pipe.deliver(msg)
+            elif kind == p.CANCEL:
+                self._start_soon(runs)  # a run before its cancel
+                self.pipe.abort(msg[1])
+                self.loop.call_soon_threadsafe(self._cancel, msg[1])
+            elif kind == p.STOP:
+                going = False
+                break
+        self._start_soon(runs)
+        for job, request in sync:
+            self.pipe.post((p.DONE, job, self._run_sync(job, request)))
+        return going
+
+    def _watch_end(self) -> None:
+        """A container's worker has no parent process to watch: the end of its socket is its executor's
+        end, and a def run must not outlive it. Polled for the hang-up alone, so it never reads."""
+        poller = select.poll()
+        poller.register(self.pipe.fileno(), select.POLLRDHUP)
         while True:
-            try:
-                return self.sync_runs.get()
-            except CpuTimeExceeded:
-                # The last def run's CPU bound stays set while the worker waits (limits.py); waiting used
-                # what little it had left. Nothing runs: wait on, unbounded until the next run sets it.
-                self.sandbox.disarm_cpu()
+            for _, events in poller.poll():
+                if events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    self.sandbox.exit()
+                    os._exit(70)
 
     def _run_sync(self, job: int, request: p.Request) -> p.Outcome:
         sandbox = self.sandbox
@@ -299,33 +425,6 @@ class Runner:
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
-
-    def _read(self) -> None:
-        try:
-            while True:
-                runs: list[tuple[int, p.Request]] = []  # async runs that came together start together
-                for msg in self.pipe.read():
-                    kind = msg[0]
-                    if kind == p.RUN:
-                        if self._is_async(msg[2]):
-                            runs.append((msg[1], msg[2]))
-                        else:
-                            self.sync_runs.put((msg[1], msg[2]))
-                    elif kind == p.REPLY:
-                        self.pipe.deliver(msg)
-                    elif kind == p.CANCEL:
-                        self._start_soon(runs)  # a run before its cancel
-                        self.pipe.abort(msg[1])
-                        self.loop.call_soon_threadsafe(self._cancel, msg[1])
-                    elif kind == p.STOP:
-                        return
-                self._start_soon(runs)
-        except (EOFError, OSError):
-            if self.exit_on_eof:
-                self.sandbox.exit()
-                os._exit(70)  # nobody to report to: a sync run in the main thread must not outlive it
-        finally:
-            self.sync_runs.put(None)
 
     def _start_soon(self, runs: list[tuple[int, p.Request]]) -> None:
         if runs:
