@@ -21,9 +21,9 @@ import pytest
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from petribus import subjects
-from petribus.bus import EventLog
+from petribus.bus import EventLog, WrongLastSequence
 from petribus.core import SessionState, fold
-from petribus.events import Event, Marker, MarkerAdded, PromptResponse, TransitionStarted, decode
+from petribus.events import Event, Marker, MarkerAdded, PromptResponse, TransitionFired, TransitionStarted, decode
 from petribus.settings import Settings
 from petribus.work import WorkItem
 from petribus_executor.app import Executor
@@ -440,6 +440,8 @@ async def test_fresh_work_runs_without_reading_the_log_and_any_other_delivery_re
         await log.add_many("Item", [{"n": n} for n in range(5)])
         await log.until("transition_completed", count=5)
         assert runner.fresh_runs == 5 and runner.folds.reads == 0  # the claim's own dispatch: no read
+        # Each sent together with its claim, and run once the claim's republish said it was stored.
+        assert stack.services["scheduler"].stats["sent_with_claim"] == 5 and runner.landed_runs == 5
         # The same work again (a rival scheduler, a lease check): first delivered, but not fresh.
         fired = log.of("transition_fired")[0]
         item = WorkItem(bot="counter", session_id=log.session_id, firing_id=fired.firing_id,
@@ -451,3 +453,68 @@ async def test_fresh_work_runs_without_reading_the_log_and_any_other_delivery_re
                 await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)
     assert len(log.of("transition_started")) == 5  # it read the log, saw the firing ended, did not run it
+
+
+async def test_work_sent_with_its_claim_runs_only_once_the_claim_is_stored(
+    settings: Settings, nc: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Work sent together with its claim (``claim_pending``) runs only on a stored claim. Here no scheduler
+    runs: the test sends the work, and appends the claims itself. A claim stored after the executor
+    stopped waiting for its republish is found in the log on a later delivery, and the work runs once; work
+    whose claim never lands (one refused: another claim was stored first) never runs, and is dropped once
+    too old for its claim to land."""
+    from petribus_executor import firing as firing_module
+
+    monkeypatch.setattr(firing_module, "LANDED_WAIT_S", 0.2)
+    monkeypatch.setattr(firing_module, "CLAIM_LANDS_WITHIN_S", 3.0)
+    js = nc.jetstream()
+
+    def pending(firing_id: str, marker: Marker) -> WorkItem:
+        return WorkItem(bot="counter", session_id=log.session_id, firing_id=firing_id, transition="work",
+                        inputs=[marker], fired_seq=0, fresh=True, claim_pending=True)
+
+    async def send(item: WorkItem) -> None:
+        await js.publish(item.subject("cpu"), item.model_dump_json().encode(), headers={"Nats-Msg-Id": item.msg_id()})
+
+    async with Stack(settings, [COUNTER], parts=("executor",)) as stack, SessionLog(nc, "counter") as log:
+        runner = stack.services["executor"].runner
+        late, orphaned = await log.add("Item", n=1), await log.add("Item", n=2)
+        await send(pending("late-claim", late))
+        await send(pending("never-claimed", orphaned))
+        async with asyncio.timeout(10):  # both first deliveries waited for a republish, then read the log
+            while runner.claims_awaited < 2:
+                await asyncio.sleep(0.02)
+        assert not log.of("transition_started")
+        await EventLog(nc).append(
+            TransitionFired(bot="counter", session_id=log.session_id, firing_id="late-claim", transition="work",
+                            consumed=[late.id]),
+            expected_last_seq=0, kind="transition_fired", msg_id="fire:late-claim")
+        [done] = await log.until("transition_completed", timeout=20)
+        async with asyncio.timeout(20):  # dropped once older than a claim could still land after
+            while (await js.stream_info(subjects.WORK_STREAM,
+                                        subjects_filter=f"{subjects.WORK_PREFIX}.>")).state.messages:
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)
+    assert done.firing_id == "late-claim" and done.outputs[0].data == {"n": 1}
+    assert [s.firing_id for s in log.of("transition_started")] == ["late-claim"]  # the orphan never ran
+    assert runner.landed_runs == 0 and runner.claims_awaited >= 3
+
+
+async def test_a_stored_claim_is_republished_with_its_sequence_and_a_refused_one_is_not(nc: Any) -> None:
+    from petribus.bus import claims_republished
+    from petribus_executor.landed import Landed
+
+    assert await claims_republished(nc.jetstream())
+    landed = Landed(nc)
+    await landed.start()
+    log = EventLog(nc)
+
+    def claim(firing_id: str) -> TransitionFired:
+        return TransitionFired(bot="b", session_id="republished", firing_id=firing_id, transition="t", consumed=[])
+
+    seq = await log.append(claim("f1"), expected_last_seq=0, kind="transition_fired", msg_id="fire:f1")
+    assert await landed.wait("f1", 5) == seq
+    with pytest.raises(WrongLastSequence):  # another claim was stored since the one this was decided on
+        await log.append(claim("f2"), expected_last_seq=0, kind="transition_fired", msg_id="fire:f2")
+    assert await landed.wait("f2", 0.5) is None
+    assert landed.seq("f1") == seq

@@ -39,6 +39,7 @@ from nats.js.api import (
     KeyValueConfig,
     ObjectStoreConfig,
     PubAck,
+    RePublish,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -205,6 +206,21 @@ async def ensure_streams(js: JetStreamContext, *, duplicate_window_s: float = 12
                 "`petribus serve` moves them by itself", code="legacy_layout", retryable=False)
 
 
+CLAIMS_LANDED = subjects.claims_republished()
+
+
+async def claims_republished(js: JetStreamContext) -> bool:
+    """Whether PB_EVENTS republishes stored claims (``ensure_streams`` sets it up; an older stream, or one
+    an operator configured, may not): only then may a scheduler send work together with its claim."""
+    try:
+        info = await js.stream_info(subjects.EVENTS_STREAM)
+    except Exception:  # noqa: BLE001 -- not allowed to look (a closed bus), no such stream yet: no
+        return False
+    republish = info.config.republish
+    return (republish is not None and republish.src == CLAIMS_LANDED[0] and republish.dest == CLAIMS_LANDED[1]
+            and bool(republish.headers_only))
+
+
 async def _ensure_streams(js: JetStreamContext, duplicate_window_s: float, replicas: int,
                           limits: StreamLimits) -> None:
     per_session = limits.events_max_per_session
@@ -218,6 +234,9 @@ async def _ensure_streams(js: JetStreamContext, duplicate_window_s: float, repli
             max_msgs_per_subject=per_session, discard_new_per_subject=per_session > 0,
             duplicate_window=duplicate_window_s,
             allow_direct=True, allow_atomic=True, num_replicas=replicas,
+            # A stored claim's headers (its Msg-Id, its sequence) go at once to pb.landed.<bot>.<session>:
+            # executors run work sent together with its claim once the claim is known stored.
+            republish=RePublish(src=CLAIMS_LANDED[0], dest=CLAIMS_LANDED[1], headers_only=True),
             description="petribus session logs: pb.ev.<bot>.<session>.<kind>, a subject per kind of event "
                         "of each session",
         ),

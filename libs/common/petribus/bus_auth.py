@@ -151,6 +151,7 @@ PERMISSIONS: dict[str, Permissions] = {
         "executor",
         *_durable(WORK, "*"),  # executor-<pool>, one per pool
         *_kv_write(subjects.EXECUTORS_BUCKET), *_kv_read(transition_secrets.SECRETS_BUCKET), *_FILES,
+        subscribe=(subjects.claims_landed(),),  # which claims are stored: work sent with them runs on that
     ),
     "llm": _service(
         "llm",

@@ -17,6 +17,9 @@ WORK_PREFIX = "pb.work"
 DELTAS_PREFIX = "pb.delta"  # outside PB_EVENTS' subjects on purpose: deltas are not stored
 TIMERS_PREFIX = "pb.timer"
 IDLE_PREFIX = "pb.idle"
+# Not stored: nats-server republishes here the headers of every claim PB_EVENTS stores
+# (pb.landed.<bot>.<session>), so executors know a claim landed the moment it does (petribus_executor.landed).
+LANDED_PREFIX = "pb.landed"
 
 SCHEDULER_DURABLE = "scheduler"
 SCHEDULER_TIMERS_DURABLE = "scheduler-timers"
@@ -49,6 +52,18 @@ def kinds(*names: str) -> list[str]:
 
 def all_events() -> str:
     return f"{EVENTS_PREFIX}.>"
+
+
+def claims_republished() -> tuple[str, str]:
+    """PB_EVENTS' republish of claims: the subjects it takes (every session's ``transition_fired``), and
+    where their headers go (``pb.landed.<bot>.<session>``, nats-server's mapping syntax)."""
+    return (f"{EVENTS_PREFIX}.*.*.transition_fired",
+            f"{LANDED_PREFIX}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}")
+
+
+def claims_landed() -> str:
+    """Every republished claim, of every bot and session (an executor's subscription)."""
+    return f"{LANDED_PREFIX}.>"
 
 
 def deltas(bot: str, session_id: str) -> str:

@@ -20,11 +20,15 @@ class WorkItem(BaseModel):
     firing_id: str
     transition: str
     inputs: list[Marker] = Field(description="The consumed markers, in the transition's input order.")
-    fired_seq: int = Field(description="Sequence of the transition_fired event that claimed the inputs.")
+    fired_seq: int = Field(description="Sequence of the transition_fired event that claimed the inputs "
+                           "(0 while claim_pending: not known yet).")
     trace: str | None = None
     fresh: bool = Field(default=False, description="Sent by the scheduler that made the claim, right after it "
                         "was durable: the firing's first and only first dispatch. Its first delivery needs no "
                         "look at the log (the firing cannot have started or ended yet); any other needs one.")
+    claim_pending: bool = Field(default=False, description="Sent together with its claim, before the claim "
+                                "was known to land: it may run only once its claim is known stored (its "
+                                "republish on pb.landed, or the log). An older executor refuses the field.")
 
     def msg_id(self, redispatch: str | None = None) -> str:
         """``work:<firing>`` for the first dispatch (however many schedulers send it, one lands);

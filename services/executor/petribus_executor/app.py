@@ -43,6 +43,7 @@ from petribus.service import Service
 from petribus.settings import Settings
 from petribus_executor.devices import Device, DeviceAllocator, discover
 from petribus_executor.firing import FiringRunner
+from petribus_executor.landed import Landed
 from petribus_executor.interact import Interactions
 from petribus_executor.pool import WorkerPool
 
@@ -100,6 +101,10 @@ class Executor(Service):
         await self.workers.start()
         interactions = Interactions(events, FileStore(self.js, self.settings.max_file_bytes))
         extra = {"devices": self.devices} if "devices" in inspect.signature(FiringRunner).parameters else {}
+        # Before any work is pulled: a claim stored meanwhile would be missed, and its work wait for the log.
+        landed = Landed(nc)
+        await landed.start()
+        extra["landed"] = landed
         self.runner = FiringRunner(instance=self.instance, nets=self.nets, events=events,
                                    workers=self.workers, ack_wait_s=self.settings.ack_wait_s, log=self.log,
                                    interactions=interactions, max_lost_runs=self.settings.max_deliver,

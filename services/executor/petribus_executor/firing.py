@@ -57,6 +57,7 @@ from petribus_executor.effects import Effects
 from petribus_executor.failures import fitted, mask
 from petribus_executor.folds import SessionFolds
 from petribus_executor.interact import Interactions
+from petribus_executor.landed import Landed
 from petribus_executor.pool import WorkerPool
 from petribus_executor.prompts import Prompts
 from petribus_executor.sandbox import Profile, profile_for
@@ -131,6 +132,13 @@ class Outbox:
         self._task.add_done_callback(lambda task: task.cancelled() or task.exception())
 
 
+# Work sent together with its claim: how long its first delivery waits for the claim's republish before
+# the log decides instead, and how long after it was sent a claim not in the log may still land (a send
+# retried through a bus outage); past that, the claim was refused and the work is dropped.
+LANDED_WAIT_S = 1.0
+CLAIM_LANDS_WITHIN_S = 30.0
+
+
 class Delivery:
     """The newest delivery of a firing running here: heartbeats and the final ack go to it."""
 
@@ -144,7 +152,8 @@ class FiringRunner:
     def __init__(self, *, instance: str, nets: dict[str, Net], events: EventLog, workers: WorkerPool,
                  ack_wait_s: float, log: Any, interactions: Interactions | None = None,
                  max_lost_runs: int = 5, retry_backoff_s: float = 1.0, retry_backoff_max_s: float = 60.0,
-                 devices: Any = None, secrets: Any = None, callbacks: Any = None) -> None:
+                 devices: Any = None, secrets: Any = None, callbacks: Any = None,
+                 landed: Landed | None = None) -> None:
         self.instance = instance
         self.settings = workers.settings
         self.devices = devices  # devices.DeviceAllocator of this executor's GPUs, or None
@@ -166,7 +175,10 @@ class FiringRunner:
         self.heartbeat_s = max(0.1, ack_wait_s / 3)
         self.log = log
         self._running: dict[str, Delivery] = {}
+        self.landed = landed  # claims known stored (landed.py): work sent with its claim runs on them
         self.fresh_runs = 0  # first deliveries of fresh work, run without reading the log (for the tests)
+        self.landed_runs = 0  # of those, work sent with its claim, run once the claim's republish came
+        self.claims_awaited = 0  # work sent with its claim whose claim was not in the log yet: handed back
         self.cancelled = 0  # firings whose session was deleted before their outcome was written
         self._heartbeats: asyncio.Task[None] | None = None
 
@@ -234,7 +246,14 @@ class FiringRunner:
             await current.msg.term()
             self.log.error("work for an unknown transition terminated", bot=item.bot)
             return
-        if item.fresh and (msg.metadata.num_delivered or 1) == 1:
+        first = (msg.metadata.num_delivered or 1) == 1
+        if item.claim_pending and first and self.landed is not None:
+            # Sent together with its claim: it runs once the claim is known stored (its republish).
+            seq = await self.landed.wait(item.firing_id, LANDED_WAIT_S)
+            if seq is not None:
+                item = item.model_copy(update={"fired_seq": seq, "claim_pending": False})
+                self.landed_runs += 1
+        if item.fresh and first and not item.claim_pending:
             # Sent by the scheduler that claimed it, right after the claim was durable, and delivered for
             # the first time: the firing cannot have started or ended (a start needs a delivery; a lease
             # sends a new item only when this one is gone). A read of the log would only say "claimed".
@@ -245,6 +264,17 @@ class FiringRunner:
             # Any other delivery: the log says whether the firing may run.
             state = await self.folds.current(item.bot, item.session_id, since=item.fired_seq)
             firing = state.in_flight.get(item.firing_id)
+            if item.claim_pending:
+                if firing is None and item.firing_id not in state.finished and \
+                        _queued_for(msg) < CLAIM_LANDS_WITHIN_S:
+                    # Its claim is not in the log (yet): it may still land, or have been refused (another
+                    # claim landed first) and never will. Asked again later; dropped once too old.
+                    self.claims_awaited += 1
+                    await current.msg.nak(delay=min(CLAIM_LANDS_WITHIN_S, 0.5 * 2 ** min(
+                        10, (msg.metadata.num_delivered or 1) - 1)))
+                    return
+                if firing is not None:
+                    item = item.model_copy(update={"fired_seq": firing.fired_seq, "claim_pending": False})
         if firing is None or firing.status == "awaiting_confirmation":
             why = ("it already ended" if state is not None and item.firing_id in state.finished
                    else "the log has it in no runnable state")

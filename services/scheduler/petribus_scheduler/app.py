@@ -63,7 +63,14 @@ from pydantic import ValidationError
 from petribus import deletion, deploy, subjects, tracing
 from petribus.deployed import Deployed
 from petribus.deployed import follow as follow_deployments
-from petribus.bus import MAX_BATCH, EventLog, WrongLastSequence, ensure_event_consumer, on_reconnect
+from petribus.bus import (
+    MAX_BATCH,
+    EventLog,
+    WrongLastSequence,
+    claims_republished,
+    ensure_event_consumer,
+    on_reconnect,
+)
 from petribus.consumer import PullConsumer
 from petribus.core import Firing, PlannedFiring, SessionState, apply, choose_firings, fold
 from petribus.deletion import SessionDeleted, Tombstones
@@ -71,6 +78,7 @@ from petribus.errors import PetribusError
 from petribus.events import (
     ConfirmTransition,
     ErrorEvent,
+    Marker,
     TransitionFailed,
     TransitionFired,
     decode,
@@ -211,6 +219,7 @@ class Scheduler(Service):
         self.instance = instance or f"scheduler-{uuid.uuid4().hex[:8]}"
         self.cache_size = cache_size
         self.sequential_claims = SEQUENTIAL_CLAIMS if settings.replicas <= 1 else 1
+        self.pipelined = False  # work sent together with its claim (start: PB_EVENTS republishes claims)
         self.ack_wait_s = ack_wait_s
         self.sessions: OrderedDict[Key, SessionState] = OrderedDict()
         self.verified: dict[Key, int] = {}
@@ -225,7 +234,7 @@ class Scheduler(Service):
         self.confirm_timeout = settings.confirm_timeout_s if settings.confirm_timeout_s > 0 else None
         self.stats = {"fired": 0, "claim_batches": 0, "conflicts": 0, "rebuilds": 0, "catchups": 0,
                       "failed": 0, "redispatched": 0, "stalled": 0, "stale_reads": 0, "claimed_past": 0,
-                      "starts_acked": 0, "atomic_batches": 0}
+                      "starts_acked": 0, "atomic_batches": 0, "sent_with_claim": 0, "orphaned_work": 0}
         self.log = self.log.bind(instance=self.instance)
         self._sweep_now = asyncio.Event()
         self.missing = MissingPools(self.log)
@@ -252,6 +261,8 @@ class Scheduler(Service):
             await ensure_event_consumer(self.js, subjects.SCHEDULER_DURABLE, ack_wait_s=self.ack_wait_s)
 
         await ensure()
+        # Work sent together with its claim needs executors told when the claim is stored (bus.py).
+        self.pipelined = await claims_republished(self.js)
         # Before the first dispatch: whether a pool has executors is asked at every one (pools.py).
         await self.missing.start(Registry(self.js, heartbeat_s=self.settings.registry_heartbeat_s,
                                           replicas=self.settings.replicas), self.events)
@@ -735,16 +746,48 @@ class Scheduler(Service):
             await self._send_claimed(net, state, fired, sent)
             return False
         for i, event in enumerate(fired):
+            # Its work goes out first, on the same connection, marked as waiting for this claim: the two
+            # round trips overlap, and executors run it once the claim's republish says it is stored.
+            work = await self._send_with_claim(net, state, plan[i], event) if self.pipelined else None
             try:
                 seq = await self.events.append(event, expected_last_seq=state.last_fired, kind="transition_fired",
                                                msg_id=f"fire:{event.firing_id}")
             except WrongLastSequence:
+                if work is not None:
+                    # Never stored, so never republished: its executor finds no claim in the log and drops it.
+                    self.stats["orphaned_work"] += 1
+                    work.add_done_callback(_retrieved)
                 if i == 0:
                     raise
                 return True  # another claim landed: the rest of the plan is made again on a fresh fold
             self._claimed(key, state, [seq], [event])
-            await self._send_claimed(net, state, [event], sent)
+            if work is not None:
+                sent[event.firing_id] = work
+            else:
+                await self._send_claimed(net, state, [event], sent)
         return False
+
+    async def _send_with_claim(self, net: Net, state: SessionState, planned: PlannedFiring,
+                               event: TransitionFired) -> asyncio.Future | None:
+        """Send the work of a claim about to be made (``WorkItem.claim_pending``), or None if it must wait
+        for the claim: a firing to be confirmed first, or inputs too large for one work item (then the
+        claim lands, and its work fails it as after any claim)."""
+        if event.confirm:
+            return None
+        inputs = _markers(state, planned.consumed)
+        if inputs is None:
+            return None
+        item = WorkItem(bot=net.bot, session_id=state.session_id, firing_id=event.firing_id,
+                        transition=event.transition, inputs=inputs, fired_seq=0, fresh=True, claim_pending=True,
+                        trace=tracing.traceparent())
+        payload = item.model_dump_json().encode()
+        if len(payload) > self.events.nc.max_payload - ENVELOPE_BYTES:
+            return None
+        pool = net.transition(event.transition).pool
+        traced = None if item.trace is None else {tracing.TRACEPARENT: item.trace}
+        self.stats["sent_with_claim"] += 1
+        return await self.events.publisher.publish_soon(item.subject(pool), payload, msg_id=item.msg_id(),
+                                                        headers=traced)
 
     def _claimed(self, key: Key, state: SessionState, seqs: list[int], fired: list[TransitionFired]) -> None:
         if seqs[-1] - state.last_seq != len(seqs) or key in self.ahead:
@@ -951,6 +994,23 @@ class Scheduler(Service):
 
 async def run(settings: Settings, nets: Iterable[Net]) -> None:
     await Scheduler(settings, nets).run()
+
+
+def _markers(state: SessionState, ids: Iterable[str]) -> list[Marker] | None:
+    """The markers of ``ids`` in the marking, in that order (None if one is not there)."""
+    found = []
+    for marker_id in ids:
+        placed = next((ms[marker_id] for ms in state.places.values() if marker_id in ms), None)
+        if placed is None:
+            return None
+        found.append(placed.marker)
+    return found
+
+
+def _retrieved(sent: asyncio.Future) -> None:
+    """The send of an orphaned work item: whatever became of it, nobody waits on it."""
+    if not sent.cancelled():
+        sent.exception()
 
 
 def _oldest_in_flight(state: SessionState) -> Firing | None:
