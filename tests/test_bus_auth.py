@@ -380,6 +380,8 @@ async def test_files_secrets_pools_and_deletion_work_on_a_closed_bus(closed_sett
         await charge.close()
         # The transition got its secret (else the firing fails with MissingSecret before it runs).
         assert failed["value"]["error_type"] == "PermissionError", failed
+        # Work sent with its claim ran on the claim's republish, which the executor may read.
+        assert stack.services["executor"].runner.landed_runs >= 2
 
         pools = await http.get("/pools")
         assert pools.status_code == 200 and "cpu" in {p["name"] for p in pools.json()["pools"]}, pools.text
