@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from petribus import bus, subjects
 from petribus.bus import EventLog
 from petribus.consumer import PullConsumer
@@ -127,22 +125,7 @@ async def test_a_pull_consumer_connected_elsewhere_keeps_delivering_when_its_lea
 
 
 async def test_a_claim_stored_on_three_replicas_is_republished_with_its_sequence(cluster, cluster_nc) -> None:
-    """Executors run work sent with its claim on the claim's republish (petribus_executor.landed): on a
-    replicated PB_EVENTS too, a stored claim is republished, and a refused one is not."""
-    from petribus.bus import WrongLastSequence, claims_republished
-    from petribus.events import TransitionFired
-    from petribus_executor.landed import Landed
+    """Executors run work sent with its claim on the claim's republish: on a replicated PB_EVENTS too."""
+    from .test_executor import check_claims_republished
 
-    assert await claims_republished(cluster_nc.jetstream())
-    landed = Landed(cluster_nc)
-    await landed.start()
-    log = EventLog(cluster_nc)
-
-    def claim(firing_id: str) -> TransitionFired:
-        return TransitionFired(bot="b", session_id="r3", firing_id=firing_id, transition="t", consumed=[])
-
-    seq = await log.append(claim("f1"), expected_last_seq=0, kind="transition_fired", msg_id="fire:f1")
-    assert await landed.wait("f1", 10) == seq
-    with pytest.raises(WrongLastSequence):
-        await log.append(claim("f2"), expected_last_seq=0, kind="transition_fired", msg_id="fire:f2")
-    assert await landed.wait("f2", 1.0) is None
+    await check_claims_republished(cluster_nc, stored_within_s=10)
