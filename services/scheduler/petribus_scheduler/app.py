@@ -760,6 +760,10 @@ class Scheduler(Service):
                 if i == 0:
                     raise
                 return True  # another claim landed: the rest of the plan is made again on a fresh fold
+            except BaseException:
+                if work is not None:  # the claim may have landed or not: its executor asks the log
+                    work.add_done_callback(_retrieved)
+                raise
             self._claimed(key, state, [seq], [event])
             if work is not None:
                 sent[event.firing_id] = work
