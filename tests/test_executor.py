@@ -524,3 +524,19 @@ async def check_claims_republished(nc: Any, *, stored_within_s: float) -> None:
         await log.append(claim("f2"), expected_last_seq=0, kind="transition_fired", msg_id="fire:f2")
     assert await landed.wait("f2", 1.0) is None
     assert landed.seq("f1") == seq
+
+
+async def test_a_scoped_executor_is_sent_only_its_bots_claims(nc: Any) -> None:
+    """A deployed version's executor serves one bot (``--scoped``): it subscribes to that bot's claims."""
+    from petribus_executor.landed import Landed
+
+    landed = Landed(nc, "mine")
+    await landed.start()
+    log = EventLog(nc)
+    seqs = {}
+    for bot in ("theirs", "mine"):
+        seqs[bot] = await log.append(
+            TransitionFired(bot=bot, session_id="scoped", firing_id=f"{bot}-f", transition="t", consumed=[]),
+            expected_last_seq=0, kind="transition_fired", msg_id=f"fire:{bot}-f")
+    assert await landed.wait("mine-f", 5) == seqs["mine"]
+    assert landed.seq("theirs-f") is None  # stored before "mine-f", so it would have come first

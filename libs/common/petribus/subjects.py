@@ -61,9 +61,9 @@ def claims_republished() -> tuple[str, str]:
             f"{LANDED_PREFIX}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}")
 
 
-def claims_landed() -> str:
-    """Every republished claim, of every bot and session (an executor's subscription)."""
-    return f"{LANDED_PREFIX}.>"
+def claims_landed(bot: str | None = None) -> str:
+    """The republished claims of every session of ``bot``, or of every bot (an executor's subscription)."""
+    return f"{LANDED_PREFIX}.>" if bot is None else f"{LANDED_PREFIX}.{bot}.*"
 
 
 def deltas(bot: str, session_id: str) -> str:

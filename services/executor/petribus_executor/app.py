@@ -102,7 +102,7 @@ class Executor(Service):
         interactions = Interactions(events, FileStore(self.js, self.settings.max_file_bytes))
         extra = {"devices": self.devices} if "devices" in inspect.signature(FiringRunner).parameters else {}
         # Before any work is pulled: a claim stored meanwhile would be missed, and its work wait for the log.
-        landed = Landed(nc)
+        landed = Landed(nc, self.scope)
         await landed.start()
         extra["landed"] = landed
         self.runner = FiringRunner(instance=self.instance, nets=self.nets, events=events,

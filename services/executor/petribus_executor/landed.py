@@ -26,13 +26,14 @@ CLAIM_PREFIX = "fire:"  # the Msg-Id of a claim: fire:<firing id> (scheduler)
 
 
 class Landed:
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: NATS, bot: str | None = None) -> None:
         self.nc = nc
+        self.bot = bot  # a scoped executor's one bot: only its claims are sent here
         self._seqs: OrderedDict[str, int] = OrderedDict()  # firing id -> its claim's sequence
         self._waiting: dict[str, list[asyncio.Future[int]]] = {}
 
     async def start(self) -> None:
-        await self.nc.subscribe(subjects.claims_landed(), cb=self._on_msg)
+        await self.nc.subscribe(subjects.claims_landed(self.bot), cb=self._on_msg)
         await self.nc.flush()  # subscribed at the server before the first work item is pulled
 
     def seq(self, firing_id: str) -> int | None:
