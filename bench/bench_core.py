@@ -43,18 +43,22 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-async def raw_publish_rate(url: str, n: int = 20_000) -> float:
+async def raw_publish_rate(url: str, n: int = 20_000, trials: int = 3) -> list[float]:
+    """Pipelined publishes a second, in ``trials`` rounds of ``n`` (one round is half a second, and moved
+    by a third between runs on a shared machine: the best of several is the ceiling compared with)."""
     nc = await nats.connect(url)
     js = nc.jetstream()
     await js.add_stream(name="BENCH_RAW", subjects=["bench.raw"])
     payload = b"x" * 200  # about the size of a marker_added event
-    t0 = time.perf_counter()
-    futures = [await js.publish_async("bench.raw", payload) for _ in range(n)]
-    await asyncio.gather(*futures)
-    rate = n / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        futures = [await js.publish_async("bench.raw", payload) for _ in range(n)]
+        await asyncio.gather(*futures)
+        rates.append(n / (time.perf_counter() - t0))
     await js.delete_stream("BENCH_RAW")
     await nc.close()
-    return rate
+    return rates
 
 
 def cpu_seconds(pid: int) -> float:
@@ -138,7 +142,8 @@ async def main() -> None:
     prof_port = free_ports(1)[0] if args.server_profile else None
     profiled: concurrent.futures.Future[bytes] | None = None
     with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "nats", prof_port=prof_port) as server:
-        raw = await raw_publish_rate(server.url)
+        raws = await raw_publish_rate(server.url)
+        raw = max(raws)
         procs = start_services(server.url, args.workers, Path(tmp))
         try:
             nc = await bus.connect(server.url, "bench")
@@ -215,7 +220,8 @@ async def main() -> None:
                     os.killpg(p.pid, signal.SIGKILL)
 
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}")
-    print(f"raw JetStream publish (pipelined, 200 B):   {raw:10.0f} msg/s")
+    print(f"raw JetStream publish (pipelined, 200 B):   {raw:10.0f} msg/s   (best of "
+          f"{', '.join(f'{r:.0f}' for r in raws)})")
     print(f"marker_added -> transition_started latency: p50 {statistics.median(lat):6.2f} ms   "
           f"p99 {pct(lat, 99):6.2f} ms   (n={len(lat)})")
     print(f"sustained no-op firings ({args.sessions} sessions x {args.per_session}): {rate:8.0f} firings/s "
