@@ -38,3 +38,18 @@ async def test_a_guarded_log_sends_nothing_for_a_deleted_session(nc) -> None:
         assert await log.read("b", "gone") == []
     finally:
         await tombstones.close()
+
+
+async def test_a_log_stream_an_older_petribus_made_gets_the_claims_republish_on_the_next_start(nc) -> None:
+    """Without the republish, schedulers send work after its claim (``claims_republished`` is False);
+    ``ensure_streams`` (every start, ``petribus streams``) adds it to a stream made before it existed."""
+    from dataclasses import replace
+
+    from petribus import bus, subjects
+
+    js = nc.jetstream()
+    info = await js.stream_info(subjects.EVENTS_STREAM)
+    await js.update_stream(replace(info.config, republish=None))
+    assert not await bus.claims_republished(js)
+    await bus.ensure_streams(js)
+    assert await bus.claims_republished(js)
