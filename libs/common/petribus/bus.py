@@ -63,6 +63,7 @@ from petribus.outage import (
     on_disconnect,
     on_reconnect,
     retry,
+    with_msg_id,
 )
 from petribus.settings import Settings
 
@@ -640,8 +641,7 @@ class EventLog:
             event = _stamped(event)
         try:
             await self.nc.publish(subjects.event(event.bot, event.session_id, event.type),  # type: ignore[attr-defined]
-                                  encode(event), headers={**(_trace_header(event) or {}),
-                                                         "Nats-Msg-Id": msg_id or event.id})
+                                  encode(event), headers=with_msg_id(_trace_header(event), msg_id or event.id))
         except Exception as exc:
             raise BusError(f"sending {event.type} failed: {exc}") from exc  # type: ignore[attr-defined]
 

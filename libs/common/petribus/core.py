@@ -324,6 +324,15 @@ def _put(state: SessionState, marker: Marker, seq: int) -> None:
         state.journal.append(("+", marker))
 
 
+def locate(state: SessionState, marker_id: str) -> tuple[str, PlacedMarker] | None:
+    """Where a marker of the marking is: its location and its entry there, or None."""
+    for loc, ms in state.places.items():
+        placed = ms.get(marker_id)
+        if placed is not None:
+            return loc, placed
+    return None
+
+
 def _fire(state: SessionState, event: TransitionFired, seq: int) -> None:
     if event.firing_id in state.in_flight or event.firing_id in state.finished:
         return
@@ -331,13 +340,12 @@ def _fire(state: SessionState, event: TransitionFired, seq: int) -> None:
         return
     found: list[tuple[str, PlacedMarker]] = []
     for mid in event.consumed:
-        for loc, ms in state.places.items():
-            if mid in ms:
-                found.append((loc, ms[mid]))
-                break
+        where = locate(state, mid)
+        if where is not None:
+            found.append(where)
+        elif state.after:
+            continue  # added before this fold began: the claim is taken on trust
         else:
-            if state.after:
-                continue  # added before this fold began: the claim is taken on trust
             return  # a marker that is not (or no longer) there: the firing is void, nothing is consumed
     for loc, placed in found:
         del state.places[loc][placed.marker.id]

@@ -183,7 +183,7 @@ class Publisher:
                       landed: bool = False, headers: dict[str, str] | None = None) -> PubAck:
         """Publish and wait for JetStream's ack (``duplicate`` set if the Msg-Id had landed before).
         ``headers``: more to send (a ``traceparent``)."""
-        headers = _with_id(headers, msg_id)
+        headers = with_msg_id(headers, msg_id)
 
         async def attempt(_: bool) -> PubAck:
             try:
@@ -218,7 +218,7 @@ class Publisher:
             send.token = str(next(self._tokens))
             self._waiting[send.token] = send
             await self.nc.publish(subject, payload, reply=prefix + send.token,
-                                  headers=_with_id(headers, msg_id))
+                                  headers=with_msg_id(headers, msg_id))
         except Exception as exc:
             self._waiting.pop(send.token, None)
             if self.nc.is_closed or not is_unavailable(exc):
@@ -349,7 +349,8 @@ class Publisher:
         task.add_done_callback(settle)
 
 
-def _with_id(headers: dict[str, str] | None, msg_id: str) -> dict[str, str]:
+def with_msg_id(headers: dict[str, str] | None, msg_id: str) -> dict[str, str]:
+    """``headers`` (if any) with ``Nats-Msg-Id`` set: JetStream drops a repeat within its window."""
     return {"Nats-Msg-Id": msg_id} if headers is None else {**headers, "Nats-Msg-Id": msg_id}
 
 

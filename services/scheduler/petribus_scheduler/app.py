@@ -11,10 +11,11 @@ last sequence of the session's claims, so two schedulers can never both consume 
 claim is refused; it re-folds and decides again): a few one after another (``SEQUENTIAL_CLAIMS``, on a
 one-replica stream, where nats-server stages an atomic batch on disk), more in atomic batches of up to
 ``CLAIM_BATCH`` (``EventLog.append_batch``), so a fan-out of 1,000 costs one round trip, not 1,000. A
-decision with more firings continues with the rest of its plan in the same call. Work is sent right
-after each commit, pipelined, with a ``Nats-Msg-Id`` made from the firing id, and an event is acked only
-once its consequences are in the log, so a scheduler killed anywhere leaves nothing undone for the next
-one. Claims that land past events not folded yet are folded first, and those events as they come
+decision with more firings continues with the rest of its plan in the same call. Work is sent with
+each claim made one by one (``WorkItem.claim_pending``: executors run it once the claim's republish says
+it is stored, ``_send_with_claim``) or right after a batch commits, pipelined, with a ``Nats-Msg-Id``
+made from the firing id, and an event is acked only once its consequences are in the log, so a
+scheduler killed anywhere leaves nothing undone for the next one. Claims that land past events not folded yet are folded first, and those events as they come
 (``Ahead``).
 
 A ``confirm=True`` firing is claimed like any other, then asked about (``confirm_transition``, Msg-Id
@@ -72,7 +73,7 @@ from petribus.bus import (
     on_reconnect,
 )
 from petribus.consumer import PullConsumer
-from petribus.core import Firing, PlannedFiring, SessionState, apply, choose_firings, fold
+from petribus.core import Firing, PlannedFiring, SessionState, apply, choose_firings, fold, locate
 from petribus.deletion import SessionDeleted, Tombstones
 from petribus.errors import PetribusError
 from petribus.events import (
@@ -118,8 +119,8 @@ CLAIM_BATCH = MAX_BATCH  # firings claimed by one atomic append: the most the se
 # fsynced and removed for every batch (2.7-2.8 ms whatever its size, where 8, 12 and 16 guarded appends
 # one after another take 1.8, 2.5 and 3.3 ms; docs/benchmarks.md). Under load the staging was a quarter to
 # two fifths of the server's CPU with 12 here; with 32, sustained firings went up by a seventh and the
-# server's CPU per firing down by a quarter, and a claim's work still starts as that claim lands, so half
-# of a 32-firing decision is running before a batch would have landed. A replicated stream stages
+# server's CPU per firing down by a quarter, and each claim's work goes out with it, so half of a
+# 32-firing decision is running before a batch would have landed. A replicated stream stages
 # batches in memory.
 SEQUENTIAL_CLAIMS = 32
 SCHEDULER_FAILED = "scheduler_failed"
@@ -664,8 +665,9 @@ class Scheduler(Service):
         The plan is claimed one by one (up to ``SEQUENTIAL_CLAIMS`` firings) or in atomic batches of up to
         ``CLAIM_BATCH``; after a batch commits the rest of the plan still holds (only our own claims
         changed the state), so the next batch follows at once. A refused claim (another claim landed)
-        re-folds and plans the rest again. Each claim's work is sent right after its commit, and every
-        send is acknowledged before this returns, so the triggering event is acked only after all of it.
+        re-folds and plans the rest again. Each claim's work is sent with it (one by one) or right after
+        its batch commits, and every send is acknowledged before this returns, so the triggering event is
+        acked only after all of it.
         """
         net = self.nets[key[0]]
         # Only nets with a ``when=`` pay for guard calls (and for the guard's wider candidate search).
@@ -785,13 +787,22 @@ class Scheduler(Service):
                         transition=event.transition, inputs=inputs, fired_seq=0, fresh=True, claim_pending=True,
                         trace=tracing.traceparent())
         payload = item.model_dump_json().encode()
-        if len(payload) > self.events.nc.max_payload - ENVELOPE_BYTES:
+        if len(payload) > self._work_limit:
             return None
-        pool = net.transition(event.transition).pool
-        traced = None if item.trace is None else {tracing.TRACEPARENT: item.trace}
         self.stats["sent_with_claim"] += 1
-        return await self.events.publisher.publish_soon(item.subject(pool), payload, msg_id=item.msg_id(),
-                                                        headers=traced)
+        return await self._publish_work(item, net.transition(event.transition).pool, payload)
+
+    @property
+    def _work_limit(self) -> int:
+        """The largest work item the bus takes in one message."""
+        return self.events.nc.max_payload - ENVELOPE_BYTES
+
+    async def _publish_work(self, item: WorkItem, pool: str, payload: bytes,
+                            redispatch: str | None = None) -> asyncio.Future:
+        traced = None if item.trace is None else {tracing.TRACEPARENT: item.trace}
+        # Through the log's publisher: a send whose answer died with a server is resent (same Msg-Id).
+        return await self.events.publisher.publish_soon(item.subject(pool), payload,
+                                                        msg_id=item.msg_id(redispatch), headers=traced)
 
     def _claimed(self, key: Key, state: SessionState, seqs: list[int], fired: list[TransitionFired]) -> None:
         if seqs[-1] - state.last_seq != len(seqs) or key in self.ahead:
@@ -910,7 +921,7 @@ class Scheduler(Service):
                         trace=tracing.traceparent())
         pool = net.transition(f.transition).pool if net.has_transition(f.transition) else "cpu"
         payload = item.model_dump_json().encode()
-        limit = self.events.nc.max_payload - ENVELOPE_BYTES
+        limit = self._work_limit
         if len(payload) > limit:
             # The bus would refuse it on every try: the firing fails for good, saying why, and its
             # markers go back (not to be offered to this transition again, or it would loop).
@@ -921,10 +932,7 @@ class Scheduler(Service):
                       f"{len(payload):,} bytes as one work item, over the {limit:,} bytes the bus takes "
                       "(nats-server max_payload); consume fewer markers per firing or keep large data in "
                       "files, or raise max_payload on the server"), msg_id=f"fail:{f.id}"))
-        traced = None if item.trace is None else {tracing.TRACEPARENT: item.trace}
-        # Through the log's publisher: a send whose answer died with a server is resent (same Msg-Id).
-        return await self.events.publisher.publish_soon(item.subject(pool), payload,
-                                                        msg_id=item.msg_id(redispatch), headers=traced)
+        return await self._publish_work(item, pool, payload, redispatch)
 
     async def renew(self, lease: Lease) -> float | None:
         """A due lease, checked in the session's queue: when it is due again, or None when it is done."""
@@ -1004,10 +1012,9 @@ def _markers(state: SessionState, ids: Iterable[str]) -> list[Marker] | None:
     """The markers of ``ids`` in the marking, in that order (None if one is not there)."""
     found = []
     for marker_id in ids:
-        placed = next((ms[marker_id] for ms in state.places.values() if marker_id in ms), None)
-        if placed is None:
+        if (where := locate(state, marker_id)) is None:
             return None
-        found.append(placed.marker)
+        found.append(where[1].marker)
     return found
 
 
