@@ -128,9 +128,9 @@ def _swallow_first_answer(publisher: Publisher) -> list[int]:
     real = publisher._on_answer
     swallowed: list[int] = []
 
-    async def losing_the_first(msg):  # type: ignore[no-untyped-def]
+    def losing_the_first(msg):  # type: ignore[no-untyped-def]
         if swallowed:
-            return await real(msg)
+            return real(msg)
         swallowed.append(json.loads(msg.data)["seq"])
 
     publisher._on_answer = losing_the_first  # type: ignore[method-assign]

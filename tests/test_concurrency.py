@@ -320,6 +320,53 @@ async def test_an_abandoned_async_firing_is_cancelled_in_its_worker_not_killed(m
     assert {s["pid"] for s in spans} == {after["pid"]} and pool.started == 1
 
 
+class StartNotReported(Exception):
+    pass
+
+
+async def test_a_run_is_handed_to_its_worker_before_its_start_is_reported(make_pool: MakePool) -> None:
+    """``handed`` (the executor's start event) runs once the worker has the run: here it waits until the
+    run itself says it is in, which never happens if the run is only handed over after it. If it raises,
+    the run is abandoned: an async one cancelled in its worker, a def one's worker killed."""
+    pool = await make_pool(1, concurrency=10)
+    arrivals = Arrivals()
+    reported: list[int] = []
+
+    async def report_once_in() -> None:
+        await arrivals.wait(1)
+        reported.append(arrivals.pids[0])
+
+    ok = await pool.run(request("nap", n=1), on_event=arrivals.on_event, on_call=no_calls, timeout=None,
+                        asynchronous=True, handed=report_once_in)
+    assert span(ok)["pid"] == reported[0]
+
+    async def refuse_once_in() -> None:
+        await arrivals.wait(2)
+        raise StartNotReported("the bus is gone")
+
+    with pytest.raises(StartNotReported):
+        await pool.run(request("nap", n=2, seconds=60), on_event=arrivals.on_event, on_call=no_calls,
+                       timeout=None, asynchronous=True, handed=refuse_once_in)
+    after = span(await run(pool, "sync_nap", n=3))  # needs the worker empty: the abandoned run was cancelled
+    assert after["pid"] == reported[0] and pool.started == 1
+
+    asked = asyncio.Event()
+
+    async def never_answered(kind: str, payload: Any, timeout: float | None) -> Any:
+        asked.set()
+        await asyncio.sleep(3600)
+
+    async def refuse_once_asked() -> None:
+        await asyncio.wait_for(asked.wait(), 30)
+        raise StartNotReported("the bus is gone")
+
+    with pytest.raises(StartNotReported):
+        await pool.run(request("sync_ask", n=4, threads=0), on_event=lambda kind, payload: None,
+                       on_call=never_answered, timeout=None, handed=refuse_once_asked)
+    last = span(await run(pool, "sync_nap", n=5))
+    assert last["pid"] != reported[0] and pool.started == 2  # the def run's worker was killed
+
+
 def test_a_run_cancelled_before_it_began_still_reports_done() -> None:
     # The worker's side alone, in this process, with the cancel landing before the run's first step.
     ours, theirs = multiprocessing.Pipe()

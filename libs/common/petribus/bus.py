@@ -46,7 +46,7 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
-from petribus import logs, nats_headers, subjects, tracing
+from petribus import logs, nats_direct, nats_headers, subjects, tracing
 from petribus.bus_auth import ClientAuth
 from petribus.errors import BusError, BusTimeout, BusUnavailable, StorageFull
 from petribus.events import Event, _Event, decode, encode
@@ -74,6 +74,7 @@ __all__ = ["MAX_BATCH", "WRONG_LAST_SEQUENCE_CODES", "BusUnavailable", "EventLog
 
 log = logs.get("petribus.bus")
 nats_headers.install()
+nats_direct.install()
 
 T = TypeVar("T")
 
@@ -400,14 +401,14 @@ class EventLog:
             async with self._reply_lock:
                 if not self._reply_prefix:
                     prefix = self.nc.new_inbox()
-                    await self.nc.subscribe(f"{prefix}.*", cb=self._on_reply)
+                    await nats_direct.subscribe(self.nc, f"{prefix}.*", self._on_reply)
                     self._reply_prefix = prefix
         token = str(next(self._reply_tokens))
         queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._replies[token] = queue
         return f"{self._reply_prefix}.{token}", queue
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _on_reply(self, msg: Msg) -> None:
         queue = self._replies.get(msg.subject.rsplit(".", 1)[1])
         if queue is not None:  # else: a read that timed out already; its late replies are dropped
             queue.put_nowait(msg)

@@ -25,7 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from petribus import logs
+from petribus import logs, nats_direct
 from petribus.outage import RETRY_MAX_S, on_reconnect
 
 log = logs.get("petribus.consumer")
@@ -69,7 +69,7 @@ class PullConsumer:
 
     async def start(self) -> None:
         self._inbox = self.nc.new_inbox()
-        self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
+        self._sub = await nats_direct.subscribe(self.nc, self._inbox, self._on_msg)
         await self._top_up()
         self._watchdog = asyncio.create_task(self._watch(), name=f"pull-watchdog:{self.durable}")
         self._unhook = on_reconnect(self.nc, self._on_reconnect)
@@ -100,7 +100,10 @@ class PullConsumer:
         """The caller is done with ``n`` messages (acked or nakked): room for more."""
         self._held = max(0, self._held - n)
         if self._wants_more():
-            asyncio.get_running_loop().create_task(self._top_up())
+            self._ask_soon()
+
+    def _ask_soon(self) -> None:
+        asyncio.get_running_loop().create_task(self._top_up())
 
     def _room(self) -> int:
         # ``_held`` counts the messages still queued here too: they were delivered, not yet released.
@@ -136,7 +139,8 @@ class PullConsumer:
             self._requested -= room
             log.warning("pull request failed", durable=self.durable, error=repr(exc))
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg) -> None:
+        """Each message as the connection reads it (``nats_direct``): filed, never waited on here."""
         self._last_seen = time.monotonic()
         if msg.reply and msg.reply.startswith("$JS.ACK"):
             self._requested = max(0, self._requested - 1)
@@ -147,7 +151,7 @@ class PullConsumer:
                 # The request is used up and there is room left (it asked for less than the window, or
                 # some of its credits came back meanwhile): ask now, not when the next message is released,
                 # which may be seconds away while every held message waits on something slow.
-                await self._top_up()
+                self._ask_soon()
             return
         headers = msg.headers or {}
         status = headers.get("Status")
@@ -166,7 +170,7 @@ class PullConsumer:
             if status == "409" and description.lower() in ("leadership change", "consumer deleted"):
                 self._recover(description)
             else:
-                await self._top_up()
+                self._ask_soon()
 
     async def _on_reconnect(self) -> None:
         # Requests held by a server that restarted are gone with it; after a fail-over they may live on.

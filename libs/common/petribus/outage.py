@@ -36,7 +36,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import APIError
 
-from petribus import logs
+from petribus import logs, nats_direct
 from petribus.errors import BusError, BusUnavailable, PetribusError
 
 log = logs.get("petribus.bus")
@@ -254,14 +254,14 @@ class Publisher:
         async with self._listen_lock:
             if not (self._ask_prefix if asking else self._reply_prefix):
                 prefix = self.nc.new_inbox() + "."
-                await self.nc.subscribe(prefix + "*", cb=self._on_answer)
+                await nats_direct.subscribe(self.nc, prefix + "*", self._on_answer)
                 if asking:
                     self._ask_prefix = prefix
                 else:
                     self._reply_prefix = prefix
         return self._ask_prefix if asking else self._reply_prefix
 
-    async def _on_answer(self, msg: Msg) -> None:
+    def _on_answer(self, msg: Msg) -> None:
         send = self._waiting.pop(msg.subject.rpartition(".")[2], None)
         if send is None or send.out.done():
             return  # resent already (its time ran out), or settled

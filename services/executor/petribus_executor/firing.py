@@ -382,34 +382,36 @@ class FiringRunner:
                              profile: Profile) -> p.Outcome:
         # The executor holds more work than it has workers; a firing is started once it has one.
         worker = await self.workers.acquire(asynchronous=t.is_async, profile=profile)
-        # The start is sent with no answer asked for (EventLog.send): nothing waits on it. It lands before
-        # anything the run appends (same connection, in order); one the bus lost (it failed under it, and
-        # then the outcome's append fails too, or lands first on a resend) leaves an outcome the fold takes
-        # from "claimed", and one run fewer counted as lost, never one more.
-        try:
-            await self.events.send(
-                TransitionStarted(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
-                                  transition=t.name, executor=self.instance, attempt=attempt,
-                                  cause=item.firing_id, trace=item.trace),
-                msg_id=f"start:{item.firing_id}:{attempt}",
-            )
-        except BaseException:
-            self.workers.release(worker)
-            raise
-        metrics.firing_started(item.bot, t.name, _queued_for(self._running[item.firing_id].msg) if attempt == 1
-                               else None)  # a first run: how long its work item waited
         outbox = Outbox(self.events)
         request = p.Request(
             bot=item.bot, session_id=item.session_id, firing_id=item.firing_id, transition=t.name,
             attempt=attempt, inputs=tuple(p.InputMarker(m.id, m.location, m.data) for m in item.inputs),
             cpu_seconds=self._cpu_seconds(t),
         )
+
+        async def report_start() -> None:
+            # Sent once the run is handed to its worker, which is written to first (WorkerPool.run): the
+            # run, not this report, is what the next step waits on. With no answer asked for
+            # (EventLog.send): nothing waits on it. It lands before anything the run appends (same
+            # connection, in order; the run's first message back is read on a later turn); one the bus
+            # lost (it failed under it, and then the outcome's append fails too, or lands first on a
+            # resend) leaves an outcome the fold takes from "claimed", and one run fewer counted as lost,
+            # never one more. One that cannot be sent at all abandons the run.
+            await self.events.send(
+                TransitionStarted(bot=item.bot, session_id=item.session_id, firing_id=item.firing_id,
+                                  transition=t.name, executor=self.instance, attempt=attempt,
+                                  cause=item.firing_id, trace=item.trace),
+                msg_id=f"start:{item.firing_id}:{attempt}",
+            )
+            metrics.firing_started(item.bot, t.name, _queued_for(self._running[item.firing_id].msg)
+                                   if attempt == 1 else None)  # a first run: how long its work item waited
+
         started = time.perf_counter()
         try:
             outcome = await self.workers.run(
                 request, on_event=lambda kind, payload: self._side_effect(item, outbox, effects, kind, payload),
                 on_call=lambda kind, payload, timeout: self._answer(item, outbox, effects, kind, payload),
-                timeout=t.timeout, worker=worker,
+                timeout=t.timeout, worker=worker, handed=report_start,
             )
         except (TransitionTimeout, SandboxCrashed) as exc:  # the firing failed, not the executor
             outcome = p.Outcome(ok=False, error=exc.message, error_type=type(exc).__name__,

@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from petribus import subjects
+from petribus import nats_direct, subjects
 
 KEEP = 100_000  # claims remembered: about half a minute at 3,000 firings a second
 CLAIM_PREFIX = "fire:"  # the Msg-Id of a claim: fire:<firing id> (scheduler)
@@ -33,7 +33,7 @@ class Landed:
         self._waiting: dict[str, list[asyncio.Future[int]]] = {}
 
     async def start(self) -> None:
-        await self.nc.subscribe(subjects.claims_landed(self.bot), cb=self._on_msg)
+        await nats_direct.subscribe(self.nc, subjects.claims_landed(self.bot), self._on_msg)
         await self.nc.flush()  # subscribed at the server before the first work item is pulled
 
     def seq(self, firing_id: str) -> int | None:
@@ -57,7 +57,7 @@ class Landed:
             if not waiters and self._waiting.get(firing_id) is waiters:
                 del self._waiting[firing_id]
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg) -> None:
         headers = msg.headers or {}
         msg_id = headers.get("Nats-Msg-Id", "")
         seq = headers.get("Nats-Sequence")

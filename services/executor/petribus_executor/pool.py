@@ -267,10 +267,15 @@ class WorkerPool:
 
     async def run(self, request: p.Request, *, on_event: OnEvent, on_call: OnCall, timeout: float | None,
                   worker: Lease | None = None, asynchronous: bool = False,
-                  profile: Profile | None = None) -> p.Outcome:
+                  profile: Profile | None = None, handed: Callable[[], Awaitable[None]] | None = None) -> p.Outcome:
         """Run one firing on ``worker`` (a lease from ``acquire``, given back here) or on a lease taken
         here for an async (shared) or sync (exclusive) firing. Raises ``TransitionTimeout`` or
-        ``SandboxCrashed``."""
+        ``SandboxCrashed``.
+
+        ``handed`` is awaited once the run is handed to its worker, before its outcome: its worker is
+        written to first, at the end of this turn of the loop, ahead of what ``handed`` sends meanwhile
+        (the executor's start event). If it raises, the run is abandoned (as on a cancellation) and the
+        error raised."""
         lease = worker if worker is not None else await self.acquire(asynchronous=asynchronous, profile=profile)
         while lease.host.lost or lease.host.retired:  # it died or retired since the lease was taken: move
             self.release(lease)
@@ -280,6 +285,13 @@ class WorkerPool:
         job.lease = lease
         w.jobs[job.id] = job
         self._send(w, (p.RUN, job.id, request))
+        if handed is not None:
+            try:
+                await handed()
+            except BaseException:
+                job.close()
+                self._abandon(lease, job, "its firing was abandoned")
+                raise
         try:
             outcome = await _outcome(job, timeout)
         except TimeoutError:
@@ -296,12 +308,7 @@ class WorkerPool:
             ) from None
         except asyncio.CancelledError:
             job.close()
-            if job.lease is None:  # it answered before the cancel: its worker serves another firing now
-                raise
-            if lease.exclusive:
-                self._kill(lease, job, "its firing was abandoned")
-            else:
-                self._spawn(self._cancel(lease, job))
+            self._abandon(lease, job, "its firing was abandoned")
             raise
         except BaseException:  # SandboxCrashed: the worker died under it
             job.close()
@@ -310,6 +317,15 @@ class WorkerPool:
         job.close()
         self._done(w, job, outcome)  # (done already when its answer came in: then this changes nothing)
         return outcome
+
+    def _abandon(self, lease: Lease, job: _Job, why: str) -> None:
+        """A run nobody waits for any more: a def run's worker is killed, an async run cancelled."""
+        if job.lease is None:  # it answered already: its worker serves another firing now
+            return
+        if lease.exclusive:
+            self._kill(lease, job, why)
+        else:
+            self._spawn(self._cancel(lease, job))
 
     def _done(self, w: Worker, job: _Job, outcome: p.Outcome) -> None:
         """A run answered: its worker is free for the next firing (retired first if the run went over
