@@ -46,7 +46,7 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
-from petribus import logs, nats_direct, nats_headers, subjects, tracing
+from petribus import logs, nats_direct, nats_headers, nats_metadata, subjects, tracing
 from petribus.bus_auth import ClientAuth
 from petribus.errors import BusError, BusTimeout, BusUnavailable, StorageFull
 from petribus.events import Event, _Event, decode, encode
@@ -75,6 +75,7 @@ __all__ = ["MAX_BATCH", "WRONG_LAST_SEQUENCE_CODES", "BusUnavailable", "EventLog
 log = logs.get("petribus.bus")
 nats_headers.install()
 nats_direct.install()
+nats_metadata.install()
 
 T = TypeVar("T")
 
