@@ -48,8 +48,12 @@ class PullConsumer:
     """
 
     def __init__(self, nc: NATS, stream: str, durable: str, *, max_inflight: int = 256,
-                 expires_s: float = EXPIRES_S, ensure: Callable[[], Awaitable[None]] | None = None) -> None:
+                 expires_s: float = EXPIRES_S, ensure: Callable[[], Awaitable[None]] | None = None,
+                 handle: Callable[[Msg], None] | None = None) -> None:
         self.nc = nc
+        # Each delivered message is given to ``handle`` as the connection reads it, instead of being kept
+        # for ``next_batch``: a caller that starts a task per message saves a wake-up and a loop turn.
+        self.handle = handle
         self.stream = stream
         self.durable = durable
         self.max_inflight = max_inflight
@@ -145,8 +149,11 @@ class PullConsumer:
         if msg.reply and msg.reply.startswith("$JS.ACK"):
             self._requested = max(0, self._requested - 1)
             self._held += 1
-            self._queue.append(msg)
-            self._ready.set()
+            if self.handle is not None:
+                self.handle(msg)
+            else:
+                self._queue.append(msg)
+                self._ready.set()
             if self._requested == 0 and self._room() > 0:
                 # The request is used up and there is room left (it asked for less than the window, or
                 # some of its credits came back meanwhile): ask now, not when the next message is released,

@@ -22,12 +22,14 @@ reports itself (pools, labels, devices, load) to the registry (``petribus.regist
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import os
 import socket
 import time
 import uuid
 
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 import petribus
@@ -118,10 +120,10 @@ class Executor(Service):
         for pool in self.pools:
             consumer = PullConsumer(nc, subjects.WORK_STREAM, subjects.executor_durable(pool, self.scope),
                                     max_inflight=self._credits(pool),
-                                    ensure=lambda pool=pool: self._ensure_consumer(pool))
-            await consumer.start()
+                                    ensure=lambda pool=pool: self._ensure_consumer(pool),
+                                    handle=functools.partial(self._received, pool))
             self.consumers[pool] = consumer
-            self.spawn(self._receive(pool, consumer), f"receive:{pool}")
+            await consumer.start()
         self.spawn(self.reporter.run(), "registry")
         self.log.info("executor started", bots=sorted(self.nets), workers=self.settings.workers,
                       pools=self.pools, gpus=[d.id for d in self.devices.devices.values()] or None)
@@ -150,16 +152,16 @@ class Executor(Service):
             ),
         )
 
-    async def _receive(self, pool: str, consumer: PullConsumer) -> None:
-        while True:
-            for msg in await consumer.next_batch(consumer.max_inflight):
-                task = asyncio.create_task(self.runner.execute(msg),
-                                           name=f"firing:{pool}:{msg.metadata.sequence.stream}")
-                self._firings.add(task)
-                self.held[pool] += 1
-                task.add_done_callback(lambda t, pool=pool, consumer=consumer: self._firing_done(t, pool, consumer))
+    def _received(self, pool: str, msg: Msg) -> None:
+        """A work item, as the connection reads it (``PullConsumer.handle``): its firing starts at once
+        (also while the consumer winds down: ``drain`` waits for it)."""
+        task = asyncio.get_running_loop().create_task(self.runner.execute(msg),
+                                                      name=f"firing:{pool}:{msg.metadata.sequence.stream}")
+        self._firings.add(task)
+        self.held[pool] += 1
+        task.add_done_callback(functools.partial(self._firing_done, pool=pool, consumer=self.consumers[pool]))
 
-    def _firing_done(self, task: asyncio.Task[None], pool: str, consumer: PullConsumer) -> None:
+    def _firing_done(self, task: asyncio.Task[None], *, pool: str, consumer: PullConsumer) -> None:
         self._firings.discard(task)
         self.held[pool] -= 1
         if not self._stopping.is_set():
