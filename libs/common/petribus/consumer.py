@@ -70,6 +70,7 @@ class PullConsumer:
         self._last_seen = time.monotonic()
         self._watchdog: asyncio.Task[None] | None = None
         self._stopped = False
+        self._asking: set[asyncio.Task[None]] = set()  # pull requests being sent
 
     async def start(self) -> None:
         self._inbox = self.nc.new_inbox()
@@ -107,7 +108,9 @@ class PullConsumer:
             self._ask_soon()
 
     def _ask_soon(self) -> None:
-        asyncio.get_running_loop().create_task(self._top_up())
+        task = asyncio.get_running_loop().create_task(self._top_up())
+        self._asking.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._asking.discard)
 
     def _room(self) -> int:
         # ``_held`` counts the messages still queued here too: they were delivered, not yet released.
