@@ -57,7 +57,8 @@ async def drain(js, stream: str, durable: str, expected: int, batch: int = 256) 
     await sub.unsubscribe()
 
 
-async def one_round(url: str, shape: str, firings: int, sessions: int, tag: str, server_pid: int) -> tuple[float, float, float]:
+async def one_round(url: str, shape: str, firings: int, sessions: int, tag: str,
+                    server_pid: int) -> tuple[float, float, float]:
     nc = await nats.connect(url)
     js = nc.jetstream()
     ev, wq = f"EV{tag}", f"WQ{tag}"
@@ -65,7 +66,8 @@ async def one_round(url: str, shape: str, firings: int, sessions: int, tag: str,
     await js.add_consumer(ev, ConsumerConfig(durable_name="sched", ack_policy=AckPolicy.EXPLICIT,
                                              max_ack_pending=100_000))
     if shape == "work item":
-        await js.add_stream(StreamConfig(name=wq, subjects=[f"{wq.lower()}.>"], retention=RetentionPolicy.WORK_QUEUE))
+        await js.add_stream(StreamConfig(name=wq, subjects=[f"{wq.lower()}.>"],
+                                         retention=RetentionPolicy.WORK_QUEUE))
         await js.add_consumer(wq, ConsumerConfig(durable_name="exec", ack_policy=AckPolicy.EXPLICIT,
                                                  max_ack_pending=100_000))
     else:
@@ -83,8 +85,10 @@ async def one_round(url: str, shape: str, firings: int, sessions: int, tag: str,
             s = f"s{i % sessions}"
             acks.append(await js.publish_async(f"{p}.{s}.marker_added", EVENT))
             if shape == "work item":
-                acks.append(await js.publish_async(f"{wq.lower()}.cpu.{s}.f{i}", WORK, headers={"Nats-Msg-Id": f"work:f{i}"}))
-                acks.append(await js.publish_async(f"{p}.{s}.transition_fired", EVENT, headers={"Nats-Msg-Id": f"fire:f{i}"}))
+                acks.append(await js.publish_async(f"{wq.lower()}.cpu.{s}.f{i}", WORK,
+                                                   headers={"Nats-Msg-Id": f"work:f{i}"}))
+                acks.append(await js.publish_async(f"{p}.{s}.transition_fired", EVENT,
+                                                   headers={"Nats-Msg-Id": f"fire:f{i}"}))
             else:
                 acks.append(await js.publish_async(f"{p}.{s}.transition_fired.cpu", EVENT + WORK,
                                                    headers={"Nats-Msg-Id": f"fire:f{i}"}))
@@ -101,7 +105,8 @@ async def one_round(url: str, shape: str, firings: int, sessions: int, tag: str,
 
 async def main(firings: int, sessions: int, rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "nats") as server:
-        print(f"machine: {os.cpu_count()} cores; {firings} firings over {sessions} sessions a round", flush=True)
+        print(f"machine: {os.cpu_count()} cores; {firings} firings over {sessions} sessions a round",
+              flush=True)
         await one_round(server.url, "claim", 2000, sessions, "W", server.proc.pid)  # warm-up
         results: dict[str, list[tuple[float, float, float]]] = {"work item": [], "claim": []}
         for r in range(rounds):
@@ -109,11 +114,12 @@ async def main(firings: int, sessions: int, rounds: int) -> None:
                 rate, client, srv = await one_round(server.url, shape, firings, sessions, f"{r}{shape[0]}",
                                                     server.proc.pid)
                 results[shape].append((rate, client, srv))
-                print(f"round {r + 1} {shape:>9}: {rate:7,.0f} firings/s; CPU per firing: nats-server {srv:4.0f} us, "
-                      f"client {client:4.0f} us", flush=True)
+                print(f"round {r + 1} {shape:>9}: {rate:7,.0f} firings/s; CPU per firing: "
+                      f"nats-server {srv:4.0f} us, client {client:4.0f} us", flush=True)
         for shape, rows in results.items():
             srv = sorted(x[2] for x in rows)
-            print(f"{shape:>9}: nats-server CPU per firing, median of {len(rows)}: {srv[len(srv) // 2]:.0f} us")
+            print(f"{shape:>9}: nats-server CPU per firing, median of {len(rows)}: "
+                  f"{srv[len(srv) // 2]:.0f} us")
 
 
 if __name__ == "__main__":

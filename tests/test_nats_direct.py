@@ -17,7 +17,9 @@ async def test_the_patch_is_installed_by_importing_the_bus() -> None:
     assert Client._process_msg is nats_direct._process_msg
 
 
-async def test_a_direct_handler_runs_in_the_read_loop_in_order_and_a_plain_subscription_is_untouched(settings) -> None:
+async def test_a_direct_handler_runs_in_the_read_loop_in_order_and_a_plain_subscription_is_untouched(
+    settings,
+) -> None:
     nc = await nats.connect(settings.nats_url)
     try:
         seen: list[tuple[bytes, str | None, bool]] = []

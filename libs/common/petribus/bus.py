@@ -641,9 +641,10 @@ class EventLog:
         JetStream answer costs its sender and the server more than the report itself."""
         if tracing.active():
             event = _stamped(event)
+        subject = subjects.event(event.bot, event.session_id, event.type)  # type: ignore[attr-defined]
         try:
-            await self.nc.publish(subjects.event(event.bot, event.session_id, event.type),  # type: ignore[attr-defined]
-                                  encode(event), headers=with_msg_id(_trace_header(event), msg_id or event.id))
+            await self.nc.publish(subject, encode(event),
+                                  headers=with_msg_id(_trace_header(event), msg_id or event.id))
         except Exception as exc:
             raise BusError(f"sending {event.type} failed: {exc}") from exc  # type: ignore[attr-defined]
 

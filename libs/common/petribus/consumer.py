@@ -126,7 +126,8 @@ class PullConsumer:
     async def next_batch(self, max_n: int) -> list[Msg]:
         """Wait for at least one message, then return up to ``max_n`` already here (no extra wait)."""
         if self.handle is not None:
-            raise RuntimeError(f"consumer {self.durable!r} hands its messages to its handler: nothing waits here")
+            raise RuntimeError(f"consumer {self.durable!r} hands its messages to its handler: "
+                               "nothing waits here")
         while not self._queue:
             self._ready.clear()
             await self._ready.wait()

@@ -27,7 +27,8 @@ DIRECT = "_petribus_direct"  # the handler, on a Subscription
 original = getattr(Client, "_process_msg", None)
 
 
-async def subscribe(nc: Client, subject: str, handler: Callable[[Msg], None], *, queue: str = "") -> Subscription:
+async def subscribe(nc: Client, subject: str, handler: Callable[[Msg], None], *,
+                    queue: str = "") -> Subscription:
     """``nc.subscribe`` with ``handler`` called for each message as it is read (see the module)."""
 
     async def fallback(msg: Msg) -> None:  # for what is read before the mark below is set
@@ -38,7 +39,8 @@ async def subscribe(nc: Client, subject: str, handler: Callable[[Msg], None], *,
     return sub
 
 
-async def _process_msg(self: Client, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+async def _process_msg(self: Client, sid: int, subject: bytes, reply: bytes, data: bytes,
+                       headers: bytes) -> None:
     sub = self._subs.get(sid)
     handler = getattr(sub, DIRECT, None)
     if handler is None:

@@ -24,8 +24,10 @@ class WorkItem(BaseModel):
                            "(0 while claim_pending: not known yet).")
     trace: str | None = None
     fresh: bool = Field(default=False, description="Sent by the scheduler that made the claim, right after it "
-                        "was durable: the firing's first and only first dispatch. Its first delivery needs no "
-                        "look at the log (the firing cannot have started or ended yet); any other needs one.")
+                        "was durable or together with it (claim_pending): the firing's first and only first "
+                        "dispatch. Its first delivery needs no look at the log (the firing cannot have "
+                        "started or ended yet; one sent with its claim waits for the claim's republish "
+                        "instead); any other needs one.")
     claim_pending: bool = Field(default=False, description="Sent together with its claim, before the claim "
                                 "was known to land: it may run only once its claim is known stored (its "
                                 "republish on pb.landed, or the log). An older executor refuses the field.")

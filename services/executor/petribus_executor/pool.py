@@ -267,7 +267,8 @@ class WorkerPool:
 
     async def run(self, request: p.Request, *, on_event: OnEvent, on_call: OnCall, timeout: float | None,
                   worker: Lease | None = None, asynchronous: bool = False,
-                  profile: Profile | None = None, handed: Callable[[], Awaitable[None]] | None = None) -> p.Outcome:
+                  profile: Profile | None = None,
+                  handed: Callable[[], Awaitable[None]] | None = None) -> p.Outcome:
         """Run one firing on ``worker`` (a lease from ``acquire``, given back here) or on a lease taken
         here for an async (shared) or sync (exclusive) firing. Raises ``TransitionTimeout`` or
         ``SandboxCrashed``.

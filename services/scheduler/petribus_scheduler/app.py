@@ -15,8 +15,8 @@ decision with more firings continues with the rest of its plan in the same call.
 each claim made one by one (``WorkItem.claim_pending``: executors run it once the claim's republish says
 it is stored, ``_send_with_claim``) or right after a batch commits, pipelined, with a ``Nats-Msg-Id``
 made from the firing id, and an event is acked only once its consequences are in the log, so a
-scheduler killed anywhere leaves nothing undone for the next one. Claims that land past events not folded yet are folded first, and those events as they come
-(``Ahead``).
+scheduler killed anywhere leaves nothing undone for the next one. Claims that land past events not
+folded yet are folded first, and those events as they come (``Ahead``).
 
 A ``confirm=True`` firing is claimed like any other, then asked about (``confirm_transition``, Msg-Id
 ``confirm:<firing>``) and given a durable deadline (``deadlines.py``); it is dispatched once the log
@@ -784,8 +784,8 @@ class Scheduler(Service):
         if inputs is None:
             return None
         item = WorkItem(bot=net.bot, session_id=state.session_id, firing_id=event.firing_id,
-                        transition=event.transition, inputs=inputs, fired_seq=0, fresh=True, claim_pending=True,
-                        trace=tracing.traceparent())
+                        transition=event.transition, inputs=inputs, fired_seq=0, fresh=True,
+                        claim_pending=True, trace=tracing.traceparent())
         payload = item.model_dump_json().encode()
         if len(payload) > self._work_limit:
             return None
