@@ -14,7 +14,11 @@ The same chain runs in Burr (SQLite persister, a commit per step) and LangGraph 
 own (``bench/.peers``, made by this script; they are not petribus dependencies).
 
 The floor: a raw JetStream round trip on a nats-server with the same settings (file store, the same
-``sync_interval``): one 200-byte publish with a ``Nats-Msg-Id``, its ack awaited, one after another.
+``sync_interval``): one 200-byte publish with a ``Nats-Msg-Id``, its ack awaited, one after another;
+and a pipe round trip to another process and back (a run handed to a worker). A step stores its
+completion and its next claim, each before anyone acts on it, and hands its run to a worker process:
+two such appends and one such round trip are printed as the step's lower bound in this design (no
+decision, encoding or sandbox in it).
 
     .venv/bin/python bench/bench_chain.py --sessions 50 --warmup 5
 
@@ -85,6 +89,7 @@ class Row:
 class Results:
     rows: list[Row] = field(default_factory=list)
     floors: dict[str, list[float]] = field(default_factory=dict)  # sync setting -> round trips, seconds
+    handoffs: list[float] = field(default_factory=list)  # pipe round trips between two processes, seconds
     notes: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)  # petribus's breakdowns, printed again with the table
 
@@ -134,6 +139,28 @@ async def floor(sync: str, samples: int, tmp: Path) -> list[float]:
                 out.append(time.perf_counter() - t0)
         await nc.close()
     return out
+
+
+_ECHO = "import os, sys\nwhile True:\n    b = os.read(0, 64)\n    if not b:\n        break\n    os.write(1, b)\n"
+
+
+def handoff(samples: int) -> list[float]:
+    """Round trips of a few bytes through pipes to another process and back, one after another: what
+    handing a run to a worker process and hearing back costs at least (two wake-ups across processes)."""
+    echo = subprocess.Popen([sys.executable, "-c", _ECHO], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            bufsize=0)
+    try:
+        out = []
+        for i in range(samples + 50):  # the first 50 warm up
+            t0 = time.perf_counter()
+            os.write(echo.stdin.fileno(), b"run")
+            os.read(echo.stdout.fileno(), 64)
+            if i >= 50:
+                out.append(time.perf_counter() - t0)
+        return out
+    finally:
+        echo.stdin.close()
+        echo.wait(10)
 
 
 # ---------------------------------------------------------------- petribus
@@ -387,6 +414,15 @@ def floor_lines(results: Results) -> list[str]:
     for sync, rts in results.floors.items():
         out.append(f"floor, sync_interval {SYNC[sync]}: JetStream publish + ack, sequential, p50 {ms(median(rts))}, "
                    f"p99 {ms(pct(rts, 99))} (n={len(rts)}); 10 such round trips {ms(10 * median(rts))}")
+    if results.handoffs:
+        rt = median(results.handoffs)
+        out.append(f"floor: a pipe round trip to another process and back, p50 {ms(rt)}, "
+                   f"p99 {ms(pct(results.handoffs, 99))} (n={len(results.handoffs)})")
+        for sync, rts in results.floors.items():
+            # A step appends its completion and its next claim, each stored before anyone acts on it, and
+            # hands its run to a worker process: no decision, encoding or sandbox counted.
+            out.append(f"a step's lower bound in this design, sync_interval {SYNC[sync]}: two durable appends "
+                       f"and one worker round trip, {ms(2 * median(rts) + rt)}")
     return out
 
 
@@ -413,6 +449,8 @@ async def main() -> None:
         for sync in syncs:
             results.floors[sync] = await floor(sync, args.floor_samples, Path(tmp))
             print(floor_lines(Results(floors={sync: results.floors[sync]}))[0], flush=True)
+    results.handoffs = handoff(args.floor_samples)
+    print(floor_lines(Results(handoffs=results.handoffs))[0], flush=True)
     for sync in syncs:
         await run_petribus(sync, args.sessions, args.warmup, args.idle, results)
     if python:
