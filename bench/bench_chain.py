@@ -171,8 +171,10 @@ class Serve(serving.Serve):
 
     def __init__(self, data_dir: Path, sync: str, nats_url: str | None = None) -> None:
         self.nats_log = data_dir / "data" / "nats" / "nats-server.log"
-        super().__init__(APP, data_dir, env={"PETRIBUS_SYNC_INTERVAL": SYNC[sync]},
-                         args=["--nats-url", nats_url] if nats_url else [])
+        # The bench is the gateway's one client and opens a session per chain: the per-address limit on
+        # new sessions (2 a second, bursts of 100) would refuse the 101st.
+        env = {"PETRIBUS_SYNC_INTERVAL": SYNC[sync], "PETRIBUS_SESSION_CREATE_RATE": "0"}
+        super().__init__(APP, data_dir, env=env, args=["--nats-url", nats_url] if nats_url else [])
 
     def log_tail(self) -> str:
         """The last line of serve's log, and of its embedded nats-server's log if that says why it stopped."""
