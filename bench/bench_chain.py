@@ -141,7 +141,7 @@ async def floor(sync: str, samples: int, tmp: Path) -> list[float]:
     return out
 
 
-_ECHO = "import os, sys\nwhile True:\n    b = os.read(0, 64)\n    if not b:\n        break\n    os.write(1, b)\n"
+_ECHO = "import os\nwhile True:\n    b = os.read(0, 64)\n    if not b:\n        break\n    os.write(1, b)\n"
 
 
 def handoff(samples: int) -> list[float]:
