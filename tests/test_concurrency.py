@@ -391,7 +391,7 @@ def test_a_run_cancelled_before_it_began_still_reports_done() -> None:
     assert not outcome.ok and outcome.error_type == p.CANCELLED and outcome.retryable
 
 
-def test_a_container_style_worker_ends_mid_run_when_its_socket_closes() -> None:
+def test_a_container_style_worker_ends_mid_run_when_its_socket_closes(tmp_path: Path) -> None:
     """A worker with no parent process to watch (a container's: ``exit_on_eof``) exits when the other end
     of its socket closes, though a def run holds its main thread and nothing reads the socket then: its
     lifeline polls for the hang-up alone. A process worker's lifeline is its parent process instead."""
@@ -411,8 +411,12 @@ def test_a_container_style_worker_ends_mid_run_when_its_socket_closes() -> None:
 
     try:
         assert receive(60)[0] == p.READY
-        p.write(ours.fileno(), p.frame((p.RUN, 1, request("sync_nap", n=1, seconds=60))))
-        time.sleep(0.5)  # the run has begun: the main thread sleeps in it
+        begun = tmp_path / "begun"
+        p.write(ours.fileno(), p.frame((p.RUN, 1, request("sync_nap", n=1, seconds=60, begun=str(begun)))))
+        deadline = time.monotonic() + 60
+        while not begun.exists():  # the run has begun: the main thread sleeps in it, nobody reads the socket
+            assert time.monotonic() < deadline, "the def run never began"
+            time.sleep(0.02)
         assert child.is_alive() and not ours.poll(0)  # and it said nothing yet
         ours.close()
         child.join(10)

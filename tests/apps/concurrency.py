@@ -23,6 +23,7 @@ class Nap(BaseModel):
 class SyncNap(BaseModel):
     n: int
     seconds: float = 0.0
+    begun: str = ""  # a file the run creates as it begins (an absolute path): a test's sign it is running
 
 
 class Block(BaseModel):
@@ -93,6 +94,8 @@ async def nap(context: BotContext, inputs):
 def sync_nap(inputs):
     item = inputs[SyncNap][0]
     started = _enter()
+    if item.begun:
+        open(item.begun, "w").close()
     time.sleep(item.seconds)
     return _leave(item.n, started, "sync")
 
